@@ -1,0 +1,39 @@
+// Every operator schema of opd_ext, in one place. Kernels register themselves per backend with
+// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and autograd live in Python
+// (opd_ext/_meta.py, opd_ext/losses.py).
+//
+// Conventions: logits are [..., V] (float32 / bfloat16 / float16, or a low-precision student with
+// a float32 teacher), flattened to rows internally; every per-row output is float32 with the
+// leading shape [...]. A NaN anywhere in a row makes that row's outputs NaN and no other row's.
+#include <torch/library.h>
+
+TORCH_LIBRARY(opd_ext, m) {
+  // ---- top-k overlap (SPEC §1 "Top-k overlap") ------------------------------------------------
+  // |TopK(s) ∩ TopK(t)| / k, ties to the lower index.
+  m.def("topk_overlap(Tensor student_logits, Tensor teacher_logits, int k) -> Tensor");
+
+  // ---- token statistics and the vOPD / reverse-KL losses (SPEC §1) ------------------------------
+  // One pass over both rows (logits divided by `temperature`). `tokens` is int64 [...] with ids
+  // in [0, V). topk_reverse_kl is the vOPD top-k baseline KL over the student's top-`topk` ids
+  // (both distributions renormalised there); with topk == 0 it is not computed and is empty [0].
+  m.def(
+      "token_stats(Tensor student_logits, Tensor teacher_logits, Tensor tokens, float temperature, "
+      "int topk) -> (Tensor student_logprob, Tensor teacher_logprob, Tensor reverse_kl, "
+      "Tensor forward_kl, Tensor topk_reverse_kl, Tensor student_lse, Tensor teacher_lse)");
+  // The student half alone, for teachers served as top-k log-probs (vLLM / SGLang).
+  m.def(
+      "student_stats(Tensor student_logits, Tensor tokens, float temperature) "
+      "-> (Tensor student_logprob, Tensor student_lse)");
+  // d/ds of coef * log p(y): grad[r, j] = coef[r] * (1[j == y_r] - p[r, j]) / temperature.
+  // Returned in student_logits' dtype. Serves the vOPD surrogate (coef = -w A / norm * grad_out).
+  m.def(
+      "policy_gradient_backward(Tensor coef, Tensor student_logits, Tensor tokens, "
+      "Tensor student_lse, float temperature) -> Tensor");
+  // d/ds of coef * KL(p||q): grad[r, j] = coef[r] * p[r,j] * (log p[r,j] - log q[r,j] - KL[r]) / temperature.
+  m.def(
+      "reverse_kl_backward(Tensor coef, Tensor student_logits, Tensor teacher_logits, "
+      "Tensor student_lse, Tensor teacher_lse, Tensor reverse_kl, float temperature) -> Tensor");
+
+  // ---- Prune-OPD drift tracking (SPEC §1 "Prune-OPD drift tracking") ----------------------------
+  // (schemas for the decode-step and scan ops go here)
+}

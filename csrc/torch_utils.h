@@ -1,0 +1,46 @@
+// Torch-side helpers shared by the CPU and CUDA bindings: dtype dispatch over the supported
+// (student, teacher) logit pairs and the argument guards every kernel entry repeats.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace opd_ext {
+
+// Supported pairs: both the same floating dtype, or a low-precision student beside an fp32
+// teacher (a bf16 policy scored by an fp32 teacher is common). Anything else asks for a cast
+// instead of silently materialising an upcast copy of a [N, V] tensor.
+template <typename Fn>
+decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teacher,
+                                   const char* op, Fn&& fn) {
+  using c10::ScalarType;
+  if (student == teacher) {
+    switch (student) {
+      case ScalarType::Float: return fn.template operator()<float, float>();
+      case ScalarType::BFloat16: return fn.template operator()<c10::BFloat16, c10::BFloat16>();
+      case ScalarType::Half: return fn.template operator()<c10::Half, c10::Half>();
+      default: break;
+    }
+  } else if (teacher == ScalarType::Float) {
+    if (student == ScalarType::BFloat16) return fn.template operator()<c10::BFloat16, float>();
+    if (student == ScalarType::Half) return fn.template operator()<c10::Half, float>();
+  }
+  TORCH_CHECK(false, op, ": unsupported dtypes student_logits=", student, ", teacher_logits=",
+              teacher, "; supported: float32/bfloat16/float16 pairs of one dtype, or a "
+              "bfloat16/float16 student with a float32 teacher. Cast one side to match.");
+}
+
+// Guards for a [rows, V] view of two logit tensors; the Python wrappers give friendlier errors
+// first, these protect direct torch.ops calls.
+inline void check_logit_pair(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.dim() >= 1, op, ": student_logits must have a vocabulary dimension");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": student_logits ", student.sizes(),
+              " and teacher_logits ", teacher.sizes(), " must have the same shape");
+  TORCH_CHECK(student.device() == teacher.device(), op, ": student_logits on ", student.device(),
+              " but teacher_logits on ", teacher.device());
+  TORCH_CHECK(student.size(-1) > 0, op, ": the vocabulary dimension is empty");
+  TORCH_CHECK(student.size(-1) <= INT32_MAX, op, ": vocabulary larger than 2^31 is not supported");
+}
+
+}  // namespace opd_ext

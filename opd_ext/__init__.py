@@ -1,0 +1,18 @@
+"""opd_ext: fused kernels for on-policy distillation (vOPD losses, top-k overlap, Prune-OPD)."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from opd_ext._extension import build_info, cuda_kernels_available
+from opd_ext._validation import align_vocab
+from opd_ext.ops import topk_overlap
+from opd_ext import reference
+
+__all__ = [
+    "__version__",
+    "align_vocab",
+    "build_info",
+    "cuda_kernels_available",
+    "reference",
+    "topk_overlap",
+]

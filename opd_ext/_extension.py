@@ -1,0 +1,59 @@
+"""Loads the compiled kernels and reports how they were built."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+try:
+    from opd_ext import _C  # noqa: F401  (importing registers torch.ops.opd_ext.*)
+except ImportError as exc:  # pragma: no cover - only hit on a broken install
+    raise ImportError(
+        "opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
+        f"({torch.__version__}). Rebuild it in this environment with\n"
+        "    pip install --no-build-isolation -e .\n"
+        f"Original error: {exc}"
+    ) from exc
+
+ops = torch.ops.opd_ext
+
+
+def cuda_kernels_available() -> bool:
+    """True when this build compiled the CUDA kernels (a GPU may still be absent)."""
+    return bool(_C.build_config()["with_cuda"])
+
+
+def _describe_archs(cmake_archs: str) -> list[str]:
+    """CMake's "80-real,90-virtual" as nvcc names: ["sm_80", "compute_90"] (compute_* = PTX)."""
+    names = []
+    for arch in filter(None, cmake_archs.split(",")):
+        number, _, kind = arch.partition("-")
+        if kind in ("", "real"):
+            names.append(f"sm_{number}")
+        if kind in ("", "virtual"):
+            names.append(f"compute_{number}")
+    return names
+
+
+def build_info() -> dict:
+    """Versions and capabilities of this installation (also: ``python -m opd_ext info``)."""
+    from opd_ext import __version__
+
+    config = _C.build_config()
+    archs = _describe_archs(config["cuda_archs"])
+    return {
+        "opd_ext": __version__,
+        "torch": torch.__version__,
+        "torch_built_against": config["torch_version"],
+        "torch_cuda": torch.version.cuda,
+        "cuda_kernels_compiled": bool(config["with_cuda"]),
+        "cuda_archs": archs,
+        "nvcc": config["nvcc_version"] or None,
+        "compiler": config["compiler"],
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "extension_path": os.path.abspath(_C.__file__),
+    }
