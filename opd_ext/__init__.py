@@ -7,11 +7,16 @@ from opd_ext._extension import build_info, cuda_kernels_available
 from opd_ext._validation import align_vocab
 from opd_ext.ops import topk_overlap
 from opd_ext import reference
+from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason  # Prune-OPD drift tracking
 
 __all__ = [
     "__version__",
     "align_vocab",
     "build_info",
+    "DriftMonitor",
+    "DynamicWindow",
+    "PruneConfig",
+    "StopReason",
     "cuda_kernels_available",
     "reference",
     "topk_overlap",
