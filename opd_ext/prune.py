@@ -557,17 +557,15 @@ def _drift_step(student_logits, teacher_logits, tokens, rows, state: DriftState,
     if _use_kernels(student_logits, config.k):
         return _StepOutput(*ops.drift_step(student_logits, teacher_logits, tokens, rows, *state, config.k,
                                            temperature, **config.kernel_args()))
+    # No kernels for this device (a CUDA build without CUDA kernels, or k beyond the CUDA top-k).
     overlap = reference.topk_overlap(student_logits, teacher_logits, config.k)
     multiplier, stopped = reference.drift_update(overlap, *state, rows, **config.kernel_args())
-    empty = overlap.new_empty(0)
     if tokens is None:
+        empty = overlap.new_empty(0)
         return _StepOutput(overlap, multiplier, stopped, empty, empty, empty)
-    log_p = torch.log_softmax(student_logits.float() / temperature, -1)
-    log_q = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    pick = tokens.unsqueeze(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return _StepOutput(overlap, multiplier, stopped, log_p.gather(-1, pick).squeeze(-1),
-                       log_q.gather(-1, pick).squeeze(-1), kl)
+    stats = reference.token_stats(student_logits, teacher_logits, tokens, temperature)
+    return _StepOutput(overlap, multiplier, stopped, stats["student_logprob"].float(),
+                       stats["teacher_logprob"].float(), stats["reverse_kl"].float())
 
 
 def _drift_scan(overlaps, mask, state: DriftState, config: PruneConfig):
