@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import opd_ext
@@ -25,8 +26,7 @@ def test_build_info_fields():
 
 def test_cuda_kernels_built_when_toolkit_and_cuda_torch_exist():
     if os.environ.get("OPD_EXT_CUDA") == "0" or not torch.version.cuda or not _nvcc_available():
-        assert not opd_ext.cuda_kernels_available() or torch.version.cuda
-        return
+        pytest.skip("CUDA kernels are not expected in this build (no nvcc, CPU torch, or OPD_EXT_CUDA=0)")
     info = opd_ext.build_info()
     assert info["cuda_kernels_compiled"], "nvcc and a CUDA torch exist, yet the CUDA kernels were not built"
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
