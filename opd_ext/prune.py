@@ -42,7 +42,8 @@ class StopReason:
     BUDGET = reference.DRIFT_BUDGET  # length reached the budget (window length L)
     FINISHED = reference.DRIFT_FINISHED  # stopped by the caller (EOS, max_new_tokens): finish()
 
-    NAMES = {0: "running", 1: "weight_exhausted", 2: "patience", 3: "budget", 4: "finished"}
+    NAMES = {RUNNING: "running", WEIGHT_EXHAUSTED: "weight_exhausted", PATIENCE: "patience", BUDGET: "budget",
+             FINISHED: "finished"}
 
 
 # The budget of a sequence without a length cap (the budget is an int32 in the kernels).
@@ -281,8 +282,12 @@ class DriftMonitor:
             (typically :attr:`DynamicWindow.length`). A row reaching it stops with
             ``StopReason.BUDGET``.
 
-    History (``[B, T]``, ``T`` = number of steps so far; position ``j`` of row ``b`` is that row's
-    ``j``-th token, padded after the row stopped):
+    Feed it one token per active row with :meth:`step` (fused decode-step kernel: one read of the
+    logits), or a chunk of tokens with :meth:`observe` (chunked / post-hoc scoring); both advance
+    the same per-sequence state machine and give identical results on the same tokens.
+
+    History (``[B, T]``, ``T`` = :attr:`num_steps`, the tokens fed so far per row at most; position
+    ``j`` of row ``b`` is that row's ``j``-th token, padded after the row stopped):
 
     * :attr:`overlaps` top-k overlap (float32, 0 in padding),
     * :attr:`weights` the drift weight in ``[0, 1]`` after each token (non-increasing, 0 in padding),
@@ -290,9 +295,12 @@ class DriftMonitor:
       ``weights=`` to ``opd_ext.vopd_loss`` / ``reverse_kl_loss``,
     * :attr:`mask` which positions hold a token,
     * :attr:`student_logprobs`, :attr:`teacher_logprobs`, :attr:`reverse_kl` when :meth:`step` was
-      given the sampled tokens (else None).
+      given the sampled tokens (else None; :meth:`observe` does not fill them).
 
     Per sequence: :attr:`lengths`, :attr:`stopped`, :attr:`stop_reasons`, :attr:`effective_lengths`.
+
+    A row whose logits hold NaN gets a NaN overlap, which counts as drift: that row is
+    down-weighted and eventually stopped; other rows are unaffected.
     """
 
     def __init__(self, batch_size: int, config: Optional[PruneConfig] = None, *, device="cpu", budget=None):
