@@ -158,7 +158,10 @@ def drift_update(overlap, ema, weight, drift_run, drift_events, length, stop_rea
     """
     device = ema.device
     idx = torch.arange(ema.shape[0], device=device) if rows is None else rows
-    f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=device)  # noqa: E731
+
+    def f32(x):  # constants as float32 tensors: products and sums then round like the kernels' float math
+        return torch.tensor(x, dtype=torch.float32, device=device)
+
     o = overlap.float()
     running = stop_reason[idx] == DRIFT_RUNNING
     old_ema, old_weight = ema[idx], weight[idx]
