@@ -74,15 +74,24 @@ struct PairBlock {
   opd::PairSoftmaxState state;
   float raw_max_s, raw_max_t;  // maxima of the unscaled logits
   bool nan_s, nan_t;
+  // Student max of every kScreenChunk elements: the top-k screen reads these, not the block.
+  float chunk_max_s[kBlock / kScreenChunk];
 };
 
 OPD_CPU_MULTIVERSION
 void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau, PairBlock& out) {
   float raw_max_s = -kInf, raw_max_t = -kInf;
+  for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
+    const int64_t end = std::min(chunk + kScreenChunk, n);
+    float chunk_max = -kInf;
+#pragma omp simd reduction(max : chunk_max)
+    for (int64_t j = chunk; j < end; ++j) chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
+    out.chunk_max_s[chunk / kScreenChunk] = chunk_max;
+    raw_max_s = std::max(raw_max_s, chunk_max);
+  }
   int nan_s = 0, nan_t = 0;
-#pragma omp simd reduction(max : raw_max_s, raw_max_t) reduction(| : nan_s, nan_t)
+#pragma omp simd reduction(max : raw_max_t) reduction(| : nan_s, nan_t)
   for (int64_t j = 0; j < n; ++j) {
-    raw_max_s = s[j] > raw_max_s ? s[j] : raw_max_s;
     raw_max_t = t[j] > raw_max_t ? t[j] : raw_max_t;
     nan_s |= s[j] != s[j];
     nan_t |= t[j] != t[j];
@@ -154,13 +163,43 @@ void reverse_kl_block(const float* s, const float* t, int64_t n, float inv_tau, 
 
 // ---- dtype plumbing --------------------------------------------------------------------------------
 
+// bf16 <-> float by bit manipulation (round to nearest even, NaN kept quiet), and fp16 through
+// c10's branch-free conversions, compiled per ISA so the loops vectorise (F16C on v3/v4).
+OPD_CPU_MULTIVERSION
+void widen(const c10::BFloat16* x, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = std::bit_cast<float>(static_cast<uint32_t>(x[j].x) << 16);
+}
+
+OPD_CPU_MULTIVERSION
+void widen(const c10::Half* x, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = c10::detail::fp16_ieee_to_fp32_value(x[j].x);
+}
+
+OPD_CPU_MULTIVERSION
+void narrow(const float* x, int64_t n, c10::BFloat16* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = std::bit_cast<uint32_t>(x[j]);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    out[j].x = static_cast<uint16_t>(x[j] != x[j] ? 0x7FC0u : rounded);
+  }
+}
+
+OPD_CPU_MULTIVERSION
+void narrow(const float* x, int64_t n, c10::Half* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j].x = c10::detail::fp16_ieee_from_fp32_value(x[j]);
+}
+
 // A float view of x[0, n): the data itself for float32, else widened into `buffer`.
 template <typename scalar_t>
 const float* as_float(const scalar_t* x, int64_t n, float* buffer) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return x;
   } else {
-    for (int64_t j = 0; j < n; ++j) buffer[j] = static_cast<float>(x[j]);
+    widen(x, n, buffer);
     return buffer;
   }
 }
@@ -177,9 +216,7 @@ float* float_output(scalar_t* out, float* buffer) {
 
 template <typename scalar_t>
 void store_block(const float* values, int64_t n, scalar_t* out) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(values[j]);
-  }
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(values, n, out);
 }
 
 // ---- argument checks (the Python wrappers check first and more kindly) ----------------------------
@@ -266,13 +303,9 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
         raw_max_t = std::max(raw_max_t, block.raw_max_t);
         if (topk == 0 || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
         for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
-          const int64_t m = std::min(kScreenChunk, n - chunk);
-          if (top.size() == topk) {
-            float chunk_max = -kInf;
-            for (int64_t j = 0; j < m; ++j) chunk_max = std::max(chunk_max, s[chunk + j]);
-            if (!(chunk_max > topk_values[topk - 1])) continue;
-          }
-          for (int64_t j = 0; j < m; ++j) top.push(s[chunk + j], static_cast<int32_t>(start + chunk + j));
+          if (top.size() == topk && !(block.chunk_max_s[chunk / kScreenChunk] > topk_values[topk - 1])) continue;
+          const int64_t end = std::min(chunk + kScreenChunk, n);
+          for (int64_t j = chunk; j < end; ++j) top.push(s[j], static_cast<int32_t>(start + j));
         }
       }
       const int64_t y = tokens[r];
