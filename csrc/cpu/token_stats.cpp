@@ -42,6 +42,9 @@ constexpr int64_t kBlock = 2048;
 // Top-k candidates are screened per chunk: one max per chunk decides whether any element of it can
 // enter the current top-k, so most of the row never reaches the insertion code.
 constexpr int64_t kScreenChunk = 32;
+// Above this k the O(k) insertions of StreamingTopK dominate; the top-k baseline then selects with
+// one nth_element over the student row (a second, O(V) pass) instead.
+constexpr int kStreamingMaxK = 256;
 
 // ---- vectorisable float math ---------------------------------------------------------------------
 
@@ -261,12 +264,33 @@ float log_softmax_at(float x, float raw_max, float sum, float inv_tau) {
 
 // ---- token_stats -------------------------------------------------------------------------------------
 
-// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1).
+// The k best ids of a NaN-free row in the order of opd::ranks_before (unsorted within the k).
+template <typename S>
+void select_topk(const S* row, int64_t vocab, int k, std::vector<float>& values, std::vector<int32_t>& ids) {
+  values.resize(vocab);
+  for (int64_t v = 0; v < vocab; ++v) values[v] = static_cast<float>(row[v]);
+  ids.resize(vocab);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), [&](int32_t a, int32_t b) {
+    return opd::ranks_before(values[a], a, values[b], b);
+  });
+}
+
+// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1): the k
+// gathered pairs go through the same blocked reduction as a row.
 template <typename S, typename T>
-float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau) {
+float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau,
+                      float* buffer_s, float* buffer_t) {
   opd::PairSoftmaxState state;
-  for (int i = 0; i < k; ++i) {
-    state.update(static_cast<float>(s_row[ids[i]]) * inv_tau, static_cast<float>(t_row[ids[i]]) * inv_tau);
+  for (int start = 0; start < k; start += kBlock) {
+    const int n = std::min<int>(kBlock, k - start);
+    for (int i = 0; i < n; ++i) {
+      buffer_s[i] = static_cast<float>(s_row[ids[start + i]]);
+      buffer_t[i] = static_cast<float>(t_row[ids[start + i]]);
+    }
+    PairBlock block;
+    reduce_pair_block(buffer_s, buffer_t, n, inv_tau, block);
+    state.merge(block.state);
   }
   return state.reverse_kl();
 }
@@ -284,6 +308,7 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
     std::vector<float> buffer_s(kBlock), buffer_t(kBlock);
     std::vector<float> topk_values(topk);
     std::vector<int32_t> topk_ids(topk);
+    const bool streaming_topk = topk > 0 && topk <= kStreamingMaxK;
     for (int64_t r = begin; r < end; ++r) {
       const S* s_row = student + r * stride_s;
       const T* t_row = teacher + r * stride_t;
@@ -301,7 +326,7 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
         has_nan |= block.nan_s || block.nan_t;
         raw_max_s = std::max(raw_max_s, block.raw_max_s);
         raw_max_t = std::max(raw_max_t, block.raw_max_t);
-        if (topk == 0 || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
+        if (!streaming_topk || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
         for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
           if (top.size() == topk && !(block.chunk_max_s[chunk / kScreenChunk] > topk_values[topk - 1])) continue;
           const int64_t end = std::min(chunk + kScreenChunk, n);
@@ -315,9 +340,12 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
       out.forward_kl[r] = state.forward_kl();
       out.student_lse[r] = state.lse_s();
       out.teacher_lse[r] = state.lse_t();
-      if (topk > 0) {
-        out.topk_reverse_kl[r] =
-            has_nan ? kNaN : topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau);
+      if (topk > 0 && has_nan) {
+        out.topk_reverse_kl[r] = kNaN;
+      } else if (topk > 0) {
+        if (!streaming_topk) select_topk(s_row, vocab, topk, topk_values, topk_ids);
+        out.topk_reverse_kl[r] = topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau,
+                                                 buffer_s.data(), buffer_t.data());
       }
     }
   });
