@@ -9,7 +9,7 @@ Conventions shared by every loss:
 
 * ``mask`` [...] (bool or 0/1 ints): positions that count. Masked positions may hold any token id
   (padding, -100) and any logits, NaN included: they contribute exactly 0 to the loss and gradient.
-* ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted).
+* ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted), detached.
 * ``norm`` = the number of valid tokens (at least 1), or ``num_items`` when given: pass the global
   token count (e.g. all-reduced over data-parallel ranks) so every rank normalises alike.
 * ``temperature`` τ divides the student and teacher logits before any softmax.
@@ -152,7 +152,7 @@ def _loss_scale(student_logits, mask, weights, num_items):
         norm = num_items.to(device=device, dtype=torch.float32)
     else:
         norm = float(num_items)
-    w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.float()
+    w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.detach().float()
     return torch.where(valid, w, 0.0) / norm, valid
 
 
@@ -288,7 +288,7 @@ def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor,
         with torch.no_grad():
             value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature,
                                         valid)
-    coef = _advantage_coef(scale, valid, teacher_token_logprob.float(), logp_s, value)
+    coef = _advantage_coef(scale, valid, teacher_token_logprob.detach().float(), logp_s, value)
     return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
 
 

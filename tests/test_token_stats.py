@@ -250,9 +250,9 @@ def test_opcheck(device, student_dtype, teacher_dtype):
 def test_bad_inputs_name_the_argument(device):
     student, teacher = _pair((4, 10), torch.float32, torch.float32, device)
     tokens = torch.randint(0, 10, (4,), device=device)
-    with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=10\), got 10"):
+    with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=10\)"):
         opd_ext.token_stats(student, teacher, torch.tensor([0, 1, 10, 2], device=device))
-    with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=10\), got -1"):
+    with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=10\)"):
         ops.student_stats(student, torch.tensor([0, -1, 1, 2], device=device), 1.0)
     with pytest.raises(TypeError, match="tokens must be int64"):
         opd_ext.token_stats(student, teacher, tokens.int())
