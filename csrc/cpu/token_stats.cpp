@@ -50,7 +50,8 @@ constexpr int kStreamingMaxK = 256;
 
 // exp(x) for x <= ~0 (every argument here is a logit minus its row max or lse), written so that a
 // loop over it vectorises: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf);
-// under 1 ulp on [-87, 0] (checked against double exp over every float there, without FMA). Below -87.3 the result is 0 (flush instead of subnormals): exactly 0 for -inf, which is
+// under 1 ulp on [-87, 0] (checked against double exp over every float there, without FMA).
+// Below -87.3 the result is 0 (flush instead of subnormals): exactly 0 for -inf, which is
 // what `exp(-inf) * anything = 0` needs. NaN stays NaN.
 OPD_ALWAYS_INLINE float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -441,7 +442,7 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
   check_row_vector(op, "coef", coef, student_logits);
   check_row_vector(op, "student_lse", student_lse, student_logits);
   const at::Tensor ids = tokens.contiguous(), c = coef.contiguous(), lse = student_lse.contiguous();
-  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
   const float inv_tau = static_cast<float>(1.0 / temperature);
   dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
@@ -488,7 +489,7 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
   const int64_t rows = s.size(0), vocab = s.size(1);
   const at::Tensor c = coef.contiguous(), lse_s = student_lse.contiguous(),
                    lse_t = teacher_lse.contiguous(), kl = reverse_kl.contiguous();
-  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
   const float inv_tau = static_cast<float>(1.0 / temperature);
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
