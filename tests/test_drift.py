@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import opd_ext
-from opd_ext import prune, reference
+from opd_ext import reference
 from opd_ext._extension import ops
 from opd_ext.prune import DriftMonitor, DriftState, DynamicWindow, PruneConfig, StopReason
 
@@ -50,7 +50,7 @@ def fresh_state(batch, device, budget=None):
     return DriftState.fresh(batch, torch.device(device), budget)
 
 
-def float64_token_stats(student, teacher, tokens, temperature):
+def reference_token_stats(student, teacher, tokens, temperature):
     stats = reference.token_stats(student, teacher, tokens, temperature)
     return stats["student_logprob"], stats["teacher_logprob"], stats["reverse_kl"]
 
@@ -60,7 +60,7 @@ def float64_token_stats(student, teacher, tokens, temperature):
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_step_op_matches_reference_exactly(device, dtype_pair, config_name):
     config = CONFIGS[config_name]
-    gen = torch.Generator().manual_seed(hash(config_name) % 2**31)
+    gen = torch.Generator().manual_seed(list(CONFIGS).index(config_name))
     batch, vocab, steps = 6, 129, 24
     student, teacher = drifting_logits(batch, vocab, steps, dtype_pair, device, gen)
     kernel_state = fresh_state(batch, device, budget=torch.tensor([steps + 5, 9, 1000, 7, 50, 20]))
@@ -101,7 +101,7 @@ def test_step_op_token_stats(device, dtype_pair, vocab):
     overlap, _, _, logp_s, logp_t, kl = ops.drift_step(student, teacher, tokens, None, *state, k, temperature,
                                                        **PruneConfig(k=k).kernel_args())
     assert torch.equal(overlap, reference.topk_overlap(student, teacher, k))
-    want_s, want_t, want_kl = float64_token_stats(student, teacher, tokens, temperature)
+    want_s, want_t, want_kl = reference_token_stats(student, teacher, tokens, temperature)
     rtol = 1e-5 if dtype_pair == (torch.float32, torch.float32) else 1e-4
     torch.testing.assert_close(logp_s.double(), want_s, rtol=rtol, atol=1e-6)
     torch.testing.assert_close(logp_t.double(), want_t, rtol=rtol, atol=1e-6)
@@ -257,7 +257,7 @@ def test_monitor_records_token_stats(device):
     for t in range(3):
         monitor.step(student[:, t], teacher[:, t], tokens[:, t], temperature=0.5)
     for t in range(3):
-        want_s, want_t, want_kl = float64_token_stats(student[:, t], teacher[:, t], tokens[:, t], 0.5)
+        want_s, want_t, want_kl = reference_token_stats(student[:, t], teacher[:, t], tokens[:, t], 0.5)
         torch.testing.assert_close(monitor.student_logprobs[:, t].double(), want_s, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(monitor.teacher_logprobs[:, t].double(), want_t, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(monitor.reverse_kl[:, t].double(), want_kl, rtol=1e-5, atol=1e-6)
