@@ -24,10 +24,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext import reference
+from opd_ext._extension import cuda_kernels_available, ops
 from opd_ext._validation import check_k, check_logit_pair
+from opd_ext.ops import CUDA_MAX_TOPK
 
-__all__ = ["PruneConfig", "DriftMonitor", "DynamicWindow", "StopReason"]
+__all__ = ["PruneConfig", "DriftMonitor", "DynamicWindow", "StopReason", "DriftScan", "drift_scan"]
 
 
 class StopReason:
@@ -388,6 +391,51 @@ class DriftMonitor:
             record("reverse_kl", out.reverse_kl)
         return out.stopped
 
+    def observe(self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Consume a chunk of ``C`` tokens per row at once (chunked mode: the teacher scores the
+        student's chunk in one forward). Same result as ``C`` calls of :meth:`step`.
+
+        Args:
+            overlaps: float32 ``[A, C]`` top-k overlaps of the chunk's tokens
+                (``opd_ext.topk_overlap(student_logits, teacher_logits, config.k)`` on ``[A, C, V]``).
+            mask: bool ``[A, C]``, False at positions that hold no token (after EOS); None = all.
+            rows: int64 ``[A]`` distinct batch indices, as in :meth:`step`.
+
+        Returns:
+            int64 ``[A]``: the chunk position at which each row stopped, -1 if it did not stop in
+            this chunk. Tokens after that position are not part of the rollout.
+        """
+        _check_overlaps(overlaps, mask)
+        if overlaps.device != self.device:
+            raise ValueError(f"overlaps is on {overlaps.device} but the DriftMonitor state is on {self.device}")
+        rows = self._check_rows(rows, overlaps.shape[0])
+        chunk = DriftState(*(field.index_select(0, rows) for field in self.state))
+        was_running = chunk.stop_reason == StopReason.RUNNING
+        start = chunk.length.long()
+        multipliers, weights, stop_positions = _drift_scan(overlaps, mask, chunk, self.config)
+        for full, part in zip(self.state.mutable(), chunk.mutable()):
+            full[rows] = part
+
+        steps = overlaps.shape[1]
+        valid = torch.ones_like(overlaps, dtype=torch.bool) if mask is None else mask
+        t = torch.arange(steps, device=self.device)
+        consumed = valid & was_running[:, None] & ((stop_positions[:, None] < 0) | (t <= stop_positions[:, None]))
+        positions = start[:, None] + valid.long().cumsum(1) - 1
+        self.num_steps += steps
+        capacity = self._capacity
+        while capacity < self.num_steps:
+            capacity *= 2
+        if capacity != self._capacity:
+            self._grow(capacity)
+        r, c = consumed.nonzero(as_tuple=True)
+        batch_rows, batch_pos = rows[r], positions[r, c]
+        self._history["overlaps"][batch_rows, batch_pos] = overlaps[r, c]
+        self._history["weights"][batch_rows, batch_pos] = weights[r, c]
+        self._history["multipliers"][batch_rows, batch_pos] = multipliers[r, c]
+        self._history["mask"][batch_rows, batch_pos] = True
+        return stop_positions
+
     def finish(self, rows) -> None:
         """Mark rows as stopped from outside (EOS, max_new_tokens): ``rows`` is a bool mask ``[B]``
         or int64 indices. Rows already stopped keep their reason."""
@@ -496,16 +544,74 @@ class _StepOutput(NamedTuple):
     reverse_kl: torch.Tensor
 
 
+def _use_kernels(tensor: torch.Tensor, k: Optional[int] = None) -> bool:
+    if tensor.device.type == "cpu":
+        return True
+    if tensor.is_cuda and cuda_kernels_available():
+        return k is None or k <= CUDA_MAX_TOPK
+    return False
+
+
 def _drift_step(student_logits, teacher_logits, tokens, rows, state: DriftState, config: PruneConfig,
                 temperature: float) -> _StepOutput:
+    if _use_kernels(student_logits, config.k):
+        return _StepOutput(*ops.drift_step(student_logits, teacher_logits, tokens, rows, *state, config.k,
+                                           temperature, **config.kernel_args()))
+    # No kernels for this device (a CUDA build without CUDA kernels, or k beyond the CUDA top-k).
     overlap = reference.topk_overlap(student_logits, teacher_logits, config.k)
     multiplier, stopped = reference.drift_update(overlap, *state, rows, **config.kernel_args())
-    empty = overlap.new_empty(0)
     if tokens is None:
+        empty = overlap.new_empty(0)
         return _StepOutput(overlap, multiplier, stopped, empty, empty, empty)
-    log_p = torch.log_softmax(student_logits.float() / temperature, -1)
-    log_q = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    pick = tokens.unsqueeze(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return _StepOutput(overlap, multiplier, stopped, log_p.gather(-1, pick).squeeze(-1),
-                       log_q.gather(-1, pick).squeeze(-1), kl)
+    stats = reference.token_stats(student_logits, teacher_logits, tokens, temperature)
+    return _StepOutput(overlap, multiplier, stopped, stats["student_logprob"].float(),
+                       stats["teacher_logprob"].float(), stats["reverse_kl"].float())
+
+
+def _drift_scan(overlaps, mask, state: DriftState, config: PruneConfig):
+    if _use_kernels(overlaps):
+        return ops.drift_scan(overlaps, mask, *state, **config.kernel_args())
+    return reference.drift_scan(overlaps, mask, *state, **config.kernel_args())
+
+
+class DriftScan(NamedTuple):
+    """Result of :func:`drift_scan`. Token-level tensors are ``[B, T]``, 0 where masked or after the stop."""
+
+    multipliers: torch.Tensor  # float32 reward multipliers w_base + weight
+    weights: torch.Tensor  # float32 drift weights in [0, 1]
+    stop_positions: torch.Tensor  # int64 [B]: index of the token at which the row stopped, -1 if none
+    stop_reasons: torch.Tensor  # int8 [B] StopReason
+    lengths: torch.Tensor  # int64 [B]: tokens consumed (up to and including the stop)
+
+
+def _check_overlaps(overlaps, mask):
+    if not isinstance(overlaps, torch.Tensor) or overlaps.dim() != 2 or overlaps.dtype != torch.float32:
+        raise ValueError(f"overlaps must be a float32 tensor [B, T] (from opd_ext.topk_overlap), got "
+                         f"{overlaps.dtype if isinstance(overlaps, torch.Tensor) else type(overlaps).__name__} "
+                         f"{tuple(getattr(overlaps, 'shape', ()))}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != overlaps.shape:
+            raise ValueError(f"mask must be a bool tensor of the shape of overlaps {tuple(overlaps.shape)}, got "
+                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+        if mask.device != overlaps.device:
+            raise ValueError(f"mask is on {mask.device} but overlaps on {overlaps.device}")
+
+
+def drift_scan(overlaps: torch.Tensor, config: Optional[PruneConfig] = None, *, mask: Optional[torch.Tensor] = None,
+               budget=None) -> DriftScan:
+    """Prune-OPD over whole sequences (post-hoc mode: rollouts from vLLM / SGLang scored in one
+    teacher forward). Identical to feeding the tokens one by one to a :class:`DriftMonitor`.
+
+    Args:
+        overlaps: float32 ``[B, T]`` per-token top-k overlaps, e.g.
+            ``opd_ext.topk_overlap(student_logits, teacher_logits, config.k)`` on ``[B, T, V]`` logits.
+        mask: bool ``[B, T]``, False at padding (skipped); None means every position is a token.
+        budget: per-row length cap as in :class:`DriftMonitor`.
+
+    Truncate row ``b`` after ``stop_positions[b]`` (when >= 0) and weight its tokens by ``multipliers``.
+    """
+    config = (config if config is not None else PruneConfig()).validate()
+    _check_overlaps(overlaps, mask)
+    state = DriftState.fresh(overlaps.shape[0], overlaps.device, budget)
+    multipliers, weights, stop_positions = _drift_scan(overlaps, mask, state, config)
+    return DriftScan(multipliers, weights, stop_positions, state.stop_reason.clone(), state.length.long())

@@ -112,4 +112,58 @@ OPD_HOST_DEVICE DriftTokenResult drift_step(const DriftConfig& config, DriftStat
   return {add_rn(config.w_base, state.weight), drift, state.stop_reason != kRunning};
 }
 
+// The state of a batch as one array per field (structure of arrays, the layout of the torch
+// tensors), so kernels load a sequence, step it and store it back.
+struct DriftStateArrays {
+  float* ema;
+  float* weight;
+  int32_t* drift_run;
+  int32_t* drift_events;
+  int32_t* length;
+  int8_t* stop_reason;
+  const int32_t* budget;
+
+  OPD_HOST_DEVICE DriftState load(int64_t row) const {
+    DriftState s;
+    s.ema = ema[row];
+    s.weight = weight[row];
+    s.drift_run = drift_run[row];
+    s.drift_events = drift_events[row];
+    s.length = length[row];
+    s.budget = budget[row];
+    s.stop_reason = stop_reason[row];
+    return s;
+  }
+
+  OPD_HOST_DEVICE void store(int64_t row, const DriftState& s) const {
+    ema[row] = s.ema;
+    weight[row] = s.weight;
+    drift_run[row] = s.drift_run;
+    drift_events[row] = s.drift_events;
+    length[row] = s.length;
+    stop_reason[row] = s.stop_reason;
+  }
+};
+
+// One row of the scan over whole sequences: `overlaps[t]` token by token, skipping positions
+// where `valid[t]` is false (null = all valid). Per token it writes the multiplier and the weight
+// after the token (both 0 where skipped or after the stop) and returns the position at which the
+// sequence stopped, or -1. Running drift_step T times with the same tokens gives the same state.
+OPD_HOST_DEVICE int64_t drift_scan_row(const DriftConfig& config, DriftState& state, const float* overlaps,
+                                       const bool* valid, int64_t steps, float* multipliers, float* weights) {
+  int64_t stop_position = -1;
+  for (int64_t t = 0; t < steps; ++t) {
+    if ((valid != nullptr && !valid[t]) || state.stop_reason != kRunning) {
+      multipliers[t] = 0.0f;
+      weights[t] = 0.0f;
+      continue;
+    }
+    const DriftTokenResult r = drift_step(config, state, overlaps[t]);
+    multipliers[t] = r.multiplier;
+    weights[t] = state.weight;
+    if (r.stopped) stop_position = t;
+  }
+  return stop_position;
+}
+
 }  // namespace opd
