@@ -37,6 +37,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from opd_ext._validation import LOGIT_DTYPES, align_vocab
+from opd_ext.losses import token_stats
+from opd_ext.ops import topk_overlap
 from opd_ext.prune import DriftMonitor, PruneConfig, StopReason
 
 __all__ = [
@@ -288,47 +290,80 @@ class _CachedDecoder:
         self.next_position = self.next_position[rows]
 
 
-def _step_block(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
-                eos: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Feeds the monitor a block of positions ``[A, C]`` in order, one token per live row per position.
+def _consume_token(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
+                   eos: Optional[torch.Tensor]) -> torch.Tensor:
+    """One sampled token per live row ``[A]`` through the fused decode-step op: top-k overlap, drift
+    state and the token's log-probs / KL from one read of the ``[A, V]`` logits.
 
-    A row leaves the block at its first stop (drift or EOS) or, post hoc, where ``valid`` ends.
-    Returns bool ``[A]``: the rows still generating after the block.
+    Returns bool ``[A]``: the rows still generating (not stopped by drift, not at EOS).
     """
-    alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    for j in range(tokens.shape[1]):
-        if valid is not None:
-            alive &= valid[:, j]
-        live = alive.nonzero().squeeze(-1)
-        if live.numel() == 0:
-            break
-        token = tokens[live, j]
-        stopped = monitor.step(student_logits[live, j], teacher_logits[live, j], token,
-                               rows=rows[live], temperature=temperature)
-        if eos is not None:
-            at_eos = torch.isin(token, eos)
-            monitor.finish(rows[live[at_eos]])
-            stopped = stopped | at_eos
-        alive[live[stopped]] = False
-    return alive
+    stopped = monitor.step(student_logits, teacher_logits, tokens, rows=rows, temperature=temperature)
+    if eos is not None:
+        at_eos = torch.isin(tokens, eos)
+        monitor.finish(rows[at_eos])
+        stopped = stopped | at_eos
+    return ~stopped
+
+
+def _consume_chunk(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
+                   eos: Optional[torch.Tensor], token_stats_out: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``C`` tokens per live row ``[A, C]`` at once: overlaps and token statistics over the
+    ``[A, C, V]`` logits in one op each, then the drift scan (``DriftMonitor.observe``) finds where
+    each row stops. Decisions are those of ``C`` calls of :func:`_consume_token`.
+
+    ``valid`` (post hoc) marks the positions holding tokens (a prefix per row). The kept tokens'
+    ``(student log-prob, teacher log-prob, reverse KL)`` go to ``token_stats_out[:, row, position]``
+    (``observe`` tracks only the drift state). Returns bool ``[A]``: rows still generating after it.
+    """
+    mask = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.clone()
+    at_eos = torch.zeros_like(mask)
+    if eos is not None:  # a row's tokens end at its first EOS, which is kept
+        at_eos = torch.isin(tokens, eos) & mask
+        mask &= (at_eos.long().cumsum(1) - at_eos.long()) == 0
+        at_eos &= mask
+    start = monitor.lengths.index_select(0, rows)
+    overlaps = topk_overlap(student_logits, teacher_logits, monitor.config.k)
+    stop_at = monitor.observe(overlaps, mask, rows=rows)
+    ended_by_eos = at_eos.any(1) & (stop_at < 0)
+    monitor.finish(rows[ended_by_eos])
+
+    steps = torch.arange(tokens.shape[1], device=tokens.device)
+    kept = mask & ((stop_at[:, None] < 0) | (steps <= stop_at[:, None]))
+    stats = token_stats(student_logits, teacher_logits, tokens, temperature=temperature)
+    at_row, at_step = kept.nonzero(as_tuple=True)
+    token_stats_out[:, rows[at_row], start[at_row] + at_step] = torch.stack(stats)[:, at_row, at_step]
+    return (stop_at < 0) & ~ended_by_eos & mask[:, -1]
 
 
 def _record(monitor: DriftMonitor, prompt: torch.Tensor, completions: torch.Tensor, pad: Optional[int], *,
-            tokens_generated: int, tokens_saved: int, teacher_forwards: int, teacher_tokens: int) -> Rollout:
-    mask = monitor.mask
-    completions = completions[:, :monitor.num_steps]
+            tokens_generated: int, tokens_saved: int, teacher_forwards: int, teacher_tokens: int,
+            token_stats_out: Optional[torch.Tensor] = None) -> Rollout:
+    """Assembles the record from the monitor's history, trimmed to the longest completion.
+
+    ``token_stats_out`` ``[3, B, >=T]`` holds the token statistics when the monitor did not record
+    them (chunks consumed through ``observe``).
+    """
+    steps = int(monitor.lengths.max())
+    mask = monitor.mask[:, :steps]
+    completions = completions[:, :steps]
     if pad is not None:
         completions = completions.masked_fill(~mask, pad)
+    if token_stats_out is None:
+        stats = (monitor.student_logprobs, monitor.teacher_logprobs, monitor.reverse_kl)
+    else:
+        stats = token_stats_out
+    student_logprobs, teacher_logprobs, reverse_kl = (x[:, :steps].clone() for x in stats)
     return Rollout(
         sequences=torch.cat([prompt, completions], dim=1),
         prompt_length=prompt.shape[1],
         completion_mask=mask.clone(),
-        multipliers=monitor.multipliers.clone(),
-        weights=monitor.weights.clone(),
-        overlaps=monitor.overlaps.clone(),
-        student_logprobs=monitor.student_logprobs.clone(),
-        teacher_logprobs=monitor.teacher_logprobs.clone(),
-        reverse_kl=monitor.reverse_kl.clone(),
+        multipliers=monitor.multipliers[:, :steps].clone(),
+        weights=monitor.weights[:, :steps].clone(),
+        overlaps=monitor.overlaps[:, :steps].clone(),
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        reverse_kl=reverse_kl,
         lengths=monitor.lengths,
         stop_reason=monitor.stop_reasons,
         effective_lengths=monitor.effective_lengths,
@@ -393,6 +428,7 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
     teacher_next = teacher_lm.prefill(prompt, prompt_mask)
     shared_vocab = min(student_next.shape[-1], teacher_next.shape[-1])
     completions = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
+    chunk_stats = None if chunk_size == 1 else torch.zeros(3, batch, max_new_tokens, device=device)
 
     active = torch.arange(batch, device=device)  # batch index of each live row of the models
     pending = None  # each live row's last token, not yet fed to either model
@@ -419,7 +455,11 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
             head, feed = [], torch.cat([pending[:, None], chunk[:, :-1]], dim=1)
         teacher_logits = torch.cat(head + ([teacher_lm.extend(feed)] if feed.shape[1] else []), dim=1)
         s, t = _comparable(torch.stack(student_logits, dim=1), teacher_logits)
-        alive = _step_block(monitor, s, t, chunk, active, temperature=temperature, eos=eos)
+        if chunk_size == 1:
+            alive = _consume_token(monitor, s[:, 0], t[:, 0], chunk[:, 0], active, temperature=temperature, eos=eos)
+        else:
+            alive = _consume_chunk(monitor, s, t, chunk, active, temperature=temperature, eos=eos,
+                                   token_stats_out=chunk_stats)
 
         completions[active, position:position + width] = chunk
         position += width
@@ -434,7 +474,7 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
 
     return _record(monitor, prompt, completions, pad, tokens_generated=tokens_generated,
                    tokens_saved=_tokens_saved(monitor, max_new_tokens), teacher_forwards=teacher_lm.forwards,
-                   teacher_tokens=teacher_lm.token_rows)
+                   teacher_tokens=teacher_lm.token_rows, token_stats_out=chunk_stats)
 
 
 
@@ -518,12 +558,13 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
     s, t = _comparable(student_logits, teacher_logits)
 
     monitor = DriftMonitor(batch, config, device=device, budget=budget)
-    _step_block(monitor, s, t, completions, torch.arange(batch, device=device), temperature=temperature,
-                eos=eos, valid=completion_mask)
+    stats = torch.zeros(3, batch, steps, device=device)
+    _consume_chunk(monitor, s, t, completions, torch.arange(batch, device=device), temperature=temperature,
+                   eos=eos, token_stats_out=stats, valid=completion_mask)
     generated = int(completion_mask.sum())
     return _record(monitor, prompt, completions, pad, tokens_generated=generated,
                    tokens_saved=generated - int(monitor.mask.sum()), teacher_forwards=1,
-                   teacher_tokens=sequences.numel())
+                   teacher_tokens=sequences.numel(), token_stats_out=stats)
 
 
 # ---- 2: Hugging Face generate() -----------------------------------------------------------------
@@ -691,9 +732,9 @@ class PruneOPDHook:
         if self._step_logits is not None:
             student, teacher = self._step_logits
             self._step_logits = None
-            tokens = input_ids[self._active, -1:]
-            alive = _step_block(self.monitor, student[:, None], teacher[:, None], tokens, self._active,
-                                temperature=self._temperature, eos=self._eos)
+            tokens = input_ids[self._active, -1]
+            alive = _consume_token(self.monitor, student, teacher, tokens, self._active,
+                                   temperature=self._temperature, eos=self._eos)
             keep = alive.nonzero().squeeze(-1)
             if keep.numel() < self._active.numel():
                 self._teacher.keep_rows(keep)
