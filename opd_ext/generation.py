@@ -10,17 +10,18 @@ overlaps, the sampled tokens' student / teacher log-probs and reverse KL, stop r
   are dropped from both models' batch (caches, attention masks, positions), so later steps cost
   less.
 * :func:`generate_with_pruning` (``chunk_size=C``): the student decodes ``C`` tokens, the teacher
-  scores the whole chunk in one forward, the monitor walks the chunk's positions to find where each
-  row stops. About ``C`` times fewer teacher calls, for at most ``C - 1`` wasted student tokens per
-  stopped row.
+  scores the whole chunk in one forward, the drift scan (``DriftMonitor.observe``) finds where each
+  row stops within it. About ``C`` times fewer teacher calls, for at most ``C - 1`` wasted student
+  tokens per stopped row.
 * :class:`PruneOPDHook`: the same decisions inside Hugging Face ``model.generate()`` through a
   ``LogitsProcessor`` (runs the teacher incrementally) and a ``StoppingCriteria`` (steps the monitor,
   returns the per-row stop mask); :func:`generate_hf_with_pruning` wraps the three calls.
 * :func:`score_rollouts`: post hoc, for rollouts from another engine (vLLM, SGLang): one teacher
   forward over the finished sequences, then weights and truncation points.
 
-Given the same tokens, all four make identical decisions: they feed the monitor the same
-``(student logits, teacher logits, token)`` triples in the same order.
+Given the same tokens, all four make identical decisions: the monitor sees the same
+``(student logits, teacher logits, token)`` triples in the same order (the scan over a chunk is
+the decode step applied position by position).
 
 Models are any causal LM with the Hugging Face calling convention (``input_ids``,
 ``attention_mask``, ``position_ids``, a KV cache, ``.logits``), transformers 4.5x (``past_key_values``)
@@ -36,7 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from opd_ext._validation import LOGIT_DTYPES, align_vocab
+from opd_ext._validation import LOGIT_DTYPES, align_vocab, check_temperature
 from opd_ext.losses import token_stats
 from opd_ext.ops import topk_overlap
 from opd_ext.prune import DriftMonitor, PruneConfig, StopReason
@@ -74,8 +75,9 @@ class Rollout:
     Per row: :attr:`lengths` (completion tokens kept; the row stopped after token ``lengths - 1``)
     and :attr:`stop_reason` (``opd_ext.StopReason`` codes: ``FINISHED`` = emitted EOS,
     ``WEIGHT_EXHAUSTED`` / ``PATIENCE`` / ``BUDGET`` = stopped by pruning, ``RUNNING`` = reached
-    ``max_new_tokens`` or the end of the given sequence); :attr:`effective_lengths` (tokens with
-    weight > 0, for ``DynamicWindow.update``).
+    ``max_new_tokens`` or the end of the given sequence; an EOS that is also the token exhausting
+    the weight reports the drift reason); :attr:`effective_lengths` (tokens with weight > 0, for
+    ``DynamicWindow.update``).
 
     Costs: :attr:`tokens_generated` (token rows the student decoded, wasted ones included),
     :attr:`tokens_saved` (decode slots not spent on pruned rows, counted up to ``max_new_tokens``;
@@ -146,10 +148,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Opti
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r} "
-                         f"(for greedy decoding pass do_sample=False)")
+    check_temperature(temperature)  # greedy decoding: do_sample=False, not temperature 0
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -191,7 +190,7 @@ def _check_token_ids(name: str, ids: TokenIds, device) -> Optional[torch.Tensor]
     if ids is None:
         return None
     ids = torch.as_tensor(ids, device=device).reshape(-1)
-    if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.numel() == 0 or bool((ids < 0).any()):
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.numel() == 0 or bool((ids < 0).any()):
         raise ValueError(f"{name} must be None, a token id >= 0 or a list of them, got {ids.tolist()!r}")
     return ids.long()
 
@@ -216,10 +215,6 @@ def _check_config(config) -> PruneConfig:
 
 
 # ---- model plumbing -----------------------------------------------------------------------------
-def _forward_parameters(model) -> set:
-    return set(inspect.signature(model.forward).parameters)
-
-
 def _comparable(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """The two models' logits over their shared vocabulary, in a dtype pair the kernels take.
 
@@ -241,7 +236,7 @@ class _CachedDecoder:
     def __init__(self, model, name: str):
         self.model = model
         self.name = name
-        params = _forward_parameters(model)
+        params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed the cache argument (and output) from past_key_values to cache.
         self._cache_key = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -282,10 +277,10 @@ class _CachedDecoder:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drops every row not in ``rows`` (int64 indices into the current batch) from the cache."""
-        if hasattr(self.cache, "batch_select_indices"):
-            self.cache.batch_select_indices(rows)
-        else:  # legacy tuple-of-(key, value) caches
-            self.cache = tuple(tuple(state[rows] for state in layer) for layer in self.cache)
+        if not hasattr(self.cache, "batch_select_indices"):
+            raise TypeError(f"{self.name}'s KV cache ({type(self.cache).__name__}) cannot drop rows: generation "
+                            f"needs a transformers Cache (DynamicCache, the default of transformers >= 4.50)")
+        self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
 
@@ -391,8 +386,8 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
     """Samples rollouts from ``student`` while ``teacher`` scores them and Prune-OPD stops drifted rows.
 
     Every ``chunk_size`` tokens the teacher scores the new tokens of the live rows in one forward
-    and the monitor consumes them position by position; rows that stopped (drift, EOS) are then
-    removed from both models' batch. ``chunk_size=1`` is the lockstep loop: one teacher token per
+    and the monitor consumes them (the drift scan finds the first stop in the chunk); rows that
+    stopped (drift, EOS) are then removed from both models' batch. ``chunk_size=1`` is the lockstep loop: one teacher token per
     student token, and a row leaves the batch right after the token that stopped it.
 
     Args:
@@ -785,8 +780,10 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
     temperature = generate_kwargs.get("temperature", defaults.temperature) if do_sample else 1.0
     user_processors = generate_kwargs.pop("logits_processor", None)
     user_criteria = generate_kwargs.pop("stopping_criteria", None)
+    if eos is not None:
+        generate_kwargs["eos_token_id"] = eos
     with PruneOPDHook(student, teacher, input_ids, attention_mask, config=config, temperature=temperature or 1.0,
                       eos_token_id=eos, pad_token_id=pad, budget=budget) as hook:
-        out = student.generate(input_ids, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=pad,
+        out = student.generate(input_ids, attention_mask=attention_mask, pad_token_id=pad,
                                **hook.generate_kwargs(user_processors, user_criteria), **generate_kwargs)
     return hook.rollout(out, max_new_tokens=generate_kwargs.get("max_new_tokens"))
