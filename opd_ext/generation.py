@@ -108,6 +108,12 @@ class Rollout:
         return self.sequences[:, self.prompt_length:]
 
     @property
+    def stop_steps(self) -> torch.Tensor:
+        """int64 ``[B]``: completion index of the token after which each row stopped (EOS or
+        pruning), -1 for rows that ran to the length limit (the convention of ``drift_scan``)."""
+        return torch.where(self.stop_reason == StopReason.RUNNING, -1, self.lengths - 1)
+
+    @property
     def tokens_kept(self) -> int:
         return int(self.completion_mask.sum())
 

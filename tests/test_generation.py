@@ -54,10 +54,10 @@ def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: floa
     return model.to(device=device, dtype=dtype)
 
 
-def model_pair(dtype=torch.float64, device="cpu", teacher_vocab: int = VOCAB):
+def model_pair(dtype=torch.float64, device="cpu", teacher_vocab: int = VOCAB, teacher_dtype=None):
     """The student, and a teacher of perturbed student weights (another init if its vocab differs)."""
     student = tiny_lm(0, dtype=dtype, device=device)
-    teacher = tiny_lm(0, vocab=teacher_vocab, dtype=dtype, perturb=0.01, device=device)
+    teacher = tiny_lm(0, vocab=teacher_vocab, dtype=teacher_dtype or dtype, perturb=0.01, device=device)
     return student, teacher
 
 
@@ -101,9 +101,13 @@ def check_record(rollout, prompt_ids, max_new_tokens):
 
 
 # ---- our decode loop ----------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_rows_stop_individually_and_leave_the_batch(device, dtype):
-    student, teacher = model_pair(dtype, device)
+@pytest.mark.parametrize("dtype, teacher_dtype", [
+    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),  # the common mix: kernels take it as is
+    (torch.float16, torch.bfloat16),  # no kernel for the pair: both widened to float32
+])
+def test_rows_stop_individually_and_leave_the_batch(device, dtype, teacher_dtype):
+    student, teacher = model_pair(dtype, device, teacher_dtype=teacher_dtype)
     ids, mask = prompts(device)
     rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
                                     pad_token_id=PAD, generator=seeded(0, device))
@@ -158,6 +162,22 @@ def test_cached_statistics_match_reference(models):
     torch.testing.assert_close(rollout.reverse_kl[valid].double(), expect_kl, rtol=1e-5, atol=1e-6)
     expect_overlap = reference.topk_overlap(s[:, at].float(), t[:, at].float(), CONFIG.k)[valid]
     assert torch.equal(rollout.overlaps[valid], expect_overlap)
+
+
+def test_length_budget_stops_rows(models):
+    """A DynamicWindow budget caps every row; those stops count as pruning savings."""
+    student, teacher = models
+    ids, mask = prompts()
+    budget = torch.tensor([3, 5, 8, 100, 100, 2])
+    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
+                                    budget=budget, pad_token_id=PAD, generator=seeded())
+    check_record(rollout, ids, MAX_NEW)
+    assert bool((rollout.lengths <= budget).all())
+    at_budget = rollout.stop_reason == StopReason.BUDGET
+    assert bool(at_budget.any())
+    assert torch.equal(rollout.lengths[at_budget], budget[at_budget])
+    assert torch.equal(rollout.stop_steps[at_budget], budget[at_budget] - 1)
+    assert rollout.tokens_saved == int((MAX_NEW - rollout.lengths)[rollout.stop_reason != StopReason.RUNNING].sum())
 
 
 def test_deterministic_with_a_seed(models):
@@ -231,7 +251,11 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
         for field in ("teacher_logprobs", "student_logprobs", "reverse_kl"):
             torch.testing.assert_close(getattr(other, field), getattr(lockstep, field), rtol=1e-5, atol=1e-6,
                                        msg=f"{name}: {field}")
-    # Costs: chunking trades teacher calls for wasted student tokens; post hoc is one forward.
+    # Costs: the HF hook drops stopped rows from the teacher as the lockstep loop does (the
+    # student's rows stay in HF's batch); chunking trades teacher calls for wasted student tokens.
+    hf = others["hf generate"]
+    assert (hf.teacher_forwards, hf.teacher_tokens) == (lockstep.teacher_forwards, lockstep.teacher_tokens)
+    assert hf.tokens_generated == BATCH * kept.shape[1] > lockstep.tokens_generated
     assert others["chunked C=8"].teacher_forwards < others["chunked C=3"].teacher_forwards < lockstep.teacher_forwards
     assert others["chunked C=8"].tokens_generated >= lockstep.tokens_generated
     assert others["post hoc"].teacher_forwards == 1
