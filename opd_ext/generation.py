@@ -383,7 +383,7 @@ def _tokens_saved(monitor: DriftMonitor, max_new_tokens: int) -> int:
 
 
 # ---- 1 + 3: our decode loop, lockstep or chunked ------------------------------------------------
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: the recorded tensors must stay usable as constants in a backward
 def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                           *, max_new_tokens: int, config: Optional[PruneConfig] = None, chunk_size: int = 1,
                           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -494,8 +494,8 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
     """Prune-OPD over finished rollouts (e.g. from vLLM / SGLang): weights and truncation points.
 
     One teacher forward over the sequences (and one student forward unless ``student_logits`` is
-    given), then the monitor walks the completions token by token exactly as during generation:
-    ``completion_mask`` of the result ends where the row would have been stopped.
+    given), then the drift scan over the completions, which decides exactly as the decode step did
+    during generation: ``completion_mask`` of the result ends where the row would have been stopped.
 
     Args:
         student: the student model, or None when ``student_logits`` is given.
