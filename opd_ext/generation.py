@@ -480,9 +480,14 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
 
 
 # ---- 4: post hoc, for rollouts generated elsewhere ----------------------------------------------
-def _full_sequence_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens (one forward, no cache)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+    # Only the completion needs logits; prompts are often much longer than completions.
+    keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                   **keep).logits
+    return logits[:, -steps - 1:-1]
 
 
 @torch.no_grad()
@@ -548,11 +553,9 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
         raise ValueError("completion_mask must be a prefix per row (1...1 0...0): completions are right-padded")
 
     full_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    # Position p's logits predict token p + 1: the completion is predicted from P - 1 .. P + T - 2.
-    predicting = slice(prompt_len - 1, prompt_len + steps - 1)
-    teacher_logits = _full_sequence_logits(teacher, sequences, full_mask)[:, predicting]
+    teacher_logits = _completion_logits(teacher, sequences, full_mask, steps)
     if student_logits is None:
-        student_logits = _full_sequence_logits(student, sequences, full_mask)[:, predicting]
+        student_logits = _completion_logits(student, sequences, full_mask, steps)
     elif not isinstance(student_logits, torch.Tensor) or student_logits.shape[:2] != completions.shape:
         got = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
         raise ValueError(f"student_logits must be [B, T, V] with [B, T] = {tuple(completions.shape)}, got {got}")
