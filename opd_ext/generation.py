@@ -769,8 +769,8 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
                              *, config: Optional[PruneConfig] = None, budget=None, **generate_kwargs) -> Rollout:
     """``student.generate(input_ids, attention_mask=..., **generate_kwargs)`` with a :class:`PruneOPDHook`.
 
-    EOS / padding / temperature come from ``generate_kwargs`` or the student's ``generation_config``,
-    as ``generate()`` itself resolves them; ``logits_processor`` / ``stopping_criteria`` you pass run
+    EOS / padding / temperature come from ``generate_kwargs``, else the ``generation_config`` given in
+    them or the student's, as ``generate()`` itself resolves them; ``logits_processor`` / ``stopping_criteria`` you pass run
     alongside the hook's.
     """
     for name in ("num_beams", "num_return_sequences"):
@@ -780,7 +780,7 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
     for name in ("guidance_scale", "assistant_model", "prompt_lookup_num_tokens"):
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported with Prune-OPD (it runs extra student forwards per step)")
-    defaults = student.generation_config
+    defaults = generate_kwargs.get("generation_config") or student.generation_config
     eos = generate_kwargs.pop("eos_token_id", defaults.eos_token_id)
     eos_ids = _check_token_ids("eos_token_id", eos, input_ids.device)
     pad = generate_kwargs.pop("pad_token_id", defaults.pad_token_id)
