@@ -39,13 +39,18 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: float = 0.0, device="cpu"):
+ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: float = 0.0, device="cpu",
+            arch: str = "llama"):
+    config_class, model_class = (getattr(transformers, name) for name in ARCHITECTURES[arch])
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    config = config_class(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=2,
         eos_token_id=None, pad_token_id=PAD)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = model_class(config).eval()
     if perturb:
         generator = torch.Generator().manual_seed(seed + 1000)
         with torch.no_grad():
@@ -54,10 +59,10 @@ def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: floa
     return model.to(device=device, dtype=dtype)
 
 
-def model_pair(dtype=torch.float64, device="cpu", teacher_vocab: int = VOCAB, teacher_dtype=None):
+def model_pair(dtype=torch.float64, device="cpu", teacher_vocab: int = VOCAB, teacher_dtype=None, arch="llama"):
     """The student, and a teacher of perturbed student weights (another init if its vocab differs)."""
-    student = tiny_lm(0, dtype=dtype, device=device)
-    teacher = tiny_lm(0, vocab=teacher_vocab, dtype=teacher_dtype or dtype, perturb=0.01, device=device)
+    student = tiny_lm(0, dtype=dtype, device=device, arch=arch)
+    teacher = tiny_lm(0, vocab=teacher_vocab, dtype=teacher_dtype or dtype, perturb=0.01, device=device, arch=arch)
     return student, teacher
 
 
@@ -262,9 +267,9 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
     assert others["post hoc"].tokens_saved == int(full.completion_mask.sum() - kept.sum())
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4])
-def test_sampled_rollouts_rescored_post_hoc(models, chunk_size):
-    student, teacher = models
+@pytest.mark.parametrize("arch, chunk_size", [("llama", 1), ("llama", 4), ("qwen2", 1), ("qwen2", 4)])
+def test_sampled_rollouts_rescored_post_hoc(models, arch, chunk_size):
+    student, teacher = models if arch == "llama" else model_pair(arch=arch)
     ids, mask = prompts()
     rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
                                     chunk_size=chunk_size, temperature=0.7, pad_token_id=PAD, generator=seeded(3))
