@@ -11,11 +11,12 @@
 namespace {
 
 PyObject* build_config(PyObject*, PyObject*) {
-  return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s}",
+  return Py_BuildValue("{s:s,s:O,s:s,s:s,s:s,s:s}",
                        "torch_version", OPD_BUILD_TORCH_VERSION,
                        "with_cuda", OPD_WITH_CUDA ? Py_True : Py_False,
                        "cuda_archs", OPD_BUILD_CUDA_ARCHS,
                        "nvcc_version", OPD_BUILD_NVCC_VERSION,
+                       "cuda_mode", OPD_BUILD_CUDA_MODE,
                        "compiler", __VERSION__);
 }
 

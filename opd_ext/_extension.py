@@ -48,6 +48,7 @@ def build_info() -> dict:
         "torch_built_against": config["torch_version"],
         "torch_cuda": torch.version.cuda,
         "cuda_kernels_compiled": bool(config["with_cuda"]),
+        "cuda_build_mode": config["cuda_mode"],
         "cuda_archs": archs,
         "nvcc": config["nvcc_version"] or None,
         "compiler": config["compiler"],

@@ -25,7 +25,8 @@ def test_build_info_fields():
 
 
 def test_cuda_kernels_built_when_toolkit_and_cuda_torch_exist():
-    if os.environ.get("OPD_EXT_CUDA") == "0" or not torch.version.cuda or not _nvcc_available():
+    forced_off = opd_ext.build_info()["cuda_build_mode"].upper() in ("0", "OFF")
+    if forced_off or not torch.version.cuda or not _nvcc_available():
         pytest.skip("CUDA kernels are not expected in this build (no nvcc, CPU torch, or OPD_EXT_CUDA=0)")
     info = opd_ext.build_info()
     assert info["cuda_kernels_compiled"], "nvcc and a CUDA torch exist, yet the CUDA kernels were not built"
