@@ -6,9 +6,11 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
+#include "cpu/softmax_blocks.h"
 #include "cpu/topk_rows.h"
 #include "drift_args.h"
 #include "opd/drift.h"
@@ -18,33 +20,42 @@
 namespace opd_ext {
 namespace {
 
-// The sampled token's statistics ride along the top-k pass. Elements are folded into a chunk state
-// that is merged into the row state every kStatsChunk elements, so float32 round-off grows with
-// the chunk size plus the number of chunks instead of with V. The fold is scalar (one expf per
-// element and side), which makes the step with tokens ~4x slower on CPU than without; the
-// vectorised block reducer of csrc/cpu/token_stats.cpp, once shared through a header, would slot
-// into the same `on_block` hook.
-constexpr int64_t kStatsChunk = 256;
+// The sampled token's statistics ride along the top-k pass: its 32-element blocks are gathered
+// into L1-sized blocks and reduced by the same vectorised code as token_stats, then merged into
+// the row state (float32 round-off grows with the block size plus the number of blocks, not V).
+class BlockedPairSoftmax {
+ public:
+  explicit BlockedPairSoftmax(float inv_temperature) : inv_temperature_(inv_temperature) {}
 
-struct ChunkedPairSoftmax {
-  opd::PairSoftmaxState row, chunk;
-  int64_t pending = 0;
-
-  void add(float s, float t) {
-    chunk.update(s, t);
-    if (++pending == kStatsChunk) flush();
+  void add(const float* s, const float* t, int64_t n) {
+    for (int64_t done = 0; done < n;) {
+      const int64_t take = std::min(n - done, cpu::softmax_blocks::kBlock - filled_);
+      std::copy_n(s + done, take, s_ + filled_);
+      std::copy_n(t + done, take, t_ + filled_);
+      filled_ += take;
+      done += take;
+      if (filled_ == cpu::softmax_blocks::kBlock) flush();
+    }
   }
+
   const opd::PairSoftmaxState& finish() {
-    if (pending > 0) flush();
-    return row;
+    if (filled_ > 0) flush();
+    return row_;
   }
 
  private:
   void flush() {
-    row.merge(chunk);
-    chunk = {};
-    pending = 0;
+    cpu::softmax_blocks::PairBlock block;
+    cpu::softmax_blocks::reduce_pair_block(s_, t_, filled_, inv_temperature_, block);
+    row_.merge(block.state);
+    filled_ = 0;
   }
+
+  float inv_temperature_;
+  opd::PairSoftmaxState row_;
+  int64_t filled_ = 0;
+  float s_[cpu::softmax_blocks::kBlock];
+  float t_[cpu::softmax_blocks::kBlock];
 };
 
 using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -69,10 +80,10 @@ void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64
       const student_t* s_row = student + i * row_stride_s;
       const teacher_t* t_row = teacher + i * row_stride_t;
       if (stats.tokens != nullptr) {
-        ChunkedPairSoftmax accumulate;
+        BlockedPairSoftmax accumulate(stats.inv_temperature);
         const float inv_t = stats.inv_temperature;
         overlap[i] = topk.overlap(s_row, t_row, vocab, [&](const float* s, const float* t, int64_t, int64_t n) {
-          for (int64_t j = 0; j < n; ++j) accumulate.add(s[j] * inv_t, t[j] * inv_t);
+          accumulate.add(s, t, n);
         });
         const opd::PairSoftmaxState& softmax = accumulate.finish();
         const int64_t y = stats.tokens[i];
