@@ -1,0 +1,774 @@
+// token_stats, student_stats and the fused vOPD / reverse-KL backwards on CUDA.
+//
+// Every kernel streams whole rows once (launch design in csrc/cuda/README.md):
+// * a row belongs to a group of 32..256 threads (one warp per row for small V, one CTA per row for
+//   large V; several rows per CTA in between), walking it in 16-byte vector chunks, two in flight
+//   per thread; the unaligned head and the tail of a row (odd V, sliced views) run scalar;
+// * the online state of opd/online_softmax.h is merged by warp shuffles, then across the group's
+//   warps through shared memory;
+// * when there are too few rows to fill the GPU, a row is cut into slices on separate CTAs; their
+//   partial states go to a workspace and a second kernel merges them (the backwards need no merge).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "opd/online_softmax.h"
+#include "torch_utils.h"
+
+namespace opd_ext {
+namespace {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarpThreads = 32;
+constexpr int kWarpsPerBlock = kBlockThreads / kWarpThreads;
+constexpr int kVectorBytes = 16;
+// A row group grows (32 -> kBlockThreads threads) until each thread has at least this many chunks.
+constexpr int64_t kMinChunksPerThread = 4;
+// Resident 256-thread CTAs per SM that the split heuristic aims to fill (2048 threads / 256).
+constexpr int64_t kTargetCtasPerSm = 8;
+// A split slice keeps every thread busy for at least this many chunks, so the merge stays cheap.
+constexpr int64_t kMinChunksPerSplitThread = 8;
+constexpr int kMaxSplits = 64;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- vector memory access ---------------------------------------------------------------------
+
+// Elements per vector chunk: one 16-byte access of a 2-byte dtype, two of float32. Eight elements
+// per chunk also amortise the chunk's one `merge` of the online state.
+constexpr int kChunk = 8;
+
+// Elements from p to the next 16-byte boundary.
+template <typename T>
+__device__ __forceinline__ int64_t elements_to_alignment(const T* p) {
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  return static_cast<int64_t>(((kVectorBytes - address % kVectorBytes) % kVectorBytes) / sizeof(T));
+}
+
+// Length of the scalar head after which every row pointer is 16-byte aligned at the same element
+// index. Rows whose offsets cannot be aligned together (e.g. two views sliced differently) get the
+// whole row as head: the scalar path, correct but slow.
+template <typename... Ts>
+__device__ __forceinline__ int64_t vector_head(int64_t vocab, const Ts*... rows) {
+  constexpr size_t kNarrowest = std::min({sizeof(Ts)...});
+  int64_t head = 0;
+  ([&] { if constexpr (sizeof(Ts) == kNarrowest) head = elements_to_alignment(rows); }(), ...);
+  const bool compatible =
+      ((head % static_cast<int64_t>(kVectorBytes / sizeof(Ts)) == elements_to_alignment(rows)) && ...);
+  return compatible ? std::min(head, vocab) : vocab;
+}
+
+// Loads W elements starting at a 16-byte aligned p, widened to float and scaled. Streaming
+// (evict-first) loads: each logit is read once, so it should not displace reusable L2 lines.
+template <int W, typename T>
+__device__ __forceinline__ void load_chunk(const T* p, float scale, float (&out)[W]) {
+  constexpr int kPerVector = kVectorBytes / sizeof(T);
+  static_assert(W % kPerVector == 0);
+#pragma unroll
+  for (int vec = 0; vec < W / kPerVector; ++vec) {
+    const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p) + vec);
+    T values[kPerVector];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int i = 0; i < kPerVector; ++i) out[vec * kPerVector + i] = static_cast<float>(values[i]) * scale;
+  }
+}
+
+// Rounds W floats to T and stores them at a 16-byte aligned p, streaming (the gradient is not
+// read back by this kernel).
+template <int W, typename T>
+__device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
+  constexpr int kPerVector = kVectorBytes / sizeof(T);
+  static_assert(W % kPerVector == 0);
+#pragma unroll
+  for (int vec = 0; vec < W / kPerVector; ++vec) {
+    T values[kPerVector];
+#pragma unroll
+    for (int i = 0; i < kPerVector; ++i) values[i] = static_cast<T>(in[vec * kPerVector + i]);
+    uint4 raw;
+    memcpy(&raw, values, sizeof(raw));
+    __stcs(reinterpret_cast<uint4*>(p) + vec, raw);
+  }
+}
+
+// Chunks first, first + stride, ... below last, kUnroll loads issued before any is consumed so a
+// thread keeps several 16-byte requests in flight across the consumer's branches.
+template <int kUnroll, typename Load, typename Consume>
+__device__ __forceinline__ void for_each_chunk(int64_t first, int64_t last, int64_t stride, Load&& load,
+                                               Consume&& consume) {
+  int64_t c = first;
+  for (; c + (kUnroll - 1) * stride < last; c += kUnroll * stride) {
+    decltype(load(c)) chunks[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) chunks[u] = load(c + u * stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) consume(chunks[u], c + u * stride);
+  }
+  for (; c < last; c += stride) consume(load(c), c);
+}
+
+// ---- row partitioning -------------------------------------------------------------------------
+
+// Which rows and which slice of a row a thread works on. Rows are walked by groups of
+// `group_threads` (a multiple of 32 dividing kBlockThreads); gridDim.x covers the rows and
+// gridDim.y cuts each row into `splits` slices of whole chunks.
+struct RowTask {
+  int64_t row;
+  int lane;            // thread index inside the row group
+  int group_threads;
+  int split, splits;
+};
+
+__device__ __forceinline__ RowTask row_task(int group_threads) {
+  const int groups_per_block = kBlockThreads / group_threads;
+  return RowTask{static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / group_threads,
+                 static_cast<int>(threadIdx.x % group_threads), group_threads,
+                 static_cast<int>(blockIdx.y), static_cast<int>(gridDim.y)};
+}
+
+// Visits the part of a row [0, vocab) that `task` owns: its share of the vector chunks between
+// `head` and the tail, and (first / last slice) the scalar head and tail elements.
+template <typename OnChunk, typename OnElement>
+__device__ __forceinline__ void visit_row_slice(const RowTask& task, int64_t vocab, int64_t head,
+                                                OnChunk&& on_chunks, OnElement&& on_element) {
+  const int64_t chunks = (vocab - head) / kChunk;
+  const int64_t body_end = head + chunks * kChunk;
+  const int64_t per_split = ceil_div(chunks, task.splits);
+  const int64_t first = std::min(task.split * per_split, chunks);
+  const int64_t last = std::min(first + per_split, chunks);
+  on_chunks(first + task.lane, last, static_cast<int64_t>(task.group_threads));
+  if (task.split == 0) {
+    for (int64_t v = task.lane; v < head; v += task.group_threads) on_element(v);
+  }
+  if (task.split == task.splits - 1) {
+    for (int64_t v = body_end + task.lane; v < vocab; v += task.group_threads) on_element(v);
+  }
+}
+
+// ---- reductions of the online state -----------------------------------------------------------
+
+template <typename State>
+__device__ __forceinline__ State shuffle_xor(const State& state, int lane_mask) {
+  static_assert(std::is_trivially_copyable_v<State> && sizeof(State) % sizeof(uint32_t) == 0);
+  constexpr int kWords = sizeof(State) / sizeof(uint32_t);
+  uint32_t words[kWords];
+  memcpy(words, &state, sizeof(State));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) words[i] = __shfl_xor_sync(0xffffffffu, words[i], lane_mask);
+  State out;
+  memcpy(&out, words, sizeof(State));
+  return out;
+}
+
+// Merges the states of one row group; the result is complete in the group's lane 0. Every thread
+// of the block must call it (it synchronises when a group spans several warps).
+template <typename State>
+__device__ __forceinline__ State reduce_row_group(State state, int group_threads) {
+#pragma unroll
+  for (int mask = kWarpThreads / 2; mask > 0; mask /= 2) state.merge(shuffle_xor(state, mask));
+  if (group_threads == kWarpThreads) return state;
+  // Raw storage: the state's default member initialisers are not allowed on __shared__ objects.
+  __shared__ alignas(State) unsigned char storage[kWarpsPerBlock * sizeof(State)];
+  State* warp_states = reinterpret_cast<State*>(storage);
+  const int warp = threadIdx.x / kWarpThreads;
+  if (threadIdx.x % kWarpThreads == 0) warp_states[warp] = state;
+  __syncthreads();
+  if (threadIdx.x % group_threads == 0) {
+    for (int w = 1; w < group_threads / kWarpThreads; ++w) state.merge(warp_states[warp + w]);
+  }
+  return state;
+}
+
+// ---- chunk folds --------------------------------------------------------------------------------
+// `update` of opd/online_softmax.h re-centres on every element (four exps per element pair), which
+// would make bf16 rows compute-bound. A chunk is instead summarised by a state centred at the
+// chunk's own max, made of exactly the terms `update` adds, and folded in with one `merge`.
+
+template <int W>
+__device__ __forceinline__ opd::PairSoftmaxState pair_chunk_state(const float (&s)[W], const float (&t)[W]) {
+  using namespace opd::online_softmax_detail;
+  opd::PairSoftmaxState chunk;
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    chunk.max_s = fmaxf(chunk.max_s, s[i]);
+    chunk.max_t = fmaxf(chunk.max_t, t[i]);
+  }
+  const float centre_s = centre(chunk.max_s), centre_t = centre(chunk.max_t);
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    const float e_s = element_weight(s[i], chunk.max_s);
+    const float e_t = element_weight(t[i], chunk.max_t);
+    const float log_ratio = (s[i] - centre_s) - (t[i] - centre_t);
+    chunk.sum_s += e_s;
+    chunk.sum_t += e_t;
+    chunk.cross_s += weighted(e_s, log_ratio);
+    chunk.cross_t += weighted(e_t, -log_ratio);
+  }
+  return chunk;
+}
+
+template <int W>
+__device__ __forceinline__ opd::SoftmaxState softmax_chunk_state(const float (&s)[W]) {
+  using namespace opd::online_softmax_detail;
+  opd::SoftmaxState chunk;
+#pragma unroll
+  for (int i = 0; i < W; ++i) chunk.max = fmaxf(chunk.max, s[i]);
+#pragma unroll
+  for (int i = 0; i < W; ++i) chunk.sum += element_weight(s[i], chunk.max);
+  return chunk;
+}
+
+// ---- per-row statistics ---------------------------------------------------------------------------
+// A problem describes one row reduction: its State, how to fold a vector chunk or a single element
+// of a row into it, and how to turn the merged state into the row's outputs.
+
+template <typename S, typename T>
+struct PairStats {
+  using State = opd::PairSoftmaxState;
+  struct Row {
+    const S* s;
+    const T* t;
+  };
+  struct Chunk {
+    float s[kChunk], t[kChunk];
+  };
+
+  const S* student;
+  const T* teacher;
+  int64_t student_row_stride, teacher_row_stride;
+  const int64_t* tokens;
+  int64_t rows, vocab;
+  float inv_temperature;
+  float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *student_lse, *teacher_lse;
+
+  __device__ Row row(int64_t r) const { return {student + r * student_row_stride, teacher + r * teacher_row_stride}; }
+  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s, row.t); }
+  __device__ Chunk load(const Row& row, int64_t v) const {
+    Chunk chunk;
+    load_chunk(row.s + v, inv_temperature, chunk.s);
+    load_chunk(row.t + v, inv_temperature, chunk.t);
+    return chunk;
+  }
+  __device__ static void accumulate(State& state, const Chunk& chunk) {
+    state.merge(pair_chunk_state(chunk.s, chunk.t));
+  }
+  __device__ void accumulate_element(State& state, const Row& row, int64_t v) const {
+    state.update(static_cast<float>(row.s[v]) * inv_temperature, static_cast<float>(row.t[v]) * inv_temperature);
+  }
+  __device__ void finalize(const State& state, int64_t r) const {
+    const Row rw = row(r);
+    const int64_t token = tokens[r];
+    // A kernel cannot raise without a host sync, so out-of-range ids give NaN log-probs (the
+    // Python wrappers validate ids before calling).
+    const bool in_range = token >= 0 && token < vocab;
+    const float s_y = in_range ? static_cast<float>(rw.s[token]) * inv_temperature : kNaN;
+    const float t_y = in_range ? static_cast<float>(rw.t[token]) * inv_temperature : kNaN;
+    using opd::online_softmax_detail::centre;
+    // (x - centre) - log Z rather than x - lse: lse rounds to ulp(max), ~1e-3 at |logits| ~ 1e4.
+    student_logprob[r] = (s_y - centre(state.max_s)) - logf(state.sum_s);
+    teacher_logprob[r] = (t_y - centre(state.max_t)) - logf(state.sum_t);
+    reverse_kl[r] = state.reverse_kl();
+    forward_kl[r] = state.forward_kl();
+    student_lse[r] = state.lse_s();
+    teacher_lse[r] = state.lse_t();
+  }
+};
+
+template <typename S>
+struct StudentStats {
+  using State = opd::SoftmaxState;
+  struct Row {
+    const S* s;
+  };
+  struct Chunk {
+    float s[kChunk];
+  };
+
+  const S* student;
+  int64_t student_row_stride;
+  const int64_t* tokens;
+  int64_t rows, vocab;
+  float inv_temperature;
+  float *student_logprob, *student_lse;
+
+  __device__ Row row(int64_t r) const { return {student + r * student_row_stride}; }
+  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s); }
+  __device__ Chunk load(const Row& row, int64_t v) const {
+    Chunk chunk;
+    load_chunk(row.s + v, inv_temperature, chunk.s);
+    return chunk;
+  }
+  __device__ static void accumulate(State& state, const Chunk& chunk) { state.merge(softmax_chunk_state(chunk.s)); }
+  __device__ void accumulate_element(State& state, const Row& row, int64_t v) const {
+    state.update(static_cast<float>(row.s[v]) * inv_temperature);
+  }
+  __device__ void finalize(const State& state, int64_t r) const {
+    const int64_t token = tokens[r];
+    const bool in_range = token >= 0 && token < vocab;
+    const float s_y = in_range ? static_cast<float>(row(r).s[token]) * inv_temperature : kNaN;
+    student_logprob[r] = (s_y - opd::online_softmax_detail::centre(state.max)) - logf(state.sum);
+    student_lse[r] = state.lse();
+  }
+};
+
+// One slice of one row per row group; with a single slice the group finalises the row, otherwise
+// it leaves its partial state in `partials[row * splits + split]`.
+template <typename Problem>
+__global__ void __launch_bounds__(kBlockThreads)
+    row_stats_kernel(Problem problem, int group_threads, typename Problem::State* partials) {
+  using State = typename Problem::State;
+  const RowTask task = row_task(group_threads);
+  State state;
+  if (task.row < problem.rows) {
+    const auto row = problem.row(task.row);
+    const int64_t head = problem.head(row);
+    visit_row_slice(
+        task, problem.vocab, head,
+        [&](int64_t first, int64_t last, int64_t stride) {
+          for_each_chunk<2>(
+              first, last, stride, [&](int64_t c) { return problem.load(row, head + c * kChunk); },
+              [&](const auto& chunk, int64_t) { Problem::accumulate(state, chunk); });
+        },
+        [&](int64_t v) { problem.accumulate_element(state, row, v); });
+  }
+  state = reduce_row_group(state, group_threads);
+  if (task.row < problem.rows && task.lane == 0) {
+    if (task.splits == 1) {
+      problem.finalize(state, task.row);
+    } else {
+      partials[task.row * task.splits + task.split] = state;
+    }
+  }
+}
+
+template <typename Problem>
+__global__ void __launch_bounds__(kBlockThreads)
+    merge_partials_kernel(Problem problem, const typename Problem::State* partials, int splits) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= problem.rows) return;
+  typename Problem::State state = partials[r * splits];
+  for (int i = 1; i < splits; ++i) state.merge(partials[r * splits + i]);
+  problem.finalize(state, r);
+}
+
+// ---- backwards: elementwise over rows, given per-row scalars ------------------------------------
+
+// grad[r, j] = coef[r] / tau * (1[j == y_r] - p[r, j]).
+template <typename S>
+struct PolicyGradientBackward {
+  struct Row {
+    const S* s;
+    S* grad;
+    float scale, lse;  // coef / tau, student lse
+    int64_t token;
+  };
+  struct Chunk {
+    float s[kChunk];
+  };
+
+  const S* student;
+  int64_t student_row_stride;
+  S* grad;  // contiguous [rows, vocab]
+  const float* coef;
+  const int64_t* tokens;
+  const float* student_lse;
+  int64_t rows, vocab;
+  float inv_temperature;
+
+  __device__ Row row(int64_t r) const {
+    return {student + r * student_row_stride, grad + r * vocab, coef[r] * inv_temperature, student_lse[r], tokens[r]};
+  }
+  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s, static_cast<const S*>(row.grad)); }
+  __device__ float grad_of(const Row& row, float s, int64_t v) const {
+    return row.scale * ((v == row.token ? 1.0f : 0.0f) - expf(s - row.lse));
+  }
+  __device__ Chunk load(const Row& row, int64_t v) const {
+    Chunk chunk;
+    load_chunk(row.s + v, inv_temperature, chunk.s);
+    return chunk;
+  }
+  __device__ void store(const Row& row, const Chunk& chunk, int64_t v) const {
+    float grad_chunk[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) grad_chunk[i] = grad_of(row, chunk.s[i], v + i);
+    store_chunk(row.grad + v, grad_chunk);
+  }
+  __device__ void process_element(const Row& row, int64_t v) const {
+    row.grad[v] = static_cast<S>(grad_of(row, static_cast<float>(row.s[v]) * inv_temperature, v));
+  }
+};
+
+// grad[r, j] = coef[r] / tau * p_j (log p_j - log q_j - KL_r).
+template <typename S, typename T>
+struct ReverseKlBackward {
+  struct Row {
+    const S* s;
+    const T* t;
+    S* grad;
+    float scale, lse_s, lse_t, kl;  // coef / tau and the forward's statistics
+  };
+  struct Chunk {
+    float s[kChunk], t[kChunk];
+  };
+
+  const S* student;
+  const T* teacher;
+  int64_t student_row_stride, teacher_row_stride;
+  S* grad;  // contiguous [rows, vocab]
+  const float *coef, *student_lse, *teacher_lse, *reverse_kl;
+  int64_t rows, vocab;
+  float inv_temperature;
+
+  __device__ Row row(int64_t r) const {
+    return {student + r * student_row_stride, teacher + r * teacher_row_stride, grad + r * vocab,
+            coef[r] * inv_temperature, student_lse[r], teacher_lse[r], reverse_kl[r]};
+  }
+  __device__ int64_t head(const Row& row) const {
+    return vector_head(vocab, row.s, row.t, static_cast<const S*>(row.grad));
+  }
+  __device__ float grad_of(const Row& row, float s, float t) const {
+    const float log_p = s - row.lse_s;
+    // exp(-inf)·anything = 0 (SPEC §1): masked student entries get exactly 0, not 0·inf = NaN.
+    return row.scale * opd::online_softmax_detail::weighted(expf(log_p), log_p - (t - row.lse_t) - row.kl);
+  }
+  __device__ Chunk load(const Row& row, int64_t v) const {
+    Chunk chunk;
+    load_chunk(row.s + v, inv_temperature, chunk.s);
+    load_chunk(row.t + v, inv_temperature, chunk.t);
+    return chunk;
+  }
+  __device__ void store(const Row& row, const Chunk& chunk, int64_t v) const {
+    float grad_chunk[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) grad_chunk[i] = grad_of(row, chunk.s[i], chunk.t[i]);
+    store_chunk(row.grad + v, grad_chunk);
+  }
+  __device__ void process_element(const Row& row, int64_t v) const {
+    row.grad[v] = static_cast<S>(grad_of(row, static_cast<float>(row.s[v]) * inv_temperature,
+                                         static_cast<float>(row.t[v]) * inv_temperature));
+  }
+};
+
+template <typename Problem>
+__global__ void __launch_bounds__(kBlockThreads) row_backward_kernel(Problem problem, int group_threads) {
+  const RowTask task = row_task(group_threads);
+  if (task.row >= problem.rows) return;
+  const auto row = problem.row(task.row);
+  const int64_t head = problem.head(row);
+  if (row.scale == 0.0f) {
+    // Masked rows (coef 0) get an exact zero gradient without reading their logits, as on CPU:
+    // padding costs no read and NaN / inf logits there cannot leak into the gradient.
+    using Grad = std::remove_pointer_t<decltype(row.grad)>;
+    const float zeros[kChunk] = {};
+    visit_row_slice(
+        task, problem.vocab, head,
+        [&](int64_t first, int64_t last, int64_t stride) {
+          for (int64_t c = first; c < last; c += stride) store_chunk(row.grad + head + c * kChunk, zeros);
+        },
+        [&](int64_t v) { row.grad[v] = Grad(0.0f); });
+    return;
+  }
+  visit_row_slice(
+      task, problem.vocab, head,
+      [&](int64_t first, int64_t last, int64_t stride) {
+        for_each_chunk<2>(
+            first, last, stride, [&](int64_t c) { return problem.load(row, head + c * kChunk); },
+            [&](const auto& chunk, int64_t c) { problem.store(row, chunk, head + c * kChunk); });
+      },
+      [&](int64_t v) { problem.process_element(row, v); });
+}
+
+// ---- top-k baseline (SPEC §1): reverse KL renormalised over the student's top-k ids -------------
+
+template <typename S, typename T>
+struct TopkReverseKl {
+  const S* student;
+  const T* teacher;
+  int64_t student_row_stride, teacher_row_stride;
+  const float *student_lse, *teacher_lse;  // from the full pass; NaN marks a row holding a NaN
+  int64_t rows, vocab;
+  int k;
+  float inv_temperature;
+  float* topk_reverse_kl;
+};
+
+template <typename S, typename T>
+void launch_topk_reverse_kl(const TopkReverseKl<S, T>& problem) {
+  TORCH_CHECK(false, "token_stats: topk > 0 is not implemented on CUDA yet");
+}
+
+// ---- launch -------------------------------------------------------------------------------------
+
+struct LaunchShape {
+  int group_threads;  // threads per row
+  int64_t row_blocks;
+  int splits;
+};
+
+int multiprocessor_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// One warp per row for short rows, up to a CTA per row for long ones; rows cut into slices only
+// when whole rows cannot fill the GPU.
+LaunchShape launch_shape(int64_t rows, int64_t vocab) {
+  const int64_t chunks = ceil_div(vocab, kChunk);
+  int group_threads = kWarpThreads;
+  while (group_threads < kBlockThreads && group_threads * kMinChunksPerThread < chunks) group_threads *= 2;
+  const int64_t row_blocks = ceil_div(rows, kBlockThreads / group_threads);
+  const int64_t target_blocks = kTargetCtasPerSm * multiprocessor_count();
+  int64_t splits = 1;
+  if (group_threads == kBlockThreads && row_blocks < target_blocks) {
+    const int64_t by_occupancy = ceil_div(target_blocks, row_blocks);
+    const int64_t by_work = chunks / (kBlockThreads * kMinChunksPerSplitThread);
+    splits = std::clamp<int64_t>(std::min(by_occupancy, by_work), 1, kMaxSplits);
+  }
+  TORCH_CHECK(row_blocks <= std::numeric_limits<int32_t>::max(), "opd_ext: too many rows (", rows, ")");
+  return {group_threads, row_blocks, static_cast<int>(splits)};
+}
+
+template <typename Problem>
+void launch_row_stats(const Problem& problem, const at::Tensor& like) {
+  using State = typename Problem::State;
+  static_assert(std::is_trivially_copyable_v<State> && alignof(State) <= alignof(float));
+  const LaunchShape shape = launch_shape(problem.rows, problem.vocab);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>(shape.row_blocks), static_cast<unsigned>(shape.splits));
+  if (shape.splits == 1) {
+    row_stats_kernel<<<grid, kBlockThreads, 0, stream>>>(problem, shape.group_threads, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const int64_t words = problem.rows * shape.splits * static_cast<int64_t>(sizeof(State) / sizeof(float));
+  const at::Tensor workspace = at::empty({words}, like.options().dtype(at::kFloat));
+  auto* partials = reinterpret_cast<State*>(workspace.mutable_data_ptr<float>());
+  row_stats_kernel<<<grid, kBlockThreads, 0, stream>>>(problem, shape.group_threads, partials);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_partials_kernel<<<static_cast<unsigned>(ceil_div(problem.rows, kBlockThreads)), kBlockThreads, 0, stream>>>(
+      problem, partials, shape.splits);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Problem>
+void launch_row_backward(const Problem& problem) {
+  const LaunchShape shape = launch_shape(problem.rows, problem.vocab);
+  const dim3 grid(static_cast<unsigned>(shape.row_blocks), static_cast<unsigned>(shape.splits));
+  row_backward_kernel<<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(problem, shape.group_threads);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- bindings -------------------------------------------------------------------------------------
+
+// A [rows, V] view with unit stride along V: strided rows (e.g. logits[..., :V] from align_vocab)
+// are read in place; only layouts whose leading dims do not flatten to one row stride are copied.
+at::Tensor as_rows(const at::Tensor& logits) {
+  const int64_t vocab = logits.size(-1);
+  const at::Tensor unit_stride = logits.stride(-1) == 1 ? logits : logits.contiguous();
+  return unit_stride.reshape({-1, vocab});
+}
+
+void check_student_logits(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, op, ": student_logits must be [..., V] with V > 0, got ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(-1) <= std::numeric_limits<int32_t>::max(), op,
+              ": vocabulary larger than 2^31 is not supported");
+}
+
+// A per-row argument: shape [...] (the logits' leading dims), `dtype`, on the logits' device.
+at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits,
+                   at::ScalarType dtype) {
+  const auto leading = logits.sizes().slice(0, logits.dim() - 1);
+  TORCH_CHECK(t.sizes() == leading, op, ": ", name, " must have shape ", leading,
+              " (the leading dims of the logits), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but the logits are on ",
+              logits.device());
+  return t.contiguous();
+}
+
+float inverse_temperature(const char* op, double temperature) {
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op,
+              ": temperature must be positive and finite, got ", temperature);
+  return static_cast<float>(1.0 / temperature);
+}
+
+at::Tensor per_row_output(const at::Tensor& logits) {
+  return at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options().dtype(at::kFloat));
+}
+
+// The one-dtype counterpart of dispatch_logit_pair, for ops that read the student alone.
+template <typename Fn>
+void dispatch_student(c10::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn.template operator()<float>();
+    case c10::ScalarType::BFloat16: return fn.template operator()<c10::BFloat16>();
+    case c10::ScalarType::Half: return fn.template operator()<c10::Half>();
+    default: TORCH_CHECK(false, op, ": student_logits must be float32, bfloat16 or float16, got ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& tokens, double temperature,
+    int64_t topk) {
+  constexpr const char* op = "token_stats";
+  check_logit_pair(op, student_logits, teacher_logits);
+  const float inv_temperature = inverse_temperature(op, temperature);
+  const int64_t vocab = student_logits.size(-1);
+  TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "] (0: no top-k baseline)");
+  const at::Tensor ids = per_row(op, "tokens", tokens, student_logits, at::kLong);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor s = as_rows(student_logits);
+  const at::Tensor t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0);
+
+  at::Tensor student_logprob = per_row_output(student_logits), teacher_logprob = per_row_output(student_logits);
+  at::Tensor reverse_kl = per_row_output(student_logits), forward_kl = per_row_output(student_logits);
+  at::Tensor student_lse = per_row_output(student_logits), teacher_lse = per_row_output(student_logits);
+  at::Tensor topk_reverse_kl =
+      topk > 0 ? per_row_output(student_logits) : at::empty({0}, student_logits.options().dtype(at::kFloat));
+  if (rows == 0) return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    const PairStats<S, T> problem{.student = s.const_data_ptr<S>(),
+                                  .teacher = t.const_data_ptr<T>(),
+                                  .student_row_stride = s.stride(0),
+                                  .teacher_row_stride = t.stride(0),
+                                  .tokens = ids.const_data_ptr<int64_t>(),
+                                  .rows = rows,
+                                  .vocab = vocab,
+                                  .inv_temperature = inv_temperature,
+                                  .student_logprob = student_logprob.mutable_data_ptr<float>(),
+                                  .teacher_logprob = teacher_logprob.mutable_data_ptr<float>(),
+                                  .reverse_kl = reverse_kl.mutable_data_ptr<float>(),
+                                  .forward_kl = forward_kl.mutable_data_ptr<float>(),
+                                  .student_lse = student_lse.mutable_data_ptr<float>(),
+                                  .teacher_lse = teacher_lse.mutable_data_ptr<float>()};
+    launch_row_stats(problem, s);
+    if (topk > 0) {
+      launch_topk_reverse_kl(TopkReverseKl<S, T>{.student = s.const_data_ptr<S>(),
+                                                 .teacher = t.const_data_ptr<T>(),
+                                                 .student_row_stride = s.stride(0),
+                                                 .teacher_row_stride = t.stride(0),
+                                                 .student_lse = student_lse.const_data_ptr<float>(),
+                                                 .teacher_lse = teacher_lse.const_data_ptr<float>(),
+                                                 .rows = rows,
+                                                 .vocab = vocab,
+                                                 .k = static_cast<int>(topk),
+                                                 .inv_temperature = inv_temperature,
+                                                 .topk_reverse_kl = topk_reverse_kl.mutable_data_ptr<float>()});
+    }
+  });
+  return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> student_stats_cuda(const at::Tensor& student_logits, const at::Tensor& tokens,
+                                                      double temperature) {
+  constexpr const char* op = "student_stats";
+  check_student_logits(op, student_logits);
+  const float inv_temperature = inverse_temperature(op, temperature);
+  const at::Tensor ids = per_row(op, "tokens", tokens, student_logits, at::kLong);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor s = as_rows(student_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  at::Tensor student_logprob = per_row_output(student_logits), student_lse = per_row_output(student_logits);
+  if (rows == 0) return {student_logprob, student_lse};
+  dispatch_student(s.scalar_type(), op, [&]<typename S>() {
+    launch_row_stats(StudentStats<S>{.student = s.const_data_ptr<S>(),
+                                     .student_row_stride = s.stride(0),
+                                     .tokens = ids.const_data_ptr<int64_t>(),
+                                     .rows = rows,
+                                     .vocab = vocab,
+                                     .inv_temperature = inv_temperature,
+                                     .student_logprob = student_logprob.mutable_data_ptr<float>(),
+                                     .student_lse = student_lse.mutable_data_ptr<float>()},
+                     s);
+  });
+  return {student_logprob, student_lse};
+}
+
+at::Tensor policy_gradient_backward_cuda(const at::Tensor& coef, const at::Tensor& student_logits,
+                                         const at::Tensor& tokens, const at::Tensor& student_lse, double temperature) {
+  constexpr const char* op = "policy_gradient_backward";
+  check_student_logits(op, student_logits);
+  const float inv_temperature = inverse_temperature(op, temperature);
+  const at::Tensor coef_rows = per_row(op, "coef", coef, student_logits, at::kFloat);
+  const at::Tensor ids = per_row(op, "tokens", tokens, student_logits, at::kLong);
+  const at::Tensor lse = per_row(op, "student_lse", student_lse, student_logits, at::kFloat);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor s = as_rows(student_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());
+  if (rows == 0) return grad;
+  dispatch_student(s.scalar_type(), op, [&]<typename S>() {
+    launch_row_backward(PolicyGradientBackward<S>{.student = s.const_data_ptr<S>(),
+                                                  .student_row_stride = s.stride(0),
+                                                  .grad = grad.mutable_data_ptr<S>(),
+                                                  .coef = coef_rows.const_data_ptr<float>(),
+                                                  .tokens = ids.const_data_ptr<int64_t>(),
+                                                  .student_lse = lse.const_data_ptr<float>(),
+                                                  .rows = rows,
+                                                  .vocab = vocab,
+                                                  .inv_temperature = inv_temperature});
+  });
+  return grad;
+}
+
+at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& student_logits,
+                                    const at::Tensor& teacher_logits, const at::Tensor& student_lse,
+                                    const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
+  constexpr const char* op = "reverse_kl_backward";
+  check_logit_pair(op, student_logits, teacher_logits);
+  const float inv_temperature = inverse_temperature(op, temperature);
+  const at::Tensor coef_rows = per_row(op, "coef", coef, student_logits, at::kFloat);
+  const at::Tensor lse_s = per_row(op, "student_lse", student_lse, student_logits, at::kFloat);
+  const at::Tensor lse_t = per_row(op, "teacher_lse", teacher_lse, student_logits, at::kFloat);
+  const at::Tensor kl = per_row(op, "reverse_kl", reverse_kl, student_logits, at::kFloat);
+  const c10::cuda::CUDAGuard guard(student_logits.device());
+  const at::Tensor s = as_rows(student_logits);
+  const at::Tensor t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());
+  if (rows == 0) return grad;
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    launch_row_backward(ReverseKlBackward<S, T>{.student = s.const_data_ptr<S>(),
+                                                .teacher = t.const_data_ptr<T>(),
+                                                .student_row_stride = s.stride(0),
+                                                .teacher_row_stride = t.stride(0),
+                                                .grad = grad.mutable_data_ptr<S>(),
+                                                .coef = coef_rows.const_data_ptr<float>(),
+                                                .student_lse = lse_s.const_data_ptr<float>(),
+                                                .teacher_lse = lse_t.const_data_ptr<float>(),
+                                                .reverse_kl = kl.const_data_ptr<float>(),
+                                                .rows = rows,
+                                                .vocab = vocab,
+                                                .inv_temperature = inv_temperature});
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_ext, CUDA, m) {
+  m.impl("token_stats", &token_stats_cuda);
+  m.impl("student_stats", &student_stats_cuda);
+  m.impl("policy_gradient_backward", &policy_gradient_backward_cuda);
+  m.impl("reverse_kl_backward", &reverse_kl_backward_cuda);
+}
+
+}  // namespace opd_ext
