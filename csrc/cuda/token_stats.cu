@@ -34,13 +34,16 @@ constexpr int kBlockThreads = 256;
 constexpr int kWarpThreads = 32;
 constexpr int kWarpsPerBlock = kBlockThreads / kWarpThreads;
 constexpr int kVectorBytes = 16;
+// 64 registers per thread: 1024 resident threads per SM, each with two chunks (up to 128 bytes)
+// in flight, well above what an SM needs to cover HBM latency.
+constexpr int kMinBlocksPerSm = 4;
 // A row group grows (32 -> kBlockThreads threads) until each thread has at least this many chunks.
 constexpr int64_t kMinChunksPerThread = 4;
-// Resident 256-thread CTAs per SM that the split heuristic aims to fill (2048 threads / 256).
-constexpr int64_t kTargetCtasPerSm = 8;
-// A split slice keeps every thread busy for at least this many chunks, so the merge stays cheap.
-constexpr int64_t kMinChunksPerSplitThread = 8;
+// A row slice keeps every thread busy for at least this many chunks, so slicing stays cheap.
+constexpr int64_t kMinChunksPerSplitThread = 4;
 constexpr int kMaxSplits = 64;
+// Fraction of the last wave's CTAs that must be busy before the launch stops slicing rows further.
+constexpr double kGoodWaveEfficiency = 0.92;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -54,21 +57,21 @@ constexpr int kChunk = 8;
 
 // Elements from p to the next 16-byte boundary.
 template <typename T>
-__device__ __forceinline__ int64_t elements_to_alignment(const T* p) {
+__device__ __forceinline__ int elements_to_alignment(const T* p) {
   const auto address = reinterpret_cast<uintptr_t>(p);
-  return static_cast<int64_t>(((kVectorBytes - address % kVectorBytes) % kVectorBytes) / sizeof(T));
+  return static_cast<int>(((kVectorBytes - address % kVectorBytes) % kVectorBytes) / sizeof(T));
 }
 
 // Length of the scalar head after which every row pointer is 16-byte aligned at the same element
 // index. Rows whose offsets cannot be aligned together (e.g. two views sliced differently) get the
 // whole row as head: the scalar path, correct but slow.
 template <typename... Ts>
-__device__ __forceinline__ int64_t vector_head(int64_t vocab, const Ts*... rows) {
+__device__ __forceinline__ int vector_head(int vocab, const Ts*... rows) {
   constexpr size_t kNarrowest = std::min({sizeof(Ts)...});
-  int64_t head = 0;
+  int head = 0;
   ([&] { if constexpr (sizeof(Ts) == kNarrowest) head = elements_to_alignment(rows); }(), ...);
   const bool compatible =
-      ((head % static_cast<int64_t>(kVectorBytes / sizeof(Ts)) == elements_to_alignment(rows)) && ...);
+      ((head % static_cast<int>(kVectorBytes / sizeof(Ts)) == elements_to_alignment(rows)) && ...);
   return compatible ? std::min(head, vocab) : vocab;
 }
 
@@ -108,9 +111,9 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
 // Chunks first, first + stride, ... below last, kUnroll loads issued before any is consumed so a
 // thread keeps several 16-byte requests in flight across the consumer's branches.
 template <int kUnroll, typename Load, typename Consume>
-__device__ __forceinline__ void for_each_chunk(int64_t first, int64_t last, int64_t stride, Load&& load,
+__device__ __forceinline__ void for_each_chunk(int first, int last, int stride, Load&& load,
                                                Consume&& consume) {
-  int64_t c = first;
+  int c = first;
   for (; c + (kUnroll - 1) * stride < last; c += kUnroll * stride) {
     decltype(load(c)) chunks[kUnroll];
 #pragma unroll
@@ -143,19 +146,19 @@ __device__ __forceinline__ RowTask row_task(int group_threads) {
 // Visits the part of a row [0, vocab) that `task` owns: its share of the vector chunks between
 // `head` and the tail, and (first / last slice) the scalar head and tail elements.
 template <typename OnChunk, typename OnElement>
-__device__ __forceinline__ void visit_row_slice(const RowTask& task, int64_t vocab, int64_t head,
+__device__ __forceinline__ void visit_row_slice(const RowTask& task, int vocab, int head,
                                                 OnChunk&& on_chunks, OnElement&& on_element) {
-  const int64_t chunks = (vocab - head) / kChunk;
-  const int64_t body_end = head + chunks * kChunk;
-  const int64_t per_split = ceil_div(chunks, task.splits);
-  const int64_t first = std::min(task.split * per_split, chunks);
-  const int64_t last = std::min(first + per_split, chunks);
-  on_chunks(first + task.lane, last, static_cast<int64_t>(task.group_threads));
+  const int chunks = (vocab - head) / kChunk;
+  const int body_end = head + chunks * kChunk;
+  const int per_split = (chunks + task.splits - 1) / task.splits;
+  const int first = std::min(task.split * per_split, chunks);
+  const int last = std::min(first + per_split, chunks);
+  on_chunks(first + task.lane, last, task.group_threads);
   if (task.split == 0) {
-    for (int64_t v = task.lane; v < head; v += task.group_threads) on_element(v);
+    for (int v = task.lane; v < head; v += task.group_threads) on_element(v);
   }
   if (task.split == task.splits - 1) {
-    for (int64_t v = body_end + task.lane; v < vocab; v += task.group_threads) on_element(v);
+    for (int v = body_end + task.lane; v < vocab; v += task.group_threads) on_element(v);
   }
 }
 
@@ -251,13 +254,14 @@ struct PairStats {
   const T* teacher;
   int64_t student_row_stride, teacher_row_stride;
   const int64_t* tokens;
-  int64_t rows, vocab;
+  int64_t rows;
+  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
   float inv_temperature;
   float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *student_lse, *teacher_lse;
 
   __device__ Row row(int64_t r) const { return {student + r * student_row_stride, teacher + r * teacher_row_stride}; }
-  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s, row.t); }
-  __device__ Chunk load(const Row& row, int64_t v) const {
+  __device__ int head(const Row& row) const { return vector_head(vocab, row.s, row.t); }
+  __device__ Chunk load(const Row& row, int v) const {
     Chunk chunk;
     load_chunk(row.s + v, inv_temperature, chunk.s);
     load_chunk(row.t + v, inv_temperature, chunk.t);
@@ -266,7 +270,7 @@ struct PairStats {
   __device__ static void accumulate(State& state, const Chunk& chunk) {
     state.merge(pair_chunk_state(chunk.s, chunk.t));
   }
-  __device__ void accumulate_element(State& state, const Row& row, int64_t v) const {
+  __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature, static_cast<float>(row.t[v]) * inv_temperature);
   }
   __device__ void finalize(const State& state, int64_t r) const {
@@ -301,19 +305,20 @@ struct StudentStats {
   const S* student;
   int64_t student_row_stride;
   const int64_t* tokens;
-  int64_t rows, vocab;
+  int64_t rows;
+  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
   float inv_temperature;
   float *student_logprob, *student_lse;
 
   __device__ Row row(int64_t r) const { return {student + r * student_row_stride}; }
-  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s); }
-  __device__ Chunk load(const Row& row, int64_t v) const {
+  __device__ int head(const Row& row) const { return vector_head(vocab, row.s); }
+  __device__ Chunk load(const Row& row, int v) const {
     Chunk chunk;
     load_chunk(row.s + v, inv_temperature, chunk.s);
     return chunk;
   }
   __device__ static void accumulate(State& state, const Chunk& chunk) { state.merge(softmax_chunk_state(chunk.s)); }
-  __device__ void accumulate_element(State& state, const Row& row, int64_t v) const {
+  __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature);
   }
   __device__ void finalize(const State& state, int64_t r) const {
@@ -328,22 +333,22 @@ struct StudentStats {
 // One slice of one row per row group; with a single slice the group finalises the row, otherwise
 // it leaves its partial state in `partials[row * splits + split]`.
 template <typename Problem>
-__global__ void __launch_bounds__(kBlockThreads)
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
     row_stats_kernel(Problem problem, int group_threads, typename Problem::State* partials) {
   using State = typename Problem::State;
   const RowTask task = row_task(group_threads);
   State state;
   if (task.row < problem.rows) {
     const auto row = problem.row(task.row);
-    const int64_t head = problem.head(row);
+    const int head = problem.head(row);
     visit_row_slice(
         task, problem.vocab, head,
-        [&](int64_t first, int64_t last, int64_t stride) {
+        [&](int first, int last, int stride) {
           for_each_chunk<2>(
-              first, last, stride, [&](int64_t c) { return problem.load(row, head + c * kChunk); },
-              [&](const auto& chunk, int64_t) { Problem::accumulate(state, chunk); });
+              first, last, stride, [&](int c) { return problem.load(row, head + c * kChunk); },
+              [&](const auto& chunk, int) { Problem::accumulate(state, chunk); });
         },
-        [&](int64_t v) { problem.accumulate_element(state, row, v); });
+        [&](int v) { problem.accumulate_element(state, row, v); });
   }
   state = reduce_row_group(state, group_threads);
   if (task.row < problem.rows && task.lane == 0) {
@@ -386,28 +391,29 @@ struct PolicyGradientBackward {
   const float* coef;
   const int64_t* tokens;
   const float* student_lse;
-  int64_t rows, vocab;
+  int64_t rows;
+  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
   float inv_temperature;
 
   __device__ Row row(int64_t r) const {
     return {student + r * student_row_stride, grad + r * vocab, coef[r] * inv_temperature, student_lse[r], tokens[r]};
   }
-  __device__ int64_t head(const Row& row) const { return vector_head(vocab, row.s, static_cast<const S*>(row.grad)); }
-  __device__ float grad_of(const Row& row, float s, int64_t v) const {
+  __device__ int head(const Row& row) const { return vector_head(vocab, row.s, static_cast<const S*>(row.grad)); }
+  __device__ float grad_of(const Row& row, float s, int v) const {
     return row.scale * ((v == row.token ? 1.0f : 0.0f) - expf(s - row.lse));
   }
-  __device__ Chunk load(const Row& row, int64_t v) const {
+  __device__ Chunk load(const Row& row, int v) const {
     Chunk chunk;
     load_chunk(row.s + v, inv_temperature, chunk.s);
     return chunk;
   }
-  __device__ void store(const Row& row, const Chunk& chunk, int64_t v) const {
+  __device__ void store(const Row& row, const Chunk& chunk, int v) const {
     float grad_chunk[kChunk];
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) grad_chunk[i] = grad_of(row, chunk.s[i], v + i);
     store_chunk(row.grad + v, grad_chunk);
   }
-  __device__ void process_element(const Row& row, int64_t v) const {
+  __device__ void process_element(const Row& row, int v) const {
     row.grad[v] = static_cast<S>(grad_of(row, static_cast<float>(row.s[v]) * inv_temperature, v));
   }
 };
@@ -430,14 +436,15 @@ struct ReverseKlBackward {
   int64_t student_row_stride, teacher_row_stride;
   S* grad;  // contiguous [rows, vocab]
   const float *coef, *student_lse, *teacher_lse, *reverse_kl;
-  int64_t rows, vocab;
+  int64_t rows;
+  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
   float inv_temperature;
 
   __device__ Row row(int64_t r) const {
     return {student + r * student_row_stride, teacher + r * teacher_row_stride, grad + r * vocab,
             coef[r] * inv_temperature, student_lse[r], teacher_lse[r], reverse_kl[r]};
   }
-  __device__ int64_t head(const Row& row) const {
+  __device__ int head(const Row& row) const {
     return vector_head(vocab, row.s, row.t, static_cast<const S*>(row.grad));
   }
   __device__ float grad_of(const Row& row, float s, float t) const {
@@ -445,30 +452,30 @@ struct ReverseKlBackward {
     // exp(-inf)·anything = 0 (SPEC §1): masked student entries get exactly 0, not 0·inf = NaN.
     return row.scale * opd::online_softmax_detail::weighted(expf(log_p), log_p - (t - row.lse_t) - row.kl);
   }
-  __device__ Chunk load(const Row& row, int64_t v) const {
+  __device__ Chunk load(const Row& row, int v) const {
     Chunk chunk;
     load_chunk(row.s + v, inv_temperature, chunk.s);
     load_chunk(row.t + v, inv_temperature, chunk.t);
     return chunk;
   }
-  __device__ void store(const Row& row, const Chunk& chunk, int64_t v) const {
+  __device__ void store(const Row& row, const Chunk& chunk, int v) const {
     float grad_chunk[kChunk];
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) grad_chunk[i] = grad_of(row, chunk.s[i], chunk.t[i]);
     store_chunk(row.grad + v, grad_chunk);
   }
-  __device__ void process_element(const Row& row, int64_t v) const {
+  __device__ void process_element(const Row& row, int v) const {
     row.grad[v] = static_cast<S>(grad_of(row, static_cast<float>(row.s[v]) * inv_temperature,
                                          static_cast<float>(row.t[v]) * inv_temperature));
   }
 };
 
 template <typename Problem>
-__global__ void __launch_bounds__(kBlockThreads) row_backward_kernel(Problem problem, int group_threads) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) row_backward_kernel(Problem problem, int group_threads) {
   const RowTask task = row_task(group_threads);
   if (task.row >= problem.rows) return;
   const auto row = problem.row(task.row);
-  const int64_t head = problem.head(row);
+  const int head = problem.head(row);
   if (row.scale == 0.0f) {
     // Masked rows (coef 0) get an exact zero gradient without reading their logits, as on CPU:
     // padding costs no read and NaN / inf logits there cannot leak into the gradient.
@@ -476,20 +483,20 @@ __global__ void __launch_bounds__(kBlockThreads) row_backward_kernel(Problem pro
     const float zeros[kChunk] = {};
     visit_row_slice(
         task, problem.vocab, head,
-        [&](int64_t first, int64_t last, int64_t stride) {
-          for (int64_t c = first; c < last; c += stride) store_chunk(row.grad + head + c * kChunk, zeros);
+        [&](int first, int last, int stride) {
+          for (int c = first; c < last; c += stride) store_chunk(row.grad + head + c * kChunk, zeros);
         },
-        [&](int64_t v) { row.grad[v] = Grad(0.0f); });
+        [&](int v) { row.grad[v] = Grad(0.0f); });
     return;
   }
   visit_row_slice(
       task, problem.vocab, head,
-      [&](int64_t first, int64_t last, int64_t stride) {
+      [&](int first, int last, int stride) {
         for_each_chunk<2>(
-            first, last, stride, [&](int64_t c) { return problem.load(row, head + c * kChunk); },
-            [&](const auto& chunk, int64_t c) { problem.store(row, chunk, head + c * kChunk); });
+            first, last, stride, [&](int c) { return problem.load(row, head + c * kChunk); },
+            [&](const auto& chunk, int c) { problem.store(row, chunk, head + c * kChunk); });
       },
-      [&](int64_t v) { problem.process_element(row, v); });
+      [&](int v) { problem.process_element(row, v); });
 }
 
 // ---- top-k baseline (SPEC §1): reverse KL renormalised over the student's top-k ids -------------
@@ -500,7 +507,8 @@ struct TopkReverseKl {
   const T* teacher;
   int64_t student_row_stride, teacher_row_stride;
   const float *student_lse, *teacher_lse;  // from the full pass; NaN marks a row holding a NaN
-  int64_t rows, vocab;
+  int64_t rows;
+  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
   int k;
   float inv_temperature;
   float* topk_reverse_kl;
@@ -519,36 +527,45 @@ struct LaunchShape {
   int splits;
 };
 
-int multiprocessor_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-// One warp per row for short rows, up to a CTA per row for long ones; rows cut into slices only
-// when whole rows cannot fill the GPU.
-LaunchShape launch_shape(int64_t rows, int64_t vocab) {
+// One warp per row for short rows, up to a CTA per row for long ones. Long rows are also cut into
+// slices until the (row block, slice) work items fill the resident CTAs in nearly whole waves: the
+// items take equal time, so a last partial wave idles the rest of the GPU (2048 rows on 528
+// resident CTAs run 4 waves for 3.9 waves of work; on 396 they would run 6 for 5.2).
+template <typename Kernel>
+LaunchShape launch_shape(Kernel kernel, int64_t rows, int64_t vocab) {
   const int64_t chunks = ceil_div(vocab, kChunk);
   int group_threads = kWarpThreads;
   while (group_threads < kBlockThreads && group_threads * kMinChunksPerThread < chunks) group_threads *= 2;
   const int64_t row_blocks = ceil_div(rows, kBlockThreads / group_threads);
-  const int64_t target_blocks = kTargetCtasPerSm * multiprocessor_count();
-  int64_t splits = 1;
-  if (group_threads == kBlockThreads && row_blocks < target_blocks) {
-    const int64_t by_occupancy = ceil_div(target_blocks, row_blocks);
-    const int64_t by_work = chunks / (kBlockThreads * kMinChunksPerSplitThread);
-    splits = std::clamp<int64_t>(std::min(by_occupancy, by_work), 1, kMaxSplits);
-  }
   TORCH_CHECK(row_blocks <= std::numeric_limits<int32_t>::max(), "opd_ext: too many rows (", rows, ")");
-  return {group_threads, row_blocks, static_cast<int>(splits)};
+
+  int device = 0, sms = 0, blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kBlockThreads, 0));
+  const double resident = std::max(1, sms * blocks_per_sm);
+  const int64_t max_splits = group_threads < kBlockThreads
+                                 ? 1
+                                 : std::clamp<int64_t>(chunks / (kBlockThreads * kMinChunksPerSplitThread), 1, kMaxSplits);
+  int splits = 1;
+  double best_efficiency = 0.0;
+  for (int candidate = 1; candidate <= max_splits; ++candidate) {
+    const double waves = static_cast<double>(row_blocks * candidate) / resident;
+    const double efficiency = waves / std::ceil(waves);
+    if (efficiency > best_efficiency) {
+      splits = candidate;
+      best_efficiency = efficiency;
+    }
+    if (best_efficiency >= kGoodWaveEfficiency) break;
+  }
+  return {group_threads, row_blocks, splits};
 }
 
 template <typename Problem>
 void launch_row_stats(const Problem& problem, const at::Tensor& like) {
   using State = typename Problem::State;
   static_assert(std::is_trivially_copyable_v<State> && alignof(State) <= alignof(float));
-  const LaunchShape shape = launch_shape(problem.rows, problem.vocab);
+  const LaunchShape shape = launch_shape(row_stats_kernel<Problem>, problem.rows, problem.vocab);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(shape.row_blocks), static_cast<unsigned>(shape.splits));
   if (shape.splits == 1) {
@@ -556,6 +573,7 @@ void launch_row_stats(const Problem& problem, const at::Tensor& like) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
+  // Stream-ordered: the caching allocator does not hand this memory out again before the merge ran.
   const int64_t words = problem.rows * shape.splits * static_cast<int64_t>(sizeof(State) / sizeof(float));
   const at::Tensor workspace = at::empty({words}, like.options().dtype(at::kFloat));
   auto* partials = reinterpret_cast<State*>(workspace.mutable_data_ptr<float>());
@@ -568,7 +586,7 @@ void launch_row_stats(const Problem& problem, const at::Tensor& like) {
 
 template <typename Problem>
 void launch_row_backward(const Problem& problem) {
-  const LaunchShape shape = launch_shape(problem.rows, problem.vocab);
+  const LaunchShape shape = launch_shape(row_backward_kernel<Problem>, problem.rows, problem.vocab);
   const dim3 grid(static_cast<unsigned>(shape.row_blocks), static_cast<unsigned>(shape.splits));
   row_backward_kernel<<<grid, kBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(problem, shape.group_threads);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -587,8 +605,9 @@ at::Tensor as_rows(const at::Tensor& logits) {
 void check_student_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, op, ": student_logits must be [..., V] with V > 0, got ",
               logits.sizes());
-  TORCH_CHECK(logits.size(-1) <= std::numeric_limits<int32_t>::max(), op,
-              ": vocabulary larger than 2^31 is not supported");
+  // Positions inside a row are int32; the strided loops may step one block past V.
+  TORCH_CHECK(logits.size(-1) <= std::numeric_limits<int32_t>::max() - kBlockThreads, op, ": V=", logits.size(-1),
+              " is too large for the CUDA kernels (at most 2^31 - ", kBlockThreads + 1, ")");
 }
 
 // A per-row argument: shape [...] (the logits' leading dims), `dtype`, on the logits' device.
@@ -629,6 +648,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     int64_t topk) {
   constexpr const char* op = "token_stats";
   check_logit_pair(op, student_logits, teacher_logits);
+  check_student_logits(op, student_logits);
   const float inv_temperature = inverse_temperature(op, temperature);
   const int64_t vocab = student_logits.size(-1);
   TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "] (0: no top-k baseline)");
@@ -651,7 +671,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   .teacher_row_stride = t.stride(0),
                                   .tokens = ids.const_data_ptr<int64_t>(),
                                   .rows = rows,
-                                  .vocab = vocab,
+                                  .vocab = static_cast<int>(vocab),
                                   .inv_temperature = inv_temperature,
                                   .student_logprob = student_logprob.mutable_data_ptr<float>(),
                                   .teacher_logprob = teacher_logprob.mutable_data_ptr<float>(),
@@ -668,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                  .student_lse = student_lse.const_data_ptr<float>(),
                                                  .teacher_lse = teacher_lse.const_data_ptr<float>(),
                                                  .rows = rows,
-                                                 .vocab = vocab,
+                                                 .vocab = static_cast<int>(vocab),
                                                  .k = static_cast<int>(topk),
                                                  .inv_temperature = inv_temperature,
                                                  .topk_reverse_kl = topk_reverse_kl.mutable_data_ptr<float>()});
@@ -693,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor> student_stats_cuda(const at::Tensor& student_
                                      .student_row_stride = s.stride(0),
                                      .tokens = ids.const_data_ptr<int64_t>(),
                                      .rows = rows,
-                                     .vocab = vocab,
+                                     .vocab = static_cast<int>(vocab),
                                      .inv_temperature = inv_temperature,
                                      .student_logprob = student_logprob.mutable_data_ptr<float>(),
                                      .student_lse = student_lse.mutable_data_ptr<float>()},
@@ -723,7 +743,7 @@ at::Tensor policy_gradient_backward_cuda(const at::Tensor& coef, const at::Tenso
                                                   .tokens = ids.const_data_ptr<int64_t>(),
                                                   .student_lse = lse.const_data_ptr<float>(),
                                                   .rows = rows,
-                                                  .vocab = vocab,
+                                                  .vocab = static_cast<int>(vocab),
                                                   .inv_temperature = inv_temperature});
   });
   return grad;
@@ -734,6 +754,7 @@ at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& st
                                     const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
   constexpr const char* op = "reverse_kl_backward";
   check_logit_pair(op, student_logits, teacher_logits);
+  check_student_logits(op, student_logits);
   const float inv_temperature = inverse_temperature(op, temperature);
   const at::Tensor coef_rows = per_row(op, "coef", coef, student_logits, at::kFloat);
   const at::Tensor lse_s = per_row(op, "student_lse", student_lse, student_logits, at::kFloat);
@@ -756,7 +777,7 @@ at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& st
                                                 .teacher_lse = lse_t.const_data_ptr<float>(),
                                                 .reverse_kl = kl.const_data_ptr<float>(),
                                                 .rows = rows,
-                                                .vocab = vocab,
+                                                .vocab = static_cast<int>(vocab),
                                                 .inv_temperature = inv_temperature});
   });
   return grad;
