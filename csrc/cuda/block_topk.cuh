@@ -71,7 +71,7 @@ __device__ __forceinline__ void topk_offer(TopKCandidates* c, const AdmissionThr
 
 // Keeps the best k candidates (in rank order when more than k were present). All threads call it,
 // after a barrier that made every append visible.
-__device__ void topk_compact(TopKCandidates& c) {
+__device__ inline void topk_compact(TopKCandidates& c) {
   const int count = c.count;
   if (count <= c.k) return;  // nothing to drop: no threshold can be derived yet
   int n = 1;

@@ -9,7 +9,9 @@
 // * when there are too few rows to fill the GPU, a row is cut into slices on separate CTAs; their
 //   partial states go to a workspace and a second kernel merges them (the backwards need no merge).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,6 +26,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda/block_topk.cuh"
 #include "opd/online_softmax.h"
 #include "torch_utils.h"
 
@@ -196,43 +199,84 @@ __device__ __forceinline__ State reduce_row_group(State state, int group_threads
   return state;
 }
 
-// ---- chunk folds --------------------------------------------------------------------------------
-// `update` of opd/online_softmax.h re-centres on every element (four exps per element pair), which
-// would make bf16 rows compute-bound. A chunk is instead summarised by a state centred at the
-// chunk's own max, made of exactly the terms `update` adds, and folded in with one `merge`.
+// ---- chunk folds ----------------------------------------------------------------------------------
+// `update` of opd/online_softmax.h re-centres on every element with accurate exps (about 40
+// instructions per element pair): at the ~750 G bf16 pairs/s an H100 streams, that alone would use
+// most of the SM issue rate. The streaming loops fold 8-element chunks into the running state
+// instead, with the state's own definitions:
+// * the state is re-centred only when a chunk raises a max: a `merge` with an empty state at the
+//   new maxima (after the first chunks of a row this is rare);
+// * the chunk's terms, taken about the running centres, are summed with the fast exp (`__expf`:
+//   ex2.approx, a few ulp on the arguments that matter, exactly 0 for -inf) and plain FMAs;
+// * only when the chunk's partial sums come out NaN (0·inf from -inf entries, or a NaN input) is
+//   it redone with the exact rules of SPEC §1 (`weighted`: exp(-inf)·anything = 0).
+
+struct PairTerms {
+  float sum_s = 0.0f, sum_t = 0.0f, cross_s = 0.0f, cross_t = 0.0f;
+};
 
 template <int W>
-__device__ __forceinline__ opd::PairSoftmaxState pair_chunk_state(const float (&s)[W], const float (&t)[W]) {
+__device__ __forceinline__ void fold_pair_chunk(opd::PairSoftmaxState& state, const float (&s)[W],
+                                                const float (&t)[W]) {
   using namespace opd::online_softmax_detail;
-  opd::PairSoftmaxState chunk;
+  float chunk_max_s = -INFINITY, chunk_max_t = -INFINITY;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
-    chunk.max_s = fmaxf(chunk.max_s, s[i]);
-    chunk.max_t = fmaxf(chunk.max_t, t[i]);
+    chunk_max_s = fmaxf(chunk_max_s, s[i]);  // fmaxf skips NaN; the sums below catch it
+    chunk_max_t = fmaxf(chunk_max_t, t[i]);
   }
-  const float centre_s = centre(chunk.max_s), centre_t = centre(chunk.max_t);
+  if (chunk_max_s > state.max_s || chunk_max_t > state.max_t) {
+    opd::PairSoftmaxState recentred;
+    recentred.max_s = fmaxf(state.max_s, chunk_max_s);
+    recentred.max_t = fmaxf(state.max_t, chunk_max_t);
+    state.merge(recentred);
+  }
+  const float centre_s = centre(state.max_s), centre_t = centre(state.max_t);
+  PairTerms terms;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
-    const float e_s = element_weight(s[i], chunk.max_s);
-    const float e_t = element_weight(t[i], chunk.max_t);
-    const float log_ratio = (s[i] - centre_s) - (t[i] - centre_t);
-    chunk.sum_s += e_s;
-    chunk.sum_t += e_t;
-    chunk.cross_s += weighted(e_s, log_ratio);
-    chunk.cross_t += weighted(e_t, -log_ratio);
+    const float d_s = s[i] - centre_s, d_t = t[i] - centre_t;
+    const float e_s = __expf(d_s), e_t = __expf(d_t);
+    const float log_ratio = d_s - d_t;
+    terms.sum_s += e_s;
+    terms.sum_t += e_t;
+    terms.cross_s = fmaf(e_s, log_ratio, terms.cross_s);
+    terms.cross_t = fmaf(-e_t, log_ratio, terms.cross_t);
   }
-  return chunk;
+  if (isnan(terms.sum_s + terms.sum_t + terms.cross_s + terms.cross_t)) {
+    terms = {};
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const float e_s = element_weight(s[i], state.max_s), e_t = element_weight(t[i], state.max_t);
+      const float log_ratio = (s[i] - centre_s) - (t[i] - centre_t);
+      terms.sum_s += e_s;
+      terms.sum_t += e_t;
+      terms.cross_s += weighted(e_s, log_ratio);
+      terms.cross_t += weighted(e_t, -log_ratio);
+    }
+  }
+  state.sum_s += terms.sum_s;
+  state.sum_t += terms.sum_t;
+  state.cross_s += terms.cross_s;
+  state.cross_t += terms.cross_t;
 }
 
+// The student-only fold has no cross terms, so no 0·inf: a NaN sum can only come from a NaN input.
 template <int W>
-__device__ __forceinline__ opd::SoftmaxState softmax_chunk_state(const float (&s)[W]) {
-  using namespace opd::online_softmax_detail;
-  opd::SoftmaxState chunk;
+__device__ __forceinline__ void fold_softmax_chunk(opd::SoftmaxState& state, const float (&s)[W]) {
+  float chunk_max = -INFINITY;
 #pragma unroll
-  for (int i = 0; i < W; ++i) chunk.max = fmaxf(chunk.max, s[i]);
+  for (int i = 0; i < W; ++i) chunk_max = fmaxf(chunk_max, s[i]);
+  if (chunk_max > state.max) {
+    opd::SoftmaxState recentred;
+    recentred.max = chunk_max;
+    state.merge(recentred);
+  }
+  const float centre = opd::online_softmax_detail::centre(state.max);
+  float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < W; ++i) chunk.sum += element_weight(s[i], chunk.max);
-  return chunk;
+  for (int i = 0; i < W; ++i) sum += __expf(s[i] - centre);
+  state.sum += sum;
 }
 
 // ---- per-row statistics ---------------------------------------------------------------------------
@@ -267,17 +311,14 @@ struct PairStats {
     load_chunk(row.t + v, inv_temperature, chunk.t);
     return chunk;
   }
-  __device__ static void accumulate(State& state, const Chunk& chunk) {
-    state.merge(pair_chunk_state(chunk.s, chunk.t));
-  }
+  __device__ static void accumulate(State& state, const Chunk& chunk) { fold_pair_chunk(state, chunk.s, chunk.t); }
   __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature, static_cast<float>(row.t[v]) * inv_temperature);
   }
   __device__ void finalize(const State& state, int64_t r) const {
     const Row rw = row(r);
     const int64_t token = tokens[r];
-    // A kernel cannot raise without a host sync, so out-of-range ids give NaN log-probs (the
-    // Python wrappers validate ids before calling).
+    // Out-of-range ids give NaN log-probs, never a read outside the row; check_token_range raises.
     const bool in_range = token >= 0 && token < vocab;
     const float s_y = in_range ? static_cast<float>(rw.s[token]) * inv_temperature : kNaN;
     const float t_y = in_range ? static_cast<float>(rw.t[token]) * inv_temperature : kNaN;
@@ -317,7 +358,7 @@ struct StudentStats {
     load_chunk(row.s + v, inv_temperature, chunk.s);
     return chunk;
   }
-  __device__ static void accumulate(State& state, const Chunk& chunk) { state.merge(softmax_chunk_state(chunk.s)); }
+  __device__ static void accumulate(State& state, const Chunk& chunk) { fold_softmax_chunk(state, chunk.s); }
   __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature);
   }
@@ -499,24 +540,66 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) row_backward_k
       [&](int v) { problem.process_element(row, v); });
 }
 
-// ---- top-k baseline (SPEC §1): reverse KL renormalised over the student's top-k ids -------------
+// ---- with the top-k baseline (topk > 0) ------------------------------------------------------------
+// The statistics and the student's top-k ids come from the same read of both rows: block_pair_pass
+// (cuda/block_topk.cuh) streams the rows through one block, keeps the student's top-k candidates in
+// shared memory and hands every element to a visitor that folds it into the online state. The
+// top-k baseline is then the pair state of the k gathered (s, t) pairs: both distributions
+// renormalised over the student's top-k ids, as SPEC §1 defines it. The visitor sees one element
+// at a time, so it uses the per-element `update` (more arithmetic per element than the chunk folds
+// of row_stats_kernel): this path serves the optional top-k baseline, one block per row.
 
-template <typename S, typename T>
-struct TopkReverseKl {
-  const S* student;
-  const T* teacher;
-  int64_t student_row_stride, teacher_row_stride;
-  const float *student_lse, *teacher_lse;  // from the full pass; NaN marks a row holding a NaN
-  int64_t rows;
-  int vocab;  // positions inside a row are 32-bit: fewer registers in the streaming loops
-  int k;
+struct PairStateVisitor {
+  opd::PairSoftmaxState state;
   float inv_temperature;
-  float* topk_reverse_kl;
+  __device__ __forceinline__ void operator()(float s, float t, int32_t) {
+    state.update(s * inv_temperature, t * inv_temperature);
+  }
+};
+
+// The full-row state and the top-k state, reduced together.
+struct FullAndTopkStates {
+  opd::PairSoftmaxState full, topk;
+  __device__ __forceinline__ void merge(const FullAndTopkStates& other) {
+    full.merge(other.full);
+    topk.merge(other.topk);
+  }
 };
 
 template <typename S, typename T>
-void launch_topk_reverse_kl(const TopkReverseKl<S, T>& problem) {
-  TORCH_CHECK(false, "token_stats: topk > 0 is not implemented on CUDA yet");
+__global__ void __launch_bounds__(cuda_kernels::kPairPassThreads)
+    token_stats_topk_kernel(PairStats<S, T> problem, int k, float* topk_reverse_kl) {
+  using namespace cuda_kernels;
+  __shared__ TopKCandidates top_s;
+  const int64_t r = blockIdx.x;
+  if (threadIdx.x == 0) topk_reset(top_s, k);
+  __syncthreads();
+  const auto row = problem.row(r);
+  PairStateVisitor visit{{}, problem.inv_temperature};
+  // Ends with a barrier, after which top_s.indices[0, min(count, k)) are the student's top-k ids.
+  block_pair_pass(row.s, row.t, problem.vocab, &top_s, nullptr, visit);
+  FullAndTopkStates states{visit.state, {}};
+  const int kept = min(top_s.count, k);
+  for (int i = threadIdx.x; i < kept; i += blockDim.x) {
+    const int32_t id = top_s.indices[i];
+    states.topk.update(static_cast<float>(row.s[id]) * problem.inv_temperature,
+                       static_cast<float>(row.t[id]) * problem.inv_temperature);
+  }
+  states = reduce_row_group(states, kPairPassThreads);
+  if (threadIdx.x == 0) {
+    problem.finalize(states.full, r);
+    // As on CPU: a NaN anywhere in either row (which the top-k itself skips) makes the baseline NaN.
+    const bool row_has_nan = isnan(states.full.sum_s) || isnan(states.full.sum_t);
+    topk_reverse_kl[r] = row_has_nan ? kNaN : states.topk.reverse_kl();
+  }
+}
+
+template <typename S, typename T>
+void launch_token_stats_topk(const PairStats<S, T>& problem, int k, float* topk_reverse_kl) {
+  TORCH_CHECK(problem.rows <= std::numeric_limits<int32_t>::max(), "token_stats: too many rows (", problem.rows, ")");
+  token_stats_topk_kernel<<<static_cast<unsigned>(problem.rows), cuda_kernels::kPairPassThreads, 0,
+                            c10::cuda::getCurrentCUDAStream()>>>(problem, k, topk_reverse_kl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // ---- launch -------------------------------------------------------------------------------------
@@ -594,14 +677,6 @@ void launch_row_backward(const Problem& problem) {
 
 // ---- bindings -------------------------------------------------------------------------------------
 
-// A [rows, V] view with unit stride along V: strided rows (e.g. logits[..., :V] from align_vocab)
-// are read in place; only layouts whose leading dims do not flatten to one row stride are copied.
-at::Tensor as_rows(const at::Tensor& logits) {
-  const int64_t vocab = logits.size(-1);
-  const at::Tensor unit_stride = logits.stride(-1) == 1 ? logits : logits.contiguous();
-  return unit_stride.reshape({-1, vocab});
-}
-
 void check_student_logits(const char* op, const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() >= 1 && logits.size(-1) > 0, op, ": student_logits must be [..., V] with V > 0, got ",
               logits.sizes());
@@ -611,20 +686,35 @@ void check_student_logits(const char* op, const at::Tensor& logits) {
 }
 
 // A per-row argument: shape [...] (the logits' leading dims), `dtype`, on the logits' device.
+// Messages match the CPU kernels'.
 at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits,
                    at::ScalarType dtype) {
-  const auto leading = logits.sizes().slice(0, logits.dim() - 1);
-  TORCH_CHECK(t.sizes() == leading, op, ": ", name, " must have shape ", leading,
-              " (the leading dims of the logits), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " is on ", t.device(), " but the logits are on ",
+  TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " on ", t.device(), " but student_logits on ",
               logits.device());
+  TORCH_CHECK(t.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": ", name, " ", t.sizes(),
+              " must have the leading shape of student_logits ", logits.sizes());
   return t.contiguous();
+}
+
+// Ids outside [0, V) raise as on CPU (SPEC §3). Called after the kernels are queued: they never
+// read outside a row (an out-of-range id gives NaN log-probs), so the one device->host sync this
+// costs waits for work already running instead of leaving the GPU idle before the launch. Under
+// CUDA-graph capture no sync is possible: there the NaN is the only signal.
+void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab) {
+  if (ids.numel() == 0) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return;
+  const auto [lowest, highest] = at::aminmax(ids);
+  const at::Tensor bounds = at::stack({lowest, highest}).cpu();
+  const int64_t lo = bounds.const_data_ptr<int64_t>()[0], hi = bounds.const_data_ptr<int64_t>()[1];
+  TORCH_CHECK(lo >= 0 && hi < vocab, op, ": tokens must be in [0, V=", vocab, "), got ", lo < 0 ? lo : hi);
 }
 
 float inverse_temperature(const char* op, double temperature) {
   TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), op,
-              ": temperature must be positive and finite, got ", temperature);
+              ": temperature must be a positive finite number, got ", temperature);
   return static_cast<float>(1.0 / temperature);
 }
 
@@ -652,6 +742,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const float inv_temperature = inverse_temperature(op, temperature);
   const int64_t vocab = student_logits.size(-1);
   TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "] (0: no top-k baseline)");
+  TORCH_CHECK(topk <= cuda_kernels::kMaxStreamingTopK, op, ": the CUDA kernel supports topk <= ",
+              cuda_kernels::kMaxStreamingTopK, " (the vOPD baseline uses 100), got ", topk);
   const at::Tensor ids = per_row(op, "tokens", tokens, student_logits, at::kLong);
   const c10::cuda::CUDAGuard guard(student_logits.device());
   const at::Tensor s = as_rows(student_logits);
@@ -679,21 +771,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   .forward_kl = forward_kl.mutable_data_ptr<float>(),
                                   .student_lse = student_lse.mutable_data_ptr<float>(),
                                   .teacher_lse = teacher_lse.mutable_data_ptr<float>()};
-    launch_row_stats(problem, s);
-    if (topk > 0) {
-      launch_topk_reverse_kl(TopkReverseKl<S, T>{.student = s.const_data_ptr<S>(),
-                                                 .teacher = t.const_data_ptr<T>(),
-                                                 .student_row_stride = s.stride(0),
-                                                 .teacher_row_stride = t.stride(0),
-                                                 .student_lse = student_lse.const_data_ptr<float>(),
-                                                 .teacher_lse = teacher_lse.const_data_ptr<float>(),
-                                                 .rows = rows,
-                                                 .vocab = static_cast<int>(vocab),
-                                                 .k = static_cast<int>(topk),
-                                                 .inv_temperature = inv_temperature,
-                                                 .topk_reverse_kl = topk_reverse_kl.mutable_data_ptr<float>()});
+    if (topk == 0) {
+      launch_row_stats(problem, s);
+    } else {
+      launch_token_stats_topk(problem, static_cast<int>(topk), topk_reverse_kl.mutable_data_ptr<float>());
     }
   });
+  check_token_range(op, ids, vocab);
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
 }
 
@@ -719,6 +803,7 @@ std::tuple<at::Tensor, at::Tensor> student_stats_cuda(const at::Tensor& student_
                                      .student_lse = student_lse.mutable_data_ptr<float>()},
                      s);
   });
+  check_token_range(op, ids, vocab);
   return {student_logprob, student_lse};
 }
 
@@ -746,6 +831,7 @@ at::Tensor policy_gradient_backward_cuda(const at::Tensor& coef, const at::Tenso
                                                   .vocab = static_cast<int>(vocab),
                                                   .inv_temperature = inv_temperature});
   });
+  check_token_range(op, ids, vocab);
   return grad;
 }
 
