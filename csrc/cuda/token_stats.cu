@@ -215,23 +215,48 @@ struct PairTerms {
   float sum_s = 0.0f, sum_t = 0.0f, cross_s = 0.0f, cross_t = 0.0f;
 };
 
-template <int W>
-__device__ __forceinline__ void fold_pair_chunk(opd::PairSoftmaxState& state, const float (&s)[W],
-                                                const float (&t)[W]) {
+// The rare paths stay out of line, so the streaming loop keeps its registers for loads in flight.
+__device__ __noinline__ void recentre(opd::PairSoftmaxState& state, float max_s, float max_t) {
+  opd::PairSoftmaxState empty_at_new_maxima;
+  empty_at_new_maxima.max_s = fmaxf(state.max_s, max_s);
+  empty_at_new_maxima.max_t = fmaxf(state.max_t, max_t);
+  state.merge(empty_at_new_maxima);
+}
+
+// Re-reads the chunk at s_row[v], t_row[v] (cheap: just loaded, rare) rather than taking the
+// registers' address, which would move every chunk of the hot loop to local memory.
+template <typename S, typename T>
+__device__ __noinline__ PairTerms exact_terms(const S* s_row, const T* t_row, int v, float inv_temperature,
+                                              float max_s, float max_t) {
   using namespace opd::online_softmax_detail;
+  PairTerms terms;
+  for (int i = v; i < v + kChunk; ++i) {
+    const float s = static_cast<float>(s_row[i]) * inv_temperature, t = static_cast<float>(t_row[i]) * inv_temperature;
+    const float e_s = element_weight(s, max_s), e_t = element_weight(t, max_t);
+    const float log_ratio = (s - centre(max_s)) - (t - centre(max_t));
+    terms.sum_s += e_s;
+    terms.sum_t += e_t;
+    terms.cross_s += weighted(e_s, log_ratio);
+    terms.cross_t += weighted(e_t, -log_ratio);
+  }
+  return terms;
+}
+
+// Folds the chunk s_row[v, v + kChunk) (values in s, t, already divided by the temperature).
+template <typename S, typename T>
+__device__ __forceinline__ void fold_pair_chunk(opd::PairSoftmaxState& state, const float (&s)[kChunk],
+                                                const float (&t)[kChunk], const S* s_row, const T* t_row, int v,
+                                                float inv_temperature) {
+  constexpr int W = kChunk;
   float chunk_max_s = -INFINITY, chunk_max_t = -INFINITY;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     chunk_max_s = fmaxf(chunk_max_s, s[i]);  // fmaxf skips NaN; the sums below catch it
     chunk_max_t = fmaxf(chunk_max_t, t[i]);
   }
-  if (chunk_max_s > state.max_s || chunk_max_t > state.max_t) {
-    opd::PairSoftmaxState recentred;
-    recentred.max_s = fmaxf(state.max_s, chunk_max_s);
-    recentred.max_t = fmaxf(state.max_t, chunk_max_t);
-    state.merge(recentred);
-  }
-  const float centre_s = centre(state.max_s), centre_t = centre(state.max_t);
+  if (chunk_max_s > state.max_s || chunk_max_t > state.max_t) recentre(state, chunk_max_s, chunk_max_t);
+  const float centre_s = opd::online_softmax_detail::centre(state.max_s);
+  const float centre_t = opd::online_softmax_detail::centre(state.max_t);
   PairTerms terms;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
@@ -244,16 +269,7 @@ __device__ __forceinline__ void fold_pair_chunk(opd::PairSoftmaxState& state, co
     terms.cross_t = fmaf(-e_t, log_ratio, terms.cross_t);
   }
   if (isnan(terms.sum_s + terms.sum_t + terms.cross_s + terms.cross_t)) {
-    terms = {};
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      const float e_s = element_weight(s[i], state.max_s), e_t = element_weight(t[i], state.max_t);
-      const float log_ratio = (s[i] - centre_s) - (t[i] - centre_t);
-      terms.sum_s += e_s;
-      terms.sum_t += e_t;
-      terms.cross_s += weighted(e_s, log_ratio);
-      terms.cross_t += weighted(e_t, -log_ratio);
-    }
+    terms = exact_terms(s_row, t_row, v, inv_temperature, state.max_s, state.max_t);
   }
   state.sum_s += terms.sum_s;
   state.sum_t += terms.sum_t;
@@ -311,7 +327,9 @@ struct PairStats {
     load_chunk(row.t + v, inv_temperature, chunk.t);
     return chunk;
   }
-  __device__ static void accumulate(State& state, const Chunk& chunk) { fold_pair_chunk(state, chunk.s, chunk.t); }
+  __device__ void accumulate(State& state, const Row& row, const Chunk& chunk, int v) const {
+    fold_pair_chunk(state, chunk.s, chunk.t, row.s, row.t, v, inv_temperature);
+  }
   __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature, static_cast<float>(row.t[v]) * inv_temperature);
   }
@@ -358,7 +376,9 @@ struct StudentStats {
     load_chunk(row.s + v, inv_temperature, chunk.s);
     return chunk;
   }
-  __device__ static void accumulate(State& state, const Chunk& chunk) { fold_softmax_chunk(state, chunk.s); }
+  __device__ static void accumulate(State& state, const Row&, const Chunk& chunk, int) {
+    fold_softmax_chunk(state, chunk.s);
+  }
   __device__ void accumulate_element(State& state, const Row& row, int v) const {
     state.update(static_cast<float>(row.s[v]) * inv_temperature);
   }
@@ -387,7 +407,7 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
         [&](int first, int last, int stride) {
           for_each_chunk<2>(
               first, last, stride, [&](int c) { return problem.load(row, head + c * kChunk); },
-              [&](const auto& chunk, int) { Problem::accumulate(state, chunk); });
+              [&](const auto& chunk, int c) { problem.accumulate(state, row, chunk, head + c * kChunk); });
         },
         [&](int v) { problem.accumulate_element(state, row, v); });
   }
