@@ -6,8 +6,12 @@
 //   per thread; the unaligned head and the tail of a row (odd V, sliced views) run scalar;
 // * the online state of opd/online_softmax.h is merged by warp shuffles, then across the group's
 //   warps through shared memory;
-// * when there are too few rows to fill the GPU, a row is cut into slices on separate CTAs; their
-//   partial states go to a workspace and a second kernel merges them (the backwards need no merge).
+// * chunks are folded into the state with the fast exp, re-centring only when a max rises;
+// * when whole rows would leave the last wave of CTAs mostly idle (few rows, or an unlucky count),
+//   rows are cut into slices on separate CTAs; their partial states go to a workspace and a second
+//   kernel merges them (the backwards need no merge);
+// * with the top-k baseline (topk > 0) one block per row streams both rows through
+//   cuda/block_topk.cuh, which also collects the student's top-k ids in the same pass.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
@@ -50,7 +54,7 @@ constexpr double kGoodWaveEfficiency = 0.92;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- vector memory access ---------------------------------------------------------------------
 
@@ -566,14 +570,24 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) row_backward_k
 // shared memory and hands every element to a visitor that folds it into the online state. The
 // top-k baseline is then the pair state of the k gathered (s, t) pairs: both distributions
 // renormalised over the student's top-k ids, as SPEC §1 defines it. The visitor sees one element
-// at a time, so it uses the per-element `update` (more arithmetic per element than the chunk folds
-// of row_stats_kernel): this path serves the optional top-k baseline, one block per row.
+// at a time (a little more arithmetic per element than the chunk folds of row_stats_kernel), and
+// rows are not sliced: this path serves the optional top-k baseline, one 128-thread block per row.
 
+// The per-element counterpart of fold_pair_chunk: re-centre only when a max rises, fast exp, and
+// the exact SPEC §1 products (`weighted`) since there is no chunk to redo.
 struct PairStateVisitor {
   opd::PairSoftmaxState state;
   float inv_temperature;
-  __device__ __forceinline__ void operator()(float s, float t, int32_t) {
-    state.update(s * inv_temperature, t * inv_temperature);
+  __device__ __forceinline__ void operator()(float raw_s, float raw_t, int32_t) {
+    using namespace opd::online_softmax_detail;
+    const float s = raw_s * inv_temperature, t = raw_t * inv_temperature;
+    if (s > state.max_s || t > state.max_t) recentre(state, s, t);
+    const float d_s = s - centre(state.max_s), d_t = t - centre(state.max_t);
+    const float e_s = __expf(d_s), e_t = __expf(d_t);
+    state.sum_s += e_s;
+    state.sum_t += e_t;
+    state.cross_s += weighted(e_s, d_s - d_t);
+    state.cross_t += weighted(e_t, d_t - d_s);
   }
 };
 
