@@ -210,21 +210,31 @@ __device__ __forceinline__ State reduce_row_group(State state, int group_threads
 // instead, with the state's own definitions:
 // * the state is re-centred only when a chunk raises a max: a `merge` with an empty state at the
 //   new maxima (after the first chunks of a row this is rare);
-// * the chunk's terms, taken about the running centres, are summed with the fast exp (`__expf`:
+// * the chunk's terms, taken about the running centres, are summed with the fast exp (fast_exp:
 //   ex2.approx, a few ulp on the arguments that matter, exactly 0 for -inf) and plain FMAs;
 // * only when the chunk's partial sums come out NaN (0·inf from -inf entries, or a NaN input) is
 //   it redone with the exact rules of SPEC §1 (`weighted`: exp(-inf)·anything = 0).
+
+// e^x as ex2.approx.ftz(x·log2 e): two instructions, where __expf adds a denormal fix-up. Results
+// below 2^-126 flush to 0 (the CPU kernels' exp flushes below e^-87.3); e^-inf = 0, NaN stays NaN.
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.44269504088896341f));
+  return y;
+}
 
 struct PairTerms {
   float sum_s = 0.0f, sum_t = 0.0f, cross_s = 0.0f, cross_t = 0.0f;
 };
 
 // The rare paths stay out of line, so the streaming loop keeps its registers for loads in flight.
-__device__ __noinline__ void recentre(opd::PairSoftmaxState& state, float max_s, float max_t) {
+// State in and out by value: a reference would take its address and move it to local memory.
+__device__ __noinline__ opd::PairSoftmaxState recentred(opd::PairSoftmaxState state, float max_s, float max_t) {
   opd::PairSoftmaxState empty_at_new_maxima;
   empty_at_new_maxima.max_s = fmaxf(state.max_s, max_s);
   empty_at_new_maxima.max_t = fmaxf(state.max_t, max_t);
   state.merge(empty_at_new_maxima);
+  return state;
 }
 
 // Re-reads the chunk at s_row[v], t_row[v] (cheap: just loaded, rare) rather than taking the
@@ -258,14 +268,14 @@ __device__ __forceinline__ void fold_pair_chunk(opd::PairSoftmaxState& state, co
     chunk_max_s = fmaxf(chunk_max_s, s[i]);  // fmaxf skips NaN; the sums below catch it
     chunk_max_t = fmaxf(chunk_max_t, t[i]);
   }
-  if (chunk_max_s > state.max_s || chunk_max_t > state.max_t) recentre(state, chunk_max_s, chunk_max_t);
+  if (chunk_max_s > state.max_s || chunk_max_t > state.max_t) state = recentred(state, chunk_max_s, chunk_max_t);
   const float centre_s = opd::online_softmax_detail::centre(state.max_s);
   const float centre_t = opd::online_softmax_detail::centre(state.max_t);
   PairTerms terms;
 #pragma unroll
   for (int i = 0; i < W; ++i) {
     const float d_s = s[i] - centre_s, d_t = t[i] - centre_t;
-    const float e_s = __expf(d_s), e_t = __expf(d_t);
+    const float e_s = fast_exp(d_s), e_t = fast_exp(d_t);
     const float log_ratio = d_s - d_t;
     terms.sum_s += e_s;
     terms.sum_t += e_t;
@@ -295,7 +305,7 @@ __device__ __forceinline__ void fold_softmax_chunk(opd::SoftmaxState& state, con
   const float centre = opd::online_softmax_detail::centre(state.max);
   float sum = 0.0f;
 #pragma unroll
-  for (int i = 0; i < W; ++i) sum += __expf(s[i] - centre);
+  for (int i = 0; i < W; ++i) sum += fast_exp(s[i] - centre);
   state.sum += sum;
 }
 
@@ -581,9 +591,9 @@ struct PairStateVisitor {
   __device__ __forceinline__ void operator()(float raw_s, float raw_t, int32_t) {
     using namespace opd::online_softmax_detail;
     const float s = raw_s * inv_temperature, t = raw_t * inv_temperature;
-    if (s > state.max_s || t > state.max_t) recentre(state, s, t);
+    if (s > state.max_s || t > state.max_t) state = recentred(state, s, t);
     const float d_s = s - centre(state.max_s), d_t = t - centre(state.max_t);
-    const float e_s = __expf(d_s), e_t = __expf(d_t);
+    const float e_s = fast_exp(d_s), e_t = fast_exp(d_t);
     state.sum_s += e_s;
     state.sum_t += e_t;
     state.cross_s += weighted(e_s, d_s - d_t);
