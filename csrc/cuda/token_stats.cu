@@ -454,7 +454,7 @@ struct PolicyGradientBackward {
     const S* s;
     S* grad;
     float scale, lse;  // coef / tau, student lse
-    int64_t token;
+    int token;         // -1 when out of range: no entry gets the indicator
   };
   struct Chunk {
     float s[kChunk];
@@ -471,7 +471,9 @@ struct PolicyGradientBackward {
   float inv_temperature;
 
   __device__ Row row(int64_t r) const {
-    return {student + r * student_row_stride, grad + r * vocab, coef[r] * inv_temperature, student_lse[r], tokens[r]};
+    const int64_t token = tokens[r];
+    return {student + r * student_row_stride, grad + r * vocab, coef[r] * inv_temperature, student_lse[r],
+            token >= 0 && token < vocab ? static_cast<int>(token) : -1};
   }
   __device__ int head(const Row& row) const { return vector_head(vocab, row.s, static_cast<const S*>(row.grad)); }
   __device__ float grad_of(const Row& row, float s, int v) const {
