@@ -298,9 +298,9 @@ __device__ __forceinline__ void fold_softmax_chunk(opd::SoftmaxState& state, con
 #pragma unroll
   for (int i = 0; i < W; ++i) chunk_max = fmaxf(chunk_max, s[i]);
   if (chunk_max > state.max) {
-    opd::SoftmaxState recentred;
-    recentred.max = chunk_max;
-    state.merge(recentred);
+    opd::SoftmaxState empty_at_new_max;
+    empty_at_new_max.max = chunk_max;
+    state.merge(empty_at_new_max);
   }
   const float centre = opd::online_softmax_detail::centre(state.max);
   float sum = 0.0f;
