@@ -16,12 +16,18 @@ from opd_ext.losses import (
     vopd_loss_sparse_teacher,
 )
 from opd_ext import reference
+from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan  # Prune-OPD
 
 __all__ = [
     "__version__",
     "align_vocab",
     "build_info",
+    "DriftMonitor",
+    "DynamicWindow",
+    "PruneConfig",
+    "StopReason",
     "cuda_kernels_available",
+    "drift_scan",
     "reference",
     "topk_overlap",
     # token statistics and losses (opd_ext/losses.py)
@@ -33,3 +39,13 @@ __all__ = [
     "vopd_loss",
     "vopd_loss_sparse_teacher",
 ]
+
+
+# Prune-OPD generation helpers (opd_ext.generation): imported on first use, since they pull in
+# transformers, which the kernels and losses do not need.
+def __getattr__(name):
+    if name == "generation":
+        import importlib
+
+        return importlib.import_module("opd_ext.generation")
+    raise AttributeError(f"module 'opd_ext' has no attribute {name!r}")

@@ -9,8 +9,10 @@
 // so the cost is the memory read plus a handful of small sorts.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "opd/topk.h"
@@ -259,6 +261,27 @@ __device__ __forceinline__ void topk_merge_partials(TopKCandidates& c, const flo
   if (threadIdx.x == 0) c.count = total;
   __syncthreads();
   topk_compact(c);
+}
+
+// Slices per row for the split pass (rows cut into slices whose partial top-k lists a second
+// kernel merges): enough blocks for two waves over the GPU, slices of at least 4096 elements (so
+// the partial/merge overhead stays small next to the read), and all partial lists of a row must
+// fit one merge buffer. 1 means one block per row.
+inline int pair_pass_slices_per_row(int64_t rows, int64_t vocab, int64_t k) {
+  if (rows > 65535) return 1;  // gridDim.y limit; plenty of rows to fill the GPU anyway
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t wanted = (2 * sm_count + rows - 1) / rows;
+  const int64_t by_length = vocab / 4096;
+  const int64_t by_merge = kTopKCapacity / k;
+  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_length, by_merge})));
+}
+
+// Slice starts on a multiple of 8 elements keep 16-byte loads possible inside every slice.
+inline int64_t pair_pass_slice_length(int64_t vocab, int slices) {
+  return ((vocab + slices - 1) / slices + 7) / 8 * 8;
 }
 
 }  // namespace opd_ext::cuda_kernels

@@ -90,20 +90,6 @@ __global__ void __launch_bounds__(kPairPassThreads)
   }
 }
 
-// Slices per row: enough blocks for two waves over the GPU, slices of at least 4096 elements (so
-// the partial/merge overhead stays small next to the read), and all partial lists of a row must
-// fit one merge buffer.
-int slices_per_row(int64_t rows, int64_t vocab, int64_t k) {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t wanted = (2 * sm_count + rows - 1) / rows;
-  const int64_t by_length = vocab / 4096;
-  const int64_t by_merge = kTopKCapacity / k;
-  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_length, by_merge})));
-}
-
 at::Tensor topk_overlap_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k) {
   check_logit_pair("topk_overlap", student_logits, teacher_logits);
   const int64_t vocab = student_logits.size(-1);
@@ -119,7 +105,7 @@ at::Tensor topk_overlap_cuda(const at::Tensor& student_logits, const at::Tensor&
   if (rows == 0) return out;
   TORCH_CHECK(rows <= INT32_MAX, "topk_overlap: too many rows (", rows, ")");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int slices = rows <= 65535 ? slices_per_row(rows, vocab, k) : 1;
+  const int slices = pair_pass_slices_per_row(rows, vocab, k);
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), "topk_overlap", [&]<typename S, typename T>() {
     if (slices == 1) {
       topk_overlap_kernel<S, T><<<static_cast<unsigned>(rows), kPairPassThreads, 0, stream>>>(
@@ -128,8 +114,7 @@ at::Tensor topk_overlap_cuda(const at::Tensor& student_logits, const at::Tensor&
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    // Slice starts on a multiple of 8 elements keep 16-byte loads possible inside every slice.
-    const int64_t slice_len = ((vocab + slices - 1) / slices + 7) / 8 * 8;
+    const int64_t slice_len = pair_pass_slice_length(vocab, slices);
     const at::Tensor partial_values = at::empty({rows, 2, slices, k}, s.options().dtype(at::kFloat));
     const at::Tensor partial_indices = at::empty({rows, 2, slices, k}, s.options().dtype(at::kInt));
     const at::Tensor row_saw_nan = at::zeros({rows}, s.options().dtype(at::kInt));
