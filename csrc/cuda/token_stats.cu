@@ -735,7 +735,8 @@ void check_student_logits(const char* op, const at::Tensor& logits) {
 // Messages match the CPU kernels'.
 at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits,
                    at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "float32",
+              ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " on ", t.device(), " but student_logits on ",
               logits.device());
   TORCH_CHECK(t.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": ", name, " ", t.sizes(),
