@@ -1,0 +1,320 @@
+"""vOPD and reverse-KL losses straight from the student's last hidden states and lm_head weight.
+
+The eager path ``logits = hidden @ weight.T`` holds ``[N, V]`` logits, their softmax temporaries and
+their gradient at once: at N=4096 and Qwen's V=151936 that is 2.5 GB per float32 copy. Here the rows
+go through in chunks. Per chunk the logits are computed (matmul in the input dtype, as
+Liger-Kernel's fused-linear losses do), the fused ``token_stats`` op reads them once, and since the
+loss is a sum over rows, the chunk's logit-gradient is final already in the forward pass: the fused
+backward op writes it, it is multiplied into ``grad_hidden`` (chunk rows) and ``grad_weight`` (sum
+over chunks), and the chunk's logits are dropped. Backward is then one multiply by ``grad_output``.
+Peak memory is O(chunk·V + N·H + V·H), never O(N·V).
+
+The teacher is detached: given as logits ``[..., V]``, or as ``teacher_hidden`` + ``teacher_weight``,
+whose logits are then also formed one chunk at a time.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from opd_ext._extension import ops
+from opd_ext._validation import (
+    check_head_vocab,
+    check_k,
+    check_linear_head,
+    check_logits,
+    is_supported_dtype_pair,
+)
+
+# Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
+# holds about three such [rows, V] buffers at once (student logits, teacher logits, logit gradient),
+# so ~0.75 GiB of temporaries at any vocabulary, while a chunk stays tall enough (441 rows at
+# V=151936) that the three matmuls per chunk stay compute-bound instead of re-reading the weight.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_size(num_rows: int, vocab: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk: ``budget_bytes // (4 · V)``, rounded down to a multiple of 16 (GEMM tiles)
+    when that large, and at most ``num_rows``."""
+    rows = max(1, budget_bytes // (4 * vocab))
+    if rows > 16:
+        rows -= rows % 16
+    return max(1, min(rows, num_rows))
+
+
+def fused_linear_vopd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    baseline: str = "full",
+    topk: int = 100,
+    kl: str = "reverse",
+    num_items=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``opd_ext.vopd_loss(F.linear(student_hidden, student_weight, student_bias), teacher_logits, ...)``
+    without the ``[N, V]`` student logits.
+
+    Args:
+        student_hidden: ``[N, H]`` or ``[B, T, H]``, the states fed to the lm_head.
+        student_weight: ``[V, H]`` lm_head weight (``nn.Linear`` layout), same dtype and device.
+        tokens: int64 ``[N]`` / ``[B, T]``, the sampled ids (any value where ``mask`` is False).
+        teacher_logits: ``[N, V]`` / ``[B, T, V]``; or instead give ``teacher_hidden`` ``[..., H_t]`` and
+            ``teacher_weight`` ``[V, H_t]`` (+ ``teacher_bias``), whose logits are formed per chunk.
+            The teacher dtype is the student's, or float32 beside a bf16/fp16 student.
+        student_bias: optional ``[V]``.
+        mask, weights, temperature, baseline, topk, kl, num_items: as in ``opd_ext.vopd_loss``.
+        chunk_size: rows per chunk; default :func:`default_chunk_size`.
+
+    Returns:
+        A float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
+        ``student_bias``. The gradients are computed during the forward pass, so a forward under
+        ``torch.no_grad()`` skips them.
+    """
+    if baseline not in ("full", "topk", "none"):
+        raise ValueError(f'baseline must be "full", "topk" or "none", got {baseline!r}')
+    if kl not in ("reverse", "forward"):
+        raise ValueError(f'kl must be "reverse" or "forward", got {kl!r}')
+    problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                       teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
+                       chunk_size)
+    topk = check_k(topk, problem.vocab, "topk") if baseline == "topk" else 0
+
+    def chunk_loss(student_logits, teacher_logits, tokens, scale, need_grad):
+        logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = ops.token_stats(
+            student_logits, teacher_logits, tokens, temperature, topk)
+        advantage = logp_t - logp_s  # reward; the value baseline is -KL, so A = r + KL
+        if baseline == "full":
+            advantage = advantage + (reverse_kl if kl == "reverse" else forward_kl)
+        elif baseline == "topk":
+            advantage = advantage + topk_kl
+        coef = -scale * advantage  # d loss / d log p(y): the surrogate is linear in log p(y)
+        loss = (coef * logp_s).sum()
+        if not need_grad:
+            return loss, None
+        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, temperature)
+
+    return problem.run(chunk_loss)
+
+
+def fused_linear_reverse_kl_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    *,
+    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_hidden: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    num_items=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``opd_ext.reverse_kl_loss(F.linear(student_hidden, student_weight, student_bias), teacher_logits,
+    ...)`` without the ``[N, V]`` student logits: ``Σ_t w_t KL(p_t‖q_t) / norm``.
+
+    Arguments as in :func:`fused_linear_vopd_loss` (no tokens: the loss is dense over the vocabulary).
+    """
+    problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                       teacher_weight, teacher_bias, None, mask, weights, temperature, num_items,
+                       chunk_size)
+
+    def chunk_loss(student_logits, teacher_logits, tokens, scale, need_grad):
+        _, _, reverse_kl, _, _, lse_s, lse_t = ops.token_stats(
+            student_logits, teacher_logits, tokens, temperature, 0)
+        loss = (scale * reverse_kl).sum()
+        if not need_grad:
+            return loss, None
+        return loss, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
+                                             reverse_kl, temperature)
+
+    return problem.run(chunk_loss)
+
+
+# A chunk's loss: (student_logits [c, V], teacher_logits [c, V], tokens [c], scale [c] = w / norm,
+# need_grad) -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None).
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+                     tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+class _Problem:
+    """Validated, row-flattened inputs of one fused-linear loss call."""
+
+    def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                 teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size):
+        check_linear_head("student", student_hidden, student_weight, student_bias)
+        self.hidden_shape = student_hidden.shape
+        lead = tuple(student_hidden.shape[:-1])
+        device, dtype = student_hidden.device, student_hidden.dtype
+        self.hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+        self.weight, self.bias = student_weight, student_bias
+        self.vocab = student_weight.shape[0]
+        self.rows = self.hidden.shape[0]
+        if self.rows == 0:
+            raise ValueError(f"student_hidden has no rows (shape {tuple(student_hidden.shape)}); "
+                             f"a loss over zero tokens is undefined")
+
+        if (teacher_logits is None) == (teacher_weight is None and teacher_hidden is None):
+            raise ValueError("give the teacher either as teacher_logits [..., V] or as teacher_hidden "
+                             "[..., H_t] + teacher_weight [V, H_t], exactly one of the two")
+        if teacher_logits is not None:
+            check_logits("teacher_logits", teacher_logits)
+            _check_lead("teacher_logits", teacher_logits.shape[:-1], lead)
+            check_head_vocab(self.vocab, "teacher_logits", teacher_logits.shape[-1])
+            teacher_device, teacher_dtype = teacher_logits.device, teacher_logits.dtype
+            flat_teacher = teacher_logits.detach().reshape(-1, self.vocab)
+            self.teacher_logits = lambda rows: flat_teacher[rows]
+        else:
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")
+            check_linear_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+            _check_lead("teacher_hidden", teacher_hidden.shape[:-1], lead)
+            check_head_vocab(self.vocab, "teacher_weight", teacher_weight.shape[0])
+            teacher_device, teacher_dtype = teacher_hidden.device, teacher_hidden.dtype
+            t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+            t_weight = teacher_weight.detach()
+            t_bias = None if teacher_bias is None else teacher_bias.detach()
+            self.teacher_logits = lambda rows: F.linear(t_hidden[rows], t_weight, t_bias)
+        if teacher_device != device:
+            raise ValueError(f"the teacher is on {teacher_device} but student_hidden is on {device}; use one device")
+        if not is_supported_dtype_pair(dtype, teacher_dtype):
+            raise TypeError(
+                f"unsupported dtype mix: student {dtype}, teacher {teacher_dtype}. Supported: one dtype for "
+                f"both, or a bfloat16/float16 student with a float32 teacher; cast the teacher")
+
+        if tokens is None:  # dense losses: any valid id, the kernels' log p(y) is unused
+            self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
+        else:
+            _check_row_tensor("tokens", tokens, lead, device, (torch.int64,))
+            self.tokens = tokens.reshape(-1)
+        if mask is not None:
+            _check_row_tensor("mask", mask, lead, device, (torch.bool,))
+            # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
+            # and logits (possibly NaN) never reach the kernels.
+            self.selected = mask.reshape(-1).nonzero().squeeze(1)
+            valid = mask.sum()
+        else:
+            self.selected = None
+            valid = torch.tensor(self.rows, device=device)
+        if tokens is not None:
+            chosen = self.tokens if self.selected is None else self.tokens[self.selected]
+            if chosen.numel() and bool(((chosen < 0) | (chosen >= self.vocab)).any()):
+                raise ValueError(f"tokens has ids outside [0, V={self.vocab}) at unmasked positions")
+
+        if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if num_items is not None:
+            if isinstance(num_items, bool) or not (isinstance(num_items, (int, float, torch.Tensor))):
+                raise TypeError(f"num_items must be a number or a scalar tensor, got {type(num_items).__name__}")
+            if not isinstance(num_items, torch.Tensor) and num_items <= 0:
+                raise ValueError(f"num_items must be positive, got {num_items}")
+        norm = (valid if num_items is None else torch.as_tensor(num_items, device=device))
+        norm = norm.to(torch.float32).clamp_min(1.0)
+        if weights is not None:
+            _check_row_tensor("weights", weights, lead, device, (torch.float32, torch.bfloat16, torch.float16))
+            self.scale = weights.detach().reshape(-1).float() / norm
+        else:
+            self.scale = (1.0 / norm).expand(self.rows)
+
+        num_selected = self.rows if self.selected is None else self.selected.numel()
+        if chunk_size is None:
+            chunk_size = default_chunk_size(num_selected, self.vocab)
+        elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int (rows per chunk), got {chunk_size!r}")
+        self.chunk_size = chunk_size
+        self.num_selected = num_selected
+
+    def row_chunks(self):
+        """Row selectors: slices (views, no copy) without a mask, index tensors with one."""
+        for start in range(0, self.num_selected, self.chunk_size):
+            stop = min(start + self.chunk_size, self.num_selected)
+            yield slice(start, stop) if self.selected is None else self.selected[start:stop]
+
+    def run(self, chunk_loss: ChunkLoss) -> torch.Tensor:
+        grad_enabled = torch.is_grad_enabled()
+        needs = tuple(grad_enabled and t is not None and t.requires_grad
+                      for t in (self.hidden, self.weight, self.bias))
+        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs)
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs):
+        need_hidden, need_weight, need_bias = needs
+        # float32 accumulators for the sums over chunks: bf16/fp16 gradients are never summed in
+        # low precision (SPEC §2); each chunk's product is rounded at most once, as eager's is.
+        # Rows outside the mask are never visited and keep a zero gradient.
+        new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
+        grad_hidden = new_grad_hidden(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for rows in problem.row_chunks():
+            chunk_hidden = hidden[rows]
+            chunk_loss_value, grad_logits = chunk_loss(
+                F.linear(chunk_hidden, weight, bias), problem.teacher_logits(rows),
+                problem.tokens[rows], problem.scale[rows], any(needs))
+            loss += chunk_loss_value
+            if grad_logits is None:
+                continue
+            if need_hidden:
+                grad_hidden[rows] = grad_logits @ weight
+            if need_weight:
+                _add_matmul_(grad_weight, grad_logits.t(), chunk_hidden)
+            if need_bias:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+            del grad_logits
+        # Held in the parameters' dtype until backward: the float32 accumulator is freed here.
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+        ctx.hidden_shape = problem.hidden_shape
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
+        if scaled[0] is not None:
+            scaled[0] = scaled[0].view(ctx.hidden_shape)
+        return scaled[0], scaled[1], scaled[2], None, None, None
+
+
+def _add_matmul_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``accumulator += a @ b`` with a float32 accumulator and possibly bf16/fp16 factors."""
+    if accumulator.dtype == a.dtype:
+        accumulator.addmm_(a, b)
+    elif accumulator.is_cuda:  # cuBLAS widens the product itself: no upcast copies
+        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
+    else:  # CPU has no mixed-dtype addmm; the copies are O(chunk·(V + H))
+        accumulator.addmm_(a.to(accumulator.dtype), b.to(accumulator.dtype))
+
+
+def _check_lead(name: str, shape, lead: tuple) -> None:
+    if tuple(shape) != lead:
+        raise ValueError(f"{name} must have the leading shape of student_hidden {lead}, got {tuple(shape)}")
+
+
+def _check_row_tensor(name: str, tensor, lead: tuple, device, dtypes) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {list(lead)}, got {type(tensor).__name__}")
+    expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{name} must be {expected} {list(lead)}, got {tensor.dtype}")
+    if tuple(tensor.shape) != lead:
+        raise ValueError(f"{name} must have shape {lead} (student_hidden's leading shape), got {tuple(tensor.shape)}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {device}; use one device")
