@@ -7,12 +7,15 @@ from opd_ext._extension import build_info, cuda_kernels_available
 from opd_ext._validation import align_vocab
 from opd_ext.ops import topk_overlap
 from opd_ext import reference
+from opd_ext.fused_linear import fused_linear_reverse_kl_loss, fused_linear_vopd_loss
 
 __all__ = [
     "__version__",
     "align_vocab",
     "build_info",
     "cuda_kernels_available",
+    "fused_linear_reverse_kl_loss",
+    "fused_linear_vopd_loss",
     "reference",
     "topk_overlap",
 ]

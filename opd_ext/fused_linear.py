@@ -156,7 +156,6 @@ class _Problem:
     def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                  teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size):
         check_linear_head("student", student_hidden, student_weight, student_bias)
-        self.hidden_shape = student_hidden.shape
         lead = tuple(student_hidden.shape[:-1])
         device, dtype = student_hidden.device, student_hidden.dtype
         self.hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -280,7 +279,6 @@ class _FusedLinearLoss(torch.autograd.Function):
         # Held in the parameters' dtype until backward: the float32 accumulator is freed here.
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        ctx.hidden_shape = problem.hidden_shape
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
@@ -288,9 +286,7 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        if scaled[0] is not None:
-            scaled[0] = scaled[0].view(ctx.hidden_shape)
-        return scaled[0], scaled[1], scaled[2], None, None, None
+        return *scaled, None, None, None
 
 
 def _add_matmul_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
