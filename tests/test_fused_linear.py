@@ -138,7 +138,10 @@ def test_batched_shape_temperature_forward_kl_num_items(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_low_precision_student_with_float32_teacher(device):
+def test_low_precision_student_with_float32_teacher(device, monkeypatch):
+    # Widen the bf16 weight-gradient products into the float32 accumulator 10 vocab rows at a time
+    # (129 = 12·10 + 9), so the blocked CPU accumulation path runs with a ragged last block.
+    monkeypatch.setattr(fused_linear, "_CPU_WIDEN_BYTES", 10 * HIDDEN * 2)
     data = make_inputs(torch.bfloat16, device, teacher_dtype=torch.float32)
     for loss_fn, ref_fn, kwargs in (
         (fused_linear_vopd_loss, reference.vopd_loss, dict(tokens=data["tokens"], mask=data["mask"])),
