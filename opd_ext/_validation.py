@@ -87,34 +87,38 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str) -> None:
-    """``tensor`` holds one value per position of ``student_logits`` [..., V]: shape [...], same device."""
+def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str,
+                     reference: str = "student_logits") -> None:
+    """``tensor`` holds one value per position of ``student_logits`` [..., V] (or of another
+    ``reference`` [..., X], e.g. student_hidden): shape [...], same device."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(tensor).__name__}")
     lead = tuple(logits.shape[:-1])
     if tuple(tensor.shape) != lead:
         raise ValueError(
-            f"{name} must have shape {lead} (student_logits {tuple(logits.shape)} without the vocabulary "
+            f"{name} must have shape {lead} ({reference} {tuple(logits.shape)} without its last "
             f"dimension), got {_describe(tensor)}"
         )
     if tensor.device != logits.device:
-        raise ValueError(f"{name} is on {tensor.device} but student_logits is on {logits.device}; use one device")
+        raise ValueError(f"{name} is on {tensor.device} but {reference} is on {logits.device}; use one device")
     if tensor.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
 
 
-def check_tokens(tokens, logits: torch.Tensor) -> None:
+def check_tokens(tokens, logits: torch.Tensor, reference: str = "student_logits") -> None:
     """Shape, dtype and device of the sampled ids; the kernels check the range [0, V) themselves."""
-    check_row_tensor("tokens", tokens, logits, (torch.int64,), "int64 token ids in [0, V)")
+    check_row_tensor("tokens", tokens, logits, (torch.int64,), "int64 token ids in [0, V)", reference)
 
 
-def check_mask(mask, logits: torch.Tensor) -> None:
+def check_mask(mask, logits: torch.Tensor, reference: str = "student_logits") -> None:
     check_row_tensor("mask", mask, logits, _INTEGER_DTYPES,
-                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights")
+                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights",
+                     reference)
 
 
-def check_weights(weights, logits: torch.Tensor) -> None:
-    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight")
+def check_weights(weights, logits: torch.Tensor, reference: str = "student_logits") -> None:
+    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight",
+                     reference)
 
 
 def check_num_items(num_items):

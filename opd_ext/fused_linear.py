@@ -21,12 +21,18 @@ import torch.nn.functional as F
 
 from opd_ext._extension import ops
 from opd_ext._validation import (
+    check_choice,
     check_head_vocab,
     check_k,
     check_linear_head,
     check_logits,
+    check_mask,
+    check_temperature,
+    check_tokens,
+    check_weights,
     is_supported_dtype_pair,
 )
+from opd_ext.losses import BASELINES, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three such [rows, V] buffers at once (student logits, teacher logits, logit gradient),
@@ -82,28 +88,26 @@ def fused_linear_vopd_loss(
         ``student_bias``. The gradients are computed during the forward pass, so a forward under
         ``torch.no_grad()`` skips them.
     """
-    if baseline not in ("full", "topk", "none"):
-        raise ValueError(f'baseline must be "full", "topk" or "none", got {baseline!r}')
-    if kl not in ("reverse", "forward"):
-        raise ValueError(f'kl must be "reverse" or "forward", got {kl!r}')
+    check_choice("baseline", baseline, BASELINES)
+    check_choice("kl", kl, KL_DIRECTIONS)
+    if kl == "forward" and baseline != "full":
+        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
+                         f'baseline="full", got baseline={baseline!r}')
     problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                        teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
                        chunk_size)
     topk = check_k(topk, problem.vocab, "topk") if baseline == "topk" else 0
 
-    def chunk_loss(student_logits, teacher_logits, tokens, scale, need_grad):
+    def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = ops.token_stats(
-            student_logits, teacher_logits, tokens, temperature, topk)
-        advantage = logp_t - logp_s  # reward; the value baseline is -KL, so A = r + KL
-        if baseline == "full":
-            advantage = advantage + (reverse_kl if kl == "reverse" else forward_kl)
-        elif baseline == "topk":
-            advantage = advantage + topk_kl
-        coef = -scale * advantage  # d loss / d log p(y): the surrogate is linear in log p(y)
-        loss = (coef * logp_s).sum()
+            student_logits, teacher_logits, tokens, problem.temperature, topk)
+        value = {"full": forward_kl if kl == "forward" else reverse_kl, "topk": topk_kl}.get(baseline)
+        # d loss / d log p(y): the surrogate is linear in log p(y), as in opd_ext.vopd_loss.
+        coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
+        loss = _masked_sum(coef, logp_s)
         if not need_grad:
             return loss, None
-        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, temperature)
+        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature)
 
     return problem.run(chunk_loss)
 
@@ -132,21 +136,22 @@ def fused_linear_reverse_kl_loss(
                        teacher_weight, teacher_bias, None, mask, weights, temperature, num_items,
                        chunk_size)
 
-    def chunk_loss(student_logits, teacher_logits, tokens, scale, need_grad):
+    def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         _, _, reverse_kl, _, _, lse_s, lse_t = ops.token_stats(
-            student_logits, teacher_logits, tokens, temperature, 0)
-        loss = (scale * reverse_kl).sum()
+            student_logits, teacher_logits, tokens, problem.temperature, 0)
+        loss = _masked_sum(scale, reverse_kl)
         if not need_grad:
             return loss, None
         return loss, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
-                                             reverse_kl, temperature)
+                                             reverse_kl, problem.temperature)
 
     return problem.run(chunk_loss)
 
 
 # A chunk's loss: (student_logits [c, V], teacher_logits [c, V], tokens [c], scale [c] = w / norm,
-# need_grad) -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None).
-ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+# valid [c] (all True: masked rows are never chunked), need_grad)
+# -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None).
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
                      tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
@@ -194,39 +199,28 @@ class _Problem:
                 f"unsupported dtype mix: student {dtype}, teacher {teacher_dtype}. Supported: one dtype for "
                 f"both, or a bfloat16/float16 student with a float32 teacher; cast the teacher")
 
+        self.temperature = check_temperature(temperature)
+        if mask is not None:
+            check_mask(mask, student_hidden, "student_hidden")
+        if weights is not None:
+            check_weights(weights, student_hidden, "student_hidden")
+        # The losses' own normalisation (w / norm, 0 where masked); it reads only the leading
+        # shape and device of its first argument.
+        scale, valid = _loss_scale(student_hidden, mask, None if weights is None else weights.detach(), num_items)
+        self.scale, self.valid = scale.reshape(-1), valid.reshape(-1)
+        # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
+        # and states (possibly NaN) never reach the kernels.
+        self.selected = None if mask is None else self.valid.nonzero().squeeze(1)
         if tokens is None:  # dense losses: any valid id, the kernels' log p(y) is unused
             self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
         else:
-            _check_row_tensor("tokens", tokens, lead, device, (torch.int64,))
+            check_tokens(tokens, student_hidden, "student_hidden")
             self.tokens = tokens.reshape(-1)
-        if mask is not None:
-            _check_row_tensor("mask", mask, lead, device, (torch.bool,))
-            # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
-            # and logits (possibly NaN) never reach the kernels.
-            self.selected = mask.reshape(-1).nonzero().squeeze(1)
-            valid = mask.sum()
-        else:
-            self.selected = None
-            valid = torch.tensor(self.rows, device=device)
-        if tokens is not None:
+            # Checked here, not by the kernels: they would report a position inside a chunk.
             chosen = self.tokens if self.selected is None else self.tokens[self.selected]
             if chosen.numel() and bool(((chosen < 0) | (chosen >= self.vocab)).any()):
-                raise ValueError(f"tokens has ids outside [0, V={self.vocab}) at unmasked positions")
-
-        if not isinstance(temperature, (int, float)) or not temperature > 0 or temperature == float("inf"):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        if num_items is not None:
-            if isinstance(num_items, bool) or not (isinstance(num_items, (int, float, torch.Tensor))):
-                raise TypeError(f"num_items must be a number or a scalar tensor, got {type(num_items).__name__}")
-            if not isinstance(num_items, torch.Tensor) and num_items <= 0:
-                raise ValueError(f"num_items must be positive, got {num_items}")
-        norm = (valid if num_items is None else torch.as_tensor(num_items, device=device))
-        norm = norm.to(torch.float32).clamp_min(1.0)
-        if weights is not None:
-            _check_row_tensor("weights", weights, lead, device, (torch.float32, torch.bfloat16, torch.float16))
-            self.scale = weights.detach().reshape(-1).float() / norm
-        else:
-            self.scale = (1.0 / norm).expand(self.rows)
+                bad = chosen[(chosen < 0) | (chosen >= self.vocab)][0].item()
+                raise ValueError(f"tokens must be in [0, V={self.vocab}) at unmasked positions, got {bad}")
 
         num_selected = self.rows if self.selected is None else self.selected.numel()
         if chunk_size is None:
@@ -265,7 +259,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             chunk_hidden = hidden[rows]
             chunk_loss_value, grad_logits = chunk_loss(
                 F.linear(chunk_hidden, weight, bias), problem.teacher_logits(rows),
-                problem.tokens[rows], problem.scale[rows], any(needs))
+                problem.tokens[rows], problem.scale[rows], problem.valid[rows], any(needs))
             loss += chunk_loss_value
             if grad_logits is None:
                 continue
@@ -312,14 +306,3 @@ def _check_lead(name: str, shape, lead: tuple) -> None:
     if tuple(shape) != lead:
         raise ValueError(f"{name} must have the leading shape of student_hidden {lead}, got {tuple(shape)}")
 
-
-def _check_row_tensor(name: str, tensor, lead: tuple, device, dtypes) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {list(lead)}, got {type(tensor).__name__}")
-    expected = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-    if tensor.dtype not in dtypes:
-        raise TypeError(f"{name} must be {expected} {list(lead)}, got {tensor.dtype}")
-    if tuple(tensor.shape) != lead:
-        raise ValueError(f"{name} must have shape {lead} (student_hidden's leading shape), got {tuple(tensor.shape)}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {device}; use one device")
