@@ -87,6 +87,11 @@ def fused_linear_vopd_loss(
         A float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
         ``student_bias``. The gradients are computed during the forward pass, so a forward under
         ``torch.no_grad()`` skips them.
+
+    Student and teacher must share the vocabulary. Models of one family often pad the embedding
+    differently (Qwen2.5: 151936 vs 152064 rows); slice the longer side to the shared prefix, a
+    view that costs nothing: ``teacher_weight[:V]`` (and ``teacher_bias[:V]``), or
+    ``teacher_logits[..., :V]`` (read chunk by chunk, never copied whole).
     """
     check_choice("baseline", baseline, BASELINES)
     check_choice("kl", kl, KL_DIRECTIONS)

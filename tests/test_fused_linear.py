@@ -242,9 +242,13 @@ def test_vocabulary_mismatch_says_how_to_slice():
         call_vopd(data, teacher_weight=padded_weight, teacher_bias=None)
     # The suggested slice is the fix: padding rows never change the shared-vocabulary loss.
     torch.testing.assert_close(call_vopd(data, teacher_weight=padded_weight[:VOCAB]), call_vopd(data))
-    padded_logits = torch.zeros(N_ROWS, VOCAB + 8)
+    logits_teacher = dict(teacher_hidden=None, teacher_weight=None, teacher_bias=None)
+    padded_logits = torch.cat([teacher_kwargs(data, "logits")["teacher_logits"], torch.zeros(N_ROWS, 8)], -1)
     with pytest.raises(ValueError, match=rf"teacher_logits\[\.\.\., :{VOCAB}\]"):
-        call_vopd(data, teacher_hidden=None, teacher_weight=None, teacher_bias=None, teacher_logits=padded_logits)
+        call_vopd(data, teacher_logits=padded_logits, **logits_teacher)
+    # The sliced logits are a strided view; chunks read them without a full copy.
+    torch.testing.assert_close(call_vopd(data, teacher_logits=padded_logits[..., :VOCAB], chunk_size=5, **logits_teacher),
+                               call_vopd(data))
     with pytest.raises(ValueError, match=rf"student_weight\[:{VOCAB - 1}\]"):
         call_vopd(data, teacher_weight=data["teacher_weight"][:-1], teacher_bias=None)
 
