@@ -114,11 +114,35 @@ def run_worker(args) -> dict:
 # ---- driver --------------------------------------------------------------------------------------
 
 def predict_mib(history: list[tuple[int, float]], n: int) -> float | None:
-    """Linear extrapolation in N of the peak from the two largest smaller sizes."""
+    """Linear extrapolation in N from the two largest smaller sizes (every [N, V] buffer is linear in N)."""
     if len(history) < 2:
         return None
     (n0, m0), (n1, m1) = history[-2:]
     return m1 + (m1 - m0) / (n1 - n0) * (n - n1)
+
+
+def summary_lines(rows: list[dict]) -> list[str]:
+    """fused vs eager per N: step peak, total peak and time; '~' marks an extrapolated eager value."""
+    by_key = {(r["method"], r["n"]): r for r in rows}
+    lines = ["| N | eager step peak (MiB) | fused step peak (MiB) | fused / eager step | "
+             "fused / eager total | eager s | fused s | speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n in sorted({r["n"] for r in rows}):
+        eager, fused = by_key.get(("eager", n)), by_key.get(("fused", n))
+        if not eager or not fused or fused["status"] != "measured":
+            continue
+        measured = eager["status"] == "measured"
+        eager_step = eager["step_peak_mib"] if measured else eager["predicted_step_mib"]
+        if eager_step in ("", None):
+            continue
+        eager_total = eager_step + (eager["rss_inputs_mib"] if measured else fused["rss_inputs_mib"])
+        mark = "" if measured else "~"
+        speed = f"{eager['seconds'] / fused['seconds']:.2f}x" if measured else ""
+        lines.append(
+            f"| {n} | {mark}{eager_step:.0f} | {fused['step_peak_mib']:.0f} | "
+            f"{mark}{fused['step_peak_mib'] / eager_step:.1%} | {mark}{fused['peak_total_mib'] / eager_total:.1%} | "
+            f"{eager['seconds']} | {fused['seconds']} | {speed} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -146,16 +170,19 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_fused_linear.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for method in args.methods:
-        history: list[tuple[int, float]] = []
+        history: list[tuple[int, float]] = []  # (N, step peak MiB)
+        inputs_mib = 0.0
         for n in sorted(args.rows):
             row = dict(method=method, n=n, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
                        chunk_size=args.chunk_size or "", seconds="", rss_inputs_mib="", step_peak_mib="",
-                       peak_total_mib="", loss="", status="measured")
+                       peak_total_mib="", predicted_step_mib="", loss="", status="measured")
             predicted = predict_mib(history, n)
-            limit = min(args.max_gb * 1024, available_mib() - 3 * 1024)  # leave others 3 GiB
-            if predicted is not None and predicted > limit:
-                row["status"] = f"skipped: predicted peak {predicted / 1024:.1f} GiB > limit {limit / 1024:.1f} GiB"
-                row["peak_total_mib"] = f"~{predicted:.0f}"
+            limit = min(args.max_gb * 1024, available_mib() - 3 * 1024)  # leave the others 3 GiB
+            if predicted is not None:
+                row["predicted_step_mib"] = round(predicted, 1)
+            if predicted is not None and predicted + inputs_mib > limit:
+                row["status"] = (f"skipped: predicted total peak {(predicted + inputs_mib) / 1024:.1f} GiB "
+                                 f"> limit {limit / 1024:.1f} GiB")
             else:
                 cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n),
                        "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype]
@@ -168,7 +195,8 @@ def main(argv=None) -> int:
                     result = json.loads(proc.stdout.strip().splitlines()[-1])
                     for key in ("seconds", "rss_inputs_mib", "step_peak_mib", "peak_total_mib", "loss"):
                         row[key] = round(result[key], 4 if key == "loss" else 1)
-                    history.append((n, result["peak_total_mib"]))
+                    history.append((n, result["step_peak_mib"]))
+                    inputs_mib = result["rss_inputs_mib"]
             print(json.dumps(row), flush=True)
             rows.append(row)
 
@@ -194,6 +222,8 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['method']} | {r['n']} | {r['seconds']} | {r['rss_inputs_mib']} | {r['step_peak_mib']} "
                      f"| {r['peak_total_mib']} | {r['loss']} | {r['status']} |")
+    lines += ["", "Fused vs eager ('~': eager too large for this machine, its step peak extrapolated "
+              "linearly in N from the two largest measured sizes):", ""] + summary_lines(rows)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 
