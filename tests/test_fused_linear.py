@@ -191,6 +191,28 @@ def test_chunks_never_exceed_chunk_size(monkeypatch):
     assert sorted(seen_rows) == sorted([6] * 12 + [1] * 2)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_peak_memory_is_a_few_chunks_not_the_full_logits():
+    rows, hidden, vocab, chunk = 4096, 64, 8192, 256
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    student_hidden = torch.randn(rows, hidden, device="cuda", generator=gen).requires_grad_()
+    weight = torch.randn(vocab, hidden, device="cuda", generator=gen).requires_grad_()
+    teacher_weight = torch.randn(vocab, hidden, device="cuda", generator=gen)
+    tokens = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss = fused_linear_vopd_loss(student_hidden, weight, tokens, teacher_hidden=student_hidden.detach(),
+                                  teacher_weight=teacher_weight, chunk_size=chunk)
+    loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    full_logits = rows * vocab * 4  # one float32 [N, V] tensor: 128 MiB
+    # gradients (N·H + 2·V·H floats, ~4 MiB) + a handful of [chunk, V] buffers (8 MiB each)
+    assert extra < full_logits / 2, extra
+
+
 def test_grad_output_scales_gradients_and_no_grad_skips_them():
     data = make_inputs(torch.float32, "cpu")
     kwargs = dict(tokens=data["tokens"], mask=data["mask"], chunk_size=8)
