@@ -252,12 +252,10 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs):
         need_hidden, need_weight, need_bias = needs
-        # float32 accumulators for the sums over chunks: bf16/fp16 gradients are never summed in
-        # low precision (SPEC §2); each chunk's product is rounded at most once, as eager's is.
         # Rows outside the mask are never visited and keep a zero gradient.
         new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
         grad_hidden = new_grad_hidden(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_weight = _WeightGradSum(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for rows in problem.row_chunks():
@@ -271,12 +269,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight
             if need_weight:
-                _add_matmul_(grad_weight, grad_logits.t(), chunk_hidden)
+                grad_weight.add_matmul_(grad_logits.t(), chunk_hidden)
             if need_bias:
                 grad_bias += grad_logits.sum(0, dtype=torch.float32)
             del grad_logits
-        # Held in the parameters' dtype until backward: the float32 accumulator is freed here.
-        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
+        # Held in the parameters' dtype until backward; the float32 sums are freed here.
+        grad_weight = grad_weight.result() if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
@@ -288,23 +286,54 @@ class _FusedLinearLoss(torch.autograd.Function):
         return *scaled, None, None, None
 
 
-_CPU_WIDEN_BYTES = 128 * 2**20
+# Rows of the weight gradient per float32 accumulator block (see _WeightGradSum).
+_ACCUMULATOR_BLOCK_BYTES = 128 * 2**20
 
 
-def _add_matmul_(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``accumulator += a @ b`` with a float32 accumulator and possibly bf16/fp16 factors."""
-    if accumulator.dtype == a.dtype:
-        accumulator.addmm_(a, b)
-    elif accumulator.is_cuda:  # cuBLAS widens the product itself: no upcast copies
-        torch.addmm(accumulator, a, b, out_dtype=accumulator.dtype, out=accumulator)
-    else:
-        # CPU has no mixed-dtype addmm, and upcasting the factors would run the GEMM in float32
-        # (2x slower than bf16 on AVX512-BF16 CPUs). Multiply in the input dtype, rounding each
-        # chunk's product once, and widen it a block of rows at a time to bound the temporary.
-        block = max(1, _CPU_WIDEN_BYTES // (b.shape[1] * b.element_size()))
-        for start in range(0, accumulator.shape[0], block):
-            rows = slice(start, start + block)
-            accumulator[rows] += a[rows] @ b
+class _WeightGradSum:
+    """The lm_head weight gradient [V, H], summed over row chunks in float32 (bf16/fp16 gradients
+    are never summed in low precision, SPEC §2; each chunk's product is rounded at most once, as
+    eager's single product is).
+
+    For a low-precision weight the float32 sum lives in separate row blocks, so the final cast
+    frees each block as it goes: the peak is V·H·4 bytes plus a block, not the V·H·(4 + 2) of a
+    float32 tensor and its cast side by side (1.16 vs 1.74 GiB at V=151936, H=2048).
+    """
+
+    def __init__(self, weight: torch.Tensor):
+        self.dtype = weight.dtype
+        block_rows = max(1, _ACCUMULATOR_BLOCK_BYTES // (4 * weight.shape[1]))
+        if weight.dtype == torch.float32:  # one tensor; the blocks are views of it
+            self.whole = torch.zeros_like(weight)
+            self.blocks = list(self.whole.split(block_rows))
+        else:
+            self.whole = None
+            self.blocks = [torch.zeros_like(rows, dtype=torch.float32) for rows in weight.split(block_rows)]
+
+    def add_matmul_(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """``self += a @ b`` for ``a`` [V, c] and ``b`` [c, H] in the weight's dtype."""
+        start = 0
+        for block in self.blocks:
+            a_rows = a[start:start + block.shape[0]]
+            start += block.shape[0]
+            if block.dtype == a.dtype:
+                block.addmm_(a_rows, b)
+            elif block.is_cuda:  # cuBLAS widens the product itself
+                torch.addmm(block, a_rows, b, out_dtype=block.dtype, out=block)
+            else:
+                # CPU has no mixed-dtype addmm, and upcasting the factors would run the GEMM in
+                # float32 (2x slower than bf16 on AVX512-BF16 CPUs): multiply in the input dtype,
+                # rounding the product once, and widen it into the block.
+                block += a_rows @ b
+
+    def result(self) -> torch.Tensor:
+        """The sum in the weight's dtype; consumes the accumulator."""
+        if self.whole is not None:
+            return self.whole
+        parts = []
+        while self.blocks:
+            parts.append(self.blocks.pop(0).to(self.dtype))  # the float32 block dies here
+        return torch.cat(parts)
 
 
 def _check_lead(name: str, shape, lead: tuple) -> None:

@@ -119,8 +119,10 @@ def test_reverse_kl_matches_unfused(device, dtype, form, chunk_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_batched_shape_temperature_forward_kl_num_items(device, dtype):
-    """[B, T, H] input, no mask, no bias, T != 1, the forward-KL baseline and a global token count."""
+def test_batched_shape_temperature_forward_kl_num_items(device, dtype, monkeypatch):
+    """[B, T, H] input, no mask, no bias, T != 1, the forward-KL baseline and a global token count;
+    the weight gradient summed in blocks of 16 vocabulary rows (views of one tensor for float32)."""
+    monkeypatch.setattr(fused_linear, "_ACCUMULATOR_BLOCK_BYTES", 16 * HIDDEN * 4)
     data = make_inputs(dtype, device, lead=(3, 11), bias=False)
     kwargs = dict(tokens=data["tokens"], weights=data["weights"], temperature=1.7, kl="forward", num_items=50)
     expected = unfused(reference.vopd_loss, data, **kwargs)
@@ -130,9 +132,9 @@ def test_batched_shape_temperature_forward_kl_num_items(device, dtype):
 
 
 def test_low_precision_student_with_float32_teacher(device, monkeypatch):
-    # Widen the bf16 weight-gradient products into the float32 accumulator 10 vocab rows at a time
-    # (129 = 12·10 + 9), so the blocked CPU accumulation path runs with a ragged last block.
-    monkeypatch.setattr(fused_linear, "_CPU_WIDEN_BYTES", 10 * HIDDEN * 2)
+    # Sum the weight gradient in float32 blocks of 10 vocabulary rows (129 = 12·10 + 9): the
+    # blocked accumulation and the block-by-block cast run with a ragged last block.
+    monkeypatch.setattr(fused_linear, "_ACCUMULATOR_BLOCK_BYTES", 10 * HIDDEN * 4)
     data = make_inputs(torch.bfloat16, device, teacher_dtype=torch.float32)
     for loss_fn, ref_fn, kwargs in (
         (fused_linear_vopd_loss, reference.vopd_loss, dict(tokens=data["tokens"], mask=data["mask"])),
