@@ -90,7 +90,7 @@ def run_worker(args) -> dict:
 
     def step(rows):
         hid, tok, t_hid = hidden[rows], tokens[rows], teacher_hidden[rows]
-        if args.method == "fused":
+        if args.method.startswith("fused"):
             loss = opd_ext.fused_linear_vopd_loss(hid, weight, tok, teacher_hidden=t_hid,
                                                   teacher_weight=teacher_weight, chunk_size=args.chunk_size)
         else:
@@ -124,25 +124,33 @@ def predict_mib(history: list[tuple[int, float]], n: int) -> float | None:
 def summary_lines(rows: list[dict]) -> list[str]:
     """fused vs eager per N: step peak, total peak and time; '~' marks an extrapolated eager value."""
     by_key = {(r["method"], r["n"]): r for r in rows}
-    lines = ["| N | eager step peak (MiB) | fused step peak (MiB) | fused / eager step | "
+    lines = ["| fused method | N | eager step peak (MiB) | fused step peak (MiB) | fused / eager step | "
              "fused / eager total | eager s | fused s | speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n in sorted({r["n"] for r in rows}):
-        eager, fused = by_key.get(("eager", n)), by_key.get(("fused", n))
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fused_methods = sorted({r["method"] for r in rows if r["method"].startswith("fused")})
+    for n, method in ((n, m) for m in fused_methods for n in sorted({r["n"] for r in rows})):
+        eager, fused = by_key.get(("eager", n)), by_key.get((method, n))
         if not eager or not fused or fused["status"] != "measured":
             continue
         measured = eager["status"] == "measured"
         eager_step = eager["step_peak_mib"] if measured else eager["predicted_step_mib"]
-        if eager_step in ("", None):
+        if eager_step in ("", None) or eager_step <= 0:
             continue
         eager_total = eager_step + (eager["rss_inputs_mib"] if measured else fused["rss_inputs_mib"])
         mark = "" if measured else "~"
         speed = f"{eager['seconds'] / fused['seconds']:.2f}x" if measured else ""
         lines.append(
-            f"| {n} | {mark}{eager_step:.0f} | {fused['step_peak_mib']:.0f} | "
+            f"| {method} | {n} | {mark}{eager_step:.0f} | {fused['step_peak_mib']:.0f} | "
             f"{mark}{fused['step_peak_mib'] / eager_step:.1%} | {mark}{fused['peak_total_mib'] / eager_total:.1%} | "
             f"{eager['seconds']} | {fused['seconds']} | {speed} |")
     return lines
+
+
+def parse_method(text: str) -> str:
+    name, _, rows = text.partition(":")
+    if name not in ("eager", "materialised", "fused") or (rows and (name != "fused" or not rows.isdigit())):
+        raise argparse.ArgumentTypeError(f"expected eager, materialised, fused or fused:ROWS, got {text!r}")
+    return text
 
 
 def main(argv=None) -> int:
@@ -151,9 +159,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--methods", nargs="+", default=["eager", "materialised", "fused"],
-                        choices=["eager", "materialised", "fused"])
-    parser.add_argument("--chunk-size", type=int, default=None, help="fused rows per chunk (default: its rule)")
+    parser.add_argument("--methods", nargs="+", default=["eager", "materialised", "fused"], type=parse_method,
+                        help="eager, materialised, fused (default chunk rule) or fused:ROWS (ROWS per chunk)")
+    parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-gb", type=float, default=14.0, help="skip a run predicted to peak above this")
     parser.add_argument("--out", default=str(RESULTS / "fused_linear_cpu"), help="writes OUT.csv and OUT.md")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -174,7 +182,7 @@ def main(argv=None) -> int:
         inputs_mib = 0.0
         for n in sorted(args.rows):
             row = dict(method=method, n=n, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
-                       chunk_size=args.chunk_size or "", seconds="", rss_inputs_mib="", step_peak_mib="",
+                       chunk_size=method.partition(":")[2], seconds="", rss_inputs_mib="", step_peak_mib="",
                        peak_total_mib="", predicted_step_mib="", loss="", status="measured")
             predicted = predict_mib(history, n)
             limit = min(args.max_gb * 1024, available_mib() - 3 * 1024)  # leave the others 3 GiB
@@ -186,8 +194,8 @@ def main(argv=None) -> int:
             else:
                 cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n),
                        "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype]
-                if args.chunk_size:
-                    cmd += ["--chunk-size", str(args.chunk_size)]
+                if method.startswith("fused:"):
+                    cmd += ["--chunk-size", method.partition(":")[2]]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     row["status"] = f"failed (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
