@@ -132,7 +132,8 @@ def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_t
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
     student_logits = _drop_masked(student_logits, mask)
     teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
-    teacher_token_logprob = teacher_token_logprob if mask is None else torch.where(mask.bool(), teacher_token_logprob, 0.0)
+    if mask is not None:
+        teacher_token_logprob = torch.where(mask.bool(), teacher_token_logprob, 0.0)
     log_p_y = _scaled_log_softmax(student_logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     reward = teacher_token_logprob.double() - log_p_y
     if baseline == "topk":

@@ -261,9 +261,13 @@ def test_torch_compile(device):
     student, teacher = _pair((2, 3, 64), torch.float32, torch.float32, device)
     tokens, mask, weights = _row_inputs((2, 3), 64, device)
 
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 5)
+
     def step(x):
         return (opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, baseline="topk", topk=8)
-                + opd_ext.reverse_kl_loss(x, teacher, mask=mask))
+                + opd_ext.reverse_kl_loss(x, teacher, mask=mask)
+                # (the served-teacher check of id ranges is data-dependent and must stay out of the graph)
+                + opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask))
 
     x_eager = student.clone().requires_grad_()
     eager = step(x_eager)
