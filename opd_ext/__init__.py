@@ -15,34 +15,39 @@ from opd_ext.losses import (
     vopd_loss,
     vopd_loss_sparse_teacher,
 )
+from opd_ext.fused_linear import fused_linear_reverse_kl_loss, fused_linear_vopd_loss
+from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
 from opd_ext import reference
-from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan  # Prune-OPD
 
 __all__ = [
     "__version__",
-    "align_vocab",
     "build_info",
-    "DriftMonitor",
-    "DynamicWindow",
-    "PruneConfig",
-    "StopReason",
     "cuda_kernels_available",
-    "drift_scan",
     "reference",
+    # kernels
+    "align_vocab",
     "topk_overlap",
-    # token statistics and losses (opd_ext/losses.py)
+    # token statistics and losses (opd_ext/losses.py, opd_ext/fused_linear.py)
     "TokenStats",
     "TokenStatsWithForwardKL",
+    "fused_linear_reverse_kl_loss",
+    "fused_linear_vopd_loss",
     "reverse_kl_loss",
     "reverse_kl_loss_sparse_teacher",
     "token_stats",
     "vopd_loss",
     "vopd_loss_sparse_teacher",
+    # Prune-OPD (opd_ext/prune.py; generation hooks in opd_ext.generation)
+    "DriftMonitor",
+    "DynamicWindow",
+    "PruneConfig",
+    "StopReason",
+    "drift_scan",
 ]
 
 
-# Prune-OPD generation helpers (opd_ext.generation): imported on first use, since they pull in
-# transformers, which the kernels and losses do not need.
+# opd_ext.generation is imported on first use: it pulls in transformers, which the kernels and
+# losses do not need.
 def __getattr__(name):
     if name == "generation":
         import importlib

@@ -28,6 +28,11 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} has an empty vocabulary dimension ({_describe(logits)})")
 
 
+def is_supported_dtype_pair(student: torch.dtype, teacher: torch.dtype) -> bool:
+    """The (student, teacher) logit dtypes the kernels dispatch on (csrc/torch_utils.h)."""
+    return student == teacher or (student in _LOW_PRECISION and teacher == torch.float32)
+
+
 def check_logit_pair(student_logits, teacher_logits) -> None:
     """Same leading shape, same vocabulary, same device, and a supported dtype pair."""
     check_logits("student_logits", student_logits)
@@ -49,7 +54,7 @@ def check_logit_pair(student_logits, teacher_logits) -> None:
         raise ValueError(
             f"student_logits {tuple(s.shape)} and teacher_logits {tuple(t.shape)} must have the same shape"
         )
-    if s.dtype != t.dtype and not (s.dtype in _LOW_PRECISION and t.dtype == torch.float32):
+    if not is_supported_dtype_pair(s.dtype, t.dtype):
         raise TypeError(
             f"unsupported dtype mix: student_logits {s.dtype}, teacher_logits {t.dtype}. Supported: one "
             f"dtype for both, or a bfloat16/float16 student with a float32 teacher; cast the other side"
@@ -82,34 +87,38 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str) -> None:
-    """``tensor`` holds one value per position of ``student_logits`` [..., V]: shape [...], same device."""
+def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str,
+                     reference: str = "student_logits") -> None:
+    """``tensor`` holds one value per position of ``student_logits`` [..., V] (or of another
+    ``reference`` [..., X], e.g. student_hidden): shape [...], same device."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(tensor).__name__}")
     lead = tuple(logits.shape[:-1])
     if tuple(tensor.shape) != lead:
         raise ValueError(
-            f"{name} must have shape {lead} (student_logits {tuple(logits.shape)} without the vocabulary "
+            f"{name} must have shape {lead} ({reference} {tuple(logits.shape)} without its last "
             f"dimension), got {_describe(tensor)}"
         )
     if tensor.device != logits.device:
-        raise ValueError(f"{name} is on {tensor.device} but student_logits is on {logits.device}; use one device")
+        raise ValueError(f"{name} is on {tensor.device} but {reference} is on {logits.device}; use one device")
     if tensor.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
 
 
-def check_tokens(tokens, logits: torch.Tensor) -> None:
+def check_tokens(tokens, logits: torch.Tensor, reference: str = "student_logits") -> None:
     """Shape, dtype and device of the sampled ids; the kernels check the range [0, V) themselves."""
-    check_row_tensor("tokens", tokens, logits, (torch.int64,), "int64 token ids in [0, V)")
+    check_row_tensor("tokens", tokens, logits, (torch.int64,), "int64 token ids in [0, V)", reference)
 
 
-def check_mask(mask, logits: torch.Tensor) -> None:
+def check_mask(mask, logits: torch.Tensor, reference: str = "student_logits") -> None:
     check_row_tensor("mask", mask, logits, _INTEGER_DTYPES,
-                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights")
+                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights",
+                     reference)
 
 
-def check_weights(weights, logits: torch.Tensor) -> None:
-    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight")
+def check_weights(weights, logits: torch.Tensor, reference: str = "student_logits") -> None:
+    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight",
+                     reference)
 
 
 def check_num_items(num_items):
@@ -172,3 +181,57 @@ def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
     return student_logits[..., :vocab], teacher_logits[..., :vocab]
+
+
+# ---- fused-linear losses (opd_ext/fused_linear.py): hidden states + lm_head weight ---------------
+
+
+def check_linear_head(side: str, hidden, weight, bias) -> None:
+    """``{side}_hidden`` [..., H], ``{side}_weight`` [V, H] and an optional ``{side}_bias`` [V] share
+    one floating dtype and one device (the chunk matmul runs in that dtype)."""
+    names = (f"{side}_hidden", f"{side}_weight", f"{side}_bias")
+    for name, tensor in zip(names, (hidden, weight, bias)):
+        if tensor is None and name.endswith("_bias"):
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if hidden.dim() < 2:
+        raise ValueError(f"{names[0]} must be [N, H] or [B, T, H], got {_describe(hidden)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"{names[1]} must be the lm_head weight [V, H={hidden.shape[-1]}] (nn.Linear layout), "
+            f"got {_describe(weight)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{names[2]} must be [V={weight.shape[0]}], got {_describe(bias)}")
+    for name, tensor in zip(names[1:], (weight, bias)):
+        if tensor is None:
+            continue
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but {names[0]} is on {hidden.device}; use one device")
+        if tensor.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} is {tensor.dtype} but {names[0]} is {hidden.dtype}; the logits matmul runs in one "
+                f"dtype, cast one side (e.g. the hidden states to the weight's dtype)"
+            )
+
+
+def check_head_vocab(student_vocab: int, teacher_name: str, teacher_vocab: int) -> None:
+    """Student lm_head rows vs the teacher's vocabulary (``teacher_weight`` rows or ``teacher_logits``
+    columns). A mismatch is usually embedding padding (Qwen2.5: 151936 vs 152064): slice the longer
+    side to the shared prefix, a view, not a copy."""
+    if student_vocab == teacher_vocab:
+        return
+    shared = min(student_vocab, teacher_vocab)
+    if teacher_vocab > student_vocab:
+        fix = (f"teacher_weight[:{shared}] (and teacher_bias[:{shared}])" if teacher_name == "teacher_weight"
+               else f"teacher_logits[..., :{shared}]")
+    else:
+        fix = f"student_weight[:{shared}] (and student_bias[:{shared}])"
+    raise ValueError(
+        f"vocabulary mismatch: student_weight has V={student_vocab} rows, {teacher_name} has V={teacher_vocab}. "
+        f"Models of one family often pad the embedding differently (Qwen: 151936 vs 152064); if the "
+        f"tokenizers agree, the extra entries are padding no token id reaches: pass {fix}"
+    )
