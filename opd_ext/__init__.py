@@ -7,12 +7,18 @@ from opd_ext._extension import build_info, cuda_kernels_available
 from opd_ext._validation import align_vocab
 from opd_ext.ops import topk_overlap
 from opd_ext import reference
+from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan  # Prune-OPD
 
 __all__ = [
     "__version__",
     "align_vocab",
     "build_info",
+    "DriftMonitor",
+    "DynamicWindow",
+    "PruneConfig",
+    "StopReason",
     "cuda_kernels_available",
+    "drift_scan",
     "reference",
     "topk_overlap",
 ]
