@@ -22,3 +22,13 @@ __all__ = [
     "reference",
     "topk_overlap",
 ]
+
+
+# Prune-OPD generation helpers (opd_ext.generation): imported on first use, since they pull in
+# transformers, which the kernels and losses do not need.
+def __getattr__(name):
+    if name == "generation":
+        import importlib
+
+        return importlib.import_module("opd_ext.generation")
+    raise AttributeError(f"module 'opd_ext' has no attribute {name!r}")

@@ -1,0 +1,751 @@
+"""Prune-OPD during generation: stop drifted rollouts inside the batch, so the saved compute is real.
+
+A :class:`~opd_ext.prune.DriftMonitor` decides, token by token, when a rollout has drifted away
+from what the teacher can supervise. This module runs it over student rollouts four ways, all
+returning the same :class:`Rollout` record (sequences, completion mask, per-token multipliers,
+overlaps, the sampled tokens' student / teacher log-probs and reverse KL, stop reasons, costs):
+
+* :func:`generate_with_pruning` (``chunk_size=1``): our own decode loop. Student and teacher run
+  in lockstep with KV caches; every step the monitor consumes the sampled token, and stopped rows
+  are dropped from both models' batch (caches, attention masks, positions), so later steps cost
+  less.
+* :func:`generate_with_pruning` (``chunk_size=C``): the student decodes ``C`` tokens, the teacher
+  scores the whole chunk in one forward, the monitor walks the chunk's positions to find where each
+  row stops. About ``C`` times fewer teacher calls, for at most ``C - 1`` wasted student tokens per
+  stopped row.
+* :class:`PruneOPDHook`: the same decisions inside Hugging Face ``model.generate()`` through a
+  ``LogitsProcessor`` (runs the teacher incrementally) and a ``StoppingCriteria`` (steps the monitor,
+  returns the per-row stop mask); :func:`generate_hf_with_pruning` wraps the three calls.
+* :func:`score_rollouts`: post hoc, for rollouts from another engine (vLLM, SGLang): one teacher
+  forward over the finished sequences, then weights and truncation points.
+
+Given the same tokens, all four make identical decisions: they feed the monitor the same
+``(student logits, teacher logits, token)`` triples in the same order.
+
+Models are any causal LM with the Hugging Face calling convention (``input_ids``,
+``attention_mask``, ``position_ids``, a KV cache, ``.logits``), transformers 4.5x (``past_key_values``)
+or 5.x (``cache``). Prompts are left-padded (``tokenizer.padding_side = "left"``). Put the models in
+``eval()`` mode yourself, as for ``generate()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+from opd_ext._validation import LOGIT_DTYPES, align_vocab
+from opd_ext.prune import DriftMonitor, PruneConfig, StopReason
+
+__all__ = [
+    "Rollout",
+    "generate_with_pruning",
+    "score_rollouts",
+    "PruneOPDHook",
+    "DriftLogitsProcessor",
+    "DriftStoppingCriteria",
+    "generate_hf_with_pruning",
+    "completion_mask",
+    "sample_tokens",
+]
+
+TokenIds = Union[int, Sequence[int], torch.Tensor, None]
+
+# Reasons a drift-free run would not have had: the rows behind `Rollout.tokens_saved`.
+_PRUNED = (StopReason.WEIGHT_EXHAUSTED, StopReason.PATIENCE, StopReason.BUDGET)
+
+
+# ---- the record ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Rollout:
+    """A batch of rollouts with everything a training step reuses.
+
+    Per token, ``[B, T]`` over the completion (``T`` = the longest completion; 0 / padding where
+    :attr:`completion_mask` is False): :attr:`multipliers` (``w_base + weight``: pass as
+    ``weights=`` to ``opd_ext.vopd_loss``), :attr:`weights` (drift weight in ``[0, 1]``,
+    non-increasing along a row), :attr:`overlaps`, :attr:`student_logprobs`,
+    :attr:`teacher_logprobs` and :attr:`reverse_kl` (at the generation temperature; the teacher
+    values are what the training step would otherwise recompute with a teacher forward).
+
+    Per row: :attr:`lengths` (completion tokens kept; the row stopped after token ``lengths - 1``)
+    and :attr:`stop_reason` (``opd_ext.StopReason`` codes: ``FINISHED`` = emitted EOS,
+    ``WEIGHT_EXHAUSTED`` / ``PATIENCE`` / ``BUDGET`` = stopped by pruning, ``RUNNING`` = reached
+    ``max_new_tokens`` or the end of the given sequence); :attr:`effective_lengths` (tokens with
+    weight > 0, for ``DynamicWindow.update``).
+
+    Costs: :attr:`tokens_generated` (token rows the student decoded, wasted ones included),
+    :attr:`tokens_saved` (decode slots not spent on pruned rows, counted up to ``max_new_tokens``;
+    post hoc: generated tokens cut off by the truncation), :attr:`teacher_forwards` (teacher calls)
+    and :attr:`teacher_tokens` (token rows the teacher processed, prompts included).
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    completion_mask: torch.Tensor
+    multipliers: torch.Tensor
+    weights: torch.Tensor
+    overlaps: torch.Tensor
+    student_logprobs: torch.Tensor
+    teacher_logprobs: torch.Tensor
+    reverse_kl: torch.Tensor
+    lengths: torch.Tensor
+    stop_reason: torch.Tensor
+    effective_lengths: torch.Tensor
+    tokens_generated: int
+    tokens_saved: int
+    teacher_forwards: int
+    teacher_tokens: int
+
+    @property
+    def completions(self) -> torch.Tensor:
+        """``[B, T]`` generated ids (padding where :attr:`completion_mask` is False)."""
+        return self.sequences[:, self.prompt_length:]
+
+    @property
+    def tokens_kept(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def stop_reason_names(self) -> list[str]:
+        names = {**StopReason.NAMES, StopReason.RUNNING: "max_length", StopReason.FINISHED: "eos"}
+        return [names[int(code)] for code in self.stop_reason]
+
+
+def completion_mask(lengths: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """bool ``[B, num_steps]``: True on each row's first ``lengths[b]`` completion tokens.
+
+    Hugging Face's loop keeps appending tokens to rows a ``StoppingCriteria`` stopped unless an EOS
+    criterion is configured (and then appends padding); either way those positions are not part of
+    the rollout. Build the mask from the monitor's per-row lengths (``DriftMonitor.lengths``).
+    """
+    steps = torch.arange(num_steps, device=lengths.device)
+    return steps.unsqueeze(0) < lengths.unsqueeze(-1)
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, do_sample: bool = True,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next tokens ``[A]`` from logits ``[A, V]``: greedy, or sampling at ``temperature`` restricted
+    to the ``top_k`` ids and/or the smallest set with probability ``>= top_p`` (HF semantics)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        mass_before = sorted_scores.softmax(-1).cumsum(-1) - sorted_scores.softmax(-1)
+        drop_sorted = mass_before >= top_p  # never drops the most likely id: its mass_before is 0
+        scores = scores.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), -math.inf)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r} "
+                         f"(for greedy decoding pass do_sample=False)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+# ---- argument checks ----------------------------------------------------------------------------
+def _check_count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_prompt(input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
+        got = f"shape {tuple(input_ids.shape)}, dtype {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) \
+            else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an int64 tensor [B, P] of prompt ids, got {got}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need B >= 1 prompts of P >= 1 tokens")
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but input_ids on {input_ids.device}")
+    mask = attention_mask.long()
+    if not bool((mask[:, -1] == 1).all()):
+        raise ValueError("attention_mask: prompts must be left-padded (every row's last position is a real token); "
+                         "set tokenizer.padding_side = 'left'")
+    if bool(((mask[:, 1:] - mask[:, :-1]) < 0).any()):
+        raise ValueError("attention_mask: padding must be a contiguous left block in each row (0...0 1...1)")
+    return input_ids, mask
+
+
+def _check_token_ids(name: str, ids: TokenIds, device) -> Optional[torch.Tensor]:
+    if ids is None:
+        return None
+    ids = torch.as_tensor(ids, device=device).reshape(-1)
+    if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.numel() == 0 or bool((ids < 0).any()):
+        raise ValueError(f"{name} must be None, a token id >= 0 or a list of them, got {ids.tolist()!r}")
+    return ids.long()
+
+
+def _resolve_pad(pad_token_id, eos: Optional[torch.Tensor]) -> int:
+    if pad_token_id is None:
+        if eos is None:
+            raise ValueError("pad_token_id is required (stopped rows are right-padded with it); "
+                             "pass it, or an eos_token_id to pad with")
+        return int(eos[0])
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be an int >= 0, got {pad_token_id!r}")
+    return pad_token_id
+
+
+def _check_config(config) -> PruneConfig:
+    if config is None:
+        return PruneConfig()
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"config must be an opd_ext.PruneConfig, got {type(config).__name__}")
+    return config.validate()
+
+
+# ---- model plumbing -----------------------------------------------------------------------------
+def _forward_parameters(model) -> set:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _comparable(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """The two models' logits over their shared vocabulary, in a dtype pair the kernels take.
+
+    The shared vocabulary is the prefix both heads cover (Qwen pads 151936 vs 152064 rows); the
+    ids beyond it are embedding padding that no real token uses.
+    """
+    s, t = align_vocab(student_logits, teacher_logits)
+    if s.dtype not in LOGIT_DTYPES or t.dtype not in LOGIT_DTYPES:
+        s, t = s.float(), t.float()  # float64 models: the kernels accumulate in float32 anyway
+    if s.dtype != t.dtype and t.dtype != torch.float32:
+        s, t = s.float(), t.float()  # e.g. bf16 vs fp16: no kernel for the pair, widen both
+    return s, t
+
+
+class _CachedDecoder:
+    """One causal LM decoding a shrinking batch incrementally: its KV cache, 2-D attention mask and
+    next position per row, with rows removable between calls. Counts calls and token rows."""
+
+    def __init__(self, model, name: str):
+        self.model = model
+        self.name = name
+        params = _forward_parameters(model)
+        # transformers 5.x renamed the cache argument (and output) from past_key_values to cache.
+        self._cache_key = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.cache = None
+        self.attention_mask = None
+        self.next_position = None
+        self.forwards = 0
+        self.token_rows = 0
+
+    def _run(self, input_ids, position_ids, **extra):
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self._cache_key: self.cache}, **extra)
+        self.cache = out[self._cache_key] if self._cache_key in out.keys() else None
+        if self.cache is None:
+            raise RuntimeError(f"{self.name} returned no KV cache (as {self._cache_key!r}); "
+                               f"generation needs a decoder that supports use_cache=True")
+        self.forwards += 1
+        self.token_rows += input_ids.numel()
+        return out.logits
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Runs the (left-padded) prompts; returns the logits of each row's next token ``[B, V]``."""
+        self.cache = None
+        self.attention_mask = attention_mask
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._run(input_ids, positions, **self._keep_last)
+        self.next_position = positions[:, -1] + 1
+        return logits[:, -1]
+
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Appends ``tokens`` ``[A, n]`` to every live row; returns their logits ``[A, n, V]``."""
+        rows, n = tokens.shape
+        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(rows, n)], dim=1)
+        positions = self.next_position.unsqueeze(-1) + torch.arange(n, device=tokens.device)
+        logits = self._run(tokens, positions)
+        self.next_position = self.next_position + n
+        return logits
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drops every row not in ``rows`` (int64 indices into the current batch) from the cache."""
+        if hasattr(self.cache, "batch_select_indices"):
+            self.cache.batch_select_indices(rows)
+        else:  # legacy tuple-of-(key, value) caches
+            self.cache = tuple(tuple(state[rows] for state in layer) for layer in self.cache)
+        self.attention_mask = self.attention_mask[rows]
+        self.next_position = self.next_position[rows]
+
+
+def _step_block(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
+                eos: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Feeds the monitor a block of positions ``[A, C]`` in order, one token per live row per position.
+
+    A row leaves the block at its first stop (drift or EOS) or, post hoc, where ``valid`` ends.
+    Returns bool ``[A]``: the rows still generating after the block.
+    """
+    alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for j in range(tokens.shape[1]):
+        if valid is not None:
+            alive &= valid[:, j]
+        live = alive.nonzero().squeeze(-1)
+        if live.numel() == 0:
+            break
+        token = tokens[live, j]
+        stopped = monitor.step(student_logits[live, j], teacher_logits[live, j], token,
+                               rows=rows[live], temperature=temperature)
+        if eos is not None:
+            at_eos = torch.isin(token, eos)
+            monitor.finish(rows[live[at_eos]])
+            stopped = stopped | at_eos
+        alive[live[stopped]] = False
+    return alive
+
+
+def _record(monitor: DriftMonitor, prompt: torch.Tensor, completions: torch.Tensor, pad: Optional[int], *,
+            tokens_generated: int, tokens_saved: int, teacher_forwards: int, teacher_tokens: int) -> Rollout:
+    mask = monitor.mask
+    completions = completions[:, :monitor.num_steps]
+    if pad is not None:
+        completions = completions.masked_fill(~mask, pad)
+    return Rollout(
+        sequences=torch.cat([prompt, completions], dim=1),
+        prompt_length=prompt.shape[1],
+        completion_mask=mask.clone(),
+        multipliers=monitor.multipliers.clone(),
+        weights=monitor.weights.clone(),
+        overlaps=monitor.overlaps.clone(),
+        student_logprobs=monitor.student_logprobs.clone(),
+        teacher_logprobs=monitor.teacher_logprobs.clone(),
+        reverse_kl=monitor.reverse_kl.clone(),
+        lengths=monitor.lengths,
+        stop_reason=monitor.stop_reasons,
+        effective_lengths=monitor.effective_lengths,
+        tokens_generated=tokens_generated,
+        tokens_saved=tokens_saved,
+        teacher_forwards=teacher_forwards,
+        teacher_tokens=teacher_tokens,
+    )
+
+
+def _tokens_saved(monitor: DriftMonitor, max_new_tokens: int) -> int:
+    """Completion slots up to ``max_new_tokens`` that rows stopped by pruning did not use."""
+    reasons = monitor.stop_reasons
+    pruned = torch.isin(reasons, torch.tensor(_PRUNED, dtype=reasons.dtype, device=reasons.device))
+    return int(((max_new_tokens - monitor.lengths) * pruned).sum())
+
+
+# ---- 1 + 3: our decode loop, lockstep or chunked ------------------------------------------------
+@torch.no_grad()
+def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                          *, max_new_tokens: int, config: Optional[PruneConfig] = None, chunk_size: int = 1,
+                          temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                          do_sample: bool = True, eos_token_id: TokenIds = None, pad_token_id: Optional[int] = None,
+                          budget=None, generator: Optional[torch.Generator] = None) -> Rollout:
+    """Samples rollouts from ``student`` while ``teacher`` scores them and Prune-OPD stops drifted rows.
+
+    Every ``chunk_size`` tokens the teacher scores the new tokens of the live rows in one forward
+    and the monitor consumes them position by position; rows that stopped (drift, EOS) are then
+    removed from both models' batch. ``chunk_size=1`` is the lockstep loop: one teacher token per
+    student token, and a row leaves the batch right after the token that stopped it.
+
+    Args:
+        student, teacher: causal LMs (Hugging Face convention) on ``input_ids``' device. Their
+            vocabularies may differ in padding rows: tokens are sampled from the shared prefix.
+        input_ids: int64 ``[B, P]`` left-padded prompts; ``attention_mask`` ``[B, P]`` (1 = token).
+        max_new_tokens: completion length limit ``T``.
+        config: :class:`~opd_ext.PruneConfig` (default ``PruneConfig()``; ``PruneConfig.disabled()``
+            for plain OPD rollouts with the same record).
+        chunk_size: student tokens per teacher forward (1 = lockstep).
+        temperature, top_k, top_p, do_sample, generator: sampling, as in ``generate()``. The recorded
+            log-probs and KL use the same ``temperature``; overlaps do not depend on it.
+        eos_token_id: id or ids ending a completion (kept, multiplier included); None: never.
+        pad_token_id: fills completions after their end (default: the first EOS id).
+        budget: per-row length caps for the monitor (``DynamicWindow.length``), see ``DriftMonitor``.
+
+    Returns:
+        :class:`Rollout`; ``sequences`` is ``[B, P + T']`` with ``T'`` the longest completion.
+    """
+    prompt, prompt_mask = _check_prompt(input_ids, attention_mask)
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens)
+    chunk_size = _check_count("chunk_size", chunk_size)
+    _check_sampling(temperature, top_k, top_p)
+    config = _check_config(config)
+    device = prompt.device
+    eos = _check_token_ids("eos_token_id", eos_token_id, device)
+    pad = _resolve_pad(pad_token_id, eos)
+
+    batch = prompt.shape[0]
+    monitor = DriftMonitor(batch, config, device=device, budget=budget)
+    student_lm, teacher_lm = _CachedDecoder(student, "student"), _CachedDecoder(teacher, "teacher")
+    student_next = student_lm.prefill(prompt, prompt_mask)
+    teacher_next = teacher_lm.prefill(prompt, prompt_mask)
+    shared_vocab = min(student_next.shape[-1], teacher_next.shape[-1])
+    completions = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
+
+    active = torch.arange(batch, device=device)  # batch index of each live row of the models
+    pending = None  # each live row's last token, not yet fed to either model
+    position = tokens_generated = 0
+    while position < max_new_tokens and active.numel():
+        width = min(chunk_size, max_new_tokens - position)
+        chunk = torch.empty(active.numel(), width, dtype=torch.int64, device=device)
+        student_logits = []
+        for j in range(width):
+            previous = chunk[:, j - 1] if j else pending
+            logits = student_next if previous is None else student_lm.extend(previous[:, None])[:, -1]
+            student_next = None
+            chunk[:, j] = sample_tokens(logits[:, :shared_vocab], temperature=temperature, top_k=top_k, top_p=top_p,
+                                        do_sample=do_sample, generator=generator)
+            student_logits.append(logits)
+        tokens_generated += chunk.numel()
+
+        # Teacher logits at the chunk's positions come from the token before each: the pending
+        # token and the chunk minus its last token (whose logits belong to the next chunk).
+        if pending is None:
+            head, feed = [teacher_next.unsqueeze(1)], chunk[:, :-1]
+            teacher_next = None
+        else:
+            head, feed = [], torch.cat([pending[:, None], chunk[:, :-1]], dim=1)
+        teacher_logits = torch.cat(head + ([teacher_lm.extend(feed)] if feed.shape[1] else []), dim=1)
+        s, t = _comparable(torch.stack(student_logits, dim=1), teacher_logits)
+        alive = _step_block(monitor, s, t, chunk, active, temperature=temperature, eos=eos)
+
+        completions[active, position:position + width] = chunk
+        position += width
+        if position >= max_new_tokens:
+            break
+        keep = alive.nonzero().squeeze(-1)
+        if keep.numel() < active.numel():
+            student_lm.keep_rows(keep)
+            teacher_lm.keep_rows(keep)
+            active, chunk = active[keep], chunk[keep]
+        pending = chunk[:, -1]
+
+    return _record(monitor, prompt, completions, pad, tokens_generated=tokens_generated,
+                   tokens_saved=_tokens_saved(monitor, max_new_tokens), teacher_forwards=teacher_lm.forwards,
+                   teacher_tokens=teacher_lm.token_rows)
+
+
+
+# ---- 4: post hoc, for rollouts generated elsewhere ----------------------------------------------
+def _full_sequence_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+
+
+@torch.no_grad()
+def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int, *,
+                   attention_mask: Optional[torch.Tensor] = None, completion_mask: Optional[torch.Tensor] = None,
+                   student_logits: Optional[torch.Tensor] = None, config: Optional[PruneConfig] = None,
+                   temperature: float = 1.0, eos_token_id: TokenIds = None, pad_token_id: Optional[int] = None,
+                   budget=None) -> Rollout:
+    """Prune-OPD over finished rollouts (e.g. from vLLM / SGLang): weights and truncation points.
+
+    One teacher forward over the sequences (and one student forward unless ``student_logits`` is
+    given), then the monitor walks the completions token by token exactly as during generation:
+    ``completion_mask`` of the result ends where the row would have been stopped.
+
+    Args:
+        student: the student model, or None when ``student_logits`` is given.
+        teacher: the teacher model.
+        sequences: int64 ``[B, P + T]``: left-padded prompts, then right-padded completions.
+        prompt_length: ``P``.
+        attention_mask: ``[B, P]`` (prompt) or ``[B, P + T]`` (its completion part is ignored);
+            default: no prompt padding.
+        completion_mask: bool ``[B, T]``, which completion positions hold generated tokens (a
+            prefix per row). Default: up to and including the first EOS, else all ``T``.
+        student_logits: ``[B, T, V]`` student logits at the completion positions (the logits
+            that sampled each token), e.g. from the training step's forward.
+        config, temperature, eos_token_id, budget: as :func:`generate_with_pruning`.
+        pad_token_id: if given, completion tokens past the truncation are replaced by it.
+
+    Returns:
+        :class:`Rollout` (``tokens_saved``: generated tokens cut off by the truncation).
+    """
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype != torch.int64:
+        raise ValueError("sequences must be an int64 tensor [B, P + T] (prompts, then completions)")
+    if isinstance(prompt_length, bool) or not isinstance(prompt_length, int) or not (
+            1 <= prompt_length < sequences.shape[1]):
+        raise ValueError(f"prompt_length must be an int in [1, {sequences.shape[1] - 1}] for sequences of "
+                         f"shape {tuple(sequences.shape)} (at least one prompt and one completion token), "
+                         f"got {prompt_length!r}")
+    if student is None and student_logits is None:
+        raise ValueError("pass the student model or its student_logits [B, T, V] at the completion positions")
+    _check_sampling(temperature, None, None)
+    config = _check_config(config)
+    device = sequences.device
+    eos = _check_token_ids("eos_token_id", eos_token_id, device)
+    pad = None if pad_token_id is None else _resolve_pad(pad_token_id, eos)
+
+    batch, prompt_len = sequences.shape[0], prompt_length
+    prompt, completions = sequences[:, :prompt_len], sequences[:, prompt_len:]
+    if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        attention_mask = attention_mask[:, :prompt_len]
+    prompt, prompt_mask = _check_prompt(prompt, attention_mask)
+    steps = completions.shape[1]
+    if completion_mask is None:
+        if eos is None:
+            completion_mask = torch.ones_like(completions, dtype=torch.bool)
+        else:  # through the first EOS: count EOS ids strictly before each position
+            completion_mask = (torch.isin(completions, eos).long().cumsum(-1)
+                               - torch.isin(completions, eos).long()) == 0
+    elif not isinstance(completion_mask, torch.Tensor) or completion_mask.shape != completions.shape:
+        raise ValueError(f"completion_mask must be a bool tensor [B, T] = {tuple(completions.shape)}")
+    completion_mask = completion_mask.to(device=device, dtype=torch.bool)
+    if bool((completion_mask[:, 1:] & ~completion_mask[:, :-1]).any()):
+        raise ValueError("completion_mask must be a prefix per row (1...1 0...0): completions are right-padded")
+
+    full_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
+    # Position p's logits predict token p + 1: the completion is predicted from P - 1 .. P + T - 2.
+    predicting = slice(prompt_len - 1, prompt_len + steps - 1)
+    teacher_logits = _full_sequence_logits(teacher, sequences, full_mask)[:, predicting]
+    if student_logits is None:
+        student_logits = _full_sequence_logits(student, sequences, full_mask)[:, predicting]
+    elif not isinstance(student_logits, torch.Tensor) or student_logits.shape[:2] != completions.shape:
+        got = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
+        raise ValueError(f"student_logits must be [B, T, V] with [B, T] = {tuple(completions.shape)}, got {got}")
+    s, t = _comparable(student_logits, teacher_logits)
+
+    monitor = DriftMonitor(batch, config, device=device, budget=budget)
+    _step_block(monitor, s, t, completions, torch.arange(batch, device=device), temperature=temperature,
+                eos=eos, valid=completion_mask)
+    generated = int(completion_mask.sum())
+    return _record(monitor, prompt, completions, pad, tokens_generated=generated,
+                   tokens_saved=generated - int(monitor.mask.sum()), teacher_forwards=1,
+                   teacher_tokens=sequences.numel())
+
+
+# ---- 2: Hugging Face generate() -----------------------------------------------------------------
+try:  # the hook is optional: everything above works without transformers installed
+    from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+except ImportError:  # pragma: no cover
+    LogitsProcessor = StoppingCriteria = object
+    LogitsProcessorList = StoppingCriteriaList = None
+
+
+class _LogitsTap:
+    """Keeps the last-position logits of a model's latest forward (a forward hook)."""
+
+    def __init__(self, model):
+        self._logits = None
+        self._handle = model.register_forward_hook(self._capture)
+
+    def _capture(self, module, args, output):
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        self._logits = logits[:, -1]
+
+    def take(self) -> torch.Tensor:
+        logits, self._logits = self._logits, None
+        if logits is None:
+            raise RuntimeError("DriftLogitsProcessor ran before any forward of the student it was built for: "
+                               "call generate() on the same student model that was given to PruneOPDHook")
+        return logits
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class DriftLogitsProcessor(LogitsProcessor):
+    """Runs the teacher one token ahead with its own KV cache and captures the student's raw logits.
+
+    Returns ``scores`` unchanged (the same tensor). Built by :class:`PruneOPDHook`.
+    """
+
+    def __init__(self, hook: "PruneOPDHook"):
+        self._hook = hook
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._hook._before_sampling(input_ids)
+        return scores
+
+
+class DriftStoppingCriteria(StoppingCriteria):
+    """Steps the monitor with the token just sampled; returns the per-row stop mask ``[B]`` (bool).
+
+    Built by :class:`PruneOPDHook`.
+    """
+
+    def __init__(self, hook: "PruneOPDHook"):
+        self._hook = hook
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return self._hook._after_sampling(input_ids)
+
+
+class PruneOPDHook:
+    """Prune-OPD inside Hugging Face ``model.generate()``: one hook per ``generate()`` call.
+
+    ::
+
+        with PruneOPDHook(student, teacher, input_ids, attention_mask, config=PruneConfig(),
+                          eos_token_id=eos, pad_token_id=pad, temperature=0.8) as hook:
+            out = student.generate(input_ids, attention_mask=attention_mask, do_sample=True,
+                                   temperature=0.8, max_new_tokens=256, eos_token_id=eos,
+                                   pad_token_id=pad, **hook.generate_kwargs())
+        rollout = hook.rollout(out, max_new_tokens=256)
+
+    Each step, :class:`DriftLogitsProcessor` feeds the teacher the previous token of the rows still
+    running (its own KV cache; stopped rows are dropped from it) and captures the student's logits;
+    after sampling, :class:`DriftStoppingCriteria` gives the monitor the sampled token (so the fused
+    step also records its log-probs and KL) and returns which rows stopped. The decisions are those
+    of :func:`generate_with_pruning` with ``chunk_size=1`` on the same tokens.
+
+    **Raw logits, whatever processors generate() configures.** ``generate()`` runs its own processors
+    (repetition penalty, min-length EOS masking, bad words, ...) before a user processor, and the
+    temperature / top-k / top-p warpers after it (4.45+; earlier they were a second list applied
+    afterwards), so the ``scores`` a processor receives are not guaranteed raw. The processor
+    therefore never reads ``scores``: a forward hook on the student keeps the logits its forward
+    returned, and the step's logits are taken from there. Installed on construction, removed by
+    :meth:`close` (or leaving the ``with`` block). Not supported: beam search,
+    ``num_return_sequences > 1`` (repeat the prompts instead), classifier-free guidance and assisted
+    decoding (they run extra student forwards within a step).
+
+    **Stopped rows keep being decoded by HF's loop** (padding when an EOS criterion exists, real
+    tokens otherwise) until every row has stopped: :meth:`rollout` masks them out
+    (``Rollout.completion_mask``, see :func:`completion_mask`). The teacher is never run on them.
+
+    Args:
+        student, teacher, input_ids, attention_mask, config, budget: as :func:`generate_with_pruning`.
+        temperature: temperature of the recorded log-probs / KL (use the sampling temperature).
+        eos_token_id: the ids that end a completion in ``generate()`` (default: the student's
+            ``generation_config.eos_token_id``).
+        pad_token_id: fills positions after each row's end in :meth:`rollout` (default: first EOS).
+    """
+
+    _UNSET = object()
+
+    def __init__(self, student, teacher, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 config: Optional[PruneConfig] = None, temperature: float = 1.0, eos_token_id=_UNSET,
+                 pad_token_id: Optional[int] = None, budget=None):
+        if LogitsProcessorList is None:  # pragma: no cover
+            raise ImportError("PruneOPDHook needs transformers (pip install transformers)")
+        self._prompt, self._prompt_mask = _check_prompt(input_ids, attention_mask)
+        _check_sampling(temperature, None, None)
+        if eos_token_id is self._UNSET:
+            eos_token_id = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+        self._eos = _check_token_ids("eos_token_id", eos_token_id, self._prompt.device)
+        self._pad = _resolve_pad(pad_token_id, self._eos)
+        self._temperature = float(temperature)
+        self.monitor = DriftMonitor(self._prompt.shape[0], _check_config(config), device=self._prompt.device,
+                                    budget=budget)
+        self._teacher = _CachedDecoder(teacher, "teacher")
+        self._active = torch.arange(self._prompt.shape[0], device=self._prompt.device)
+        self._step_logits = None  # (student, teacher) logits of the step being sampled, live rows only
+        self._started = False
+        self.logits_processor = DriftLogitsProcessor(self)
+        self.stopping_criteria = DriftStoppingCriteria(self)
+        self._tap = _LogitsTap(student)
+
+    def generate_kwargs(self, logits_processor=None, stopping_criteria=None) -> dict:
+        """``logits_processor`` / ``stopping_criteria`` for ``generate()``, after any of your own."""
+        return {
+            "logits_processor": LogitsProcessorList([*(logits_processor or []), self.logits_processor]),
+            "stopping_criteria": StoppingCriteriaList([*(stopping_criteria or []), self.stopping_criteria]),
+        }
+
+    def close(self) -> None:
+        """Removes the forward hook from the student."""
+        self._tap.remove()
+
+    def __enter__(self) -> "PruneOPDHook":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @torch.no_grad()
+    def _before_sampling(self, input_ids: torch.Tensor) -> None:
+        if self._step_logits is not None:
+            raise RuntimeError("DriftStoppingCriteria did not run after DriftLogitsProcessor: pass both to "
+                               "generate() (**hook.generate_kwargs())")
+        student = self._tap.take()
+        if not self._started:
+            if input_ids.shape != self._prompt.shape or not torch.equal(input_ids, self._prompt):
+                raise ValueError(f"generate() started from input_ids of shape {tuple(input_ids.shape)}, not the "
+                                 f"{tuple(self._prompt.shape)} prompts this hook was built for: build one hook per "
+                                 f"generate() call (beams / num_return_sequences > 1 are not supported)")
+            teacher = self._teacher.prefill(self._prompt, self._prompt_mask)
+            self._started = True
+        elif self._active.numel():
+            teacher = self._teacher.extend(input_ids[self._active, -1:])[:, -1]
+        else:  # every row has stopped; HF may still run one more step
+            return
+        if student.shape[0] != self._prompt.shape[0]:
+            raise RuntimeError(f"the student's forward returned {student.shape[0]} rows for a batch of "
+                               f"{self._prompt.shape[0]}: beams / num_return_sequences > 1 are not supported")
+        self._step_logits = _comparable(student[self._active], teacher)
+
+    @torch.no_grad()
+    def _after_sampling(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._step_logits is not None:
+            student, teacher = self._step_logits
+            self._step_logits = None
+            tokens = input_ids[self._active, -1:]
+            alive = _step_block(self.monitor, student[:, None], teacher[:, None], tokens, self._active,
+                                temperature=self._temperature, eos=self._eos)
+            keep = alive.nonzero().squeeze(-1)
+            if keep.numel() < self._active.numel():
+                self._teacher.keep_rows(keep)
+                self._active = self._active[keep]
+        elif self._active.numel():
+            raise RuntimeError("DriftStoppingCriteria ran without DriftLogitsProcessor: pass both to generate() "
+                               "(**hook.generate_kwargs())")
+        return self.monitor.stopped.to(input_ids.device)
+
+    def rollout(self, sequences, max_new_tokens: Optional[int] = None) -> Rollout:
+        """The :class:`Rollout` of the ``generate()`` output (a tensor or an output with ``.sequences``).
+
+        ``max_new_tokens`` (default: the generated width) is the reference for ``tokens_saved``.
+        """
+        sequences = getattr(sequences, "sequences", sequences)
+        prompt_len = self._prompt.shape[1]
+        steps = sequences.shape[1] - prompt_len
+        if steps != self.monitor.num_steps or not torch.equal(sequences[:, :prompt_len], self._prompt):
+            raise ValueError(f"sequences {tuple(sequences.shape)} are not the output of the generate() call this "
+                             f"hook ran in ({self.monitor.num_steps} steps after {tuple(self._prompt.shape)} prompts)")
+        return _record(self.monitor, self._prompt, sequences[:, prompt_len:], self._pad,
+                       tokens_generated=sequences.shape[0] * steps,
+                       tokens_saved=_tokens_saved(self.monitor, max_new_tokens or steps),
+                       teacher_forwards=self._teacher.forwards, teacher_tokens=self._teacher.token_rows)
+
+
+def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                             *, config: Optional[PruneConfig] = None, budget=None, **generate_kwargs) -> Rollout:
+    """``student.generate(input_ids, attention_mask=..., **generate_kwargs)`` with a :class:`PruneOPDHook`.
+
+    EOS / padding / temperature come from ``generate_kwargs`` or the student's ``generation_config``,
+    as ``generate()`` itself resolves them; ``logits_processor`` / ``stopping_criteria`` you pass run
+    alongside the hook's.
+    """
+    for name in ("num_beams", "num_return_sequences"):
+        if generate_kwargs.get(name, 1) != 1:
+            raise ValueError(f"{name}={generate_kwargs[name]} is not supported with Prune-OPD: repeat the prompts "
+                             f"(input_ids.repeat_interleave(n, 0)) for several samples per prompt")
+    for name in ("guidance_scale", "assistant_model", "prompt_lookup_num_tokens"):
+        if generate_kwargs.get(name) is not None:
+            raise ValueError(f"{name} is not supported with Prune-OPD (it runs extra student forwards per step)")
+    defaults = student.generation_config
+    eos = generate_kwargs.pop("eos_token_id", defaults.eos_token_id)
+    eos_ids = _check_token_ids("eos_token_id", eos, input_ids.device)
+    pad = generate_kwargs.pop("pad_token_id", defaults.pad_token_id)
+    pad = _resolve_pad(pad, eos_ids)
+    do_sample = generate_kwargs.get("do_sample", defaults.do_sample)
+    temperature = generate_kwargs.get("temperature", defaults.temperature) if do_sample else 1.0
+    user_processors = generate_kwargs.pop("logits_processor", None)
+    user_criteria = generate_kwargs.pop("stopping_criteria", None)
+    with PruneOPDHook(student, teacher, input_ids, attention_mask, config=config, temperature=temperature or 1.0,
+                      eos_token_id=eos, pad_token_id=pad, budget=budget) as hook:
+        out = student.generate(input_ids, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=pad,
+                               **hook.generate_kwargs(user_processors, user_criteria), **generate_kwargs)
+    return hook.rollout(out, max_new_tokens=generate_kwargs.get("max_new_tokens"))
