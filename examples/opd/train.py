@@ -353,7 +353,7 @@ def train(args) -> Path:
 
     if step == 0 and not metrics:
         acc = evaluate()
-        log({"step": 0, "wall_time": 0.0, "accuracy": acc, **totals, **setup.setup_seconds,
+        log({"step": 0, "wall_time": 0.0, "accuracy": acc, **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
              "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline})
     student.train()
     bar = tqdm(total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet)
