@@ -88,17 +88,19 @@ def warmup_cosine(step: int, schedule: SupervisedSchedule) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSchedule, seed: int, desc: str):
+def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSchedule, seed: int, desc: str,
+                     progress: bool = True):
     """Next-token cross-entropy on freshly drawn problems (an endless stream: no overfitting)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, schedule))
     model.train()
-    bar = tqdm(range(schedule.steps), desc=desc, unit="step", dynamic_ncols=True)
+    device = next(model.parameters()).device
+    bar = tqdm(range(schedule.steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
     for _ in bar:
         batch = [make_problem(rng, task) for _ in range(schedule.batch_size)]
-        input_ids, attention_mask, labels = encode_supervised(tokenizer, batch)
+        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch))
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -124,7 +126,7 @@ def cache_key(*parts) -> str:
 
 
 def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: SupervisedSchedule, task: TaskConfig,
-                  seed: int, init_from=None):
+                  seed: int, device="cpu", progress: bool = True):
     """A model trained by `train_supervised`, cached under cache_dir/<role>-<hash of everything>.
 
     The hash covers the sizes, schedule, task and seed, so changing any of them retrains instead of
@@ -138,8 +140,8 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
         return AutoModelForCausalLM.from_pretrained(path).eval(), build_tokenizer(task), path, 0.0
     tokenizer = build_tokenizer(task)
     start = time.perf_counter()
-    model = new_model(size, tokenizer, task, seed)
-    train_supervised(model, tokenizer, task, schedule, seed, desc=f"{role} (supervised)")
+    model = new_model(size, tokenizer, task, seed).to(device)
+    train_supervised(model, tokenizer, task, schedule, seed, desc=f"{role} (supervised)", progress=progress)
     seconds = time.perf_counter() - start
     partial = path.with_name(path.name + ".partial")
     model.save_pretrained(partial)
@@ -187,7 +189,8 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
     texts = []
     for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size])
+        input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size],
+                                                   device=next(model.parameters()).device)
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -55,11 +55,12 @@ def gradient_variance(setup: train.Setup, prompts_per_batch: list[list[str]], *,
     """
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     params = [p for p in student.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(seed)
+    device = next(student.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     grads = {b: [] for b in baselines}
     config = opd_ext.PruneConfig.disabled()
     for prompts in prompts_per_batch:
-        input_ids, prompt_mask = models.encode_prompts(tokenizer, prompts)
+        input_ids, prompt_mask = models.encode_prompts(tokenizer, prompts, device=device)
         with torch.no_grad():
             rollout = generate_with_pruning(
                 student, teacher, input_ids, prompt_mask, max_new_tokens=max_new_tokens, config=config,

@@ -101,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-size", type=int, default=None, help="held-out problems for greedy accuracy")
     p.add_argument("--save-every", type=int, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest for these tiny models on a shared machine")
     p.add_argument("--prune-threshold", type=float, default=TASK_PRUNE_CONFIG["threshold"])
@@ -148,9 +149,11 @@ def build_setup(args, preset: Preset) -> Setup:
         seconds = {}
     else:
         teacher, tokenizer, _, t_sec = models.load_or_train(
-            args.cache, "teacher", preset.teacher, preset.teacher_schedule, preset.task, seed=1000 + args.seed)
+            args.cache, "teacher", preset.teacher, preset.teacher_schedule, preset.task, seed=1000 + args.seed,
+            device=args.device, progress=not args.quiet)
         student, _, _, s_sec = models.load_or_train(
-            args.cache, "student", preset.student, preset.student_schedule, preset.task, seed=2000 + args.seed)
+            args.cache, "student", preset.student, preset.student_schedule, preset.task, seed=2000 + args.seed,
+            device=args.device, progress=not args.quiet)
         seconds = {"teacher_pretrain_s": t_sec, "student_warm_start_s": s_sec}
 
     if args.data is not None:
@@ -166,7 +169,8 @@ def build_setup(args, preset: Preset) -> Setup:
                              "with problems in their own format")
         train, held_out = None, make_problems(eval_size, 10_000 + args.seed, preset.task)
         max_new = args.max_new_tokens or preset.task.max_completion_tokens
-    teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval().to(args.device)
+    student.to(args.device)
     return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds)
 
 
@@ -195,7 +199,7 @@ def sequence_logits(model, sequences, attention_mask, prompt_length):
 
 def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, max_new_tokens, temperature, generator):
     """Sample rollouts with Prune-OPD tracking, then the vOPD surrogate on them. Returns (loss, rollout)."""
-    input_ids, prompt_mask = models.encode_prompts(tokenizer, prompts)
+    input_ids, prompt_mask = models.encode_prompts(tokenizer, prompts, device=generator.device)
     was_training = student.training
     student.eval()
     with torch.no_grad():
@@ -281,7 +285,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def run_signature(args) -> dict:
     """What must not change between a run and its resumption."""
-    keys = ("method", "preset", "batch_size", "lr", "temperature", "seed", "teacher", "student", "data",
+    keys = ("method", "preset", "device", "batch_size", "lr", "temperature", "seed", "teacher", "student", "data",
             "prune_threshold", "prune_w_drop", "prune_w_base", "prune_warmup", "max_new_tokens")
     return {k: str(getattr(args, k)) for k in keys}
 
@@ -316,7 +320,7 @@ def train(args) -> Path:
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     stream = PromptStream(setup, preset.task, seed=args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
     metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
 
     step, train_seconds, totals = 0, 0.0, {"tokens_generated": 0, "tokens_saved": 0, "tokens_trained": 0, "teacher_tokens": 0}
@@ -374,7 +378,7 @@ def train(args) -> Path:
             train_seconds += step_seconds
             step += 1
 
-            row = {"step": step, "wall_time": train_seconds, "step_time": step_seconds, "loss": float(loss),
+            row = {"step": step, "wall_time": train_seconds, "step_time": step_seconds, "loss": float(loss.detach()),
                    "grad_norm": grad_norm, **rollout_metrics(rollout, tokenizer, problems)}
             for key in totals:
                 totals[key] += row[key]
