@@ -21,7 +21,7 @@ import torch
 
 import opd_ext
 from opd_ext.generation import generate_with_pruning
-from examples.opd import models, plots, train
+from examples.opd import models, plots, task, train
 
 METHOD_ORDER = ("opd", "vopd", "prune", "prune+vopd")
 
@@ -38,6 +38,7 @@ def parse_args(argv=None):
                    help="accuracy to reach (default: the best accuracy that every method reached)")
     p.add_argument("--variance-batches", type=int, default=16, help="independent rollout batches for the gradient variance")
     p.add_argument("--variance-batch-size", type=int, default=16)
+    p.add_argument("--drift-rollouts", type=int, default=256, help="rollouts for the drift evidence")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -83,6 +84,63 @@ def gradient_variance(setup: train.Setup, prompts_per_batch: list[list[str]], *,
     return result
 
 
+# ---- drift evidence: does a low overlap mean the student went wrong? -------------------------------
+
+def drift_evidence(setup: train.Setup, problems, *, max_new_tokens: int, ks=(2, 4, 8, 16),
+                   thresholds=(0.3, 0.5, 0.7), batch_size: int = 64, seed: int = 0) -> dict:
+    """Top-k overlap of the warm-started student's tokens before vs after its first mistake.
+
+    The task's grammar says exactly where a rollout first leaves every correct solution
+    (`task.first_error`), so each sampled token is either on track or after a mistake. A useful
+    drift signal flags few on-track tokens and many after-mistake ones; this is the evidence behind
+    the PruneConfig of the reference task (k and threshold).
+    """
+    student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
+    device = next(student.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    on_track = {k: [] for k in ks}
+    after_error = {k: [] for k in ks}
+    rows_with_error = 0
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start: start + batch_size]
+        input_ids, prompt_mask = models.encode_prompts(tokenizer, [p.prompt for p in batch], device=device)
+        with torch.no_grad():
+            rollout = generate_with_pruning(
+                student, teacher, input_ids, prompt_mask, max_new_tokens=max_new_tokens,
+                config=opd_ext.PruneConfig.disabled(), eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, generator=generator)
+            attention = torch.cat([prompt_mask, rollout.completion_mask.long()], dim=1)
+            student_logits = train.sequence_logits(student, rollout.sequences, attention, rollout.prompt_length)
+            teacher_logits = train.sequence_logits(teacher, rollout.sequences, attention, rollout.prompt_length)
+            overlaps = {k: opd_ext.topk_overlap(*opd_ext.align_vocab(student_logits, teacher_logits), k) for k in ks}
+        for row, problem in enumerate(batch):
+            length = int(rollout.completion_mask[row].sum())
+            words = tokenizer.convert_ids_to_tokens(rollout.completions[row, :length].tolist())
+            if words and words[-1] == tokenizer.eos_token:
+                words = words[:-1]
+            error = task.first_error(problem.prompt, words)
+            error = length if error is None else min(error, length)
+            rows_with_error += error < length
+            for k in ks:
+                values = overlaps[k][row, :length].tolist()
+                on_track[k] += values[:error]
+                after_error[k] += values[error:]
+
+    def mean(values):
+        return sum(values) / max(1, len(values))
+
+    def below(values, threshold):
+        return sum(v < threshold for v in values) / max(1, len(values))
+
+    return {
+        "rollouts": len(problems), "rollouts_with_error": rows_with_error,
+        "tokens_on_track": len(on_track[ks[0]]), "tokens_after_error": len(after_error[ks[0]]),
+        "by_k": [{"k": k, "mean_on_track": mean(on_track[k]), "mean_after_error": mean(after_error[k]),
+                  "flagged": [{"threshold": t, "on_track": below(on_track[k], t), "after_error": below(after_error[k], t)}
+                              for t in thresholds]} for k in ks],
+    }
+
+
 # ---- summaries ---------------------------------------------------------------------------------
 
 def first_reaching(metrics: list[dict], target: float, key: str):
@@ -118,7 +176,7 @@ def fmt(x, spec):
     return "not reached" if x is None else format(x, spec)
 
 
-def markdown_report(rows, variance, target, command, preset, steps, prune_config, machine) -> str:
+def markdown_report(rows, variance, drift, target, command, preset, steps, prune_config, machine) -> str:
     by_method = {r["method"]: r for r in rows}
     lines = [
         "# Reproduction: OPD vs vOPD vs Prune-OPD on the reference task",
@@ -167,6 +225,23 @@ def markdown_report(rows, variance, target, command, preset, steps, prune_config
         v = variance[baseline]
         lines.append(f"| {baseline} | {v['total_variance']:.4g} | {v['total_variance'] / none['total_variance']:.3f} | "
                      f"{v['mean_grad_sq_norm']:.4g} |")
+    if drift is not None:
+        lines += [
+            "",
+            "## Drift evidence: overlap before and after the student's first mistake",
+            "",
+            f"{drift['rollouts']} rollouts sampled from the warm-started student (no pruning); "
+            f"{drift['rollouts_with_error']} contain a mistake; {drift['tokens_on_track']} tokens are on track, "
+            f"{drift['tokens_after_error']} at or after the first mistake. A token counts as a drift event when its "
+            f"top-k overlap is below the threshold.",
+            "",
+            "| k | mean overlap on track | mean overlap after a mistake | "
+            + " | ".join(f"flagged at < {t['threshold']:.1f}: on track / after" for t in drift["by_k"][0]["flagged"]) + " |",
+            "|---|---|---|" + "---|" * len(drift["by_k"][0]["flagged"]),
+        ]
+        for row in drift["by_k"]:
+            lines.append(f"| {row['k']} | {row['mean_on_track']:.3f} | {row['mean_after_error']:.3f} | " + " | ".join(
+                f"{100 * f['on_track']:.0f}% / {100 * f['after_error']:.0f}%" for f in row["flagged"]) + " |")
     lines += ["", "![accuracy vs wall time](reproduction_accuracy.png)", "",
               "![accuracy vs tokens generated](reproduction_accuracy_tokens.png)", "",
               "![drift along rollouts](reproduction_drift.png)", ""]
@@ -195,6 +270,11 @@ def main(argv=None) -> None:
     variance = gradient_variance(setup, batches, max_new_tokens=setup.max_new_tokens, seed=args.seed)
     variance.update(batches=args.variance_batches, batch_size=args.variance_batch_size)
 
+    drift = None
+    if setup.train_problems is None:   # the synthetic task: its grammar locates each rollout's first mistake
+        drift = drift_evidence(setup, stream.next_batch(args.drift_rollouts), max_new_tokens=setup.max_new_tokens,
+                               seed=args.seed)
+
     target = args.target
     if target is None:
         target = min(max(m["accuracy"] for m in metrics if "accuracy" in m) for metrics in runs.values())
@@ -207,9 +287,9 @@ def main(argv=None) -> None:
                          title="prune+vopd: overlap, multiplier and live rollouts by position")
     prune_config = json.loads(json.dumps(runs["prune"][0]["prune_config"]))
     machine = f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s)"
-    report = markdown_report(rows, variance, target, command, args.preset, steps, prune_config, machine)
+    report = markdown_report(rows, variance, drift, target, command, args.preset, steps, prune_config, machine)
     (args.docs / "reproduction.md").write_text(report)
-    (args.docs / "reproduction.json").write_text(json.dumps({"rows": rows, "variance": variance, "target": target}, indent=1))
+    (args.docs / "reproduction.json").write_text(json.dumps({"rows": rows, "variance": variance, "drift": drift, "target": target}, indent=1))
     print(report)
 
 

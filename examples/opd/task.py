@@ -112,6 +112,31 @@ def make_problems(n: int, seed: int, config: TaskConfig) -> list[Problem]:
     return [make_problem(rng, config) for _ in range(n)]
 
 
+def first_error(prompt: str, completion_words: list[str]) -> int | None:
+    """Index of the first word where a completion leaves every correct solution of `prompt`, or None.
+
+    Walks the completion grammar (steps "x op d = y" separated by any joiner, then ". <concluder>
+    <name> has <count> <object>"), so the random phrasing choices never count as errors. Used to
+    measure drift: how the student/teacher overlap behaves before and after the first mistake.
+    """
+    story = prompt.split()
+    name, count, obj = story[0], int(story[2]), story[3]
+    expected: list[set[str]] = []
+    events = story[4: story.index(".")]          # ", gets 8 , loses 5"
+    for verb, delta in zip(events[1::3], events[2::3]):
+        gain = verb in GAIN_VERBS
+        new = count + int(delta) if gain else count - int(delta)
+        if expected:
+            expected.append(set(STEP_JOINERS))
+        expected += [{str(count)}, {"+" if gain else "-"}, {delta}, {"="}, {str(new)}]
+        count = new
+    expected += [{"."}, set(CONCLUDERS), {name}, {"has"}, {str(count)}, {obj}]
+    for i, allowed in enumerate(expected):
+        if i >= len(completion_words) or completion_words[i] not in allowed:
+            return i
+    return None if len(completion_words) == len(expected) else len(expected)
+
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

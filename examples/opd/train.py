@@ -72,7 +72,7 @@ PRESETS = {
         teacher=models.ModelSize(hidden=96, layers=3, heads=4, ffn=192),
         student=models.ModelSize(hidden=64, layers=2, heads=4, ffn=128),
         teacher_schedule=models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3),
-        student_schedule=models.SupervisedSchedule(steps=300, batch_size=64, lr=3e-3),
+        student_schedule=models.SupervisedSchedule(steps=600, batch_size=64, lr=3e-3),
         steps=150, batch_size=32, lr=1e-3, eval_every=10, eval_size=200,
     ),
     "tiny": Preset(
