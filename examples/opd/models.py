@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, make_problem
+from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, make_problem, make_problems, vocabulary
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,16 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
                   seed: int, device="cpu", progress: bool = True):
     """A model trained by `train_supervised`, cached under cache_dir/<role>-<hash of everything>.
 
-    The hash covers the sizes, schedule, task and seed, so changing any of them retrains instead of
+    The hash covers the sizes, schedule, task (with its vocabulary and phrasing) and seed, so changing any of them retrains instead of
     silently reusing a stale model; the directory is written atomically (rename) so an interrupted
     training leaves no half-saved cache behind.
     """
     from transformers import AutoModelForCausalLM
 
-    path = Path(cache_dir) / f"{role}-{cache_key(size, schedule, task, seed)}"
+    # The vocabulary and a few sample problems stand in for the task's code: editing the grammar
+    # or the word lists changes the key even when TaskConfig does not.
+    fingerprint = [vocabulary(task), [p.to_json() for p in make_problems(4, 0, task)]]
+    path = Path(cache_dir) / f"{role}-{cache_key(size, schedule, task, seed, fingerprint)}"
     if (path / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(path).eval(), build_tokenizer(task), path, 0.0
     tokenizer = build_tokenizer(task)

@@ -1,8 +1,7 @@
 """The reference task: multi-step arithmetic word problems with a written-out chain of thought.
 
 A problem is a small story ("mia has 37 coins , gets 8 , loses 5 . how many ?") and the expected
-completion works through it one step at a time ("37 + 8 = 45 , then 45 - 5 = 40 . so mia has 40
-coins"). The answer is verifiable: the last number of the completion must equal the true count.
+completion works through it one step at a time ("37 + 8 = 45 then 45 - 5 = 40 . so 40"). The answer is verifiable: the last number of the completion must equal the true count.
 
 The tokenizer is word level with every number 0..max_value as a single token, plus names, objects
 and verbs, so the vocabulary has a few hundred entries: enough for a top-16 overlap between student
@@ -24,12 +23,14 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 NAMES = (
     "mia noah emma liam ava lucas zoe leo ella max ivy sam nora finn ruby jack lily owen rosa kai "
     "luna theo maya hugo iris ezra june milo cleo jude nina otis vera axel tess rhys fern omar "
-    "gwen ravi hana yuki sara ali dana tom"
+    "gwen ravi hana yuki sara ali dana tom ada ben cora dev eli faye gus hal isla joel kate lars "
+    "mina ned opal pia quin rex sol tara uma vic wren xena yara zane"
 ).split()
 OBJECTS = (
     "coins apples books cards shells stamps marbles pens stickers cookies beads rocks keys plums "
     "eggs cups bells kites boats coats hats socks rings bricks seeds nuts pears grapes buttons "
-    "leaves feathers candles ribbons tickets tokens gems bolts pins nails corks"
+    "leaves feathers candles ribbons tickets tokens gems bolts pins nails corks jars forks spoons "
+    "plates bowls mugs lamps clips dice balls flags maps notes cans pots bags boxes tiles cubes"
 ).split()
 GAIN_VERBS = "gets finds buys wins earns".split()
 LOSS_VERBS = "loses gives spends drops sells".split()
@@ -54,7 +55,7 @@ class TaskConfig:
 
     @property
     def max_completion_tokens(self) -> int:
-        return 6 * self.max_steps + 5 + 1
+        return 6 * self.max_steps + 2 + 1
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def make_problem(rng: random.Random, config: TaskConfig) -> Problem:
         work.append(f"{joiner}{count} {'+' if gain else '-'} {delta} = {new}")
         count = new
     prompt = " , ".join(story) + " . how many ?"
-    completion = " ".join(work) + f" . {rng.choice(CONCLUDERS)} {name} has {count} {obj}"
+    completion = " ".join(work) + f" . {rng.choice(CONCLUDERS)} {count}"
     return Problem(prompt=prompt, completion=completion, answer=str(count))
 
 
@@ -116,11 +117,11 @@ def first_error(prompt: str, completion_words: list[str]) -> int | None:
     """Index of the first word where a completion leaves every correct solution of `prompt`, or None.
 
     Walks the completion grammar (steps "x op d = y" separated by any joiner, then ". <concluder>
-    <name> has <count> <object>"), so the random phrasing choices never count as errors. Used to
+    <count>"), so the random phrasing choices never count as errors. Used to
     measure drift: how the student/teacher overlap behaves before and after the first mistake.
     """
     story = prompt.split()
-    name, count, obj = story[0], int(story[2]), story[3]
+    count = int(story[2])
     expected: list[set[str]] = []
     events = story[4: story.index(".")]          # ", gets 8 , loses 5"
     for verb, delta in zip(events[1::3], events[2::3]):
@@ -130,7 +131,7 @@ def first_error(prompt: str, completion_words: list[str]) -> int | None:
             expected.append(set(STEP_JOINERS))
         expected += [{str(count)}, {"+" if gain else "-"}, {delta}, {"="}, {str(new)}]
         count = new
-    expected += [{"."}, set(CONCLUDERS), {name}, {"has"}, {str(count)}, {obj}]
+    expected += [{"."}, set(CONCLUDERS), {str(count)}]
     for i, allowed in enumerate(expected):
         if i >= len(completion_words) or completion_words[i] not in allowed:
             return i

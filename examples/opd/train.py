@@ -50,6 +50,9 @@ METHODS = {
 TASK_PRUNE_CONFIG = dict(k=16, threshold=0.5, w_drop=0.2, w_base=0.5, warmup=2)
 
 
+LR_WARMUP_STEPS = 10
+
+
 @dataclass(frozen=True)
 class Preset:
     """Model sizes and schedules. `default` fits the 10-minute budget on 2 CPU cores; `tiny` is for tests."""
@@ -319,6 +322,9 @@ def train(args) -> Path:
     setup = build_setup(args, preset)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    # Adam's first updates are sign-like whatever the gradient's size: ramp the rate so the noisy
+    # first policy gradients cannot knock the warm-started student off its solution.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / LR_WARMUP_STEPS))
     stream = PromptStream(setup, preset.task, seed=args.seed)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
@@ -331,6 +337,7 @@ def train(args) -> Path:
             raise SystemExit(f"{out} holds a checkpoint of a different run (changed: {changed}); use another --out or delete it")
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         stream.rng.setstate(state["prompt_rng"])
         generator.set_state(state["sampling_rng"])
         step, train_seconds, totals = state["step"], state["train_seconds"], state["totals"]
@@ -346,7 +353,7 @@ def train(args) -> Path:
     def checkpoint():
         save_checkpoint(ckpt_path, {
             "signature": run_signature(args), "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "prompt_rng": stream.rng.getstate(), "sampling_rng": generator.get_state(),
+            "scheduler": scheduler.state_dict(), "prompt_rng": stream.rng.getstate(), "sampling_rng": generator.get_state(),
             "step": step, "train_seconds": train_seconds, "totals": totals,
         })
 
@@ -374,6 +381,7 @@ def train(args) -> Path:
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
             optimizer.step()
+            scheduler.step()
             step_seconds = time.perf_counter() - start
             train_seconds += step_seconds
             step += 1
