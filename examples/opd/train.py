@@ -47,7 +47,7 @@ METHODS = {
 # Prune-OPD settings for the reference task, chosen by measurement (docs/reproduction.md). The
 # paper's w_drop = 0.01 needs 100 drift events to stop a rollout: our completions are ~25 tokens,
 # so a rollout loses its weight after a handful of low-overlap tokens instead.
-TASK_PRUNE_CONFIG = dict(k=16, threshold=0.5, w_drop=0.2, w_base=0.5, warmup=2)
+TASK_PRUNE_CONFIG = dict(k=16, threshold=0.3, w_drop=0.1, w_base=0.5, warmup=2)
 
 
 LR_WARMUP_STEPS = 10
@@ -76,7 +76,7 @@ PRESETS = {
         student=models.ModelSize(hidden=64, layers=2, heads=4, ffn=128),
         teacher_schedule=models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3),
         student_schedule=models.SupervisedSchedule(steps=600, batch_size=64, lr=3e-3),
-        steps=150, batch_size=32, lr=1e-3, eval_every=10, eval_size=200,
+        steps=150, batch_size=32, lr=1e-4, eval_every=10, eval_size=200,
     ),
     "tiny": Preset(
         task=TaskConfig(max_value=19, min_steps=1, max_steps=2, max_delta=5),
