@@ -205,6 +205,10 @@ def markdown_report(rows, variance, drift, target, command, preset, steps, prune
             return "n/a (target not reached by both)"
         return f"{100 * (b - a) / b:+.1f}% less" if a <= b else f"{100 * (a - b) / b:.1f}% more"
 
+    start = max(r["start_accuracy"] for r in rows)
+    if target <= start:
+        lines += ["", f"**No method improved on the starting accuracy ({start:.3f}) within this budget**, so the "
+                      f"time and tokens to the target above are not a speed comparison (0 = reached at step 0)."]
     lines += ["", "Relative to plain OPD, to reach the target:", ""]
     for method in ("vopd", "prune", "prune+vopd"):
         if method in by_method and "opd" in by_method:
