@@ -9,7 +9,7 @@ Conventions shared by every loss:
 
 * ``mask`` [...] (bool or 0/1 ints): positions that count. Masked positions may hold any token id
   (padding, -100) and any logits, NaN included: they contribute exactly 0 to the loss and gradient.
-* ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted).
+* ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted), detached.
 * ``norm`` = the number of valid tokens (at least 1), or ``num_items`` when given: pass the global
   token count (e.g. all-reduced over data-parallel ranks) so every rank normalises alike.
 * ``temperature`` τ divides the student and teacher logits before any softmax.
@@ -152,7 +152,7 @@ def _loss_scale(student_logits, mask, weights, num_items):
         norm = num_items.to(device=device, dtype=torch.float32)
     else:
         norm = float(num_items)
-    w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.float()
+    w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.detach().float()
     return torch.where(valid, w, 0.0) / norm, valid
 
 
@@ -184,9 +184,20 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
       distributions renormalised there (the vOPD authors' code, k = 100).
     * ``baseline="none"``: plain OPD, ``A = r``.
 
-    Every baseline leaves the gradient unbiased; the full one has the lowest variance. The returned
-    value is the surrogate (its gradient is the estimator), float32, differentiable w.r.t.
-    ``student_logits`` only. See the module docstring for mask / weights / num_items / NaN.
+    Every baseline leaves the gradient unbiased and lowers its variance (tests/test_vopd_estimator.py
+    checks both). The returned value is the surrogate (its gradient is the estimator), float32,
+    differentiable w.r.t. ``student_logits`` only; the gradient has the student's dtype.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` as in :func:`token_stats`.
+        tokens: int64 ``[...]`` sampled ids (any value at masked positions).
+        mask, weights, num_items, temperature: see the module docstring.
+        baseline: ``"full"`` | ``"topk"`` | ``"none"``.
+        topk: k of the top-k baseline, ``1 <= topk <= V`` (only read with ``baseline="topk"``).
+        kl: ``"reverse"`` | ``"forward"`` direction of the full baseline.
+
+    Precision: values follow SPEC §4. The backward receives the row log-sum-exp as float32, which
+    rounds to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative error.
     """
     check_logit_pair(student_logits, teacher_logits)
     check_choice("baseline", baseline, BASELINES)
@@ -277,7 +288,7 @@ def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor,
         with torch.no_grad():
             value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature,
                                         valid)
-    coef = _advantage_coef(scale, valid, teacher_token_logprob.float(), logp_s, value)
+    coef = _advantage_coef(scale, valid, teacher_token_logprob.detach().float(), logp_s, value)
     return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
 
 

@@ -145,6 +145,12 @@ def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, 
     return _kl(torch.log_softmax(s, -1), torch.log_softmax(teacher_topk_logprobs.double(), -1))
 
 
+def _drop_masked(logits, mask):
+    """Zero the logits of masked positions, which may hold anything (NaN, -inf rows) and must not
+    reach the loss or its gradient through a 0·inf product."""
+    return logits if mask is None else torch.where(mask.bool().unsqueeze(-1), logits, 0.0)
+
+
 def _loss_scale(leading_shape, mask, weights, num_items, device) -> torch.Tensor:
     """w_t / norm per position (0 where masked); norm = valid-token count, or num_items."""
     valid = torch.ones(leading_shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
@@ -163,6 +169,7 @@ def vopd_loss(student_logits, teacher_logits, tokens, *, mask=None, weights=None
               baseline="full", topk=100, kl="reverse", num_items=None) -> torch.Tensor:
     """vOPD surrogate (float64), differentiable w.r.t. student_logits."""
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
+    student_logits, teacher_logits = _drop_masked(student_logits, mask), _drop_masked(teacher_logits, mask)
     log_p = _scaled_log_softmax(student_logits, temperature)
     log_q = _scaled_log_softmax(teacher_logits.detach(), temperature)
     index = tokens.unsqueeze(-1)
@@ -182,8 +189,8 @@ def vopd_loss(student_logits, teacher_logits, tokens, *, mask=None, weights=None
 def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, weights=None, temperature=1.0,
                     num_items=None) -> torch.Tensor:
     """Σ w KL(p‖q) / norm (float64), differentiable w.r.t. student_logits."""
-    kl = _kl(_scaled_log_softmax(student_logits, temperature),
-             _scaled_log_softmax(teacher_logits.detach(), temperature))
+    kl = _kl(_scaled_log_softmax(_drop_masked(student_logits, mask), temperature),
+             _scaled_log_softmax(_drop_masked(teacher_logits.detach(), mask), temperature))
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()
 
@@ -194,6 +201,10 @@ def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_t
     """vOPD surrogate with a served teacher (top-k ids + log-probs + log-prob of the sampled token);
     the top-k baseline runs over the teacher's support."""
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
+    student_logits = _drop_masked(student_logits, mask)
+    teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
+    if mask is not None:
+        teacher_token_logprob = torch.where(mask.bool(), teacher_token_logprob, 0.0)
     log_p_y = _scaled_log_softmax(student_logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     reward = teacher_token_logprob.double() - log_p_y
     if baseline == "topk":
@@ -207,6 +218,8 @@ def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_t
 def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, *, mask=None,
                                    weights=None, temperature=1.0, num_items=None) -> torch.Tensor:
     """Σ w KL(p̄‖q̄) / norm over the teacher's top-k support, differentiable w.r.t. student_logits."""
+    student_logits = _drop_masked(student_logits, mask)
+    teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
     kl = support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature)
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()

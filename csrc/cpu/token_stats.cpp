@@ -42,12 +42,16 @@ constexpr int64_t kBlock = 2048;
 // Top-k candidates are screened per chunk: one max per chunk decides whether any element of it can
 // enter the current top-k, so most of the row never reaches the insertion code.
 constexpr int64_t kScreenChunk = 32;
+// Above this k the O(k) insertions of StreamingTopK dominate; the top-k baseline then selects with
+// one nth_element over the student row (a second, O(V) pass) instead.
+constexpr int kStreamingMaxK = 256;
 
 // ---- vectorisable float math ---------------------------------------------------------------------
 
-// exp(x) for x <= ~0 (every argument here is a logit minus its row max or lse), 1-2 ulp, written so
-// that a loop over it vectorises: Cody-Waite range reduction and a degree-6 polynomial (Cephes
-// expf). Below -87.3 the result is 0 (flush instead of subnormals): exactly 0 for -inf, which is
+// exp(x) for x <= ~0 (every argument here is a logit minus its row max or lse), written so that a
+// loop over it vectorises: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf);
+// under 1 ulp on [-87, 0] (checked against double exp over every float there, without FMA).
+// Below -87.3 the result is 0 (flush instead of subnormals): exactly 0 for -inf, which is
 // what `exp(-inf) * anything = 0` needs. NaN stays NaN.
 OPD_ALWAYS_INLINE float exp_nonpositive(float x) {
   constexpr float kLog2e = 1.44269504088896341f;
@@ -74,15 +78,24 @@ struct PairBlock {
   opd::PairSoftmaxState state;
   float raw_max_s, raw_max_t;  // maxima of the unscaled logits
   bool nan_s, nan_t;
+  // Student max of every kScreenChunk elements: the top-k screen reads these, not the block.
+  float chunk_max_s[kBlock / kScreenChunk];
 };
 
 OPD_CPU_MULTIVERSION
 void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau, PairBlock& out) {
   float raw_max_s = -kInf, raw_max_t = -kInf;
+  for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
+    const int64_t end = std::min(chunk + kScreenChunk, n);
+    float chunk_max = -kInf;
+#pragma omp simd reduction(max : chunk_max)
+    for (int64_t j = chunk; j < end; ++j) chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
+    out.chunk_max_s[chunk / kScreenChunk] = chunk_max;
+    raw_max_s = std::max(raw_max_s, chunk_max);
+  }
   int nan_s = 0, nan_t = 0;
-#pragma omp simd reduction(max : raw_max_s, raw_max_t) reduction(| : nan_s, nan_t)
+#pragma omp simd reduction(max : raw_max_t) reduction(| : nan_s, nan_t)
   for (int64_t j = 0; j < n; ++j) {
-    raw_max_s = s[j] > raw_max_s ? s[j] : raw_max_s;
     raw_max_t = t[j] > raw_max_t ? t[j] : raw_max_t;
     nan_s |= s[j] != s[j];
     nan_t |= t[j] != t[j];
@@ -154,13 +167,43 @@ void reverse_kl_block(const float* s, const float* t, int64_t n, float inv_tau, 
 
 // ---- dtype plumbing --------------------------------------------------------------------------------
 
+// bf16 <-> float by bit manipulation (round to nearest even, NaN kept quiet), and fp16 through
+// c10's branch-free conversions, compiled per ISA so the loops vectorise (F16C on v3/v4).
+OPD_CPU_MULTIVERSION
+void widen(const c10::BFloat16* x, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = std::bit_cast<float>(static_cast<uint32_t>(x[j].x) << 16);
+}
+
+OPD_CPU_MULTIVERSION
+void widen(const c10::Half* x, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = c10::detail::fp16_ieee_to_fp32_value(x[j].x);
+}
+
+OPD_CPU_MULTIVERSION
+void narrow(const float* x, int64_t n, c10::BFloat16* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = std::bit_cast<uint32_t>(x[j]);
+    const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    out[j].x = static_cast<uint16_t>(x[j] != x[j] ? 0x7FC0u : rounded);
+  }
+}
+
+OPD_CPU_MULTIVERSION
+void narrow(const float* x, int64_t n, c10::Half* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j].x = c10::detail::fp16_ieee_from_fp32_value(x[j]);
+}
+
 // A float view of x[0, n): the data itself for float32, else widened into `buffer`.
 template <typename scalar_t>
 const float* as_float(const scalar_t* x, int64_t n, float* buffer) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return x;
   } else {
-    for (int64_t j = 0; j < n; ++j) buffer[j] = static_cast<float>(x[j]);
+    widen(x, n, buffer);
     return buffer;
   }
 }
@@ -177,9 +220,7 @@ float* float_output(scalar_t* out, float* buffer) {
 
 template <typename scalar_t>
 void store_block(const float* values, int64_t n, scalar_t* out) {
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(values[j]);
-  }
+  if constexpr (!std::is_same_v<scalar_t, float>) narrow(values, n, out);
 }
 
 // ---- argument checks (the Python wrappers check first and more kindly) ----------------------------
@@ -224,12 +265,33 @@ float log_softmax_at(float x, float raw_max, float sum, float inv_tau) {
 
 // ---- token_stats -------------------------------------------------------------------------------------
 
-// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1).
+// The k best ids of a NaN-free row in the order of opd::ranks_before (unsorted within the k).
+template <typename S>
+void select_topk(const S* row, int64_t vocab, int k, std::vector<float>& values, std::vector<int32_t>& ids) {
+  values.resize(vocab);
+  for (int64_t v = 0; v < vocab; ++v) values[v] = static_cast<float>(row[v]);
+  ids.resize(vocab);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), [&](int32_t a, int32_t b) {
+    return opd::ranks_before(values[a], a, values[b], b);
+  });
+}
+
+// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1): the k
+// gathered pairs go through the same blocked reduction as a row.
 template <typename S, typename T>
-float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau) {
+float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau,
+                      float* buffer_s, float* buffer_t) {
   opd::PairSoftmaxState state;
-  for (int i = 0; i < k; ++i) {
-    state.update(static_cast<float>(s_row[ids[i]]) * inv_tau, static_cast<float>(t_row[ids[i]]) * inv_tau);
+  for (int start = 0; start < k; start += kBlock) {
+    const int n = std::min<int>(kBlock, k - start);
+    for (int i = 0; i < n; ++i) {
+      buffer_s[i] = static_cast<float>(s_row[ids[start + i]]);
+      buffer_t[i] = static_cast<float>(t_row[ids[start + i]]);
+    }
+    PairBlock block;
+    reduce_pair_block(buffer_s, buffer_t, n, inv_tau, block);
+    state.merge(block.state);
   }
   return state.reverse_kl();
 }
@@ -247,6 +309,7 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
     std::vector<float> buffer_s(kBlock), buffer_t(kBlock);
     std::vector<float> topk_values(topk);
     std::vector<int32_t> topk_ids(topk);
+    const bool streaming_topk = topk > 0 && topk <= kStreamingMaxK;
     for (int64_t r = begin; r < end; ++r) {
       const S* s_row = student + r * stride_s;
       const T* t_row = teacher + r * stride_t;
@@ -264,15 +327,11 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
         has_nan |= block.nan_s || block.nan_t;
         raw_max_s = std::max(raw_max_s, block.raw_max_s);
         raw_max_t = std::max(raw_max_t, block.raw_max_t);
-        if (topk == 0 || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
+        if (!streaming_topk || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
         for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
-          const int64_t m = std::min(kScreenChunk, n - chunk);
-          if (top.size() == topk) {
-            float chunk_max = -kInf;
-            for (int64_t j = 0; j < m; ++j) chunk_max = std::max(chunk_max, s[chunk + j]);
-            if (!(chunk_max > topk_values[topk - 1])) continue;
-          }
-          for (int64_t j = 0; j < m; ++j) top.push(s[chunk + j], static_cast<int32_t>(start + chunk + j));
+          if (top.size() == topk && !(block.chunk_max_s[chunk / kScreenChunk] > topk_values[topk - 1])) continue;
+          const int64_t end = std::min(chunk + kScreenChunk, n);
+          for (int64_t j = chunk; j < end; ++j) top.push(s[j], static_cast<int32_t>(start + j));
         }
       }
       const int64_t y = tokens[r];
@@ -282,9 +341,12 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
       out.forward_kl[r] = state.forward_kl();
       out.student_lse[r] = state.lse_s();
       out.teacher_lse[r] = state.lse_t();
-      if (topk > 0) {
-        out.topk_reverse_kl[r] =
-            has_nan ? kNaN : topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau);
+      if (topk > 0 && has_nan) {
+        out.topk_reverse_kl[r] = kNaN;
+      } else if (topk > 0) {
+        if (!streaming_topk) select_topk(s_row, vocab, topk, topk_values, topk_ids);
+        out.topk_reverse_kl[r] = topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau,
+                                                 buffer_s.data(), buffer_t.data());
       }
     }
   });
@@ -380,7 +442,7 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
   check_row_vector(op, "coef", coef, student_logits);
   check_row_vector(op, "student_lse", student_lse, student_logits);
   const at::Tensor ids = tokens.contiguous(), c = coef.contiguous(), lse = student_lse.contiguous();
-  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
   const float inv_tau = static_cast<float>(1.0 / temperature);
   dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
@@ -427,7 +489,7 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
   const int64_t rows = s.size(0), vocab = s.size(1);
   const at::Tensor c = coef.contiguous(), lse_s = student_lse.contiguous(),
                    lse_t = teacher_lse.contiguous(), kl = reverse_kl.contiguous();
-  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
   const float inv_tau = static_cast<float>(1.0 / temperature);
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {

@@ -29,6 +29,9 @@
 
 namespace opd {
 
+// The element-level rules of both states. Kernels that fold a whole chunk at known maxima (the CPU
+// and CUDA token_stats) build states from these directly, so the centring convention here is part
+// of the states' definition, not an implementation detail of update/merge.
 namespace online_softmax_detail {
 
 // exp(old_max - new_max) for new_max >= old_max; 1 when equal, which covers two -inf maxima.
