@@ -42,7 +42,8 @@ class StopReason:
     BUDGET = reference.DRIFT_BUDGET  # length reached the budget (window length L)
     FINISHED = reference.DRIFT_FINISHED  # stopped by the caller (EOS, max_new_tokens): finish()
 
-    NAMES = {0: "running", 1: "weight_exhausted", 2: "patience", 3: "budget", 4: "finished"}
+    NAMES = {RUNNING: "running", WEIGHT_EXHAUSTED: "weight_exhausted", PATIENCE: "patience", BUDGET: "budget",
+             FINISHED: "finished"}
 
 
 # The budget of a sequence without a length cap (the budget is an int32 in the kernels).
@@ -281,8 +282,12 @@ class DriftMonitor:
             (typically :attr:`DynamicWindow.length`). A row reaching it stops with
             ``StopReason.BUDGET``.
 
-    History (``[B, T]``, ``T`` = number of steps so far; position ``j`` of row ``b`` is that row's
-    ``j``-th token, padded after the row stopped):
+    Feed it one token per active row with :meth:`step` (fused decode-step kernel: one read of the
+    logits), or a chunk of tokens with :meth:`observe` (chunked / post-hoc scoring); both advance
+    the same per-sequence state machine and give identical results on the same tokens.
+
+    History (``[B, T]``, ``T`` = :attr:`num_steps`, the tokens fed so far per row at most; position
+    ``j`` of row ``b`` is that row's ``j``-th token, padded after the row stopped):
 
     * :attr:`overlaps` top-k overlap (float32, 0 in padding),
     * :attr:`weights` the drift weight in ``[0, 1]`` after each token (non-increasing, 0 in padding),
@@ -290,9 +295,12 @@ class DriftMonitor:
       ``weights=`` to ``opd_ext.vopd_loss`` / ``reverse_kl_loss``,
     * :attr:`mask` which positions hold a token,
     * :attr:`student_logprobs`, :attr:`teacher_logprobs`, :attr:`reverse_kl` when :meth:`step` was
-      given the sampled tokens (else None).
+      given the sampled tokens (else None; :meth:`observe` does not fill them).
 
     Per sequence: :attr:`lengths`, :attr:`stopped`, :attr:`stop_reasons`, :attr:`effective_lengths`.
+
+    A row whose logits hold NaN gets a NaN overlap, which counts as drift: that row is
+    down-weighted and eventually stopped; other rows are unaffected.
     """
 
     def __init__(self, batch_size: int, config: Optional[PruneConfig] = None, *, device="cpu", budget=None):
@@ -354,9 +362,7 @@ class DriftMonitor:
                              f"{self.device}; create it with device={student_logits.device!s}")
         num_rows, vocab = student_logits.shape
         check_k(self.config.k, vocab, "PruneConfig.k")
-        rows = self._check_rows(rows, num_rows)
-        if tokens is not None:
-            self._check_tokens(tokens, num_rows, vocab)
+        rows = self._check_rows(rows, num_rows, tokens, vocab)
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
 
@@ -371,20 +377,16 @@ class DriftMonitor:
             for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
                 self._history[name] = torch.zeros(self.batch_size, self._capacity, device=self.device)
 
-        # Rows that had stopped keep their history; writing them at a clamped position with their
-        # current values is a no-op that keeps this free of a device-to-host sync.
-        write_rows = rows
-        write_pos = positions.clamp(max=self._capacity - 1)
-        keep = was_running
-
+        # Rows that had already stopped rewrite their current value (a no-op): cheaper than
+        # selecting the running rows, which would need a device-to-host sync.
         def record(name, values):
             hist = self._history[name]
-            hist[write_rows, write_pos] = torch.where(keep, values.to(hist.dtype), hist[write_rows, write_pos])
+            hist[rows, positions] = torch.where(was_running, values.to(hist.dtype), hist[rows, positions])
 
         record("overlaps", out.overlap)
         record("weights", self.state.weight.index_select(0, rows))
         record("multipliers", out.multiplier)
-        record("mask", torch.ones_like(keep))
+        record("mask", torch.ones_like(was_running))
         if tokens is not None:
             record("student_logprobs", out.student_logprob)
             record("teacher_logprobs", out.teacher_logprob)
@@ -449,33 +451,45 @@ class DriftMonitor:
         current = reason.index_select(0, rows)
         reason[rows] = torch.where(current == StopReason.RUNNING, torch.full_like(current, StopReason.FINISHED), current)
 
-    def _check_rows(self, rows, num_rows: int) -> torch.Tensor:
+    def _check_rows(self, rows, num_rows: int, tokens=None, vocab: int = 0) -> torch.Tensor:
+        """Validates ``rows`` (and the sampled ``tokens``) with one device-to-host read at most;
+        returns ``rows`` as int64 on the monitor's device (``arange(B)`` for None)."""
+        flags = {}
         if rows is None:
             if num_rows != self.batch_size:
                 raise ValueError(f"got logits for {num_rows} rows but the monitor tracks B={self.batch_size}; "
                                  f"pass rows=<int64 [A] indices of the active rows> for a subset")
-            return torch.arange(self.batch_size, device=self.device)
-        if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int64, torch.int32) or rows.dim() != 1:
-            raise TypeError(f"rows must be an int64 tensor [A] of batch indices, got {rows!r}")
-        if rows.shape[0] != num_rows:
-            raise ValueError(f"rows has {rows.shape[0]} entries but the logits have {num_rows} rows")
-        rows = rows.to(device=self.device, dtype=torch.int64)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.batch_size):
-            raise ValueError(f"rows must index the batch: values in [0, {self.batch_size}), got "
-                             f"[{int(rows.min())}, {int(rows.max())}]")
-        if rows.unique().numel() != rows.numel():
-            raise ValueError("rows must be distinct: each sequence gets at most one token per step")
+            rows = torch.arange(self.batch_size, device=self.device)
+        else:
+            if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int64, torch.int32) or rows.dim() != 1:
+                raise TypeError(f"rows must be an int64 tensor [A] of batch indices, got {rows!r}")
+            if rows.shape[0] != num_rows:
+                raise ValueError(f"rows has {rows.shape[0]} entries but the logits have {num_rows} rows")
+            rows = rows.to(device=self.device, dtype=torch.int64)
+            if rows.numel():
+                ordered = rows.sort().values
+                flags["rows_range"] = (ordered[0] < 0) | (ordered[-1] >= self.batch_size)
+                flags["rows_distinct"] = (ordered[1:] == ordered[:-1]).any()
+        if tokens is not None:
+            if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64:
+                raise TypeError(f"tokens must be an int64 tensor [A={num_rows}], got {tokens!r}")
+            if tokens.shape != (num_rows,):
+                raise ValueError(f"tokens must have shape [A={num_rows}], got {tuple(tokens.shape)}")
+            if tokens.device != self.device:
+                raise ValueError(f"tokens is on {tokens.device} but the DriftMonitor state is on {self.device}")
+            if tokens.numel():
+                flags["tokens_range"] = ((tokens < 0) | (tokens >= vocab)).any()
+        if flags:
+            bad = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
+            if bad.get("rows_range"):
+                raise ValueError(f"rows must index the batch: values in [0, {self.batch_size}), got "
+                                 f"[{int(rows.min())}, {int(rows.max())}]")
+            if bad.get("rows_distinct"):
+                raise ValueError("rows must be distinct: each sequence gets at most one token per step")
+            if bad.get("tokens_range"):
+                raise ValueError(f"tokens must be ids in [0, V={vocab}), got values in "
+                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
         return rows
-
-    @staticmethod
-    def _check_tokens(tokens, num_rows: int, vocab: int) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64:
-            raise TypeError(f"tokens must be an int64 tensor [A={num_rows}], got {tokens!r}")
-        if tokens.shape != (num_rows,):
-            raise ValueError(f"tokens must have shape [A={num_rows}], got {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            raise ValueError(f"tokens must be ids in [0, V={vocab}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
 
     # ---- results -----------------------------------------------------------------------------
     def _view(self, name: str) -> Optional[torch.Tensor]:
@@ -557,17 +571,15 @@ def _drift_step(student_logits, teacher_logits, tokens, rows, state: DriftState,
     if _use_kernels(student_logits, config.k):
         return _StepOutput(*ops.drift_step(student_logits, teacher_logits, tokens, rows, *state, config.k,
                                            temperature, **config.kernel_args()))
+    # No kernels for this device (a CUDA build without CUDA kernels, or k beyond the CUDA top-k).
     overlap = reference.topk_overlap(student_logits, teacher_logits, config.k)
     multiplier, stopped = reference.drift_update(overlap, *state, rows, **config.kernel_args())
-    empty = overlap.new_empty(0)
     if tokens is None:
+        empty = overlap.new_empty(0)
         return _StepOutput(overlap, multiplier, stopped, empty, empty, empty)
-    log_p = torch.log_softmax(student_logits.float() / temperature, -1)
-    log_q = torch.log_softmax(teacher_logits.float() / temperature, -1)
-    pick = tokens.unsqueeze(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return _StepOutput(overlap, multiplier, stopped, log_p.gather(-1, pick).squeeze(-1),
-                       log_q.gather(-1, pick).squeeze(-1), kl)
+    stats = reference.token_stats(student_logits, teacher_logits, tokens, temperature)
+    return _StepOutput(overlap, multiplier, stopped, stats["student_logprob"].float(),
+                       stats["teacher_logprob"].float(), stats["reverse_kl"].float())
 
 
 def _drift_scan(overlaps, mask, state: DriftState, config: PruneConfig):

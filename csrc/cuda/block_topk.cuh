@@ -9,8 +9,10 @@
 // so the cost is the memory read plus a handful of small sorts.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "opd/topk.h"
@@ -71,7 +73,7 @@ __device__ __forceinline__ void topk_offer(TopKCandidates* c, const AdmissionThr
 
 // Keeps the best k candidates (in rank order when more than k were present). All threads call it,
 // after a barrier that made every append visible.
-__device__ void topk_compact(TopKCandidates& c) {
+__device__ inline void topk_compact(TopKCandidates& c) {
   const int count = c.count;
   if (count <= c.k) return;  // nothing to drop: no threshold can be derived yet
   int n = 1;
@@ -155,12 +157,14 @@ __device__ __forceinline__ void prepare_tile(TopKCandidates* top_s, TopKCandidat
 
 // One pass over s_row[0, V) and t_row[0, V) by the whole block: visit(s, t, index) for every
 // element, candidates offered to top_s / top_t (either may be nullptr). On return (after a
-// barrier) each non-null buffer holds its row's top-k ids in indices[0, k) unless saw_nan is set.
+// barrier) each non-null buffer holds the top min(k, V) ids in indices[0, count) unless saw_nan is
+// set. When the rows are slices of longer rows, `index_base` is the slice's offset: visited and
+// stored indices are positions in the full row.
 // Loads are 16 bytes wide where both rows can be aligned together (the usual case: rows of one
 // contiguous tensor share their phase), scalar otherwise.
 template <typename S, typename T, typename Visitor>
 __device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, TopKCandidates* top_s,
-                                TopKCandidates* top_t, Visitor& visit) {
+                                TopKCandidates* top_t, Visitor& visit, int32_t index_base = 0) {
   constexpr int kVec = 16 / (sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
   static_assert(kVec <= kMaxVectorElems);
   const int head_s = elements_to_alignment(s_row, kVec * sizeof(S));
@@ -179,9 +183,9 @@ __device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, T
       if (i < end) {
         const float s = static_cast<float>(s_row[i]);
         const float t = static_cast<float>(t_row[i]);
-        visit(s, t, i);
-        topk_offer(top_s, thr_s, s, i);
-        topk_offer(top_t, thr_t, t, i);
+        visit(s, t, index_base + i);
+        topk_offer(top_s, thr_s, s, index_base + i);
+        topk_offer(top_t, thr_t, t, index_base + i);
       }
     }
   };
@@ -199,9 +203,10 @@ __device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, T
       load_vector<T, kVec>(t_row + first, t);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        visit(s[j], t[j], first + j);
-        topk_offer(top_s, thr_s, s[j], first + j);
-        topk_offer(top_t, thr_t, t[j], first + j);
+        const int32_t index = index_base + first + j;
+        visit(s[j], t[j], index);
+        topk_offer(top_s, thr_s, s[j], index);
+        topk_offer(top_t, thr_t, t[j], index);
       }
     }
   }
@@ -211,6 +216,72 @@ __device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, T
   if (top_s != nullptr) topk_compact(*top_s);
   if (top_t != nullptr) topk_compact(*top_t);
   __syncthreads();
+}
+
+// |ids_s ∩ ids_t| for two id sets of size k in shared memory; every thread gets the count.
+__device__ __forceinline__ int block_count_common(const int32_t* ids_s, const int32_t* ids_t, int k,
+                                                  int* shared_counter) {
+  if (threadIdx.x == 0) *shared_counter = 0;
+  __syncthreads();
+  int local = 0;
+  for (int j = threadIdx.x; j < k; j += blockDim.x) {
+    for (int i = 0; i < k; ++i) {
+      if (ids_s[i] == ids_t[j]) {
+        ++local;
+        break;
+      }
+    }
+  }
+  if (local != 0) atomicAdd(shared_counter, local);
+  __syncthreads();
+  return *shared_counter;
+}
+
+// Splitting long rows across blocks: a block's partial top-k (at most k candidates, padded with
+// entries that rank last) is written to global memory and merged by topk_merge_partials.
+__device__ __forceinline__ void topk_store_partial(const TopKCandidates& c, float* values, int32_t* indices,
+                                                   int* saw_nan) {
+  for (int i = threadIdx.x; i < c.k; i += blockDim.x) {
+    const bool real = i < c.count;
+    values[i] = real ? c.values[i] : -INFINITY;
+    indices[i] = real ? c.indices[i] : INT32_MAX;
+  }
+  if (threadIdx.x == 0 && c.saw_nan) *saw_nan = 1;
+}
+
+// Loads `parts` partial top-k lists (each k long, contiguous) and keeps the best k. parts * k must
+// not exceed kTopKCapacity.
+__device__ __forceinline__ void topk_merge_partials(TopKCandidates& c, const float* values,
+                                                    const int32_t* indices, int parts) {
+  const int total = parts * c.k;
+  for (int i = threadIdx.x; i < total; i += blockDim.x) {
+    c.values[i] = values[i];
+    c.indices[i] = indices[i];
+  }
+  if (threadIdx.x == 0) c.count = total;
+  __syncthreads();
+  topk_compact(c);
+}
+
+// Slices per row for the split pass (rows cut into slices whose partial top-k lists a second
+// kernel merges): enough blocks for two waves over the GPU, slices of at least 4096 elements (so
+// the partial/merge overhead stays small next to the read), and all partial lists of a row must
+// fit one merge buffer. 1 means one block per row.
+inline int pair_pass_slices_per_row(int64_t rows, int64_t vocab, int64_t k) {
+  if (rows > 65535) return 1;  // gridDim.y limit; plenty of rows to fill the GPU anyway
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t wanted = (2 * sm_count + rows - 1) / rows;
+  const int64_t by_length = vocab / 4096;
+  const int64_t by_merge = kTopKCapacity / k;
+  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_length, by_merge})));
+}
+
+// Slice starts on a multiple of 8 elements keep 16-byte loads possible inside every slice.
+inline int64_t pair_pass_slice_length(int64_t vocab, int slices) {
+  return ((vocab + slices - 1) / slices + 7) / 8 * 8;
 }
 
 }  // namespace opd_ext::cuda_kernels

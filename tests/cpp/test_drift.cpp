@@ -169,4 +169,40 @@ TEST(DriftStep, NanOverlapCountsAsDrift) {
   EXPECT_EQ(state.drift_events, 1);
 }
 
+TEST(DriftScanRow, EqualsSteppingAndSkipsInvalidPositions) {
+  DriftConfig config;
+  config.ema_beta = 0.25f;
+  config.w_drop = 0.125f;
+  config.patience = 4;
+  const std::vector<float> overlaps = {1.0f, 0.5f, 0.25f, 0.75f, 0.0f, 0.5f, 0.25f, 0.0f, 0.0f, 1.0f, 0.0f, 0.0f};
+  const bool valid[] = {true, true, false, true, true, true, false, true, true, true, true, true};
+  const int64_t steps = static_cast<int64_t>(overlaps.size());
+
+  DriftState scanned;
+  std::vector<float> multipliers(steps), weights(steps);
+  const int64_t stop = opd::drift_scan_row(config, scanned, overlaps.data(), valid, steps, multipliers.data(),
+                                           weights.data());
+
+  DriftState stepped;
+  int64_t expected_stop = -1;
+  for (int64_t t = 0; t < steps; ++t) {
+    if (!valid[t] || stepped.stop_reason != opd::kRunning) {
+      EXPECT_EQ(multipliers[t], 0.0f);
+      EXPECT_EQ(weights[t], 0.0f);
+      continue;
+    }
+    const auto r = opd::drift_step(config, stepped, overlaps[t]);
+    EXPECT_EQ(multipliers[t], r.multiplier) << t;
+    EXPECT_EQ(weights[t], stepped.weight) << t;
+    if (r.stopped) expected_stop = t;
+  }
+  EXPECT_EQ(stop, expected_stop);
+  EXPECT_GE(stop, 0);
+  EXPECT_EQ(scanned.length, stepped.length);
+  EXPECT_EQ(scanned.ema, stepped.ema);
+  EXPECT_EQ(scanned.weight, stepped.weight);
+  EXPECT_EQ(scanned.drift_events, stepped.drift_events);
+  EXPECT_EQ(scanned.stop_reason, stepped.stop_reason);
+}
+
 }  // namespace
