@@ -10,17 +10,18 @@ overlaps, the sampled tokens' student / teacher log-probs and reverse KL, stop r
   are dropped from both models' batch (caches, attention masks, positions), so later steps cost
   less.
 * :func:`generate_with_pruning` (``chunk_size=C``): the student decodes ``C`` tokens, the teacher
-  scores the whole chunk in one forward, the monitor walks the chunk's positions to find where each
-  row stops. About ``C`` times fewer teacher calls, for at most ``C - 1`` wasted student tokens per
-  stopped row.
+  scores the whole chunk in one forward, the drift scan (``DriftMonitor.observe``) finds where each
+  row stops within it. About ``C`` times fewer teacher calls, for at most ``C - 1`` wasted student
+  tokens per stopped row.
 * :class:`PruneOPDHook`: the same decisions inside Hugging Face ``model.generate()`` through a
   ``LogitsProcessor`` (runs the teacher incrementally) and a ``StoppingCriteria`` (steps the monitor,
   returns the per-row stop mask); :func:`generate_hf_with_pruning` wraps the three calls.
 * :func:`score_rollouts`: post hoc, for rollouts from another engine (vLLM, SGLang): one teacher
   forward over the finished sequences, then weights and truncation points.
 
-Given the same tokens, all four make identical decisions: they feed the monitor the same
-``(student logits, teacher logits, token)`` triples in the same order.
+Given the same tokens, all four make identical decisions: the monitor sees the same
+``(student logits, teacher logits, token)`` triples in the same order (the scan over a chunk is
+the decode step applied position by position).
 
 Models are any causal LM with the Hugging Face calling convention (``input_ids``,
 ``attention_mask``, ``position_ids``, a KV cache, ``.logits``), transformers 4.5x (``past_key_values``)
@@ -36,7 +37,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from opd_ext._validation import LOGIT_DTYPES, align_vocab
+from opd_ext._validation import LOGIT_DTYPES, align_vocab, check_temperature
+from opd_ext.losses import token_stats
+from opd_ext.ops import topk_overlap
 from opd_ext.prune import DriftMonitor, PruneConfig, StopReason
 
 __all__ = [
@@ -72,8 +75,9 @@ class Rollout:
     Per row: :attr:`lengths` (completion tokens kept; the row stopped after token ``lengths - 1``)
     and :attr:`stop_reason` (``opd_ext.StopReason`` codes: ``FINISHED`` = emitted EOS,
     ``WEIGHT_EXHAUSTED`` / ``PATIENCE`` / ``BUDGET`` = stopped by pruning, ``RUNNING`` = reached
-    ``max_new_tokens`` or the end of the given sequence); :attr:`effective_lengths` (tokens with
-    weight > 0, for ``DynamicWindow.update``).
+    ``max_new_tokens`` or the end of the given sequence; an EOS that is also the token exhausting
+    the weight reports the drift reason); :attr:`effective_lengths` (tokens with weight > 0, for
+    ``DynamicWindow.update``).
 
     Costs: :attr:`tokens_generated` (token rows the student decoded, wasted ones included),
     :attr:`tokens_saved` (decode slots not spent on pruned rows, counted up to ``max_new_tokens``;
@@ -102,6 +106,12 @@ class Rollout:
     def completions(self) -> torch.Tensor:
         """``[B, T]`` generated ids (padding where :attr:`completion_mask` is False)."""
         return self.sequences[:, self.prompt_length:]
+
+    @property
+    def stop_steps(self) -> torch.Tensor:
+        """int64 ``[B]``: completion index of the token after which each row stopped (EOS or
+        pruning), -1 for rows that ran to the length limit (the convention of ``drift_scan``)."""
+        return torch.where(self.stop_reason == StopReason.RUNNING, -1, self.lengths - 1)
 
     @property
     def tokens_kept(self) -> int:
@@ -144,10 +154,7 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Opti
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r} "
-                         f"(for greedy decoding pass do_sample=False)")
+    check_temperature(temperature)  # greedy decoding: do_sample=False, not temperature 0
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
@@ -189,7 +196,7 @@ def _check_token_ids(name: str, ids: TokenIds, device) -> Optional[torch.Tensor]
     if ids is None:
         return None
     ids = torch.as_tensor(ids, device=device).reshape(-1)
-    if ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.numel() == 0 or bool((ids < 0).any()):
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.numel() == 0 or bool((ids < 0).any()):
         raise ValueError(f"{name} must be None, a token id >= 0 or a list of them, got {ids.tolist()!r}")
     return ids.long()
 
@@ -214,10 +221,6 @@ def _check_config(config) -> PruneConfig:
 
 
 # ---- model plumbing -----------------------------------------------------------------------------
-def _forward_parameters(model) -> set:
-    return set(inspect.signature(model.forward).parameters)
-
-
 def _comparable(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     """The two models' logits over their shared vocabulary, in a dtype pair the kernels take.
 
@@ -239,7 +242,7 @@ class _CachedDecoder:
     def __init__(self, model, name: str):
         self.model = model
         self.name = name
-        params = _forward_parameters(model)
+        params = inspect.signature(model.forward).parameters
         # transformers 5.x renamed the cache argument (and output) from past_key_values to cache.
         self._cache_key = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -280,55 +283,88 @@ class _CachedDecoder:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drops every row not in ``rows`` (int64 indices into the current batch) from the cache."""
-        if hasattr(self.cache, "batch_select_indices"):
-            self.cache.batch_select_indices(rows)
-        else:  # legacy tuple-of-(key, value) caches
-            self.cache = tuple(tuple(state[rows] for state in layer) for layer in self.cache)
+        if not hasattr(self.cache, "batch_select_indices"):
+            raise TypeError(f"{self.name}'s KV cache ({type(self.cache).__name__}) cannot drop rows: generation "
+                            f"needs a transformers Cache (DynamicCache, the default of transformers >= 4.50)")
+        self.cache.batch_select_indices(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
 
 
-def _step_block(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
-                eos: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Feeds the monitor a block of positions ``[A, C]`` in order, one token per live row per position.
+def _consume_token(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
+                   eos: Optional[torch.Tensor]) -> torch.Tensor:
+    """One sampled token per live row ``[A]`` through the fused decode-step op: top-k overlap, drift
+    state and the token's log-probs / KL from one read of the ``[A, V]`` logits.
 
-    A row leaves the block at its first stop (drift or EOS) or, post hoc, where ``valid`` ends.
-    Returns bool ``[A]``: the rows still generating after the block.
+    Returns bool ``[A]``: the rows still generating (not stopped by drift, not at EOS).
     """
-    alive = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    for j in range(tokens.shape[1]):
-        if valid is not None:
-            alive &= valid[:, j]
-        live = alive.nonzero().squeeze(-1)
-        if live.numel() == 0:
-            break
-        token = tokens[live, j]
-        stopped = monitor.step(student_logits[live, j], teacher_logits[live, j], token,
-                               rows=rows[live], temperature=temperature)
-        if eos is not None:
-            at_eos = torch.isin(token, eos)
-            monitor.finish(rows[live[at_eos]])
-            stopped = stopped | at_eos
-        alive[live[stopped]] = False
-    return alive
+    stopped = monitor.step(student_logits, teacher_logits, tokens, rows=rows, temperature=temperature)
+    if eos is not None:
+        at_eos = torch.isin(tokens, eos)
+        monitor.finish(rows[at_eos])
+        stopped = stopped | at_eos
+    return ~stopped
+
+
+def _consume_chunk(monitor: DriftMonitor, student_logits, teacher_logits, tokens, rows, *, temperature,
+                   eos: Optional[torch.Tensor], token_stats_out: torch.Tensor,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``C`` tokens per live row ``[A, C]`` at once: overlaps and token statistics over the
+    ``[A, C, V]`` logits in one op each, then the drift scan (``DriftMonitor.observe``) finds where
+    each row stops. Decisions are those of ``C`` calls of :func:`_consume_token`.
+
+    ``valid`` (post hoc) marks the positions holding tokens (a prefix per row). The kept tokens'
+    ``(student log-prob, teacher log-prob, reverse KL)`` go to ``token_stats_out[:, row, position]``
+    (``observe`` tracks only the drift state). Returns bool ``[A]``: rows still generating after it.
+    """
+    mask = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.clone()
+    at_eos = torch.zeros_like(mask)
+    if eos is not None:  # a row's tokens end at its first EOS, which is kept
+        at_eos = torch.isin(tokens, eos) & mask
+        mask &= (at_eos.long().cumsum(1) - at_eos.long()) == 0
+        at_eos &= mask
+    start = monitor.lengths.index_select(0, rows)
+    overlaps = topk_overlap(student_logits, teacher_logits, monitor.config.k)
+    stop_at = monitor.observe(overlaps, mask, rows=rows)
+    ended_by_eos = at_eos.any(1) & (stop_at < 0)
+    monitor.finish(rows[ended_by_eos])
+
+    steps = torch.arange(tokens.shape[1], device=tokens.device)
+    kept = mask & ((stop_at[:, None] < 0) | (steps <= stop_at[:, None]))
+    stats = token_stats(student_logits, teacher_logits, tokens, temperature=temperature)
+    at_row, at_step = kept.nonzero(as_tuple=True)
+    token_stats_out[:, rows[at_row], start[at_row] + at_step] = torch.stack(stats)[:, at_row, at_step]
+    return (stop_at < 0) & ~ended_by_eos & mask[:, -1]
 
 
 def _record(monitor: DriftMonitor, prompt: torch.Tensor, completions: torch.Tensor, pad: Optional[int], *,
-            tokens_generated: int, tokens_saved: int, teacher_forwards: int, teacher_tokens: int) -> Rollout:
-    mask = monitor.mask
-    completions = completions[:, :monitor.num_steps]
+            tokens_generated: int, tokens_saved: int, teacher_forwards: int, teacher_tokens: int,
+            token_stats_out: Optional[torch.Tensor] = None) -> Rollout:
+    """Assembles the record from the monitor's history, trimmed to the longest completion.
+
+    ``token_stats_out`` ``[3, B, >=T]`` holds the token statistics when the monitor did not record
+    them (chunks consumed through ``observe``).
+    """
+    steps = int(monitor.lengths.max())
+    mask = monitor.mask[:, :steps]
+    completions = completions[:, :steps]
     if pad is not None:
         completions = completions.masked_fill(~mask, pad)
+    if token_stats_out is None:
+        stats = (monitor.student_logprobs, monitor.teacher_logprobs, monitor.reverse_kl)
+    else:
+        stats = token_stats_out
+    student_logprobs, teacher_logprobs, reverse_kl = (x[:, :steps].clone() for x in stats)
     return Rollout(
         sequences=torch.cat([prompt, completions], dim=1),
         prompt_length=prompt.shape[1],
         completion_mask=mask.clone(),
-        multipliers=monitor.multipliers.clone(),
-        weights=monitor.weights.clone(),
-        overlaps=monitor.overlaps.clone(),
-        student_logprobs=monitor.student_logprobs.clone(),
-        teacher_logprobs=monitor.teacher_logprobs.clone(),
-        reverse_kl=monitor.reverse_kl.clone(),
+        multipliers=monitor.multipliers[:, :steps].clone(),
+        weights=monitor.weights[:, :steps].clone(),
+        overlaps=monitor.overlaps[:, :steps].clone(),
+        student_logprobs=student_logprobs,
+        teacher_logprobs=teacher_logprobs,
+        reverse_kl=reverse_kl,
         lengths=monitor.lengths,
         stop_reason=monitor.stop_reasons,
         effective_lengths=monitor.effective_lengths,
@@ -347,7 +383,7 @@ def _tokens_saved(monitor: DriftMonitor, max_new_tokens: int) -> int:
 
 
 # ---- 1 + 3: our decode loop, lockstep or chunked ------------------------------------------------
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: the recorded tensors must stay usable as constants in a backward
 def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                           *, max_new_tokens: int, config: Optional[PruneConfig] = None, chunk_size: int = 1,
                           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -356,8 +392,8 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
     """Samples rollouts from ``student`` while ``teacher`` scores them and Prune-OPD stops drifted rows.
 
     Every ``chunk_size`` tokens the teacher scores the new tokens of the live rows in one forward
-    and the monitor consumes them position by position; rows that stopped (drift, EOS) are then
-    removed from both models' batch. ``chunk_size=1`` is the lockstep loop: one teacher token per
+    and the monitor consumes them (the drift scan finds the first stop in the chunk); rows that
+    stopped (drift, EOS) are then removed from both models' batch. ``chunk_size=1`` is the lockstep loop: one teacher token per
     student token, and a row leaves the batch right after the token that stopped it.
 
     Args:
@@ -393,6 +429,7 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
     teacher_next = teacher_lm.prefill(prompt, prompt_mask)
     shared_vocab = min(student_next.shape[-1], teacher_next.shape[-1])
     completions = torch.full((batch, max_new_tokens), pad, dtype=torch.int64, device=device)
+    chunk_stats = None if chunk_size == 1 else torch.zeros(3, batch, max_new_tokens, device=device)
 
     active = torch.arange(batch, device=device)  # batch index of each live row of the models
     pending = None  # each live row's last token, not yet fed to either model
@@ -419,7 +456,11 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
             head, feed = [], torch.cat([pending[:, None], chunk[:, :-1]], dim=1)
         teacher_logits = torch.cat(head + ([teacher_lm.extend(feed)] if feed.shape[1] else []), dim=1)
         s, t = _comparable(torch.stack(student_logits, dim=1), teacher_logits)
-        alive = _step_block(monitor, s, t, chunk, active, temperature=temperature, eos=eos)
+        if chunk_size == 1:
+            alive = _consume_token(monitor, s[:, 0], t[:, 0], chunk[:, 0], active, temperature=temperature, eos=eos)
+        else:
+            alive = _consume_chunk(monitor, s, t, chunk, active, temperature=temperature, eos=eos,
+                                   token_stats_out=chunk_stats)
 
         completions[active, position:position + width] = chunk
         position += width
@@ -434,14 +475,19 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
 
     return _record(monitor, prompt, completions, pad, tokens_generated=tokens_generated,
                    tokens_saved=_tokens_saved(monitor, max_new_tokens), teacher_forwards=teacher_lm.forwards,
-                   teacher_tokens=teacher_lm.token_rows)
+                   teacher_tokens=teacher_lm.token_rows, token_stats_out=chunk_stats)
 
 
 
 # ---- 4: post hoc, for rollouts generated elsewhere ----------------------------------------------
-def _full_sequence_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens (one forward, no cache)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+    # Only the completion needs logits; prompts are often much longer than completions.
+    keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                   **keep).logits
+    return logits[:, -steps - 1:-1]
 
 
 @torch.no_grad()
@@ -453,8 +499,8 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
     """Prune-OPD over finished rollouts (e.g. from vLLM / SGLang): weights and truncation points.
 
     One teacher forward over the sequences (and one student forward unless ``student_logits`` is
-    given), then the monitor walks the completions token by token exactly as during generation:
-    ``completion_mask`` of the result ends where the row would have been stopped.
+    given), then the drift scan over the completions, which decides exactly as the decode step did
+    during generation: ``completion_mask`` of the result ends where the row would have been stopped.
 
     Args:
         student: the student model, or None when ``student_logits`` is given.
@@ -507,23 +553,22 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
         raise ValueError("completion_mask must be a prefix per row (1...1 0...0): completions are right-padded")
 
     full_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    # Position p's logits predict token p + 1: the completion is predicted from P - 1 .. P + T - 2.
-    predicting = slice(prompt_len - 1, prompt_len + steps - 1)
-    teacher_logits = _full_sequence_logits(teacher, sequences, full_mask)[:, predicting]
+    teacher_logits = _completion_logits(teacher, sequences, full_mask, steps)
     if student_logits is None:
-        student_logits = _full_sequence_logits(student, sequences, full_mask)[:, predicting]
+        student_logits = _completion_logits(student, sequences, full_mask, steps)
     elif not isinstance(student_logits, torch.Tensor) or student_logits.shape[:2] != completions.shape:
         got = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
         raise ValueError(f"student_logits must be [B, T, V] with [B, T] = {tuple(completions.shape)}, got {got}")
     s, t = _comparable(student_logits, teacher_logits)
 
     monitor = DriftMonitor(batch, config, device=device, budget=budget)
-    _step_block(monitor, s, t, completions, torch.arange(batch, device=device), temperature=temperature,
-                eos=eos, valid=completion_mask)
+    stats = torch.zeros(3, batch, steps, device=device)
+    _consume_chunk(monitor, s, t, completions, torch.arange(batch, device=device), temperature=temperature,
+                   eos=eos, token_stats_out=stats, valid=completion_mask)
     generated = int(completion_mask.sum())
     return _record(monitor, prompt, completions, pad, tokens_generated=generated,
                    tokens_saved=generated - int(monitor.mask.sum()), teacher_forwards=1,
-                   teacher_tokens=sequences.numel())
+                   teacher_tokens=sequences.numel(), token_stats_out=stats)
 
 
 # ---- 2: Hugging Face generate() -----------------------------------------------------------------
@@ -691,9 +736,9 @@ class PruneOPDHook:
         if self._step_logits is not None:
             student, teacher = self._step_logits
             self._step_logits = None
-            tokens = input_ids[self._active, -1:]
-            alive = _step_block(self.monitor, student[:, None], teacher[:, None], tokens, self._active,
-                                temperature=self._temperature, eos=self._eos)
+            tokens = input_ids[self._active, -1]
+            alive = _consume_token(self.monitor, student, teacher, tokens, self._active,
+                                   temperature=self._temperature, eos=self._eos)
             keep = alive.nonzero().squeeze(-1)
             if keep.numel() < self._active.numel():
                 self._teacher.keep_rows(keep)
@@ -724,8 +769,8 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
                              *, config: Optional[PruneConfig] = None, budget=None, **generate_kwargs) -> Rollout:
     """``student.generate(input_ids, attention_mask=..., **generate_kwargs)`` with a :class:`PruneOPDHook`.
 
-    EOS / padding / temperature come from ``generate_kwargs`` or the student's ``generation_config``,
-    as ``generate()`` itself resolves them; ``logits_processor`` / ``stopping_criteria`` you pass run
+    EOS / padding / temperature come from ``generate_kwargs``, else the ``generation_config`` given in
+    them or the student's, as ``generate()`` itself resolves them; ``logits_processor`` / ``stopping_criteria`` you pass run
     alongside the hook's.
     """
     for name in ("num_beams", "num_return_sequences"):
@@ -735,7 +780,7 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
     for name in ("guidance_scale", "assistant_model", "prompt_lookup_num_tokens"):
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported with Prune-OPD (it runs extra student forwards per step)")
-    defaults = student.generation_config
+    defaults = generate_kwargs.get("generation_config") or student.generation_config
     eos = generate_kwargs.pop("eos_token_id", defaults.eos_token_id)
     eos_ids = _check_token_ids("eos_token_id", eos, input_ids.device)
     pad = generate_kwargs.pop("pad_token_id", defaults.pad_token_id)
@@ -744,8 +789,10 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
     temperature = generate_kwargs.get("temperature", defaults.temperature) if do_sample else 1.0
     user_processors = generate_kwargs.pop("logits_processor", None)
     user_criteria = generate_kwargs.pop("stopping_criteria", None)
+    if eos is not None:
+        generate_kwargs["eos_token_id"] = eos
     with PruneOPDHook(student, teacher, input_ids, attention_mask, config=config, temperature=temperature or 1.0,
                       eos_token_id=eos, pad_token_id=pad, budget=budget) as hook:
-        out = student.generate(input_ids, attention_mask=attention_mask, eos_token_id=eos, pad_token_id=pad,
+        out = student.generate(input_ids, attention_mask=attention_mask, pad_token_id=pad,
                                **hook.generate_kwargs(user_processors, user_criteria), **generate_kwargs)
     return hook.rollout(out, max_new_tokens=generate_kwargs.get("max_new_tokens"))
