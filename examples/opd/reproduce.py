@@ -188,6 +188,8 @@ def markdown_report(rows, variance, drift, target, command, preset, steps, prune
         f"time only (rollouts + update; evaluation and the shared teacher pre-training excluded).",
         f"Prune-OPD config: `{prune_config}`.",
         "",
+        "What these numbers mean and how the settings were chosen: [reproduction_notes.md](reproduction_notes.md).",
+        "",
         f"Target accuracy: **{target:.3f}**.",
         "",
         "| method | start acc | final acc | best acc | time to target (s) | tokens to target | OPD time (s) | s/step | tokens generated | tokens saved by pruning | mean top-16 overlap |",
