@@ -1,0 +1,211 @@
+"""Tiny Hugging Face causal LMs for the reference task: configs, supervised training, the disk cache,
+loading real checkpoints, and greedy held-out evaluation.
+
+Teacher and student are ordinary `LlamaForCausalLM`s built from local configs (no downloads) and are
+saved with `save_pretrained` next to their tokenizer, so the synthetic run and `--teacher/--student
+PATH` go through the same loading code.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, make_problem, make_problems, vocabulary
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+
+    def llama_config(self, vocab_size: int, max_positions: int, tokenizer):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.ffn,
+            num_hidden_layers=self.layers, num_attention_heads=self.heads,
+            num_key_value_heads=self.heads, max_position_embeddings=max_positions,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        )
+
+
+@dataclass(frozen=True)
+class SupervisedSchedule:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 20
+
+
+# ---- batching ---------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
+    """Left-padded prompt ids (generation appends on the right), each starting with BOS."""
+    ids = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def encode_supervised(tokenizer, problems: list[Problem]):
+    """Right-padded BOS + prompt + completion + EOS; labels only on the completion (and EOS)."""
+    rows, label_rows = [], []
+    for p in problems:
+        prompt = [tokenizer.bos_token_id] + tokenizer.encode(p.prompt, add_special_tokens=False)
+        completion = tokenizer.encode(p.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append(prompt + completion)
+        label_rows.append([-100] * len(prompt) + completion)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (seq, lab) in enumerate(zip(rows, label_rows)):
+        input_ids[r, : len(seq)] = torch.tensor(seq)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        attention_mask[r, : len(seq)] = 1
+    return input_ids, attention_mask, labels
+
+
+def warmup_cosine(step: int, schedule: SupervisedSchedule) -> float:
+    if step < schedule.warmup:
+        return (step + 1) / schedule.warmup
+    progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSchedule, seed: int, desc: str,
+                     progress: bool = True):
+    """Next-token cross-entropy on freshly drawn problems (an endless stream: no overfitting)."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, schedule))
+    model.train()
+    device = next(model.parameters()).device
+    bar = tqdm(range(schedule.steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
+    for _ in bar:
+        batch = [make_problem(rng, task) for _ in range(schedule.batch_size)]
+        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch))
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return model
+
+
+def new_model(size: ModelSize, tokenizer, task: TaskConfig, seed: int):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    max_positions = task.max_prompt_tokens + task.max_completion_tokens + 8
+    return LlamaForCausalLM(size.llama_config(len(tokenizer), max_positions, tokenizer))
+
+
+def cache_key(*parts) -> str:
+    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: SupervisedSchedule, task: TaskConfig,
+                  seed: int, device="cpu", progress: bool = True):
+    """A model trained by `train_supervised`, cached under cache_dir/<role>-<hash of everything>.
+
+    The hash covers the sizes, schedule, task (with its vocabulary and phrasing) and seed, so changing any of them retrains instead of
+    silently reusing a stale model; the directory is written atomically (rename) so an interrupted
+    training leaves no half-saved cache behind.
+    """
+    from transformers import AutoModelForCausalLM
+
+    # The vocabulary and a few sample problems stand in for the task's code: editing the grammar
+    # or the word lists changes the key even when TaskConfig does not.
+    fingerprint = [vocabulary(task), [p.to_json() for p in make_problems(4, 0, task)]]
+    path = Path(cache_dir) / f"{role}-{cache_key(size, schedule, task, seed, fingerprint)}"
+    if (path / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(path).eval(), build_tokenizer(task), path, 0.0
+    tokenizer = build_tokenizer(task)
+    start = time.perf_counter()
+    model = new_model(size, tokenizer, task, seed).to(device)
+    train_supervised(model, tokenizer, task, schedule, seed, desc=f"{role} (supervised)", progress=progress)
+    seconds = time.perf_counter() - start
+    partial = path.with_name(path.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(path)
+    return model, tokenizer, path, seconds
+
+
+# ---- real checkpoints --------------------------------------------------------------------------
+
+def load_checkpoint(path: str | Path):
+    """A causal LM and its tokenizer from a local directory (config + weights + tokenizer files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -> None:
+    """OPD compares the two models token by token: their vocabularies must be identical."""
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s_vocab == t_vocab:
+        return
+    only_s = sorted(set(s_vocab) - set(t_vocab))[:5]
+    only_t = sorted(set(t_vocab) - set(s_vocab))[:5]
+    moved = [w for w in s_vocab if w in t_vocab and s_vocab[w] != t_vocab[w]][:5]
+    raise ValueError(
+        f"student ({student_path}) and teacher ({teacher_path}) use different tokenizers "
+        f"({len(s_vocab)} vs {len(t_vocab)} tokens; only in student: {only_s}, only in teacher: {only_t}, "
+        f"different ids: {moved}). On-policy distillation scores the student's tokens with the teacher, "
+        f"so both must share one tokenizer; pick a teacher from the student's model family"
+    )
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size],
+                                                   device=next(model.parameters()).device)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        texts += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int) -> float:
+    """Fraction of problems whose greedy completion ends with the right answer."""
+    was_training = model.training
+    model.eval()
+    texts = generate_greedy(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
+    model.train(was_training)
+    return sum(is_correct(t, p.answer) for t, p in zip(texts, problems)) / len(problems)

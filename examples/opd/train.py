@@ -1,0 +1,435 @@
+"""On-policy distillation of a small student from a teacher, with vOPD and Prune-OPD (opd_ext).
+
+Each step: the student samples completions for a batch of prompts while the teacher scores every
+token in lockstep (`opd_ext.generation.generate_with_pruning`); with Prune-OPD the `DriftMonitor`
+inside it down-weights tokens after the student's prefix drifted away from the teacher and stops
+those rollouts early. One batched forward of each model over the finished rollouts then gives the
+logits for `opd_ext.vopd_loss`, whose baseline (the per-token reverse KL) is what makes it vOPD.
+
+    python examples/train_opd.py                          # default run, method prune+vopd
+    python examples/train_opd.py --method opd --out runs/opd
+    python examples/train_opd.py --teacher T_DIR --student S_DIR --data problems.jsonl
+
+Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (per-position overlap /
+multiplier profiles), checkpoint.pt (resume: rerun the same command; Ctrl-C saves first),
+student/ (final Hugging Face checkpoint), accuracy.png and drift.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import opd_ext
+from opd_ext.generation import generate_with_pruning
+from examples.opd import models, plots
+from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, load_jsonl, make_problems
+
+# --method: (Prune-OPD on, vOPD baseline). Plain OPD is the sampled-token reward alone.
+METHODS = {
+    "opd": (False, "none"),
+    "vopd": (False, "full"),
+    "prune": (True, "none"),
+    "prune+vopd": (True, "full"),
+}
+
+# Prune-OPD settings for the reference task, chosen from the drift evidence in docs/reproduction.md
+# (see docs/reproduction_notes.md): on this task the top-k overlap is as high after the student's
+# first mistake as before it, so the setting that acts least is the honest one. Threshold 0.3 flags
+# ~10% of tokens; w_drop 0.1 keeps a ~20-token rollout from being stopped by a few noise events (the
+# paper's 0.01 would never act on rollouts this short; 0.5-0.7 stops every rollout after ~5 tokens).
+TASK_PRUNE_CONFIG = dict(k=16, threshold=0.3, w_drop=0.1, w_base=0.5, warmup=2)
+
+
+LR_WARMUP_STEPS = 10
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model sizes and schedules. `default` fits the 10-minute budget on 2 CPU cores; `tiny` is for tests."""
+
+    task: TaskConfig
+    teacher: models.ModelSize
+    student: models.ModelSize
+    teacher_schedule: models.SupervisedSchedule
+    student_schedule: models.SupervisedSchedule
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    eval_size: int
+
+
+PRESETS = {
+    "default": Preset(
+        task=TaskConfig(),
+        teacher=models.ModelSize(hidden=96, layers=3, heads=4, ffn=192),
+        student=models.ModelSize(hidden=64, layers=2, heads=4, ffn=128),
+        teacher_schedule=models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3),
+        student_schedule=models.SupervisedSchedule(steps=600, batch_size=64, lr=3e-3),
+        steps=150, batch_size=32, lr=1e-4, eval_every=10, eval_size=200,
+    ),
+    "tiny": Preset(
+        task=TaskConfig(max_value=19, min_steps=1, max_steps=2, max_delta=5),
+        teacher=models.ModelSize(hidden=32, layers=1, heads=2, ffn=64),
+        student=models.ModelSize(hidden=16, layers=1, heads=2, ffn=32),
+        teacher_schedule=models.SupervisedSchedule(steps=30, batch_size=16, lr=3e-3, warmup=5),
+        student_schedule=models.SupervisedSchedule(steps=10, batch_size=16, lr=3e-3, warmup=5),
+        steps=4, batch_size=4, lr=1e-3, eval_every=2, eval_size=16,
+    ),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=sorted(METHODS), default="prune+vopd")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model sizes and schedules")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<method>)")
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="pre-trained teacher / warm-started student cache")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps (default from the preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="rollouts per step")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion cap (default: the task's longest answer)")
+    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--eval-size", type=int, default=None, help="held-out problems for greedy accuracy")
+    p.add_argument("--save-every", type=int, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 is fastest for these tiny models on a shared machine")
+    p.add_argument("--prune-threshold", type=float, default=TASK_PRUNE_CONFIG["threshold"])
+    p.add_argument("--prune-w-drop", type=float, default=TASK_PRUNE_CONFIG["w_drop"])
+    p.add_argument("--prune-w-base", type=float, default=TASK_PRUNE_CONFIG["w_base"])
+    p.add_argument("--prune-warmup", type=int, default=TASK_PRUNE_CONFIG["warmup"])
+    p.add_argument("--teacher", type=Path, help="Hugging Face teacher checkpoint directory")
+    p.add_argument("--student", type=Path, help="Hugging Face student checkpoint directory (same tokenizer)")
+    p.add_argument("--data", type=Path, help="JSONL with 'prompt' and 'answer' per line (the last --eval-size lines are held out)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if (args.teacher is None) != (args.student is None):
+        p.error("--teacher and --student go together (real checkpoints), or neither (the synthetic default)")
+    return args
+
+
+def prune_config(args) -> opd_ext.PruneConfig:
+    use_pruning, _ = METHODS[args.method]
+    if not use_pruning:
+        return opd_ext.PruneConfig.disabled(k=TASK_PRUNE_CONFIG["k"])
+    return opd_ext.PruneConfig(k=TASK_PRUNE_CONFIG["k"], threshold=args.prune_threshold, w_drop=args.prune_w_drop,
+                               w_base=args.prune_w_base, warmup=args.prune_warmup)
+
+
+# ---- the models and the data --------------------------------------------------------------------
+
+@dataclass
+class Setup:
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    train_problems: list[Problem] | None   # None: draw synthetic problems from the task generator
+    eval_problems: list[Problem]
+    max_new_tokens: int
+    setup_seconds: dict
+
+
+def build_setup(args, preset: Preset) -> Setup:
+    eval_size = args.eval_size or preset.eval_size
+    if args.teacher is not None:
+        teacher, tokenizer = models.load_checkpoint(args.teacher)
+        student, student_tokenizer = models.load_checkpoint(args.student)
+        models.check_same_tokenizer(student_tokenizer, tokenizer, args.student, args.teacher)
+        seconds = {}
+    else:
+        teacher, tokenizer, _, t_sec = models.load_or_train(
+            args.cache, "teacher", preset.teacher, preset.teacher_schedule, preset.task, seed=1000 + args.seed,
+            device=args.device, progress=not args.quiet)
+        student, _, _, s_sec = models.load_or_train(
+            args.cache, "student", preset.student, preset.student_schedule, preset.task, seed=2000 + args.seed,
+            device=args.device, progress=not args.quiet)
+        seconds = {"teacher_pretrain_s": t_sec, "student_warm_start_s": s_sec}
+
+    if args.data is not None:
+        problems = load_jsonl(args.data)
+        if len(problems) <= eval_size:
+            raise ValueError(f"{args.data} has {len(problems)} problems; need more than --eval-size={eval_size} "
+                             f"(the last {eval_size} are held out)")
+        train, held_out = problems[:-eval_size], problems[-eval_size:]
+        max_new = args.max_new_tokens or 64
+    else:
+        if args.teacher is not None and tokenizer.get_vocab() != build_tokenizer(preset.task).get_vocab():
+            raise ValueError("these checkpoints do not use the synthetic task's tokenizer: pass --data FILE.jsonl "
+                             "with problems in their own format")
+        train, held_out = None, make_problems(eval_size, 10_000 + args.seed, preset.task)
+        max_new = args.max_new_tokens or preset.task.max_completion_tokens
+    teacher.requires_grad_(False).eval().to(args.device)
+    student.to(args.device)
+    return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds)
+
+
+class PromptStream:
+    """Training prompts: fresh synthetic problems, or random draws from the --data file."""
+
+    def __init__(self, setup: Setup, task: TaskConfig, seed: int):
+        self.problems, self.task = setup.train_problems, task
+        self.rng = random.Random(seed)
+
+    def next_batch(self, n: int) -> list[Problem]:
+        if self.problems is None:
+            from examples.opd.task import make_problem
+            return [make_problem(self.rng, self.task) for _ in range(n)]
+        return [self.rng.choice(self.problems) for _ in range(n)]
+
+
+# ---- one OPD step ----------------------------------------------------------------------------------
+
+def sequence_logits(model, sequences, attention_mask, prompt_length):
+    """Next-token logits at every completion position, from one forward over the whole rollout."""
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
+    return logits[:, prompt_length - 1: -1]
+
+
+def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, max_new_tokens, temperature, generator):
+    """Sample rollouts with Prune-OPD tracking, then the vOPD surrogate on them. Returns (loss, rollout)."""
+    input_ids, prompt_mask = models.encode_prompts(tokenizer, prompts, device=generator.device)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        rollout = generate_with_pruning(
+            student, teacher, input_ids, prompt_mask, max_new_tokens=max_new_tokens, config=config,
+            temperature=temperature, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            generator=generator)
+    student.train(was_training)
+    mask = rollout.completion_mask
+    attention = torch.cat([prompt_mask, mask.long()], dim=1)
+    student_logits = sequence_logits(student, rollout.sequences, attention, rollout.prompt_length)
+    with torch.no_grad():
+        teacher_logits = sequence_logits(teacher, rollout.sequences, attention, rollout.prompt_length)
+    student_logits, teacher_logits = opd_ext.align_vocab(student_logits, teacher_logits)
+    loss = opd_ext.vopd_loss(student_logits, teacher_logits, rollout.completions, mask=mask,
+                             weights=rollout.multipliers, temperature=temperature, baseline=baseline)
+    return loss, rollout
+
+
+def rollout_metrics(rollout, tokenizer, problems) -> dict:
+    mask = rollout.completion_mask
+    n = mask.sum().clamp(min=1)
+
+    def mean(x):
+        return float((x * mask).sum() / n)
+
+    reasons = rollout.stop_reason_names()
+    texts = tokenizer.batch_decode(rollout.completions.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+    return {
+        "reward": mean(rollout.teacher_logprobs - rollout.student_logprobs),
+        "reverse_kl": mean(rollout.reverse_kl),
+        "overlap": mean(rollout.overlaps),
+        "multiplier": mean(rollout.multipliers),
+        "weight": mean(rollout.weights),
+        "tokens_generated": rollout.tokens_generated,
+        "tokens_trained": int(mask.sum()),
+        "tokens_saved": rollout.tokens_saved,
+        "teacher_tokens": rollout.teacher_tokens,
+        "pruned_fraction": sum(r not in ("eos", "max_length") for r in reasons) / len(reasons),
+        "rollout_accuracy": sum(is_correct(t, p.answer) for t, p in zip(texts, problems)) / len(problems),
+    }
+
+
+def position_profile(rollout) -> dict:
+    """Mean overlap / multiplier at each completion position over the rows still generating there."""
+    mask = rollout.completion_mask.float()
+    alive = mask.sum(0)
+    denom = alive.clamp(min=1)
+    return {
+        "alive": (alive / mask.shape[0]).tolist(),
+        "overlap": ((rollout.overlaps * mask).sum(0) / denom).tolist(),
+        "multiplier": ((rollout.multipliers * mask).sum(0) / denom).tolist(),
+    }
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------
+
+class Interrupt:
+    """First Ctrl-C asks the loop to stop after the current step (then it saves); a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again aborts without saving)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)   # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def run_signature(args) -> dict:
+    """What must not change between a run and its resumption."""
+    keys = ("method", "preset", "device", "batch_size", "lr", "temperature", "seed", "teacher", "student", "data",
+            "prune_threshold", "prune_w_drop", "prune_w_base", "prune_warmup", "max_new_tokens")
+    return {k: str(getattr(args, k)) for k in keys}
+
+
+def read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """The metrics lines of steps <= upto_step (a run killed after logging but before saving logged more)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["step"] <= upto_step]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def train(args) -> Path:
+    torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset]
+    out = args.out or Path("runs") / args.method.replace("+", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or preset.steps
+    batch_size = args.batch_size or preset.batch_size
+    eval_every = args.eval_every or preset.eval_every
+    args.batch_size, args.lr = batch_size, args.lr or preset.lr
+    _, baseline = METHODS[args.method]
+    config = prune_config(args)
+
+    setup = build_setup(args, preset)
+    student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    # Adam's first updates are sign-like whatever the gradient's size: ramp the rate so the noisy
+    # first policy gradients cannot knock the warm-started student off its solution.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / LR_WARMUP_STEPS))
+    stream = PromptStream(setup, preset.task, seed=args.seed)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
+
+    step, train_seconds, totals = 0, 0.0, {"tokens_generated": 0, "tokens_saved": 0, "tokens_trained": 0, "teacher_tokens": 0}
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["signature"] != run_signature(args):
+            changed = {k: (state["signature"].get(k), v) for k, v in run_signature(args).items() if state["signature"].get(k) != v}
+            raise SystemExit(f"{out} holds a checkpoint of a different run (changed: {changed}); use another --out or delete it")
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stream.rng.setstate(state["prompt_rng"])
+        generator.set_state(state["sampling_rng"])
+        step, train_seconds, totals = state["step"], state["train_seconds"], state["totals"]
+        print(f"resuming {out} at step {step}/{steps} ({train_seconds:.0f} s of training so far)")
+    metrics = read_metrics(metrics_path, step)
+    profiles = read_metrics(profiles_path, step)
+    write_jsonl(metrics_path, metrics)
+    write_jsonl(profiles_path, profiles)
+
+    def evaluate() -> float:
+        return models.accuracy(student, tokenizer, setup.eval_problems, setup.max_new_tokens)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "signature": run_signature(args), "student": student.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "prompt_rng": stream.rng.getstate(), "sampling_rng": generator.get_state(),
+            "step": step, "train_seconds": train_seconds, "totals": totals,
+        })
+
+    def log(row: dict) -> None:
+        metrics.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if step == 0 and not metrics:
+        acc = evaluate()
+        log({"step": 0, "wall_time": 0.0, "accuracy": acc, **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
+             "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline})
+    student.train()
+    bar = tqdm(total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet)
+    last_acc = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), float("nan"))
+    interrupted = False
+    with Interrupt() as interrupt:
+        while step < steps:
+            problems = stream.next_batch(batch_size)
+            start = time.perf_counter()
+            loss, rollout = rollout_and_loss(
+                student, teacher, tokenizer, [p.prompt for p in problems], config=config, baseline=baseline,
+                max_new_tokens=setup.max_new_tokens, temperature=args.temperature, generator=generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
+            optimizer.step()
+            scheduler.step()
+            step_seconds = time.perf_counter() - start
+            train_seconds += step_seconds
+            step += 1
+
+            row = {"step": step, "wall_time": train_seconds, "step_time": step_seconds, "loss": float(loss.detach()),
+                   "grad_norm": grad_norm, **rollout_metrics(rollout, tokenizer, problems)}
+            for key in totals:
+                totals[key] += row[key]
+                row[f"{key}_total"] = totals[key]
+            if step % eval_every == 0 or step == steps:
+                eval_start = time.perf_counter()
+                last_acc = row["accuracy"] = evaluate()
+                row["eval_time"] = time.perf_counter() - eval_start
+                profile = {"step": step, **position_profile(rollout)}
+                profiles.append(profile)
+                with open(profiles_path, "a") as f:
+                    f.write(json.dumps(profile) + "\n")
+            log(row)
+            bar.update(1)
+            bar.set_postfix(acc=f"{last_acc:.2f}", reward=f"{row['reward']:.2f}", kl=f"{row['reverse_kl']:.2f}",
+                            overlap=f"{row['overlap']:.2f}", saved=row["tokens_saved"])
+            if step % args.save_every == 0 or step == steps or interrupt.requested:
+                checkpoint()
+            if interrupt.requested:
+                interrupted = True
+                break
+    bar.close()
+    if interrupted:
+        print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; rerun the same command to resume")
+        raise SystemExit(130)
+
+    student.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+    if not args.no_plots:
+        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png")
+        plots.drift_profiles(profiles, out / "drift.png", title=f"{args.method}: overlap and multiplier along rollouts")
+    first = metrics[0]["accuracy"]
+    print(f"{args.method}: held-out accuracy {first:.3f} -> {last_acc:.3f} in {steps} steps, "
+          f"{train_seconds:.0f} s of OPD; {totals['tokens_generated']} tokens generated, "
+          f"{totals['tokens_saved']} saved by pruning. Outputs in {out}")
+    return out
+
+
+def main(argv=None) -> None:
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
