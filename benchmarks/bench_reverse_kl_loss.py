@@ -1,0 +1,46 @@
+"""Benchmark opd_ext.reverse_kl_loss, forward and forward+backward, against the PyTorch reference.
+
+    python benchmarks/bench_reverse_kl_loss.py [--quick] [--device cpu|cuda]
+
+"fwd" is the training forward (student requires grad); "fwd+bwd" adds ``loss.backward()``, whose
+floor also counts writing the logit gradient once.
+"""
+from __future__ import annotations
+
+import sys
+
+import harness
+from harness import Case, Impl, Workload
+
+from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
+
+
+def cases(args) -> list[Case]:
+    return harness.training_cases(args, passes=["fwd", "fwd+bwd"])
+
+
+def build(case: Case, device, baselines) -> Workload:
+    import opd_ext
+
+    student = harness.random_logits(case.shape, case.dtype, device, seed=0).requires_grad_()
+    teacher = harness.random_logits(case.shape, case.dtype, device, seed=1)
+    backward = case.pass_ == "fwd+bwd"
+    after = (lambda loss: loss.backward()) if backward else None
+    clear_grad = (lambda: setattr(student, "grad", None)) if backward else None
+
+    def subject():
+        loss = opd_ext.reverse_kl_loss(student, teacher)
+        return after(loss) if after else loss
+
+    impls = {harness.SUBJECT: Impl(subject, clear_grad)}
+    impls.update(harness.reference_impls(baselines, reference.reverse_kl_loss, student, teacher,
+                                         setup=clear_grad, after=after))
+    floor = harness.logit_bytes(student, teacher) + (harness.logit_bytes(student) if backward else 0)
+    return Workload(impls, floor_bytes=floor)
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main(op="reverse_kl_loss", script=__file__, description=__doc__,
+                          api=["reverse_kl_loss", "reference.reverse_kl_loss"],
+                          kernels=["token_stats", "reverse_kl_backward"],
+                          cases=cases, build=build))

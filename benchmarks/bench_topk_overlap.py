@@ -1,0 +1,57 @@
+"""Benchmark opd_ext.topk_overlap (decode-step shapes [B, V], k=16) against the PyTorch reference.
+
+    python benchmarks/bench_topk_overlap.py            # GPU if visible, else the reduced CPU set
+    python benchmarks/bench_topk_overlap.py --quick    # CPU smoke run
+
+Besides the reference (a stable full sort, exact on ties) it times ``torch.topk`` + compare, what
+verl's ``overlap_ratio`` metric does: faster than the reference but not tie-exact, so it is a
+speed yardstick only.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import harness
+from harness import Case, Impl, Workload
+
+from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
+
+
+def cases(args) -> list[Case]:
+    if args.quick:
+        shapes = [(1, 32000), (8, 32000)]
+    elif args.device.type == "cpu":  # the sort-based reference takes seconds per call beyond B=64
+        shapes = [(b, v) for v in harness.VOCABS for b in (1, 8, 64)]
+    else:
+        shapes = [(b, v) for v in harness.VOCABS for b in harness.DECODE_BATCHES]
+    return [Case(shape, dtype, {"k": args.k}) for dtype in args.dtypes for shape in shapes]
+
+
+def torch_topk_overlap(student_logits, teacher_logits, k):
+    ids_s = student_logits.topk(k).indices
+    ids_t = teacher_logits.topk(k).indices
+    return (ids_s.unsqueeze(-1) == ids_t.unsqueeze(-2)).any(-1).sum(-1).float() / k
+
+
+def build(case: Case, device, baselines) -> Workload:
+    import opd_ext
+
+    k = case.params["k"]
+    student = harness.random_logits(case.shape, case.dtype, device, seed=0)
+    teacher = harness.random_logits(case.shape, case.dtype, device, seed=1)
+    impls = {harness.SUBJECT: Impl(lambda: opd_ext.topk_overlap(student, teacher, k))}
+    impls.update(harness.reference_impls(baselines, reference.topk_overlap, student, teacher, k))
+    if "torch_topk" in baselines or "eager" in baselines:
+        impls["torch_topk"] = Impl(lambda: torch_topk_overlap(student, teacher, k))
+    return Workload(impls, floor_bytes=harness.logit_bytes(student, teacher))
+
+
+def extra_args(parser):
+    parser.add_argument("--k", type=int, default=16, help="top-k size (Prune-OPD: 16)")
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main(op="topk_overlap", script=__file__, description=__doc__, api=["topk_overlap"],
+                          kernels=["topk_overlap"], cases=cases, build=build, extra_args=extra_args))
