@@ -457,16 +457,16 @@ def main(*, op: str, script: str, description: str, api: Sequence[str], kernels:
     print(f"# {op} on {meta['device_name']} ({device.type}, {meta['cpu_threads']} CPU threads), "
           f"torch {meta['torch']}, opd_ext {meta['opd_ext']} @ {meta['git_commit']}; "
           f"copy ceiling {ceiling:.1f} GB/s (read+write); baselines: {', '.join(args.baselines)}")
-    rows = []
-    for case in cases(args):
-        rows.extend(_run_case(op, case, build, device, args, meta, ceiling, Path(script)))
-    if not rows:
-        print(f"SKIP {op}: no cases selected")
-        return 0
     suffix = "-quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = args.out_dir / f"{op}-{device.type}{suffix}.csv"
-    write_csv(csv_path, rows)
+    rows = []
+    for case in cases(args):
+        rows.extend(_run_case(op, case, build, device, args, meta, ceiling, Path(script)))
+        write_csv(csv_path, rows)  # after every case: a run cut short by a time limit keeps its rows
+    if not rows:
+        print(f"SKIP {op}: no cases selected")
+        return 0
     print(f"wrote {csv_path}")
     if not args.no_plot:
         png = plot_gbps(rows, args.out_dir / f"{op}-{device.type}{suffix}.png")
@@ -611,3 +611,10 @@ def plot_gbps(rows: list[dict], path: Path, ax=None) -> Path | None:
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    # `python benchmarks/harness.py [cpu|cuda]`: just the copy-bandwidth ceiling.
+    _device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"copy ceiling on {device_name(torch.device(_device))} ({_device}): "
+          f"{copy_ceiling_gbps(_device):.1f} GB/s (bytes read + written)")
