@@ -24,13 +24,7 @@ RESTART_EVERY = 512
 
 
 def cases(args) -> list[Case]:
-    if args.quick:
-        shapes = [(8, 32000)]
-    elif args.device.type == "cpu":
-        shapes = [(b, v) for v in harness.VOCABS for b in (1, 8, 64)]
-    else:
-        shapes = [(b, v) for v in harness.VOCABS for b in harness.DECODE_BATCHES]
-    return [Case(shape, dtype) for dtype in args.dtypes for shape in shapes]
+    return [Case(shape, dtype) for dtype in args.dtypes for shape in harness.decode_shapes(args)]
 
 
 # SPEC §1 defaults; the yardstick only needs representative work, not the caller's config.

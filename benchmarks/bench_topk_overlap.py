@@ -20,13 +20,7 @@ from opd_ext import reference  # noqa: E402  (harness puts the repo on the path 
 
 
 def cases(args) -> list[Case]:
-    if args.quick:
-        shapes = [(1, 32000), (8, 32000)]
-    elif args.device.type == "cpu":  # the sort-based reference takes seconds per call beyond B=64
-        shapes = [(b, v) for v in harness.VOCABS for b in (1, 8, 64)]
-    else:
-        shapes = [(b, v) for v in harness.VOCABS for b in harness.DECODE_BATCHES]
-    return [Case(shape, dtype, {"k": args.k}) for dtype in args.dtypes for shape in shapes]
+    return [Case(shape, dtype, {"k": args.k}) for dtype in args.dtypes for shape in harness.decode_shapes(args)]
 
 
 def torch_topk_overlap(student_logits, teacher_logits, k):

@@ -114,15 +114,26 @@ class Workload:
     floor_bytes: int
 
 
+def pick_shapes(args, *, quick, cpu, cuda) -> list[tuple[int, ...]]:
+    """``--shapes`` if given, else the script's set for --quick / CPU / CUDA."""
+    if args.shapes:
+        return args.shapes
+    return quick if args.quick else cpu if args.device.type == "cpu" else cuda
+
+
+def decode_shapes(args) -> list[tuple[int, ...]]:
+    """[B, V] decode-step shapes: all of issue 6's on GPU; on CPU without B=256, where the
+    sort-based reference takes tens of seconds per call."""
+    return pick_shapes(args, quick=[(1, 32000), (8, 32000)],
+                       cpu=[(b, v) for v in VOCABS for b in DECODE_BATCHES if b <= 64],
+                       cuda=[(b, v) for v in VOCABS for b in DECODE_BATCHES])
+
+
 def training_cases(args, passes: Sequence[str], params: dict | None = None) -> list[Case]:
     """[N, V] training shapes: all of issue 6's on GPU, N=2048 on CPU (the SPEC's CPU target
     size), one small shape with --quick."""
-    if args.quick:
-        shapes = [(128, 32000)]
-    elif args.device.type == "cpu":
-        shapes = [(2048, v) for v in VOCABS]
-    else:
-        shapes = [(n, v) for v in VOCABS for n in TRAIN_TOKENS]
+    shapes = pick_shapes(args, quick=[(128, 32000)], cpu=[(2048, v) for v in VOCABS],
+                         cuda=[(n, v) for v in VOCABS for n in TRAIN_TOKENS])
     return [Case(shape, dtype, dict(params or {}), pass_) for pass_ in passes for dtype in args.dtypes
             for shape in shapes]
 
@@ -393,6 +404,7 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
     p.add_argument("--quick", action="store_true",
                    help="smoke run: small cases, eager baseline only, no peak memory (well under a minute)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    p.add_argument("--shapes", default=None, help="comma list of logits shapes, e.g. 8x32000,1x151936")
     p.add_argument("--baselines", default=None,
                    help="comma list among eager,compile (default: both; --quick: eager)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
@@ -410,6 +422,8 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
     args.dtypes = [DTYPES[d] for d in args.dtypes.split(",") if d]
+    if args.shapes:
+        args.shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     default_baselines = "eager" if args.quick else "eager,compile"
     args.baselines = [b for b in (args.baselines or default_baselines).split(",") if b]
     args.rounds = args.rounds or (3 if args.quick else 5)
