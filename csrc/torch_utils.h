@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <cstdint>
+
 namespace opd_ext {
 
 // Supported pairs: both the same floating dtype, or a low-precision student beside an fp32
@@ -41,6 +43,15 @@ inline void check_logit_pair(const char* op, const at::Tensor& student, const at
               " but teacher_logits on ", teacher.device());
   TORCH_CHECK(student.size(-1) > 0, op, ": the vocabulary dimension is empty");
   TORCH_CHECK(student.size(-1) <= INT32_MAX, op, ": vocabulary larger than 2^31 is not supported");
+}
+
+// [..., V] -> [rows, V] with a unit stride along V and any row stride, without copying when the
+// rows are evenly spaced (e.g. logits[..., :V'] sliced to a shared vocabulary). Kernels index
+// row r at data + r * stride(0).
+inline at::Tensor as_rows(const at::Tensor& logits) {
+  at::Tensor rows = logits.reshape({-1, logits.size(-1)});
+  if (rows.stride(1) != 1 || (rows.size(0) > 1 && rows.stride(0) < rows.size(1))) rows = rows.contiguous();
+  return rows;
 }
 
 }  // namespace opd_ext

@@ -6,6 +6,15 @@ __version__ = "0.1.0"
 from opd_ext._extension import build_info, cuda_kernels_available
 from opd_ext._validation import align_vocab
 from opd_ext.ops import topk_overlap
+from opd_ext.losses import (
+    TokenStats,
+    TokenStatsWithForwardKL,
+    reverse_kl_loss,
+    reverse_kl_loss_sparse_teacher,
+    token_stats,
+    vopd_loss,
+    vopd_loss_sparse_teacher,
+)
 from opd_ext import reference
 
 __all__ = [
@@ -15,4 +24,12 @@ __all__ = [
     "cuda_kernels_available",
     "reference",
     "topk_overlap",
+    # token statistics and losses (opd_ext/losses.py)
+    "TokenStats",
+    "TokenStatsWithForwardKL",
+    "reverse_kl_loss",
+    "reverse_kl_loss_sparse_teacher",
+    "token_stats",
+    "vopd_loss",
+    "vopd_loss_sparse_teacher",
 ]

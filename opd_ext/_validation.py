@@ -5,6 +5,8 @@ our source.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -60,6 +62,106 @@ def check_k(k, vocab: int, name: str = "k") -> int:
     if not 1 <= k <= vocab:
         raise ValueError(f"{name}={k} is out of range: need 1 <= {name} <= V={vocab}")
     return k
+
+
+# ---- token statistics and losses (opd_ext/losses.py) ---------------------------------------------
+
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return float(temperature)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str) -> None:
+    """``tensor`` holds one value per position of ``student_logits`` [..., V]: shape [...], same device."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({what}), got {type(tensor).__name__}")
+    lead = tuple(logits.shape[:-1])
+    if tuple(tensor.shape) != lead:
+        raise ValueError(
+            f"{name} must have shape {lead} (student_logits {tuple(logits.shape)} without the vocabulary "
+            f"dimension), got {_describe(tensor)}"
+        )
+    if tensor.device != logits.device:
+        raise ValueError(f"{name} is on {tensor.device} but student_logits is on {logits.device}; use one device")
+    if tensor.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
+
+
+def check_tokens(tokens, logits: torch.Tensor) -> None:
+    """Shape, dtype and device of the sampled ids; the kernels check the range [0, V) themselves."""
+    check_row_tensor("tokens", tokens, logits, (torch.int64,), "int64 token ids in [0, V)")
+
+
+def check_mask(mask, logits: torch.Tensor) -> None:
+    check_row_tensor("mask", mask, logits, _INTEGER_DTYPES,
+                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights")
+
+
+def check_weights(weights, logits: torch.Tensor) -> None:
+    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight")
+
+
+def check_num_items(num_items):
+    """A positive global count of valid tokens (int, or a one-element tensor, e.g. all-reduced)."""
+    if num_items is None:
+        return None
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.is_complex():
+            raise ValueError(f"num_items must be a positive number or a one-element tensor, got {_describe(num_items)}")
+        return num_items.reshape(())
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
+        raise ValueError(f"num_items must be a positive number of tokens, got {num_items!r}")
+    return num_items
+
+
+def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor) -> int:
+    """A served teacher's top-k: ids int64 [..., k] in [0, V) and log-probs [..., k]; returns k."""
+    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    for name, tensor, dtypes, what in (
+        ("teacher_topk_ids", teacher_topk_ids, (torch.int64,), "int64 token ids"),
+        ("teacher_topk_logprobs", teacher_topk_logprobs, LOGIT_DTYPES + (torch.float64,), "floating log-probs"),
+    ):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [..., k] of {what}, got {type(tensor).__name__}")
+        if tensor.dim() != len(lead) + 1 or tuple(tensor.shape[:-1]) != lead:
+            raise ValueError(
+                f"{name} must have shape {lead + ('k',)} (the leading shape of student_logits "
+                f"{tuple(student_logits.shape)}, then the teacher's top-k), got {_describe(tensor)}"
+            )
+        if tensor.device != student_logits.device:
+            raise ValueError(f"{name} is on {tensor.device} but student_logits is on {student_logits.device}")
+        if tensor.dtype not in dtypes:
+            raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
+            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape"
+        )
+    k = teacher_topk_ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"the teacher's top-k size k={k} (last dim of teacher_topk_ids) must be in [1, V={vocab}]")
+    # A data-dependent check: skipped while torch.compile traces (gather still bounds-checks on CPU).
+    if not torch.compiler.is_compiling() and teacher_topk_ids.numel() > 0:
+        low, high = teacher_topk_ids.min().item(), teacher_topk_ids.max().item()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"teacher_topk_ids must be in [0, V={vocab}), got values in [{low}, {high}]")
+    return k
+
+
+def check_teacher_token_logprob(teacher_token_logprob, logits: torch.Tensor) -> None:
+    check_row_tensor("teacher_token_logprob", teacher_token_logprob, logits, LOGIT_DTYPES + (torch.float64,),
+                     "the teacher's floating log-prob of each sampled token")
 
 
 def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):

@@ -22,3 +22,132 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     overlap = in_student_topk.gather(-1, ids_t).sum(-1).float() / k
     has_nan = student_logits.isnan().any(-1) | teacher_logits.isnan().any(-1)
     return overlap.masked_fill(has_nan, float("nan"))
+
+
+# ---- token statistics and the vOPD / reverse-KL losses (SPEC §1) ---------------------------------
+# Computed in float64 (inputs are widened), differentiable w.r.t. the student logits through plain
+# autograd: the tests take the gradient of these losses as the ground truth for the fused backward.
+
+
+def _scaled_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.log_softmax(logits.double() / temperature, dim=-1)
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Σ a (log a - log b) over the last dim, with terms where a = 0 contributing 0 (not 0·inf)."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def token_stats(student_logits, teacher_logits, tokens, temperature: float = 1.0, topk: int = 0) -> dict:
+    """student/teacher log-prob of ``tokens``, KL(p‖q), KL(q‖p), and with ``topk > 0`` the top-k
+    baseline KL over the student's top-k ids (both distributions renormalised there)."""
+    log_p = _scaled_log_softmax(student_logits, temperature)
+    log_q = _scaled_log_softmax(teacher_logits, temperature)
+    index = tokens.unsqueeze(-1)
+    stats = {
+        "student_logprob": log_p.gather(-1, index).squeeze(-1),
+        "teacher_logprob": log_q.gather(-1, index).squeeze(-1),
+        "reverse_kl": _kl(log_p, log_q),
+        "forward_kl": _kl(log_q, log_p),
+        "student_lse": torch.logsumexp(student_logits.double() / temperature, -1),
+        "teacher_lse": torch.logsumexp(teacher_logits.double() / temperature, -1),
+    }
+    if topk > 0:
+        stats["topk_reverse_kl"] = topk_reverse_kl(student_logits, teacher_logits, topk, temperature)
+    return stats
+
+
+def topk_reverse_kl(student_logits, teacher_logits, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """vOPD top-k baseline KL: KL(p̄‖q̄) over the student's top-k ids, both renormalised there."""
+    ids = topk_ids(student_logits, k)
+    s = student_logits.double().gather(-1, ids) / temperature
+    t = teacher_logits.double().gather(-1, ids) / temperature
+    kl = _kl(torch.log_softmax(s, -1), torch.log_softmax(t, -1))
+    has_nan = student_logits.isnan().any(-1) | teacher_logits.isnan().any(-1)
+    return kl.masked_fill(has_nan, float("nan"))
+
+
+def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature: float = 1.0):
+    """KL(p̄‖q̄) over the teacher's top-k support, both renormalised there (served teachers)."""
+    s = student_logits.double().gather(-1, teacher_topk_ids) / temperature
+    return _kl(torch.log_softmax(s, -1), torch.log_softmax(teacher_topk_logprobs.double(), -1))
+
+
+def _drop_masked(logits, mask):
+    """Zero the logits of masked positions, which may hold anything (NaN, -inf rows) and must not
+    reach the loss or its gradient through a 0·inf product."""
+    return logits if mask is None else torch.where(mask.bool().unsqueeze(-1), logits, 0.0)
+
+
+def _loss_scale(leading_shape, mask, weights, num_items, device) -> torch.Tensor:
+    """w_t / norm per position (0 where masked); norm = valid-token count, or num_items."""
+    valid = torch.ones(leading_shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    w = torch.ones(leading_shape, dtype=torch.float64, device=device) if weights is None else weights.double()
+    norm = valid.sum().clamp(min=1).double() if num_items is None else float(num_items)
+    return torch.where(valid, w, 0.0) / norm, valid
+
+
+def _policy_gradient_surrogate(log_p_y, reward, baseline, scale, valid):
+    """-Σ w sg(A) log p(y) / norm with A = r - b; masked positions contribute exactly 0."""
+    advantage = (reward - baseline).detach()
+    return torch.where(valid, -scale * advantage * log_p_y, 0.0).sum()
+
+
+def vopd_loss(student_logits, teacher_logits, tokens, *, mask=None, weights=None, temperature=1.0,
+              baseline="full", topk=100, kl="reverse", num_items=None) -> torch.Tensor:
+    """vOPD surrogate (float64), differentiable w.r.t. student_logits."""
+    tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
+    student_logits, teacher_logits = _drop_masked(student_logits, mask), _drop_masked(teacher_logits, mask)
+    log_p = _scaled_log_softmax(student_logits, temperature)
+    log_q = _scaled_log_softmax(teacher_logits.detach(), temperature)
+    index = tokens.unsqueeze(-1)
+    log_p_y = log_p.gather(-1, index).squeeze(-1)
+    reward = log_q.gather(-1, index).squeeze(-1) - log_p_y
+    if baseline == "full":
+        value = _kl(log_p, log_q) if kl == "reverse" else _kl(log_q, log_p)
+        b = -value
+    elif baseline == "topk":
+        b = -topk_reverse_kl(student_logits.detach(), teacher_logits, topk, temperature)
+    else:
+        b = torch.zeros_like(reward)
+    scale, valid = _loss_scale(tokens.shape, mask, weights, num_items, tokens.device)
+    return _policy_gradient_surrogate(log_p_y, reward, b, scale, valid)
+
+
+def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, weights=None, temperature=1.0,
+                    num_items=None) -> torch.Tensor:
+    """Σ w KL(p‖q) / norm (float64), differentiable w.r.t. student_logits."""
+    kl = _kl(_scaled_log_softmax(_drop_masked(student_logits, mask), temperature),
+             _scaled_log_softmax(_drop_masked(teacher_logits.detach(), mask), temperature))
+    scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
+    return torch.where(valid, scale * kl, 0.0).sum()
+
+
+def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs,
+                             teacher_token_logprob, *, mask=None, weights=None, temperature=1.0,
+                             baseline="topk", num_items=None) -> torch.Tensor:
+    """vOPD surrogate with a served teacher (top-k ids + log-probs + log-prob of the sampled token);
+    the top-k baseline runs over the teacher's support."""
+    tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
+    student_logits = _drop_masked(student_logits, mask)
+    teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
+    teacher_token_logprob = teacher_token_logprob if mask is None else torch.where(mask.bool(), teacher_token_logprob, 0.0)
+    log_p_y = _scaled_log_softmax(student_logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    reward = teacher_token_logprob.double() - log_p_y
+    if baseline == "topk":
+        b = -support_reverse_kl(student_logits.detach(), teacher_topk_ids, teacher_topk_logprobs, temperature)
+    else:
+        b = torch.zeros_like(reward)
+    scale, valid = _loss_scale(tokens.shape, mask, weights, num_items, tokens.device)
+    return _policy_gradient_surrogate(log_p_y, reward, b, scale, valid)
+
+
+def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, *, mask=None,
+                                   weights=None, temperature=1.0, num_items=None) -> torch.Tensor:
+    """Σ w KL(p̄‖q̄) / norm over the teacher's top-k support, differentiable w.r.t. student_logits."""
+    student_logits = _drop_masked(student_logits, mask)
+    teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
+    kl = support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature)
+    scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
+    return torch.where(valid, scale * kl, 0.0).sum()

@@ -70,8 +70,8 @@ bool sorted_topk_row(const scalar_t* row, int64_t vocab, int k, std::vector<int3
 }
 
 template <typename student_t, typename teacher_t>
-void topk_overlap_kernel(const student_t* student, const teacher_t* teacher, int64_t rows,
-                         int64_t vocab, int k, float* out) {
+void topk_overlap_kernel(const student_t* student, const teacher_t* teacher, int64_t row_stride_s,
+                         int64_t row_stride_t, int64_t rows, int64_t vocab, int k, float* out) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     RowScratch scratch;
@@ -83,8 +83,8 @@ void topk_overlap_kernel(const student_t* student, const teacher_t* teacher, int
     }
     std::vector<int32_t> sorted_s;
     for (int64_t r = begin; r < end; ++r) {
-      const student_t* s_row = student + r * vocab;
-      const teacher_t* t_row = teacher + r * vocab;
+      const student_t* s_row = student + r * row_stride_s;
+      const teacher_t* t_row = teacher + r * row_stride_t;
       if (k <= kStreamingMaxK) {
         opd::StreamingTopK top_s(scratch.values_s.data(), scratch.ids_s.data(), k);
         opd::StreamingTopK top_t(scratch.values_t.data(), scratch.ids_t.data(), k);
@@ -113,13 +113,14 @@ at::Tensor topk_overlap_cpu(const at::Tensor& student_logits, const at::Tensor& 
   check_logit_pair("topk_overlap", student_logits, teacher_logits);
   const int64_t vocab = student_logits.size(-1);
   TORCH_CHECK(k >= 1 && k <= vocab, "topk_overlap: k=", k, " must be in [1, V=", vocab, "]");
-  const at::Tensor s = student_logits.contiguous();
-  const at::Tensor t = teacher_logits.contiguous();
-  const int64_t rows = s.numel() / vocab;
-  at::Tensor out = at::empty(s.sizes().slice(0, s.dim() - 1), s.options().dtype(at::kFloat));
+  const at::Tensor s = as_rows(student_logits);
+  const at::Tensor t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0);
+  at::Tensor out = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1),
+                             student_logits.options().dtype(at::kFloat));
   if (rows == 0) return out;
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), "topk_overlap", [&]<typename S, typename T>() {
-    topk_overlap_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), rows, vocab,
+    topk_overlap_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0), rows, vocab,
                               static_cast<int>(k), out.mutable_data_ptr<float>());
   });
   return out;

@@ -1,0 +1,473 @@
+// token_stats, student_stats and the two fused backward ops on CPU.
+//
+// Rows run in parallel; each row is read once, in blocks that fit L1: a block is widened to float
+// (bf16/fp16 are never summed in low precision), reduced to an opd::PairSoftmaxState with fixed
+// block maxima (two vectorised sweeps over L1-resident data), and merged into the row's state. The
+// backward ops re-read the student (and teacher) row once and write only the gradient.
+//
+// The block sweeps are compiled for AVX-512, AVX2+FMA and baseline x86-64 (GCC target_clones,
+// picked at load time) and use `#pragma omp simd` reductions, so the float sums vectorise without
+// -ffast-math (which would also break the -inf / NaN semantics this file relies on).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "opd/online_softmax.h"
+#include "opd/topk.h"
+#include "torch_utils.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OPD_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define OPD_CPU_MULTIVERSION
+#endif
+#define OPD_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace opd_ext {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Two float blocks of this size (student + teacher) stay in a 32 KiB L1 data cache.
+constexpr int64_t kBlock = 2048;
+// Top-k candidates are screened per chunk: one max per chunk decides whether any element of it can
+// enter the current top-k, so most of the row never reaches the insertion code.
+constexpr int64_t kScreenChunk = 32;
+
+// ---- vectorisable float math ---------------------------------------------------------------------
+
+// exp(x) for x <= ~0 (every argument here is a logit minus its row max or lse), 1-2 ulp, written so
+// that a loop over it vectorises: Cody-Waite range reduction and a degree-6 polynomial (Cephes
+// expf). Below -87.3 the result is 0 (flush instead of subnormals): exactly 0 for -inf, which is
+// what `exp(-inf) * anything = 0` needs. NaN stays NaN.
+OPD_ALWAYS_INLINE float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  constexpr float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float clamped = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
+  const float n = (clamped * kLog2e + kRoundMagic) - kRoundMagic;
+  const float r = (clamped - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const float two_to_n = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float result = p * two_to_n;
+  return x < -87.3f ? 0.0f : (x != x ? x : result);
+}
+
+// Fixed-max reduction of one block of a (student, teacher) pair of rows, in the centred form of
+// opd::PairSoftmaxState. NaN flags are kept separately because vectorised max ignores NaN.
+struct PairBlock {
+  opd::PairSoftmaxState state;
+  float raw_max_s, raw_max_t;  // maxima of the unscaled logits
+  bool nan_s, nan_t;
+};
+
+OPD_CPU_MULTIVERSION
+void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau, PairBlock& out) {
+  float raw_max_s = -kInf, raw_max_t = -kInf;
+  int nan_s = 0, nan_t = 0;
+#pragma omp simd reduction(max : raw_max_s, raw_max_t) reduction(| : nan_s, nan_t)
+  for (int64_t j = 0; j < n; ++j) {
+    raw_max_s = s[j] > raw_max_s ? s[j] : raw_max_s;
+    raw_max_t = t[j] > raw_max_t ? t[j] : raw_max_t;
+    nan_s |= s[j] != s[j];
+    nan_t |= t[j] != t[j];
+  }
+  // Scaling by 1/τ > 0 is monotone, so the scaled max is the scaled raw max. Distances are taken
+  // before scaling, (x - max) / τ: exactly 0 at the max, and no cancellation between two rounded
+  // products (or a fused multiply-add) at large |logits|.
+  const float centre_s = opd::online_softmax_detail::centre(raw_max_s);
+  const float centre_t = opd::online_softmax_detail::centre(raw_max_t);
+  float sum_s = 0, sum_t = 0, cross_s = 0, cross_t = 0;
+#pragma omp simd reduction(+ : sum_s, sum_t, cross_s, cross_t)
+  for (int64_t j = 0; j < n; ++j) {
+    const float ls = (s[j] - centre_s) * inv_tau, lt = (t[j] - centre_t) * inv_tau;
+    const float es = exp_nonpositive(ls), et = exp_nonpositive(lt);
+    const float log_ratio = ls - lt;
+    sum_s += es;
+    sum_t += et;
+    cross_s += es > 0.0f ? es * log_ratio : 0.0f;
+    cross_t += et > 0.0f ? -et * log_ratio : 0.0f;
+  }
+  out.state = {raw_max_s * inv_tau, nan_s ? kNaN : sum_s, raw_max_t * inv_tau, nan_t ? kNaN : sum_t,
+               cross_s, cross_t};
+  out.raw_max_s = raw_max_s;
+  out.raw_max_t = raw_max_t;
+  out.nan_s = nan_s;
+  out.nan_t = nan_t;
+}
+
+struct Block {
+  opd::SoftmaxState state;
+  float raw_max;
+};
+
+OPD_CPU_MULTIVERSION
+Block reduce_block(const float* x, int64_t n, float inv_tau) {
+  float raw_max = -kInf;
+  int has_nan = 0;
+#pragma omp simd reduction(max : raw_max) reduction(| : has_nan)
+  for (int64_t j = 0; j < n; ++j) {
+    raw_max = x[j] > raw_max ? x[j] : raw_max;
+    has_nan |= x[j] != x[j];
+  }
+  const float centre = opd::online_softmax_detail::centre(raw_max);
+  float sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive((x[j] - centre) * inv_tau);
+  return {{raw_max * inv_tau, has_nan ? kNaN : sum}, raw_max};
+}
+
+// grad = -scale * p over one block, p = exp(s / τ - lse); the caller adds `scale` at the token.
+OPD_CPU_MULTIVERSION
+void policy_gradient_block(const float* s, int64_t n, float inv_tau, float lse, float scale, float* grad) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) grad[j] = -scale * exp_nonpositive(s[j] * inv_tau - lse);
+}
+
+// grad = scale * p * (log p - log q - kl) over one block; 0 where p = 0 (whatever q is there).
+OPD_CPU_MULTIVERSION
+void reverse_kl_block(const float* s, const float* t, int64_t n, float inv_tau, float lse_s,
+                      float lse_t, float kl, float scale, float* grad) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float log_p = s[j] * inv_tau - lse_s;
+    const float log_q = t[j] * inv_tau - lse_t;
+    const float p = exp_nonpositive(log_p);
+    grad[j] = p > 0.0f ? scale * p * (log_p - log_q - kl) : (p == 0.0f ? 0.0f : p);
+  }
+}
+
+// ---- dtype plumbing --------------------------------------------------------------------------------
+
+// A float view of x[0, n): the data itself for float32, else widened into `buffer`.
+template <typename scalar_t>
+const float* as_float(const scalar_t* x, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buffer[j] = static_cast<float>(x[j]);
+    return buffer;
+  }
+}
+
+// Where a block's float gradient goes: straight into a float32 output, else a buffer narrowed after.
+template <typename scalar_t>
+float* float_output(scalar_t* out, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return out;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename scalar_t>
+void store_block(const float* values, int64_t n, scalar_t* out) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(values[j]);
+  }
+}
+
+// ---- argument checks (the Python wrappers check first and more kindly) ----------------------------
+
+void check_tokens(const char* op, const at::Tensor& tokens, const at::Tensor& logits, int64_t rows) {
+  TORCH_CHECK(tokens.scalar_type() == at::kLong, op, ": tokens must be int64, got ", tokens.scalar_type());
+  TORCH_CHECK(tokens.device() == logits.device(), op, ": tokens on ", tokens.device(),
+              " but student_logits on ", logits.device());
+  TORCH_CHECK(tokens.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": tokens ",
+              tokens.sizes(), " must have the leading shape of student_logits ", logits.sizes());
+  const at::Tensor flat = tokens.contiguous();
+  const int64_t* ids = flat.const_data_ptr<int64_t>();
+  const int64_t vocab = logits.size(-1);
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, op, ": tokens must be in [0, V=", vocab,
+                "), got ", ids[r], " at flat position ", r);
+  }
+}
+
+void check_temperature(const char* op, double temperature) {
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be a positive "
+              "finite number, got ", temperature);
+}
+
+void check_row_vector(const char* op, const char* name, const at::Tensor& x, const at::Tensor& logits) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.device() == logits.device(), op, ": ", name, " on ", x.device(),
+              " but student_logits on ", logits.device());
+  TORCH_CHECK(x.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": ", name, " ", x.sizes(),
+              " must have the leading shape of student_logits ", logits.sizes());
+}
+
+at::Tensor row_output(const at::Tensor& logits) {
+  return at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options().dtype(at::kFloat));
+}
+
+// log softmax(x / τ) at one element, from the row's raw max and Z = Σ exp((x - max) / τ). Written as
+// (x - max)/τ - log Z rather than x/τ - lse: a float lse rounds to ulp(max), ~1e-3 at |logits| ~ 1e4.
+float log_softmax_at(float x, float raw_max, float sum, float inv_tau) {
+  return (x - opd::online_softmax_detail::centre(raw_max)) * inv_tau - logf(sum);
+}
+
+// ---- token_stats -------------------------------------------------------------------------------------
+
+// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1).
+template <typename S, typename T>
+float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau) {
+  opd::PairSoftmaxState state;
+  for (int i = 0; i < k; ++i) {
+    state.update(static_cast<float>(s_row[ids[i]]) * inv_tau, static_cast<float>(t_row[ids[i]]) * inv_tau);
+  }
+  return state.reverse_kl();
+}
+
+struct TokenStatsOutputs {
+  float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *topk_reverse_kl, *student_lse,
+      *teacher_lse;
+};
+
+template <typename S, typename T>
+void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, int64_t stride_t,
+                        const int64_t* tokens, int64_t rows, int64_t vocab, float inv_tau, int topk,
+                        TokenStatsOutputs out) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer_s(kBlock), buffer_t(kBlock);
+    std::vector<float> topk_values(topk);
+    std::vector<int32_t> topk_ids(topk);
+    for (int64_t r = begin; r < end; ++r) {
+      const S* s_row = student + r * stride_s;
+      const T* t_row = teacher + r * stride_t;
+      opd::PairSoftmaxState state;
+      opd::StreamingTopK top(topk_values.data(), topk_ids.data(), topk);
+      bool has_nan = false;
+      float raw_max_s = -kInf, raw_max_t = -kInf;
+      for (int64_t start = 0; start < vocab; start += kBlock) {
+        const int64_t n = std::min(kBlock, vocab - start);
+        const float* s = as_float(s_row + start, n, buffer_s.data());
+        const float* t = as_float(t_row + start, n, buffer_t.data());
+        PairBlock block;
+        reduce_pair_block(s, t, n, inv_tau, block);
+        state.merge(block.state);
+        has_nan |= block.nan_s || block.nan_t;
+        raw_max_s = std::max(raw_max_s, block.raw_max_s);
+        raw_max_t = std::max(raw_max_t, block.raw_max_t);
+        if (topk == 0 || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
+        for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
+          const int64_t m = std::min(kScreenChunk, n - chunk);
+          if (top.size() == topk) {
+            float chunk_max = -kInf;
+            for (int64_t j = 0; j < m; ++j) chunk_max = std::max(chunk_max, s[chunk + j]);
+            if (!(chunk_max > topk_values[topk - 1])) continue;
+          }
+          for (int64_t j = 0; j < m; ++j) top.push(s[chunk + j], static_cast<int32_t>(start + chunk + j));
+        }
+      }
+      const int64_t y = tokens[r];
+      out.student_logprob[r] = log_softmax_at(static_cast<float>(s_row[y]), raw_max_s, state.sum_s, inv_tau);
+      out.teacher_logprob[r] = log_softmax_at(static_cast<float>(t_row[y]), raw_max_t, state.sum_t, inv_tau);
+      out.reverse_kl[r] = state.reverse_kl();
+      out.forward_kl[r] = state.forward_kl();
+      out.student_lse[r] = state.lse_s();
+      out.teacher_lse[r] = state.lse_t();
+      if (topk > 0) {
+        out.topk_reverse_kl[r] =
+            has_nan ? kNaN : topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                const at::Tensor& tokens, double temperature, int64_t topk) {
+  constexpr const char* op = "token_stats";
+  check_logit_pair(op, student_logits, teacher_logits);
+  check_temperature(op, temperature);
+  const int64_t vocab = student_logits.size(-1);
+  TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "]");
+  const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0);
+  check_tokens(op, tokens, student_logits, rows);
+  const at::Tensor ids = tokens.contiguous();
+
+  at::Tensor student_logprob = row_output(student_logits), teacher_logprob = row_output(student_logits),
+             reverse_kl = row_output(student_logits), forward_kl = row_output(student_logits),
+             student_lse = row_output(student_logits), teacher_lse = row_output(student_logits);
+  at::Tensor topk_kl = topk > 0 ? row_output(student_logits)
+                                : at::empty({0}, student_logits.options().dtype(at::kFloat));
+  if (rows > 0) {
+    const TokenStatsOutputs out{student_logprob.mutable_data_ptr<float>(),
+                                teacher_logprob.mutable_data_ptr<float>(),
+                                reverse_kl.mutable_data_ptr<float>(),
+                                forward_kl.mutable_data_ptr<float>(),
+                                topk > 0 ? topk_kl.mutable_data_ptr<float>() : nullptr,
+                                student_lse.mutable_data_ptr<float>(),
+                                teacher_lse.mutable_data_ptr<float>()};
+    dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+      token_stats_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0),
+                               ids.const_data_ptr<int64_t>(), rows, vocab,
+                               static_cast<float>(1.0 / temperature), static_cast<int>(topk), out);
+    });
+  }
+  return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_kl, student_lse, teacher_lse};
+}
+
+// ---- student_stats -----------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_logits,
+                                                     const at::Tensor& tokens, double temperature) {
+  constexpr const char* op = "student_stats";
+  check_logit_pair(op, student_logits, student_logits);
+  check_temperature(op, temperature);
+  const at::Tensor s = as_rows(student_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  check_tokens(op, tokens, student_logits, rows);
+  const at::Tensor ids = tokens.contiguous();
+  at::Tensor logprob = row_output(student_logits), lse = row_output(student_logits);
+  if (rows == 0) return {logprob, lse};
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
+    const S* student = s.const_data_ptr<S>();
+    const int64_t* y = ids.const_data_ptr<int64_t>();
+    float* logprob_out = logprob.mutable_data_ptr<float>();
+    float* lse_out = lse.mutable_data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer(kBlock);
+      for (int64_t r = begin; r < end; ++r) {
+        const S* row = student + r * s.stride(0);
+        opd::SoftmaxState state;
+        float raw_max = -kInf;
+        for (int64_t start = 0; start < vocab; start += kBlock) {
+          const int64_t n = std::min(kBlock, vocab - start);
+          const Block block = reduce_block(as_float(row + start, n, buffer.data()), n, inv_tau);
+          state.merge(block.state);
+          raw_max = std::max(raw_max, block.raw_max);
+        }
+        logprob_out[r] = log_softmax_at(static_cast<float>(row[y[r]]), raw_max, state.sum, inv_tau);
+        lse_out[r] = state.lse();
+      }
+    });
+  });
+  return {logprob, lse};
+}
+
+// ---- backward ops --------------------------------------------------------------------------------------
+
+// Rows whose coefficient is 0 (masked positions) get a zero gradient without reading the logits, so
+// padding never costs a pass and never turns NaN/inf logits there into NaN gradients.
+at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor& student_logits,
+                                        const at::Tensor& tokens, const at::Tensor& student_lse,
+                                        double temperature) {
+  constexpr const char* op = "policy_gradient_backward";
+  check_logit_pair(op, student_logits, student_logits);
+  check_temperature(op, temperature);
+  const at::Tensor s = as_rows(student_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  check_tokens(op, tokens, student_logits, rows);
+  check_row_vector(op, "coef", coef, student_logits);
+  check_row_vector(op, "student_lse", student_lse, student_logits);
+  const at::Tensor ids = tokens.contiguous(), c = coef.contiguous(), lse = student_lse.contiguous();
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (rows == 0) return grad;
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
+    const S* student = s.const_data_ptr<S>();
+    S* grad_data = grad.mutable_data_ptr<S>();
+    const int64_t* y = ids.const_data_ptr<int64_t>();
+    const float* coef_data = c.const_data_ptr<float>();
+    const float* lse_data = lse.const_data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer_in(kBlock), buffer_out(kBlock);
+      for (int64_t r = begin; r < end; ++r) {
+        const S* row = student + r * s.stride(0);
+        S* grad_row = grad_data + r * vocab;
+        const float scale = coef_data[r] * inv_tau;
+        if (scale == 0.0f) {
+          std::fill(grad_row, grad_row + vocab, S(0.0f));
+          continue;
+        }
+        for (int64_t start = 0; start < vocab; start += kBlock) {
+          const int64_t n = std::min(kBlock, vocab - start);
+          float* g = float_output(grad_row + start, buffer_out.data());
+          policy_gradient_block(as_float(row + start, n, buffer_in.data()), n, inv_tau, lse_data[r], scale, g);
+          if (y[r] >= start && y[r] < start + n) g[y[r] - start] += scale;
+          store_block(g, n, grad_row + start);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& student_logits,
+                                   const at::Tensor& teacher_logits, const at::Tensor& student_lse,
+                                   const at::Tensor& teacher_lse, const at::Tensor& reverse_kl,
+                                   double temperature) {
+  constexpr const char* op = "reverse_kl_backward";
+  check_logit_pair(op, student_logits, teacher_logits);
+  check_temperature(op, temperature);
+  check_row_vector(op, "coef", coef, student_logits);
+  check_row_vector(op, "student_lse", student_lse, student_logits);
+  check_row_vector(op, "teacher_lse", teacher_lse, student_logits);
+  check_row_vector(op, "reverse_kl", reverse_kl, student_logits);
+  const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  const at::Tensor c = coef.contiguous(), lse_s = student_lse.contiguous(),
+                   lse_t = teacher_lse.contiguous(), kl = reverse_kl.contiguous();
+  at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options().memory_format(at::MemoryFormat::Contiguous));
+  if (rows == 0) return grad;
+  const float inv_tau = static_cast<float>(1.0 / temperature);
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    const S* student = s.const_data_ptr<S>();
+    const T* teacher = t.const_data_ptr<T>();
+    S* grad_data = grad.mutable_data_ptr<S>();
+    const float* coef_data = c.const_data_ptr<float>();
+    const float *lse_s_data = lse_s.const_data_ptr<float>(), *lse_t_data = lse_t.const_data_ptr<float>(),
+                *kl_data = kl.const_data_ptr<float>();
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buffer_s(kBlock), buffer_t(kBlock), buffer_out(kBlock);
+      for (int64_t r = begin; r < end; ++r) {
+        S* grad_row = grad_data + r * vocab;
+        const float scale = coef_data[r] * inv_tau;
+        if (scale == 0.0f) {
+          std::fill(grad_row, grad_row + vocab, S(0.0f));
+          continue;
+        }
+        const S* s_row = student + r * s.stride(0);
+        const T* t_row = teacher + r * t.stride(0);
+        for (int64_t start = 0; start < vocab; start += kBlock) {
+          const int64_t n = std::min(kBlock, vocab - start);
+          float* g = float_output(grad_row + start, buffer_out.data());
+          reverse_kl_block(as_float(s_row + start, n, buffer_s.data()), as_float(t_row + start, n, buffer_t.data()),
+                           n, inv_tau, lse_s_data[r], lse_t_data[r], kl_data[r], scale, g);
+          store_block(g, n, grad_row + start);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_ext, CPU, m) {
+  m.impl("token_stats", &token_stats_cpu);
+  m.impl("student_stats", &student_stats_cpu);
+  m.impl("policy_gradient_backward", &policy_gradient_backward_cpu);
+  m.impl("reverse_kl_backward", &reverse_kl_backward_cpu);
+}
+
+}  // namespace opd_ext

@@ -1,0 +1,216 @@
+// Block-wide single pass over a (student, teacher) pair of logit rows, with an optional streaming
+// top-k of each row and a per-element visitor, so one read of the two rows can feed top-k overlap,
+// the online-softmax statistics and the drift update together.
+//
+// Top-k without sorting the row: elements that could still enter the top-k (they rank before the
+// current k-th candidate, order of opd/topk.h) are appended to a shared-memory buffer; when the
+// next tile might overflow it, the block bitonic-sorts the buffer and keeps the best k, which also
+// raises the admission threshold. On typical logits only O(k log(V/k)) elements are ever appended,
+// so the cost is the memory read plus a handful of small sorts.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "opd/topk.h"
+
+namespace opd_ext::cuda_kernels {
+
+constexpr int kPairPassThreads = 128;
+constexpr int kMaxVectorElems = 8;  // 16-byte loads of 2-byte dtypes
+constexpr int kTopKCapacity = 2048;  // power of two for the bitonic sort
+// A tile appends at most kPairPassThreads * kMaxVectorElems candidates after a compaction left k.
+constexpr int kMaxStreamingTopK = kTopKCapacity - kPairPassThreads * kMaxVectorElems;
+
+struct TopKCandidates {
+  float values[kTopKCapacity];
+  int32_t indices[kTopKCapacity];
+  int count;
+  int k;
+  int full;  // the best k so far define the admission threshold below
+  float kth_value;
+  int32_t kth_index;
+  int saw_nan;
+};
+
+// Thread 0 only; the caller synchronises before use.
+__device__ __forceinline__ void topk_reset(TopKCandidates& c, int k) {
+  c.count = 0;
+  c.k = k;
+  c.full = 0;
+  c.kth_value = 0.f;
+  c.kth_index = 0;
+  c.saw_nan = 0;
+}
+
+struct AdmissionThreshold {
+  bool active;  // false: nothing is tracked for this row
+  bool full;
+  float value;
+  int32_t index;
+
+  __device__ __forceinline__ static AdmissionThreshold read(const TopKCandidates* c) {
+    if (c == nullptr) return {false, false, 0.f, 0};
+    return {true, c->full != 0, c->kth_value, c->kth_index};
+  }
+};
+
+__device__ __forceinline__ void topk_offer(TopKCandidates* c, const AdmissionThreshold& thr, float x,
+                                           int32_t index) {
+  if (!thr.active) return;
+  if (x != x) {
+    c->saw_nan = 1;
+    return;
+  }
+  if (thr.full && !opd::ranks_before(x, index, thr.value, thr.index)) return;
+  const int slot = atomicAdd(&c->count, 1);
+  c->values[slot] = x;
+  c->indices[slot] = index;
+}
+
+// Keeps the best k candidates (in rank order when more than k were present). All threads call it,
+// after a barrier that made every append visible.
+__device__ void topk_compact(TopKCandidates& c) {
+  const int count = c.count;
+  if (count <= c.k) return;  // nothing to drop: no threshold can be derived yet
+  int n = 1;
+  while (n < count) n <<= 1;
+  for (int i = count + threadIdx.x; i < n; i += blockDim.x) {
+    c.values[i] = -INFINITY;  // ranks after every real entry, -inf included, via the index
+    c.indices[i] = INT32_MAX;
+  }
+  __syncthreads();
+  for (int size = 2; size <= n; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int i = threadIdx.x; i < (n >> 1); i += blockDim.x) {
+        const int a = 2 * i - (i & (stride - 1));
+        const int b = a + stride;
+        const bool best_first = (a & size) == 0;
+        const bool b_before_a = opd::ranks_before(c.values[b], c.indices[b], c.values[a], c.indices[a]);
+        if (b_before_a == best_first) {
+          const float v = c.values[a];
+          const int32_t id = c.indices[a];
+          c.values[a] = c.values[b];
+          c.indices[a] = c.indices[b];
+          c.values[b] = v;
+          c.indices[b] = id;
+        }
+      }
+      __syncthreads();
+    }
+  }
+  if (threadIdx.x == 0) {
+    c.count = c.k;
+    c.full = 1;
+    c.kth_value = c.values[c.k - 1];
+    c.kth_index = c.indices[c.k - 1];
+  }
+  __syncthreads();
+}
+
+template <int kBytes>
+struct RawVector;
+template <>
+struct RawVector<16> {
+  using type = uint4;
+};
+template <>
+struct RawVector<8> {
+  using type = uint2;
+};
+template <>
+struct RawVector<4> {
+  using type = uint32_t;
+};
+
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void load_vector(const scalar_t* ptr, float (&out)[kVec]) {
+  using Raw = typename RawVector<kVec * sizeof(scalar_t)>::type;
+  const Raw raw = __ldg(reinterpret_cast<const Raw*>(ptr));
+  const scalar_t* elems = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) out[j] = static_cast<float>(elems[j]);
+}
+
+// Elements before `ptr` reaches `bytes` alignment, or -1 when it never can.
+template <typename scalar_t>
+__device__ __forceinline__ int elements_to_alignment(const scalar_t* ptr, int bytes) {
+  const uintptr_t misalign = reinterpret_cast<uintptr_t>(ptr) % bytes;
+  if (misalign % sizeof(scalar_t) != 0) return -1;
+  return static_cast<int>(((bytes - misalign) % bytes) / sizeof(scalar_t));
+}
+
+struct NoVisitor {
+  __device__ __forceinline__ void operator()(float, float, int32_t) const {}
+};
+
+// Before every tile: make the previous tile's appends visible and compact a buffer the coming tile
+// could overflow. Uniform across the block (counts are read after the barrier).
+__device__ __forceinline__ void prepare_tile(TopKCandidates* top_s, TopKCandidates* top_t, int tile) {
+  __syncthreads();
+  if (top_s != nullptr && top_s->count + tile > kTopKCapacity) topk_compact(*top_s);
+  if (top_t != nullptr && top_t->count + tile > kTopKCapacity) topk_compact(*top_t);
+}
+
+// One pass over s_row[0, V) and t_row[0, V) by the whole block: visit(s, t, index) for every
+// element, candidates offered to top_s / top_t (either may be nullptr). On return (after a
+// barrier) each non-null buffer holds its row's top-k ids in indices[0, k) unless saw_nan is set.
+// Loads are 16 bytes wide where both rows can be aligned together (the usual case: rows of one
+// contiguous tensor share their phase), scalar otherwise.
+template <typename S, typename T, typename Visitor>
+__device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, TopKCandidates* top_s,
+                                TopKCandidates* top_t, Visitor& visit) {
+  constexpr int kVec = 16 / (sizeof(S) > sizeof(T) ? sizeof(S) : sizeof(T));
+  static_assert(kVec <= kMaxVectorElems);
+  const int head_s = elements_to_alignment(s_row, kVec * sizeof(S));
+  const int head_t = elements_to_alignment(t_row, kVec * sizeof(T));
+  const bool vectorised = head_s >= 0 && head_s == head_t;
+  const int32_t head = vectorised ? min(head_s, vocab) : vocab;
+  const int32_t num_vectors = (vocab - head) / kVec;
+  const int32_t tail = head + num_vectors * kVec;
+
+  auto scalar_range = [&](int32_t begin, int32_t end) {
+    for (int32_t base = begin; base < end; base += blockDim.x) {
+      prepare_tile(top_s, top_t, blockDim.x);
+      const AdmissionThreshold thr_s = AdmissionThreshold::read(top_s);
+      const AdmissionThreshold thr_t = AdmissionThreshold::read(top_t);
+      const int32_t i = base + threadIdx.x;
+      if (i < end) {
+        const float s = static_cast<float>(s_row[i]);
+        const float t = static_cast<float>(t_row[i]);
+        visit(s, t, i);
+        topk_offer(top_s, thr_s, s, i);
+        topk_offer(top_t, thr_t, t, i);
+      }
+    }
+  };
+
+  scalar_range(0, head);
+  for (int32_t base = 0; base < num_vectors; base += blockDim.x) {
+    prepare_tile(top_s, top_t, blockDim.x * kVec);
+    const AdmissionThreshold thr_s = AdmissionThreshold::read(top_s);
+    const AdmissionThreshold thr_t = AdmissionThreshold::read(top_t);
+    const int32_t v = base + threadIdx.x;
+    if (v < num_vectors) {
+      const int32_t first = head + v * kVec;
+      float s[kVec], t[kVec];
+      load_vector<S, kVec>(s_row + first, s);
+      load_vector<T, kVec>(t_row + first, t);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        visit(s[j], t[j], first + j);
+        topk_offer(top_s, thr_s, s[j], first + j);
+        topk_offer(top_t, thr_t, t[j], first + j);
+      }
+    }
+  }
+  scalar_range(tail, vocab);
+
+  __syncthreads();
+  if (top_s != nullptr) topk_compact(*top_s);
+  if (top_t != nullptr) topk_compact(*top_t);
+  __syncthreads();
+}
+
+}  // namespace opd_ext::cuda_kernels

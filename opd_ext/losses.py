@@ -1,0 +1,298 @@
+"""Token statistics and the vOPD / reverse-KL losses (SPEC §1-2) on the fused kernels.
+
+Forward: one ``token_stats`` (or ``student_stats``) pass over the logits gives every per-token
+quantity. Backward: ``policy_gradient_backward`` / ``reverse_kl_backward`` write ∂L/∂student_logits
+in one more pass, in the student's dtype; no [N, V] float32 temporaries exist besides that gradient.
+Gradients flow to ``student_logits`` only: the teacher, the rewards and the baselines are detached.
+
+Conventions shared by every loss:
+
+* ``mask`` [...] (bool or 0/1 ints): positions that count. Masked positions may hold any token id
+  (padding, -100) and any logits, NaN included: they contribute exactly 0 to the loss and gradient.
+* ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted).
+* ``norm`` = the number of valid tokens (at least 1), or ``num_items`` when given: pass the global
+  token count (e.g. all-reduced over data-parallel ranks) so every rank normalises alike.
+* ``temperature`` τ divides the student and teacher logits before any softmax.
+* A NaN in a row's logits makes that row's statistics NaN and leaves other rows untouched; a
+  valid NaN row therefore makes the loss NaN (masking it out does not).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
+from opd_ext._extension import ops
+from opd_ext._validation import (
+    check_choice,
+    check_k,
+    check_logit_pair,
+    check_logits,
+    check_mask,
+    check_num_items,
+    check_teacher_token_logprob,
+    check_teacher_topk,
+    check_temperature,
+    check_tokens,
+    check_weights,
+)
+
+BASELINES = ("full", "topk", "none")
+SPARSE_TEACHER_BASELINES = ("topk", "none")
+KL_DIRECTIONS = ("reverse", "forward")
+
+
+class TokenStats(NamedTuple):
+    """Per-position statistics, each float32 with the leading shape [...] of the logits."""
+
+    student_logprob: torch.Tensor  # log p(y) = log softmax(s / τ)[y]
+    teacher_logprob: torch.Tensor  # log q(y)
+    reverse_kl: torch.Tensor  # KL(p‖q), the vOPD value (negated)
+
+
+class TokenStatsWithForwardKL(NamedTuple):
+    """:class:`TokenStats` plus the forward KL(q‖p) (``token_stats(..., forward_kl=True)``)."""
+
+    student_logprob: torch.Tensor
+    teacher_logprob: torch.Tensor
+    reverse_kl: torch.Tensor
+    forward_kl: torch.Tensor
+
+
+def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
+                temperature: float = 1.0, forward_kl: bool = False):
+    """Log-probs of the sampled tokens under student and teacher and KL(p‖q), in one pass.
+
+    ``p = softmax(student_logits / τ)``, ``q = softmax(teacher_logits / τ)``. The reward of OPD is
+    ``teacher_logprob - student_logprob``; its expectation under p is ``-reverse_kl``. The fused
+    pass yields the forward KL(q‖p) at no extra cost: ``forward_kl=True`` returns it as a fourth
+    field (a separate tuple type, so ``a, b, c = token_stats(...)`` keeps working).
+
+    Args:
+        student_logits: ``[..., V]`` float32 / bfloat16 / float16.
+        teacher_logits: same shape and device; same dtype or float32 beside a low-precision student.
+        tokens: int64 ``[...]`` sampled ids in ``[0, V)``.
+        temperature: τ > 0.
+
+    Returns:
+        :class:`TokenStats` (or :class:`TokenStatsWithForwardKL`) of float32 ``[...]`` tensors, not
+        differentiable (use :func:`vopd_loss` / :func:`reverse_kl_loss` to train). A teacher ``-inf``
+        where the student has mass gives ``reverse_kl = inf``; NaN logits give NaN in that row only.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    check_tokens(tokens, student_logits)
+    temperature = check_temperature(temperature)
+    logp_s, logp_t, reverse, forward, _, _, _ = ops.token_stats(
+        student_logits.detach(), teacher_logits.detach(), tokens, temperature, 0)
+    if forward_kl:
+        return TokenStatsWithForwardKL(logp_s, logp_t, reverse, forward)
+    return TokenStats(logp_s, logp_t, reverse)
+
+
+# ---- autograd: the surrogate losses with fused backward kernels -----------------------------------
+
+
+def _masked_sum(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Σ coef·value where a zero coefficient (masked position) contributes 0 even if value is ±inf/NaN."""
+    return torch.where(coef == 0, 0.0, coef * value).sum()
+
+
+class _PolicyGradientSurrogate(torch.autograd.Function):
+    """Σ_r coef_r · log p_r(y_r), coef detached; backward by policy_gradient_backward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, tokens, student_logprob, student_lse, coef, temperature):
+        ctx.save_for_backward(student_logits, tokens, student_lse, coef)
+        ctx.temperature = temperature
+        return _masked_sum(coef, student_logprob)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student_logits, tokens, student_lse, coef = ctx.saved_tensors
+        grad = ops.policy_gradient_backward(coef * grad_loss, student_logits.detach(), tokens, student_lse,
+                                            ctx.temperature)
+        return grad, None, None, None, None, None
+
+
+class _ReverseKLObjective(torch.autograd.Function):
+    """Σ_r coef_r · KL(p_r‖q_r), coef and teacher detached; backward by reverse_kl_backward."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef, temperature):
+        ctx.save_for_backward(student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef)
+        ctx.temperature = temperature
+        return _masked_sum(coef, reverse_kl)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef = ctx.saved_tensors
+        grad = ops.reverse_kl_backward(coef * grad_loss, student_logits.detach(), teacher_logits, student_lse,
+                                       teacher_lse, reverse_kl, ctx.temperature)
+        return grad, None, None, None, None, None, None
+
+
+# ---- shared argument handling ---------------------------------------------------------------------
+
+
+def _loss_scale(student_logits, mask, weights, num_items):
+    """Per-position ``w_t / norm`` (float32, exactly 0 where masked) and the validity mask."""
+    lead, device = student_logits.shape[:-1], student_logits.device
+    if mask is not None:
+        check_mask(mask, student_logits)
+        valid = mask.bool()
+    else:
+        valid = torch.ones(lead, dtype=torch.bool, device=device)
+    if weights is not None:
+        check_weights(weights, student_logits)
+    num_items = check_num_items(num_items)
+    if num_items is None:
+        norm = valid.sum().clamp(min=1).float()
+    elif isinstance(num_items, torch.Tensor):
+        norm = num_items.to(device=device, dtype=torch.float32)
+    else:
+        norm = float(num_items)
+    w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.float()
+    return torch.where(valid, w, 0.0) / norm, valid
+
+
+def _sampled_tokens(tokens, student_logits, valid):
+    """Checked ids with masked positions set to 0, so padding ids (-100, ...) never reach a kernel."""
+    check_tokens(tokens, student_logits)
+    return torch.where(valid, tokens, 0)
+
+
+def _advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_value):
+    """-w/norm · A with A = r - b = (log q(y) - log p(y)) + value; 0 at masked positions."""
+    advantage = teacher_logprob - student_logprob + baseline_value
+    return torch.where(valid, -scale * advantage, 0.0)
+
+
+# ---- public losses --------------------------------------------------------------------------------
+
+
+def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
+              mask=None, weights=None, temperature: float = 1.0, baseline: str = "full", topk: int = 100,
+              kl: str = "reverse", num_items=None) -> torch.Tensor:
+    """vOPD policy-gradient surrogate ``L = -Σ_t w_t · sg(A_t) · log p(y_t) / norm``.
+
+    ``A_t = log q(y_t) - log p(y_t) - b_t`` with the detached baseline ``b_t``:
+
+    * ``baseline="full"`` (default): ``b = -KL(p‖q)``, the closed-form value function of OPD.
+      ``kl="forward"`` uses ``-KL(q‖p)`` instead, for comparison only (SPEC §1).
+    * ``baseline="topk"``: ``b = -KL(p̄‖q̄)`` over the student's ``topk`` most likely ids, both
+      distributions renormalised there (the vOPD authors' code, k = 100).
+    * ``baseline="none"``: plain OPD, ``A = r``.
+
+    Every baseline leaves the gradient unbiased; the full one has the lowest variance. The returned
+    value is the surrogate (its gradient is the estimator), float32, differentiable w.r.t.
+    ``student_logits`` only. See the module docstring for mask / weights / num_items / NaN.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    check_choice("baseline", baseline, BASELINES)
+    check_choice("kl", kl, KL_DIRECTIONS)
+    if kl == "forward" and baseline != "full":
+        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
+                         f'baseline="full", got baseline={baseline!r}')
+    temperature = check_temperature(temperature)
+    topk = check_k(topk, student_logits.shape[-1], "topk") if baseline == "topk" else 0
+    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    tokens = _sampled_tokens(tokens, student_logits, valid)
+
+    logp_s, logp_t, reverse, forward, topk_kl, lse_s, _ = ops.token_stats(
+        student_logits.detach(), teacher_logits.detach(), tokens, temperature, topk)
+    value = {"full": forward if kl == "forward" else reverse, "topk": topk_kl}.get(baseline)
+    coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
+    return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
+
+
+def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None, weights=None,
+                    temperature: float = 1.0, num_items=None) -> torch.Tensor:
+    """Dense (GKD-style) objective ``L = Σ_t w_t · KL(p_t‖q_t) / norm`` with a fused backward.
+
+    ``∂KL/∂s_j = p_j (log p_j - log q_j - KL) / τ``. float32 scalar, differentiable w.r.t.
+    ``student_logits`` only. A teacher ``-inf`` under student mass at a valid position makes the
+    loss ``inf`` (its true value) and that row's gradient NaN.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    temperature = check_temperature(temperature)
+    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    any_token = torch.zeros(student_logits.shape[:-1], dtype=torch.int64, device=student_logits.device)
+    _, _, reverse, _, _, lse_s, lse_t = ops.token_stats(
+        student_logits.detach(), teacher_logits.detach(), any_token, temperature, 0)
+    return _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), reverse, lse_s, lse_t, scale,
+                                     temperature)
+
+
+# ---- served teachers: top-k ids + log-probs instead of full logits ----------------------------------
+
+
+def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature, valid):
+    """KL(p̄‖q̄) over the teacher's top-k support, both renormalised there; [N, k] work only.
+
+    Masked positions are zeroed *before* the softmax, so whatever they hold (NaN included) never
+    reaches the loss or, through a 0·NaN product, the gradient.
+    """
+    keep = valid.unsqueeze(-1)
+    s = torch.where(keep, student_logits.gather(-1, teacher_topk_ids).float(), 0.0)
+    log_p = torch.log_softmax(s / temperature, dim=-1)
+    log_q = torch.log_softmax(torch.where(keep, teacher_topk_logprobs.float(), 0.0), dim=-1)
+    p = log_p.exp()
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+
+
+def _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature):
+    check_logits("student_logits", student_logits)
+    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits)
+    return check_temperature(temperature)
+
+
+def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                             teacher_topk_logprobs: torch.Tensor, teacher_token_logprob: torch.Tensor, *,
+                             mask=None, weights=None, temperature: float = 1.0, baseline: str = "topk",
+                             num_items=None) -> torch.Tensor:
+    """:func:`vopd_loss` for a teacher served as top-k log-probs (vLLM / SGLang prompt logprobs).
+
+    Args:
+        student_logits: ``[..., V]``; only the student is read in full (one ``student_stats`` pass).
+        tokens: int64 ``[...]`` sampled ids.
+        teacher_topk_ids: int64 ``[..., k]``, the teacher's k most likely ids per position.
+        teacher_topk_logprobs: ``[..., k]`` their log-probs (any normalisation: they are renormalised
+            over the k ids; the server's temperature is taken as is, ``temperature`` scales the
+            student only).
+        teacher_token_logprob: ``[...]`` the teacher's log-prob of ``tokens`` (the reward's log q(y)).
+        baseline: ``"topk"`` (default): ``b = -KL(p̄‖q̄)`` over the teacher's support, both
+            distributions renormalised there; ``"none"``: plain OPD. The full-vocabulary baseline
+            needs the teacher's full logits (use :func:`vopd_loss`).
+    """
+    temperature = _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    check_choice("baseline", baseline, SPARSE_TEACHER_BASELINES)
+    check_teacher_token_logprob(teacher_token_logprob, student_logits)
+    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    tokens = _sampled_tokens(tokens, student_logits, valid)
+
+    logp_s, lse_s = ops.student_stats(student_logits.detach(), tokens, temperature)
+    value = 0.0
+    if baseline == "topk":
+        with torch.no_grad():
+            value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature,
+                                        valid)
+    coef = _advantage_coef(scale, valid, teacher_token_logprob.float(), logp_s, value)
+    return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
+
+
+def reverse_kl_loss_sparse_teacher(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                                   teacher_topk_logprobs: torch.Tensor, *, mask=None, weights=None,
+                                   temperature: float = 1.0, num_items=None) -> torch.Tensor:
+    """:func:`reverse_kl_loss` for a served teacher: ``Σ_t w_t KL(p̄_t‖q̄_t) / norm`` over the teacher's
+    top-k support, student and teacher both renormalised over those k ids.
+
+    Only ``[..., k]`` values of the student are gathered, so forward and backward cost O(N·k) plus
+    the (sparse) gradient write; the student mass outside the teacher's support is not penalised.
+    Arguments as in :func:`vopd_loss_sparse_teacher`.
+    """
+    temperature = _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    kl = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature,
+                             valid)
+    return torch.where(valid, scale * kl, 0.0).sum()

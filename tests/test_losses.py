@@ -1,0 +1,318 @@
+"""vopd_loss / reverse_kl_loss and the served-teacher variants: values and gradients against the
+float64 reference's autograd (the kernels take float32/bf16/fp16 only, so torch.autograd.gradcheck
+in float64 is replaced by this comparison), masks / weights / num_items, torch.compile, bad input."""
+import pytest
+import torch
+
+import opd_ext
+from opd_ext import reference
+
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+]
+VOPD_VARIANTS = [
+    dict(baseline="full"),
+    dict(baseline="full", kl="forward"),
+    dict(baseline="topk", topk=5),
+    dict(baseline="none"),
+]
+
+
+def _pair(shape, student_dtype, teacher_dtype, device, scale=2.0, noise=1.0):
+    student = torch.randn(shape, device=device) * scale
+    teacher = student + noise * torch.randn(shape, device=device)
+    return student.to(student_dtype), teacher.to(teacher_dtype)
+
+
+def _loss_tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
+
+
+def _grad_tolerance(dtype, reference_grad):
+    # float32 math, one rounding to the student's dtype at the end. Entries are O(w/norm) = O(1/rows)
+    # times O(1) factors, which sets the absolute floor where the true gradient is ~0 (V = 1).
+    eps = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    rows = reference_grad[..., 0].numel()
+    return dict(rtol=2 * eps, atol=2 * eps * max(reference_grad.abs().max().item(), 1 / rows))
+
+
+def _compare(loss_fn, reference_fn, student, *args, **kwargs):
+    """Value and ∂/∂student of loss_fn (kernels) vs reference_fn (float64 autograd)."""
+    x = student.detach().clone().requires_grad_()
+    loss = loss_fn(x, *args, **kwargs)
+    loss.backward()
+    x_ref = student.detach().double().requires_grad_()
+    want = reference_fn(x_ref, *args, **kwargs)
+    want.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert x.grad.dtype == student.dtype and x.grad.shape == student.shape
+    torch.testing.assert_close(loss.double(), want.detach(), **_loss_tolerance(student.dtype))
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, **_grad_tolerance(student.dtype, x_ref.grad))
+    return loss, x.grad
+
+
+def _row_inputs(lead, vocab, device):
+    tokens = torch.randint(0, vocab, lead, device=device)
+    mask = torch.rand(lead, device=device) > 0.3
+    mask.view(-1)[0] = True
+    weights = torch.rand(lead, device=device) + 0.5
+    return tokens, mask, weights
+
+
+@pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
+@pytest.mark.parametrize("variant", VOPD_VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize("shape", [(13, 129), (2, 5, 7)], ids=["NV", "BTV"])
+def test_vopd_loss_matches_reference(device, student_dtype, teacher_dtype, variant, shape):
+    student, teacher = _pair(shape, student_dtype, teacher_dtype, device)
+    tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
+    _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, mask=mask, weights=weights,
+             temperature=0.8, **variant)
+
+
+@pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
+@pytest.mark.parametrize("shape", [(13, 129), (2, 5, 7), (3, 1)], ids=["NV", "BTV", "V1"])
+def test_reverse_kl_loss_matches_reference(device, student_dtype, teacher_dtype, shape):
+    student, teacher = _pair(shape, student_dtype, teacher_dtype, device)
+    _, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
+    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher, mask=mask, weights=weights,
+             temperature=1.3)
+
+
+def test_large_vocabulary(device):
+    student, teacher = _pair((2, 50257), torch.bfloat16, torch.float32, device)
+    tokens, mask, weights = _row_inputs((2,), 50257, device)
+    _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, baseline="topk", topk=100)
+    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher, weights=weights)
+
+
+def test_defaults_without_mask_or_weights(device):
+    student, teacher = _pair((6, 40), torch.float32, torch.float32, device)
+    tokens = torch.randint(0, 40, (6,), device=device)
+    _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens)
+    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher)
+
+
+def test_minus_inf_and_extreme_logits(device):
+    student, teacher = _pair((5, 300), torch.float32, torch.float32, device)
+    student[0, ::2] = teacher[0, ::2] = float("-inf")   # masked vocabulary
+    student[1, 10] = 1e4
+    teacher[2, 7] = 1e4
+    teacher[3, 5] = -1e4
+    student[4, ::3] = -1e4
+    tokens = torch.tensor([1, 10, 3, 5, 7], device=device)
+    for variant in VOPD_VARIANTS:
+        _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, **variant)
+    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher)
+
+
+def test_large_common_offset(device):
+    # Rows whose mass sits around ±1e4: values (log-probs, KL) stay exact (the kernels work with
+    # distances to the row max), but the backward ops receive lse as a float32, which rounds to
+    # ulp(1e4) ~ 1e-3; the gradient then carries that relative error. Documented limitation.
+    student, teacher = _pair((3, 200), torch.float32, torch.float32, device)
+    student[0] += 1e4
+    teacher[1] -= 1e4
+    tokens = torch.randint(0, 200, (3,), device=device)
+    for loss_fn, reference_fn, args in ((opd_ext.vopd_loss, reference.vopd_loss, (teacher, tokens)),
+                                        (opd_ext.reverse_kl_loss, reference.reverse_kl_loss, (teacher,))):
+        x = student.clone().requires_grad_()
+        loss = loss_fn(x, *args)
+        loss.backward()
+        x_ref = student.double().requires_grad_()
+        want = reference_fn(x_ref, *args)
+        want.backward()
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=2e-3, atol=2e-3 * x_ref.grad.abs().max().item())
+
+
+def test_teacher_minus_inf_under_student_mass_gives_infinite_reverse_kl_loss(device):
+    student, teacher = _pair((2, 30), torch.float32, torch.float32, device)
+    teacher[1, student[1].argmax()] = float("-inf")
+    assert opd_ext.reverse_kl_loss(student, teacher).item() == float("inf")
+    # ... and masking that position out makes it finite again.
+    mask = torch.tensor([True, False], device=device)
+    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher, mask=mask)
+
+
+def test_masked_positions_may_hold_anything(device):
+    student, teacher = _pair((6, 50), torch.float32, torch.float32, device)
+    mask = torch.tensor([True, False, True, False, True, True], device=device)
+    tokens = torch.randint(0, 50, (6,), device=device)
+    tokens[~mask] = -100                                  # the usual padding label
+    student[1] = float("nan")
+    teacher[3] = float("-inf")
+    for loss_fn in (lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask),
+                    lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask, baseline="topk", topk=4),
+                    lambda x: opd_ext.reverse_kl_loss(x, teacher, mask=mask)):
+        x = student.clone().requires_grad_()
+        loss = loss_fn(x)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert x.grad[~mask].eq(0).all() and torch.isfinite(x.grad).all()
+    clean = torch.where(mask[:, None], student, 0.0)
+    clean_teacher = torch.where(mask[:, None], teacher, 0.0)
+    torch.testing.assert_close(opd_ext.vopd_loss(student, teacher, tokens, mask=mask),
+                               opd_ext.vopd_loss(clean, clean_teacher, tokens.clamp(min=0), mask=mask))
+
+
+def test_all_masked_gives_zero_loss_and_gradient(device):
+    student, teacher = _pair((3, 20), torch.float32, torch.float32, device)
+    mask = torch.zeros(3, dtype=torch.bool, device=device)
+    x = student.clone().requires_grad_()
+    loss = opd_ext.vopd_loss(x, teacher, torch.zeros(3, dtype=torch.long, device=device), mask=mask)
+    loss.backward()
+    assert loss.item() == 0 and x.grad.eq(0).all()
+
+
+def test_num_items_replaces_the_token_count(device):
+    student, teacher = _pair((2, 4, 33), torch.float32, torch.float32, device)
+    tokens, mask, weights = _row_inputs((2, 4), 33, device)
+    count = mask.sum().item()
+    for loss_fn, extra in ((opd_ext.vopd_loss, (tokens,)), (opd_ext.reverse_kl_loss, ())):
+        by_count = loss_fn(student, teacher, *extra, mask=mask, weights=weights)
+        by_global = loss_fn(student, teacher, *extra, mask=mask, weights=weights, num_items=4 * count)
+        as_tensor = loss_fn(student, teacher, *extra, mask=mask, weights=weights,
+                            num_items=torch.tensor(4.0 * count, device=device))
+        torch.testing.assert_close(by_global * 4, by_count)
+        torch.testing.assert_close(as_tensor, by_global)
+    _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, mask=mask, num_items=1000)
+
+
+def test_gradient_scales_with_upstream_gradient_and_skips_teacher(device):
+    student, teacher = _pair((4, 25), torch.float32, torch.float32, device)
+    tokens = torch.randint(0, 25, (4,), device=device)
+    x = student.clone().requires_grad_()
+    t = teacher.clone().requires_grad_()
+    (opd_ext.vopd_loss(x, t, tokens) * 3.0).backward()
+    assert t.grad is None
+    x_ref = student.clone().requires_grad_()
+    opd_ext.vopd_loss(x_ref, teacher, tokens).backward()
+    torch.testing.assert_close(x.grad, 3.0 * x_ref.grad)
+
+
+# ---- served teachers ---------------------------------------------------------------------------------
+
+
+def _served_teacher(teacher, tokens, k):
+    log_q = torch.log_softmax(teacher.float(), -1)
+    ids = torch.topk(log_q, k).indices
+    return ids, log_q.gather(-1, ids), log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("baseline", ["topk", "none"])
+@pytest.mark.parametrize("shape", [(9, 129), (2, 3, 50)], ids=["NV", "BTV"])
+def test_vopd_loss_sparse_teacher_matches_reference(device, dtype, baseline, shape):
+    student, teacher = _pair(shape, dtype, torch.float32, device)
+    tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 8)
+    _compare(opd_ext.vopd_loss_sparse_teacher, reference.vopd_loss_sparse_teacher, student, tokens, ids,
+             topk_logprobs, token_logprob, mask=mask, weights=weights, temperature=0.9, baseline=baseline)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(9, 129), (2, 3, 50)], ids=["NV", "BTV"])
+def test_reverse_kl_loss_sparse_teacher_matches_reference(device, dtype, shape):
+    student, teacher = _pair(shape, dtype, torch.float32, device)
+    tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
+    ids, topk_logprobs, _ = _served_teacher(teacher, tokens, 8)
+    _compare(opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher, student, ids,
+             topk_logprobs, mask=mask, weights=weights, temperature=0.9)
+
+
+def test_sparse_teacher_with_full_support_equals_dense_losses(device):
+    # k = V: the teacher's "top-k" is the whole distribution, so both served-teacher losses must
+    # reduce to the dense ones (top-k baseline over all ids = the full baseline).
+    student, teacher = _pair((7, 31), torch.float32, torch.float32, device)
+    tokens, mask, weights = _row_inputs((7,), 31, device)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 31)
+    torch.testing.assert_close(
+        opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_logprobs, token_logprob, mask=mask, weights=weights),
+        opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=mask, weights=weights),
+        opd_ext.reverse_kl_loss(student, teacher, mask=mask, weights=weights), rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_teacher_masked_positions_may_hold_anything(device):
+    student, teacher = _pair((4, 40), torch.float32, torch.float32, device)
+    mask = torch.tensor([True, False, True, True], device=device)
+    tokens = torch.where(mask, torch.randint(0, 40, (4,), device=device), -100)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens.clamp(min=0), 6)
+    student[1] = float("nan")
+    topk_logprobs[1] = float("nan")
+    token_logprob[1] = float("nan")
+    for loss_fn in (lambda x: opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask),
+                    lambda x: opd_ext.reverse_kl_loss_sparse_teacher(x, ids, topk_logprobs, mask=mask)):
+        x = student.clone().requires_grad_()
+        loss = loss_fn(x)
+        loss.backward()
+        assert torch.isfinite(loss) and x.grad[1].eq(0).all() and torch.isfinite(x.grad).all()
+
+
+# ---- torch.compile -------------------------------------------------------------------------------------
+
+
+def test_torch_compile(device):
+    torch._dynamo.reset()
+    student, teacher = _pair((2, 3, 64), torch.float32, torch.float32, device)
+    tokens, mask, weights = _row_inputs((2, 3), 64, device)
+
+    def step(x):
+        return (opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, baseline="topk", topk=8)
+                + opd_ext.reverse_kl_loss(x, teacher, mask=mask))
+
+    x_eager = student.clone().requires_grad_()
+    eager = step(x_eager)
+    eager.backward()
+    x_compiled = student.clone().requires_grad_()
+    compiled = torch.compile(step, fullgraph=True)(x_compiled)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_name_the_argument(device):
+    student, teacher = _pair((4, 10), torch.float32, torch.float32, device)
+    tokens = torch.randint(0, 10, (4,), device=device)
+    cases = [
+        (dict(baseline="mean"), ValueError, "baseline must be one of 'full', 'topk', 'none'"),
+        (dict(kl="jensen"), ValueError, "kl must be one of 'reverse', 'forward'"),
+        (dict(kl="forward", baseline="topk"), ValueError, 'kl="forward" .* needs baseline="full"'),
+        (dict(baseline="topk", topk=11), ValueError, r"topk=11 is out of range: need 1 <= topk <= V=10"),
+        (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, r"mask must have shape \(4,\)"),
+        (dict(mask=torch.ones(4)), TypeError, "mask must be bool"),
+        (dict(weights=torch.ones(4, 1)), ValueError, r"weights must have shape \(4,\)"),
+        (dict(num_items=0), ValueError, "num_items must be a positive number"),
+        (dict(temperature=-1.0), ValueError, "temperature must be a positive finite number"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            opd_ext.vopd_loss(student, teacher, tokens, **kwargs)
+    with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=10\)"):
+        opd_ext.vopd_loss(student, teacher, torch.tensor([0, 1, 2, 10], device=device))
+    with pytest.raises(ValueError, match="vocabulary mismatch.*align_vocab"):
+        opd_ext.reverse_kl_loss(student, teacher[:, :9])
+    with pytest.raises(ValueError, match=r"weights must have shape \(4,\)"):
+        opd_ext.reverse_kl_loss(student, teacher, weights=torch.ones(5))
+
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 3)
+    sparse = opd_ext.vopd_loss_sparse_teacher
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must have shape \(4, 'k'\)"):
+        sparse(student, tokens, ids[:2], topk_logprobs, token_logprob)
+    with pytest.raises(ValueError, match="must have the same shape"):
+        sparse(student, tokens, ids, topk_logprobs[:, :2], token_logprob)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must be in \[0, V=10\)"):
+        sparse(student, tokens, ids + 10, topk_logprobs, token_logprob)
+    with pytest.raises(ValueError, match=r"teacher_token_logprob must have shape \(4,\)"):
+        sparse(student, tokens, ids, topk_logprobs, token_logprob[:, None])
+    with pytest.raises(ValueError, match="baseline must be one of 'topk', 'none'"):
+        sparse(student, tokens, ids, topk_logprobs, token_logprob, baseline="full")
+    with pytest.raises(TypeError, match="teacher_topk_ids must be int64"):
+        opd_ext.reverse_kl_loss_sparse_teacher(student, ids.int(), topk_logprobs)
