@@ -35,5 +35,32 @@ TORCH_LIBRARY(opd_ext, m) {
       "Tensor student_lse, Tensor teacher_lse, Tensor reverse_kl, float temperature) -> Tensor");
 
   // ---- Prune-OPD drift tracking (SPEC §1 "Prune-OPD drift tracking") ----------------------------
-  // (schemas for the decode-step and scan ops go here)
+  // One state machine (csrc/include/opd/drift.h) over per-sequence state tensors [B], updated in
+  // place: ema f32, weight f32, drift_run i32, drift_events i32, length i32, stop_reason i8
+  // (0 = running, see opd::DriftStopReason); budget i32 is read only. Rows that have stopped are
+  // never updated. Config scalars: decay > 0 selects the exponential schedule, patience == 0
+  // disables it, a sequence stops once weight <= min_weight (negative: never).
+  //
+  // Decode step: logits [A, V] of the active rows; `rows` (int64 [A], distinct) maps them to state
+  // rows (None: A == B, in order). One pass over both rows gives the top-k overlap and, when
+  // `tokens` (int64 [A]) is given, the sampled token's log-probs and KL(p||q) at `temperature`
+  // (otherwise those three outputs are empty [0]). Returns per active row the overlap, the
+  // token's reward multiplier (0 if the row had already stopped) and the stop mask.
+  m.def(
+      "drift_step(Tensor student_logits, Tensor teacher_logits, Tensor? tokens, Tensor? rows, "
+      "Tensor(a!) ema, Tensor(b!) weight, Tensor(c!) drift_run, Tensor(d!) drift_events, "
+      "Tensor(e!) length, Tensor(f!) stop_reason, Tensor budget, int k, float temperature, "
+      "float ema_beta, float threshold, int warmup, float w_drop, float decay, float w_base, "
+      "int patience, float min_weight) -> (Tensor overlap, Tensor multiplier, Tensor stopped, "
+      "Tensor student_logprob, Tensor teacher_logprob, Tensor reverse_kl)");
+  // Whole sequences: overlaps f32 [B, T] token by token (positions where `mask` is false are
+  // skipped), exactly as T decode steps. Returns per token the multiplier and the weight after it
+  // (f32 [B, T], 0 where skipped or after the stop) and the position at which each row stopped
+  // (int64 [B], -1 if it did not stop in this call).
+  m.def(
+      "drift_scan(Tensor overlaps, Tensor? mask, Tensor(a!) ema, Tensor(b!) weight, "
+      "Tensor(c!) drift_run, Tensor(d!) drift_events, Tensor(e!) length, Tensor(f!) stop_reason, "
+      "Tensor budget, float ema_beta, float threshold, int warmup, float w_drop, float decay, "
+      "float w_base, int patience, float min_weight) "
+      "-> (Tensor multipliers, Tensor weights, Tensor stop_position)");
 }

@@ -16,12 +16,18 @@ from opd_ext.losses import (
     vopd_loss_sparse_teacher,
 )
 from opd_ext import reference
+from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan  # Prune-OPD
 
 __all__ = [
     "__version__",
     "align_vocab",
     "build_info",
+    "DriftMonitor",
+    "DynamicWindow",
+    "PruneConfig",
+    "StopReason",
     "cuda_kernels_available",
+    "drift_scan",
     "reference",
     "topk_overlap",
     # token statistics and losses (opd_ext/losses.py)

@@ -48,3 +48,29 @@ def _reverse_kl_backward_fake(coef, student_logits, teacher_logits, student_lse,
     torch._check(student_logits.shape == teacher_logits.shape)
     torch._check(coef.shape == student_logits.shape[:-1])
     return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+
+# ---- Prune-OPD drift tracking ---------------------------------------------------------------------
+# The state tensors are mutated in place (Tensor(a!) in the schema); the fakes only shape the outputs.
+
+
+@torch.library.register_fake("opd_ext::drift_step")
+def _drift_step_fake(student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events, length,
+                     stop_reason, budget, k, temperature, ema_beta, threshold, warmup, w_drop, decay, w_base,
+                     patience, min_weight):
+    torch._check(student_logits.shape == teacher_logits.shape)
+    torch._check(student_logits.dim() == 2)
+    torch._check(1 <= k)
+    torch._check(k <= student_logits.shape[-1])
+    active = student_logits.shape[0]
+    per_row = student_logits.new_empty((active,), dtype=torch.float32)
+    stats_size = active if tokens is not None else 0
+    return (per_row, torch.empty_like(per_row), student_logits.new_empty((active,), dtype=torch.bool),
+            *(student_logits.new_empty((stats_size,), dtype=torch.float32) for _ in range(3)))
+
+
+@torch.library.register_fake("opd_ext::drift_scan")
+def _drift_scan_fake(overlaps, mask, ema, weight, drift_run, drift_events, length, stop_reason, budget, ema_beta,
+                     threshold, warmup, w_drop, decay, w_base, patience, min_weight):
+    torch._check(overlaps.dim() == 2)
+    return (torch.empty_like(overlaps), torch.empty_like(overlaps),
+            overlaps.new_empty(overlaps.shape[:1], dtype=torch.int64))

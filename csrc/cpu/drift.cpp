@@ -1,0 +1,213 @@
+// Prune-OPD drift ops on CPU: the fused decode step (one pass over both logit rows for the top-k
+// overlap and, optionally, the sampled token's statistics) and the scan over whole sequences. Both
+// advance the state through opd::drift_step, the one definition of the rule.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "cpu/topk_rows.h"
+#include "drift_args.h"
+#include "opd/drift.h"
+#include "opd/online_softmax.h"
+#include "torch_utils.h"
+
+namespace opd_ext {
+namespace {
+
+// The sampled token's statistics ride along the top-k pass. Elements are folded into a chunk state
+// that is merged into the row state every kStatsChunk elements, so float32 round-off grows with
+// the chunk size plus the number of chunks instead of with V.
+constexpr int64_t kStatsChunk = 256;
+
+struct ChunkedPairSoftmax {
+  opd::PairSoftmaxState row, chunk;
+  int64_t pending = 0;
+
+  void add(float s, float t) {
+    chunk.update(s, t);
+    if (++pending == kStatsChunk) flush();
+  }
+  const opd::PairSoftmaxState& finish() {
+    if (pending > 0) flush();
+    return row;
+  }
+
+ private:
+  void flush() {
+    row.merge(chunk);
+    chunk = {};
+    pending = 0;
+  }
+};
+
+using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct TokenStatsOut {
+  const int64_t* tokens;  // null: not requested
+  float inv_temperature;
+  float* student_logprob;
+  float* teacher_logprob;
+  float* reverse_kl;
+};
+
+template <typename student_t, typename teacher_t>
+void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64_t row_stride_s,
+                       int64_t row_stride_t, int64_t active, int64_t vocab,
+                       int k, const int64_t* rows, const opd::DriftConfig& config,
+                       const opd::DriftStateArrays& state, const TokenStatsOut& stats, float* overlap,
+                       float* multiplier, bool* stopped) {
+  at::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
+    cpu::RowPairTopK topk(k);
+    for (int64_t i = begin; i < end; ++i) {
+      const student_t* s_row = student + i * row_stride_s;
+      const teacher_t* t_row = teacher + i * row_stride_t;
+      if (stats.tokens != nullptr) {
+        ChunkedPairSoftmax accumulate;
+        const float inv_t = stats.inv_temperature;
+        overlap[i] = topk.overlap(s_row, t_row, vocab, [&](const float* s, const float* t, int64_t, int64_t n) {
+          for (int64_t j = 0; j < n; ++j) accumulate.add(s[j] * inv_t, t[j] * inv_t);
+        });
+        const opd::PairSoftmaxState& softmax = accumulate.finish();
+        const int64_t y = stats.tokens[i];
+        stats.student_logprob[i] = static_cast<float>(s_row[y]) * inv_t - softmax.lse_s();
+        stats.teacher_logprob[i] = static_cast<float>(t_row[y]) * inv_t - softmax.lse_t();
+        stats.reverse_kl[i] = softmax.reverse_kl();
+      } else {
+        overlap[i] = topk.overlap(s_row, t_row, vocab);
+      }
+      const int64_t row = rows != nullptr ? rows[i] : i;
+      opd::DriftState s = state.load(row);
+      const opd::DriftTokenResult r = opd::drift_step(config, s, overlap[i]);
+      state.store(row, s);
+      multiplier[i] = r.multiplier;
+      stopped[i] = r.stopped;
+    }
+  });
+}
+
+// Host-side range check of an int64 index tensor (CPU only: it reads the values).
+void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t upper) {
+  const int64_t* data = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    TORCH_CHECK(data[i] >= 0 && data[i] < upper, op, ": ", name, "[", i, "]=", data[i], " is out of range [0, ",
+                upper, ")");
+  }
+}
+
+StepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                           const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& rows,
+                           at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run, at::Tensor& drift_events,
+                           at::Tensor& length, at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
+                           double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
+                           double decay, double w_base, int64_t patience, double min_weight) {
+  constexpr const char* op = "drift_step";
+  check_logit_pair(op, student_logits, teacher_logits);
+  TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must be [A, V], got ", student_logits.sizes());
+  const int64_t active = student_logits.size(0), vocab = student_logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= vocab, op, ": k=", k, " must be in [1, V=", vocab, "]");
+  TORCH_CHECK(temperature > 0.0, op, ": temperature=", temperature, " must be > 0");
+  const opd::DriftConfig config =
+      drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
+  const int64_t batch = check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events,
+                                          length, stop_reason, budget);
+  at::Tensor row_index;
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == active && rows->scalar_type() == at::kLong, op,
+                ": rows must be int64 [A=", active, "], got ", rows->scalar_type(), " ", rows->sizes());
+    row_index = rows->contiguous();
+    check_index_range(op, "rows", row_index, batch);
+  } else {
+    TORCH_CHECK(active == batch, op, ": logits have ", active, " rows but the state has B=", batch,
+                "; pass rows= to update a subset");
+  }
+  at::Tensor token_ids;
+  if (tokens.has_value()) {
+    TORCH_CHECK(tokens->dim() == 1 && tokens->size(0) == active && tokens->scalar_type() == at::kLong, op,
+                ": tokens must be int64 [A=", active, "], got ", tokens->scalar_type(), " ", tokens->sizes());
+    token_ids = tokens->contiguous();
+    check_index_range(op, "tokens", token_ids, vocab);
+  }
+
+  const at::Tensor s = as_rows(student_logits);
+  const at::Tensor t = as_rows(teacher_logits);
+  const auto f32 = s.options().dtype(at::kFloat);
+  at::Tensor overlap = at::empty({active}, f32);
+  at::Tensor multiplier = at::empty({active}, f32);
+  at::Tensor stopped = at::empty({active}, s.options().dtype(at::kBool));
+  const int64_t stats_size = tokens.has_value() ? active : 0;
+  at::Tensor student_logprob = at::empty({stats_size}, f32);
+  at::Tensor teacher_logprob = at::empty({stats_size}, f32);
+  at::Tensor reverse_kl = at::empty({stats_size}, f32);
+  if (active == 0) return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+
+  const opd::DriftStateArrays state = drift_arrays(ema, weight, drift_run, drift_events, length, stop_reason, budget);
+  const TokenStatsOut stats{tokens.has_value() ? token_ids.const_data_ptr<int64_t>() : nullptr,
+                            static_cast<float>(1.0 / temperature), student_logprob.mutable_data_ptr<float>(),
+                            teacher_logprob.mutable_data_ptr<float>(), reverse_kl.mutable_data_ptr<float>()};
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    drift_step_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0), active, vocab,
+                            static_cast<int>(k),
+                            rows.has_value() ? row_index.const_data_ptr<int64_t>() : nullptr, config, state,
+                            stats, overlap.mutable_data_ptr<float>(), multiplier.mutable_data_ptr<float>(),
+                            stopped.mutable_data_ptr<bool>());
+  });
+  return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cpu(
+    const at::Tensor& overlaps, const std::optional<at::Tensor>& mask, at::Tensor& ema, at::Tensor& weight,
+    at::Tensor& drift_run, at::Tensor& drift_events, at::Tensor& length, at::Tensor& stop_reason,
+    const at::Tensor& budget, double ema_beta, double threshold, int64_t warmup, double w_drop, double decay,
+    double w_base, int64_t patience, double min_weight) {
+  constexpr const char* op = "drift_scan";
+  TORCH_CHECK(overlaps.dim() == 2 && overlaps.scalar_type() == at::kFloat, op,
+              ": overlaps must be float32 [B, T], got ", overlaps.scalar_type(), " ", overlaps.sizes());
+  const int64_t batch = check_drift_state(op, overlaps.device(), ema, weight, drift_run, drift_events, length,
+                                          stop_reason, budget);
+  TORCH_CHECK(overlaps.size(0) == batch, op, ": overlaps has ", overlaps.size(0), " rows but the state has B=", batch);
+  const int64_t steps = overlaps.size(1);
+  at::Tensor valid;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == overlaps.sizes() && mask->scalar_type() == at::kBool, op,
+                ": mask must be bool with the shape of overlaps ", overlaps.sizes(), ", got ", mask->scalar_type(),
+                " ", mask->sizes());
+    TORCH_CHECK(mask->device() == overlaps.device(), op, ": mask is on ", mask->device(), " but overlaps on ",
+                overlaps.device());
+    valid = mask->contiguous();
+  }
+  const opd::DriftConfig config =
+      drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
+  const at::Tensor o = overlaps.contiguous();
+  at::Tensor multipliers = at::empty({batch, steps}, o.options());
+  at::Tensor weights = at::empty({batch, steps}, o.options());
+  at::Tensor stop_position = at::empty({batch}, o.options().dtype(at::kLong));
+  const opd::DriftStateArrays state = drift_arrays(ema, weight, drift_run, drift_events, length, stop_reason, budget);
+  const float* o_data = o.const_data_ptr<float>();
+  const bool* valid_data = mask.has_value() ? valid.const_data_ptr<bool>() : nullptr;
+  float* m_data = multipliers.mutable_data_ptr<float>();
+  float* w_data = weights.mutable_data_ptr<float>();
+  int64_t* stop_data = stop_position.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      opd::DriftState s = state.load(b);
+      stop_data[b] = opd::drift_scan_row(config, s, o_data + b * steps,
+                                         valid_data != nullptr ? valid_data + b * steps : nullptr, steps,
+                                         m_data + b * steps, w_data + b * steps);
+      state.store(b, s);
+    }
+  });
+  return {multipliers, weights, stop_position};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opd_ext, CPU, m) {
+  m.impl("drift_step", &drift_step_cpu);
+  m.impl("drift_scan", &drift_scan_cpu);
+}
+
+}  // namespace opd_ext

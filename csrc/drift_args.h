@@ -1,0 +1,67 @@
+// Torch-side plumbing of the drift ops shared by the CPU and CUDA bindings: the schema's scalars
+// as an opd::DriftConfig, and the state tensors checked and viewed as opd::DriftStateArrays.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "opd/drift.h"
+
+namespace opd_ext {
+
+inline opd::DriftConfig drift_config(const char* op, double ema_beta, double threshold, int64_t warmup,
+                                     double w_drop, double decay, double w_base, int64_t patience,
+                                     double min_weight) {
+  TORCH_CHECK(ema_beta >= 0.0 && ema_beta < 1.0, op, ": ema_beta=", ema_beta, " must be in [0, 1)");
+  TORCH_CHECK(warmup >= 0 && warmup <= INT32_MAX, op, ": warmup=", warmup, " must be in [0, 2^31)");
+  TORCH_CHECK(patience >= 0 && patience <= INT32_MAX, op, ": patience=", patience, " must be in [0, 2^31)");
+  TORCH_CHECK(w_drop >= 0.0, op, ": w_drop=", w_drop, " must be >= 0");
+  TORCH_CHECK(decay >= 0.0 && decay <= 1.0, op, ": decay=", decay, " must be in [0, 1] (0 = linear schedule)");
+  opd::DriftConfig config;
+  config.ema_beta = static_cast<float>(ema_beta);
+  config.threshold = static_cast<float>(threshold);
+  config.warmup = static_cast<int32_t>(warmup);
+  config.w_drop = static_cast<float>(w_drop);
+  config.decay = static_cast<float>(decay);
+  config.w_base = static_cast<float>(w_base);
+  config.patience = static_cast<int32_t>(patience);
+  config.min_weight = static_cast<float>(min_weight);
+  return config;
+}
+
+// Checks the state tensors ([B] each, contiguous, one device, the dtypes of the schema comment in
+// csrc/ops.cpp) and returns raw views. Returns B.
+inline int64_t check_drift_state(const char* op, const at::Device& device, const at::Tensor& ema,
+                                 const at::Tensor& weight, const at::Tensor& drift_run,
+                                 const at::Tensor& drift_events, const at::Tensor& length,
+                                 const at::Tensor& stop_reason, const at::Tensor& budget) {
+  const int64_t batch = ema.numel();
+  const struct {
+    const char* name;
+    const at::Tensor& tensor;
+    at::ScalarType dtype;
+  } fields[] = {{"ema", ema, at::kFloat},          {"weight", weight, at::kFloat},
+                {"drift_run", drift_run, at::kInt}, {"drift_events", drift_events, at::kInt},
+                {"length", length, at::kInt},       {"stop_reason", stop_reason, at::kChar},
+                {"budget", budget, at::kInt}};
+  for (const auto& f : fields) {
+    TORCH_CHECK(f.tensor.dim() == 1 && f.tensor.size(0) == batch, op, ": state tensor ", f.name,
+                " must have shape [B=", batch, "], got ", f.tensor.sizes());
+    TORCH_CHECK(f.tensor.scalar_type() == f.dtype, op, ": state tensor ", f.name, " must be ", f.dtype,
+                ", got ", f.tensor.scalar_type());
+    TORCH_CHECK(f.tensor.device() == device, op, ": state tensor ", f.name, " is on ", f.tensor.device(),
+                " but the inputs are on ", device);
+    TORCH_CHECK(f.tensor.is_contiguous(), op, ": state tensor ", f.name, " must be contiguous (it is updated in place)");
+  }
+  return batch;
+}
+
+inline opd::DriftStateArrays drift_arrays(at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run,
+                                          at::Tensor& drift_events, at::Tensor& length, at::Tensor& stop_reason,
+                                          const at::Tensor& budget) {
+  return {ema.mutable_data_ptr<float>(),     weight.mutable_data_ptr<float>(),
+          drift_run.mutable_data_ptr<int32_t>(), drift_events.mutable_data_ptr<int32_t>(),
+          length.mutable_data_ptr<int32_t>(), stop_reason.mutable_data_ptr<int8_t>(),
+          budget.const_data_ptr<int32_t>()};
+}
+
+}  // namespace opd_ext
