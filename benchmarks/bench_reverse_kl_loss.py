@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+import baselines
 import harness
 from harness import Case, Impl, Workload
 
@@ -19,7 +20,7 @@ def cases(args) -> list[Case]:
     return harness.training_cases(args, passes=["fwd", "fwd+bwd"])
 
 
-def build(case: Case, device, baselines) -> Workload:
+def build(case: Case, device, requested) -> Workload:
     import opd_ext
 
     student = harness.random_logits(case.shape, case.dtype, device, seed=0).requires_grad_()
@@ -33,14 +34,14 @@ def build(case: Case, device, baselines) -> Workload:
         return after(loss) if after else loss
 
     impls = {harness.SUBJECT: Impl(subject, clear_grad)}
-    impls.update(harness.reference_impls(baselines, reference.reverse_kl_loss, student, teacher,
-                                         setup=clear_grad, after=after))
+    impls.update(harness.baseline_impls(requested, baselines.reverse_kl_loss, student, teacher,
+                                        reference_fn=reference.reverse_kl_loss, setup=clear_grad, after=after))
     floor = harness.logit_bytes(student, teacher) + (harness.logit_bytes(student) if backward else 0)
     return Workload(impls, floor_bytes=floor)
 
 
 if __name__ == "__main__":
     sys.exit(harness.main(op="reverse_kl_loss", script=__file__, description=__doc__,
-                          api=["reverse_kl_loss", "reference.reverse_kl_loss"],
+                          api=["reverse_kl_loss"],
                           kernels=["token_stats", "reverse_kl_backward"],
                           cases=cases, build=build))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+import baselines
 import harness
 from harness import Case, Impl, Workload
 
@@ -18,7 +19,7 @@ def cases(args) -> list[Case]:
     return harness.training_cases(args, passes=["fwd"])
 
 
-def build(case: Case, device, baselines) -> Workload:
+def build(case: Case, device, requested) -> Workload:
     import opd_ext
 
     vocab = case.shape[-1]
@@ -26,11 +27,12 @@ def build(case: Case, device, baselines) -> Workload:
     teacher = harness.random_logits(case.shape, case.dtype, device, seed=1)
     tokens = harness.random_tokens(case.shape[:-1], vocab, device)
     impls = {harness.SUBJECT: Impl(lambda: opd_ext.token_stats(student, teacher, tokens))}
-    impls.update(harness.reference_impls(baselines, reference.token_stats, student, teacher, tokens))
+    impls.update(harness.baseline_impls(requested, baselines.token_stats, student, teacher, tokens,
+                                        reference_fn=reference.token_stats))
     return Workload(impls, floor_bytes=harness.logit_bytes(student, teacher))
 
 
 if __name__ == "__main__":
     sys.exit(harness.main(op="token_stats", script=__file__, description=__doc__,
-                          api=["token_stats", "reference.token_stats"], kernels=["token_stats"],
+                          api=["token_stats"], kernels=["token_stats"],
                           cases=cases, build=build))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 
+import baselines
 import harness
 from harness import Case, Impl, Workload
 
@@ -21,7 +22,7 @@ def cases(args) -> list[Case]:
             for case in harness.training_cases(args, passes=["fwd", "fwd+bwd"], params={"baseline": baseline})]
 
 
-def build(case: Case, device, baselines) -> Workload:
+def build(case: Case, device, requested) -> Workload:
     import opd_ext
 
     vocab = case.shape[-1]
@@ -38,8 +39,9 @@ def build(case: Case, device, baselines) -> Workload:
         return after(loss) if after else loss
 
     impls = {harness.SUBJECT: Impl(subject, clear_grad)}
-    impls.update(harness.reference_impls(baselines, reference.vopd_loss, student, teacher, tokens,
-                                         setup=clear_grad, after=after, **kwargs))
+    impls.update(harness.baseline_impls(requested, baselines.vopd_loss, student, teacher, tokens,
+                                        reference_fn=reference.vopd_loss, setup=clear_grad, after=after,
+                                        **kwargs))
     floor = harness.logit_bytes(student, teacher) + (harness.logit_bytes(student) if backward else 0)
     return Workload(impls, floor_bytes=floor)
 
@@ -50,6 +52,6 @@ def extra_args(parser):
 
 if __name__ == "__main__":
     sys.exit(harness.main(op="vopd_loss", script=__file__, description=__doc__,
-                          api=["vopd_loss", "reference.vopd_loss"],
+                          api=["vopd_loss"],
                           kernels=["token_stats", "policy_gradient_backward"],
                           cases=cases, build=build, extra_args=extra_args))

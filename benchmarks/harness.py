@@ -161,13 +161,16 @@ def compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
-def reference_impls(baselines: Sequence[str], reference_fn: Callable, *args, setup=None, after=None,
-                    **kwargs) -> dict[str, Impl]:
-    """The "eager" and "compile" baselines of one reference function called on fixed arguments;
-    ``after`` consumes its result (``Tensor.backward`` for a fwd+bwd pass)."""
+def baseline_impls(baselines: Sequence[str], eager_fn: Callable, *args, reference_fn: Callable | None = None,
+                   setup=None, after=None, **kwargs) -> dict[str, Impl]:
+    """The requested baselines of one op, called on fixed arguments: "eager" (``eager_fn``, a
+    float32 PyTorch formulation, see baselines.py), "compile" (``torch.compile`` of it) and
+    "reference" (``reference_fn``, the float64 ground truth). ``after`` consumes the result
+    (``Tensor.backward`` for a fwd+bwd pass)."""
+    functions = {"eager": eager_fn, "compile": compiled(eager_fn), "reference": reference_fn}
     impls = {}
     for name in baselines:
-        fn = reference_fn if name == "eager" else compiled(reference_fn) if name == "compile" else None
+        fn = functions.get(name)
         if fn is None:
             continue
         if after is None:
@@ -406,7 +409,8 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma list of logits shapes, e.g. 8x32000,1x151936")
     p.add_argument("--baselines", default=None,
-                   help="comma list among eager,compile (default: both; --quick: eager)")
+                   help="comma list among eager, compile (torch.compile of eager) and reference (the float64 "
+                        "ground truth, slow and memory-hungry); default eager,compile; --quick: eager")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
     p.add_argument("--round-budget", type=float, default=None,
                    help="seconds per round shared by the implementations (default GPU 0.2, CPU 1.0, quick 0.2)")
