@@ -21,6 +21,7 @@
 #                     overlay (default without: the same pip command into build/verify-venv, a venv
 #                     layered over the current one, so a shared environment stays untouched) | skip.
 #   VERIFY_BENCH_ARGS extra arguments for every bench script (e.g. "--baselines eager").
+#   VERIFY_WORK       scratch folder (default build/verify; wiped at the start).
 #   OPD_GIT_COMMIT    commit recorded in the CSVs when the tree has no .git (device machines).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ BUDGET=${VERIFY_BUDGET_S:-570}
 RESERVE=25
 STEPS=",${VERIFY_STEPS:-env,build,info,cuda-tests,tests,memcheck,racecheck,ceiling,bench,report},"
 OUT=${OUT:-$REPO/out}
-WORK=$REPO/build/verify
+WORK=${VERIFY_WORK:-$REPO/build/verify}  # scratch: step logs, per-op CSVs (wiped first)
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 rm -rf "$WORK" && mkdir -p "$WORK/logs" "$WORK/bench" "$OUT"
 LOG=$OUT/verify.log

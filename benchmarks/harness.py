@@ -167,10 +167,10 @@ def baseline_impls(baselines: Sequence[str], eager_fn: Callable, *args, referenc
     float32 PyTorch formulation, see baselines.py), "compile" (``torch.compile`` of it) and
     "reference" (``reference_fn``, the float64 ground truth). ``after`` consumes the result
     (``Tensor.backward`` for a fwd+bwd pass)."""
-    functions = {"eager": eager_fn, "compile": compiled(eager_fn), "reference": reference_fn}
     impls = {}
     for name in baselines:
-        fn = functions.get(name)
+        # compiled() only on request: creating the wrapper imports Dynamo, seconds per CPU subprocess.
+        fn = {"eager": eager_fn, "reference": reference_fn}.get(name) if name != "compile" else compiled(eager_fn)
         if fn is None:
             continue
         if after is None:
@@ -365,7 +365,8 @@ def _rss_peak_bytes_in_this_process(impl: Impl) -> int:
 def _cpu_peak_bytes_subprocess(script: Path, case: Case, impl_name: str) -> int | None:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(
         filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), "--peak-memory-child", case.to_json(), impl_name],
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--peak-memory-child", case.to_json(),
+                           impl_name],
                           capture_output=True, text=True, env=env, timeout=600)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PEAK_BYTES "):
@@ -445,8 +446,8 @@ def main(*, op: str, script: str, description: str, api: Sequence[str], kernels:
          argv: Sequence[str] | None = None) -> int:
     """Run one op's benchmark; returns a process exit code.
 
-    ``build(case, device, baselines)`` returns the implementations for one case: SUBJECT plus any
-    of ``baselines`` ("eager", "compile") it supports. ``api`` lists the opd_ext attributes and
+    ``build(case, device, requested)`` returns the implementations for one case: SUBJECT plus
+    those of the ``--baselines`` names (eager, compile, reference) it supports, or others of its own. ``api`` lists the opd_ext attributes and
     ``kernels`` the dispatcher ops the benchmark needs; when one is missing the run is skipped with
     a line saying so (exit 0), so a partial build still benchmarks what it has.
     """

@@ -86,20 +86,23 @@ def test_quick_run_writes_rows_with_metadata_and_report(tmp_path, capsys):
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc/self/clear_refs")
 def test_cpu_peak_memory_sees_the_reference_sort_and_not_the_kernel():
-    rows, vocab = 16, 20000
+    rows, vocab = 32, 50000
     case = harness.Case((rows, vocab), torch.float32, {"k": 16})
     script = Path(bench_topk_overlap.__file__)
     eager = harness._cpu_peak_bytes_subprocess(script, case, "eager")
     fused = harness._cpu_peak_bytes_subprocess(script, case, "opd_ext")
-    # The reference's stable sort alone returns int64 indices and float values for every logit.
-    assert eager >= rows * vocab * (8 + 4)
+    # The reference keeps the int64 sort indices of both rows alive (>= 16 bytes per logit, plus
+    # float copies); RSS accounting is coarse, so assert half of that. The kernel needs O(k) per row.
+    assert eager >= rows * vocab * 8
     assert fused < rows * vocab
 
 
 def test_gpu_verify_runs_on_cpu_and_says_what_it_skips(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), VERIFY_INSTALL="skip", VERIFY_STEPS="info,cuda-tests,memcheck,report",
-               PYTHON=sys.executable, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    # VERIFY_WORK: this test also runs inside gpu_verify.sh's own test step, whose scratch it must not wipe.
+    env = dict(os.environ, OUT=str(out), VERIFY_WORK=str(tmp_path / "work"), VERIFY_INSTALL="skip",
+               VERIFY_STEPS="info,cuda-tests,memcheck,report", PYTHON=sys.executable, PYTHONPATH=str(REPO),
+               CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_verify.sh")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
