@@ -74,12 +74,20 @@ def drive_reverse_kl_loss(opd_ext, device):
 
 
 def drive_drift_step(opd_ext, device):
+    """The decode step with and without the sampled tokens' statistics, a shrinking active batch,
+    and the whole-sequence scan (a teacher far from the student, so rows drift and stop)."""
     for vocab in VOCABS:
+        tokens = _tokens(vocab, device)
         for student, teacher in _pairs(vocab, device):
-            config = opd_ext.PruneConfig(k=min(16, vocab))
+            config = opd_ext.PruneConfig(k=min(16, vocab), w_drop=0.4)
             monitor = opd_ext.DriftMonitor(ROWS, config, device=device)
-            for _ in range(3):
-                monitor.step(student, teacher)
+            monitor.step(student, teacher)
+            monitor.step(student, -teacher, tokens)
+            rows = torch.tensor([0, ROWS - 1], device=device)
+            monitor.step(student[rows], teacher[rows], tokens[rows], rows=rows)
+    gen = torch.Generator(device=device).manual_seed(2)
+    overlaps = torch.rand(ROWS, 37, device=device, generator=gen)
+    opd_ext.drift_scan(overlaps, opd_ext.PruneConfig(w_drop=0.1), mask=overlaps > 0.1)
 
 
 DRIVERS = {
@@ -87,7 +95,7 @@ DRIVERS = {
     "token_stats": (drive_token_stats, ["token_stats"]),
     "vopd_loss": (drive_vopd_loss, ["vopd_loss"]),
     "reverse_kl_loss": (drive_reverse_kl_loss, ["reverse_kl_loss"]),
-    "drift_step": (drive_drift_step, ["DriftMonitor", "PruneConfig"]),
+    "drift_step": (drive_drift_step, ["DriftMonitor", "PruneConfig", "drift_scan"]),
 }
 
 
