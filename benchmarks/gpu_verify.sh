@@ -13,9 +13,9 @@
 # the per-op CSVs/PNGs, JUnit XML). The summary table is printed last.
 #
 # Environment knobs:
-#   VERIFY_BUDGET_S   wall-clock budget for the whole script (default 570: the device tool stops a
-#                     command at 600 s). Each step gets min(its cap, what is left - a reserve for the
-#                     report), so the summary is always written.
+#   VERIFY_BUDGET_S   wall-clock budget for the whole script (default 570 with a GPU: the device tool
+#                     stops a command at 600 s; 1800 without). Each step gets min(its cap, what is
+#                     left - a reserve for the report), so the summary is always written.
 #   VERIFY_STEPS      comma list of the steps above (default: all).
 #   VERIFY_INSTALL    pip (default with a GPU: pip install -e . into the current python) |
 #                     overlay (default without: the same pip command into build/verify-venv, a venv
@@ -27,7 +27,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 START=$SECONDS
-BUDGET=${VERIFY_BUDGET_S:-570}
 RESERVE=25
 STEPS=",${VERIFY_STEPS:-env,build,info,cuda-tests,tests,memcheck,racecheck,ceiling,bench,report},"
 OUT=${OUT:-$REPO/out}
@@ -82,6 +81,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 &&
   "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   HAVE_GPU=1
 fi
+# The device tool stops a command at 600 s; a CPU-only machine has no such limit but may be slow.
+BUDGET=${VERIFY_BUDGET_S:-$([[ $HAVE_GPU == 1 ]] && echo 570 || echo 1800)}
 say "gpu_verify: repo $REPO, python $PYTHON, GPU visible: $HAVE_GPU, budget ${BUDGET}s, steps ${STEPS:1:-1}"
 
 # ---- env ---------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ fi
 
 # ---- report ------------------------------------------------------------------------------------
 if want report; then
-  run_step report 60 "$PYTHON" "$REPO/benchmarks/report.py" --results "$WORK/bench" --include-quick \
+  RESERVE=5 run_step report 60 "$PYTHON" "$REPO/benchmarks/report.py" --results "$WORK/bench" --include-quick \
     --md "$WORK/bench.md" --csv "$OUT/bench.csv" --png "$OUT/bench.png"
 fi
 cp "$LOG" "$WORK/logs/verify.log"
