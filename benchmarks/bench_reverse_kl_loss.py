@@ -1,9 +1,12 @@
-"""Benchmark opd_ext.reverse_kl_loss, forward and forward+backward, against the PyTorch reference.
+"""Benchmark opd_ext.reverse_kl_loss, forward and forward+backward, against the PyTorch yardsticks.
 
     python benchmarks/bench_reverse_kl_loss.py [--quick] [--device cpu|cuda]
 
 "fwd" is the training forward (student requires grad); "fwd+bwd" adds ``loss.backward()``, whose
 floor also counts writing the logit gradient once.
+
+Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
+torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.
 """
 from __future__ import annotations
 

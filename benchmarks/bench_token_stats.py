@@ -1,8 +1,11 @@
-"""Benchmark opd_ext.token_stats (training shapes [N, V]) against the PyTorch reference.
+"""Benchmark opd_ext.token_stats (training shapes [N, V]) against the PyTorch yardsticks.
 
     python benchmarks/bench_token_stats.py [--quick] [--device cpu|cuda]
 
 SPEC §5 goal on GPU: >= 80% of the copy bandwidth over the floor (one read of both logit rows).
+
+Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
+torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.
 """
 from __future__ import annotations
 

@@ -1,10 +1,13 @@
-"""Benchmark opd_ext.vopd_loss, forward and forward+backward, against the PyTorch reference.
+"""Benchmark opd_ext.vopd_loss, forward and forward+backward, against the PyTorch yardsticks.
 
     python benchmarks/bench_vopd_loss.py [--quick] [--device cpu|cuda] [--baseline full,topk,none]
 
 "fwd" is the training forward (student requires grad, so whatever the backward needs is saved);
 "fwd+bwd" adds ``loss.backward()``, whose floor also counts writing the logit gradient once.
 SPEC §5 goal on GPU: the forward at >= 80% of the copy bandwidth.
+
+Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
+torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.
 """
 from __future__ import annotations
 
