@@ -59,7 +59,7 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(row.get("opd_ext_speedup", "") if row.get("status") == "ok" else row.get("status", ""))
             cells.append(_peak(subject))
             cells += [_peak(impls.get(b, {})) for b in baselines]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
