@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 #include "opd/drift.h"
 
 namespace opd_ext {
@@ -62,6 +64,41 @@ inline opd::DriftStateArrays drift_arrays(at::Tensor& ema, at::Tensor& weight, a
           drift_run.mutable_data_ptr<int32_t>(), drift_events.mutable_data_ptr<int32_t>(),
           length.mutable_data_ptr<int32_t>(), stop_reason.mutable_data_ptr<int8_t>(),
           budget.const_data_ptr<int32_t>()};
+}
+
+// drift_scan's inputs, checked the same way for every backend.
+struct DriftScanInputs {
+  int64_t batch;
+  int64_t steps;
+  at::Tensor overlaps;  // contiguous float32 [B, T]
+  at::Tensor valid;     // contiguous bool [B, T]; undefined without a mask
+  opd::DriftConfig config;
+};
+
+inline DriftScanInputs check_drift_scan_inputs(const at::Tensor& overlaps, const std::optional<at::Tensor>& mask,
+                                               const at::Tensor& ema, const at::Tensor& weight,
+                                               const at::Tensor& drift_run, const at::Tensor& drift_events,
+                                               const at::Tensor& length, const at::Tensor& stop_reason,
+                                               const at::Tensor& budget, double ema_beta, double threshold,
+                                               int64_t warmup, double w_drop, double decay, double w_base,
+                                               int64_t patience, double min_weight) {
+  constexpr const char* op = "drift_scan";
+  TORCH_CHECK(overlaps.dim() == 2 && overlaps.scalar_type() == at::kFloat, op,
+              ": overlaps must be float32 [B, T], got ", overlaps.scalar_type(), " ", overlaps.sizes());
+  const int64_t batch = check_drift_state(op, overlaps.device(), ema, weight, drift_run, drift_events, length,
+                                          stop_reason, budget);
+  TORCH_CHECK(overlaps.size(0) == batch, op, ": overlaps has ", overlaps.size(0), " rows but the state has B=", batch);
+  at::Tensor valid;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->sizes() == overlaps.sizes() && mask->scalar_type() == at::kBool, op,
+                ": mask must be bool with the shape of overlaps ", overlaps.sizes(), ", got ", mask->scalar_type(),
+                " ", mask->sizes());
+    TORCH_CHECK(mask->device() == overlaps.device(), op, ": mask is on ", mask->device(), " but overlaps on ",
+                overlaps.device());
+    valid = mask->contiguous();
+  }
+  return {batch, overlaps.size(1), overlaps.contiguous(), valid,
+          drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight)};
 }
 
 }  // namespace opd_ext

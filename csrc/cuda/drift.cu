@@ -318,26 +318,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cuda(
     at::Tensor& drift_run, at::Tensor& drift_events, at::Tensor& length, at::Tensor& stop_reason,
     const at::Tensor& budget, double ema_beta, double threshold, int64_t warmup, double w_drop, double decay,
     double w_base, int64_t patience, double min_weight) {
-  constexpr const char* op = "drift_scan";
-  TORCH_CHECK(overlaps.dim() == 2 && overlaps.scalar_type() == at::kFloat, op,
-              ": overlaps must be float32 [B, T], got ", overlaps.scalar_type(), " ", overlaps.sizes());
-  const int64_t batch = check_drift_state(op, overlaps.device(), ema, weight, drift_run, drift_events, length,
-                                          stop_reason, budget);
-  TORCH_CHECK(overlaps.size(0) == batch, op, ": overlaps has ", overlaps.size(0), " rows but the state has B=", batch);
-  const int64_t steps = overlaps.size(1);
-  at::Tensor valid;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->sizes() == overlaps.sizes() && mask->scalar_type() == at::kBool, op,
-                ": mask must be bool with the shape of overlaps ", overlaps.sizes(), ", got ", mask->scalar_type(),
-                " ", mask->sizes());
-    TORCH_CHECK(mask->device() == overlaps.device(), op, ": mask is on ", mask->device(), " but overlaps on ",
-                overlaps.device());
-    valid = mask->contiguous();
-  }
-  const opd::DriftConfig config =
-      drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
   const c10::cuda::CUDAGuard device_guard(overlaps.device());
-  const at::Tensor o = overlaps.contiguous();
+  const DriftScanInputs in = check_drift_scan_inputs(overlaps, mask, ema, weight, drift_run, drift_events, length,
+                                                     stop_reason, budget, ema_beta, threshold, warmup, w_drop,
+                                                     decay, w_base, patience, min_weight);
+  const int64_t batch = in.batch, steps = in.steps;
+  const opd::DriftConfig& config = in.config;
+  const at::Tensor& o = in.overlaps;
+  const at::Tensor& valid = in.valid;
   at::Tensor multipliers = at::empty({batch, steps}, o.options());
   at::Tensor weights = at::empty({batch, steps}, o.options());
   at::Tensor stop_position = at::empty({batch}, o.options().dtype(at::kLong));
