@@ -6,6 +6,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace opd_ext {
@@ -52,6 +53,14 @@ inline at::Tensor as_rows(const at::Tensor& logits) {
   at::Tensor rows = logits.reshape({-1, logits.size(-1)});
   if (rows.stride(1) != 1 || (rows.size(0) > 1 && rows.stride(0) < rows.size(1))) rows = rows.contiguous();
   return rows;
+}
+
+// at::parallel_for grain (in rows) for CPU kernels that cost ~`row_length` element operations per
+// row: a task gets at least ~2^18 elements (~0.1 ms), so decode-sized batches run on the calling
+// thread instead of paying the wake-up of the OpenMP pool, which is larger than their whole cost.
+inline int64_t cpu_rows_per_task(int64_t row_length) {
+  constexpr int64_t kMinElementsPerTask = int64_t{1} << 18;
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, row_length));
 }
 
 }  // namespace opd_ext

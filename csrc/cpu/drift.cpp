@@ -74,7 +74,7 @@ void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64
                        int k, const int64_t* rows, const opd::DriftConfig& config,
                        const opd::DriftStateArrays& state, const TokenStatsOut& stats, float* overlap,
                        float* multiplier, bool* stopped) {
-  at::parallel_for(0, active, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, active, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     cpu::RowPairTopK topk(k);
     for (int64_t i = begin; i < end; ++i) {
       const student_t* s_row = student + i * row_stride_s;
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cpu(
   float* m_data = multipliers.mutable_data_ptr<float>();
   float* w_data = weights.mutable_data_ptr<float>();
   int64_t* stop_data = stop_position.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, cpu_rows_per_task(steps), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       opd::DriftState s = state.load(b);
       stop_data[b] = opd::drift_scan_row(config, s, o_data + b * steps,

@@ -216,7 +216,7 @@ template <typename S, typename T>
 void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, int64_t stride_t,
                         const int64_t* tokens, int64_t rows, int64_t vocab, float inv_tau, int topk,
                         TokenStatsOutputs out) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     std::vector<float> buffer_s(kBlock), buffer_t(kBlock);
     std::vector<float> topk_values(topk);
     std::vector<int32_t> topk_ids(topk);
@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_l
     const int64_t* y = ids.const_data_ptr<int64_t>();
     float* logprob_out = logprob.mutable_data_ptr<float>();
     float* lse_out = lse.mutable_data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
       std::vector<float> buffer(kBlock);
       for (int64_t r = begin; r < end; ++r) {
         const S* row = student + r * s.stride(0);
@@ -362,7 +362,7 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
     const int64_t* y = ids.const_data_ptr<int64_t>();
     const float* coef_data = c.const_data_ptr<float>();
     const float* lse_data = lse.const_data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
       std::vector<float> buffer_in(kBlock), buffer_out(kBlock);
       for (int64_t r = begin; r < end; ++r) {
         const S* row = student + r * s.stride(0);
@@ -410,7 +410,7 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
     const float* coef_data = c.const_data_ptr<float>();
     const float *lse_s_data = lse_s.const_data_ptr<float>(), *lse_t_data = lse_t.const_data_ptr<float>(),
                 *kl_data = kl.const_data_ptr<float>();
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
       std::vector<float> buffer_s(kBlock), buffer_t(kBlock), buffer_out(kBlock);
       for (int64_t r = begin; r < end; ++r) {
         S* grad_row = grad_data + r * vocab;

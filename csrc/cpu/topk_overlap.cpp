@@ -13,7 +13,7 @@ namespace {
 template <typename student_t, typename teacher_t>
 void topk_overlap_kernel(const student_t* student, const teacher_t* teacher, int64_t row_stride_s,
                          int64_t row_stride_t, int64_t rows, int64_t vocab, int k, float* out) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     cpu::RowPairTopK topk(k);
     for (int64_t r = begin; r < end; ++r) {
       out[r] = topk.overlap(student + r * row_stride_s, teacher + r * row_stride_t, vocab);
