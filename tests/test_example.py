@@ -3,6 +3,7 @@
 Covers the metrics log, exact resume after Ctrl-C, the per-method wiring (plain OPD neither prunes
 nor reweights), and the real-checkpoint path (--teacher/--student/--data) on locally saved models.
 """
+import dataclasses
 import json
 import os
 import signal
@@ -141,3 +142,28 @@ def test_task_answers_are_verifiable():
         numbers = [int(w) for w in problem.completion.split() if w.isdigit()]
         assert all(0 <= n <= config.max_value for n in numbers)
     assert not task.is_correct("3 + 4 = 7 . so mia has 8 coins", "7")
+
+
+def test_injected_mistakes_are_read_but_never_taught():
+    import random
+    config = task.TaskConfig()
+    tokenizer = task.build_tokenizer(config)
+    rng = random.Random(0)
+    problems = task.make_problems(50, 4, config)
+    for problem in problems:
+        text, wrong = task.inject_mistakes(rng, problem.completion, config)
+        clean, noisy = problem.completion.split(), text.split()
+        assert len(noisy) == len(clean) and 1 <= len(wrong) <= 2
+        assert [i for i, (a, b) in enumerate(zip(clean, noisy)) if a != b] == wrong
+        assert task.first_error(problem.prompt, noisy) == wrong[0]
+        _, _, labels = models.encode_supervised(tokenizer, [problem.__class__(problem.prompt, text, problem.answer)], [wrong])
+        prompt_len = 1 + len(problem.prompt.split())
+        completion_labels = labels[0, prompt_len: prompt_len + len(noisy)].tolist()
+        assert [i for i, label in enumerate(completion_labels) if label == -100] == wrong
+
+
+def test_clean_schedule_keeps_its_cache_key():
+    # mistake_fraction was added after teachers were cached: at 0 it must not change their key.
+    schedule = models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3)
+    assert models.cache_key(schedule) == models.cache_key({"steps": 700, "batch_size": 64, "lr": 4e-3, "warmup": 20})
+    assert models.cache_key(dataclasses.replace(schedule, mistake_fraction=0.3)) != models.cache_key(schedule)

@@ -7,6 +7,7 @@ PATH` go through the same loading code.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -18,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, make_problem, make_problems, vocabulary
+from examples.opd.task import (Problem, TaskConfig, build_tokenizer, inject_mistakes, is_correct, make_problem,
+                               make_problems, vocabulary)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class SupervisedSchedule:
     batch_size: int
     lr: float
     warmup: int = 20
+    # Fraction of training chains with injected mistakes followed by the correct continuation
+    # (task.inject_mistakes), to train a teacher that corrects a student's wrong step instead of
+    # continuing it. Off in the presets: at these sizes it cost the teacher more accuracy than it
+    # gave OPD (docs/reproduction_notes.md).
+    mistake_fraction: float = 0.0
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -62,14 +69,22 @@ def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def encode_supervised(tokenizer, problems: list[Problem]):
-    """Right-padded BOS + prompt + completion + EOS; labels only on the completion (and EOS)."""
+def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[int]] | None = None):
+    """Right-padded BOS + prompt + completion + EOS; labels only on the completion (and EOS).
+
+    `unlabeled[i]` lists completion word indices of problem i that get no loss (injected mistakes:
+    the model reads them but is never taught to write them). The tokenizer is word level, so word i
+    of a completion is its token i.
+    """
     rows, label_rows = [], []
-    for p in problems:
+    for i, p in enumerate(problems):
         prompt = [tokenizer.bos_token_id] + tokenizer.encode(p.prompt, add_special_tokens=False)
         completion = tokenizer.encode(p.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+        labels = list(completion)
+        for j in (unlabeled[i] if unlabeled else ()):
+            labels[j] = -100
         rows.append(prompt + completion)
-        label_rows.append([-100] * len(prompt) + completion)
+        label_rows.append([-100] * len(prompt) + labels)
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -99,8 +114,16 @@ def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSch
     device = next(model.parameters()).device
     bar = tqdm(range(schedule.steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
     for _ in bar:
-        batch = [make_problem(rng, task) for _ in range(schedule.batch_size)]
-        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch))
+        batch, unlabeled = [], []
+        for _ in range(schedule.batch_size):
+            problem, wrong = make_problem(rng, task), []
+            # (no draw at fraction 0: the clean schedule's problem stream, and so its cached models, stay as they were)
+            if schedule.mistake_fraction > 0 and rng.random() < schedule.mistake_fraction:
+                text, wrong = inject_mistakes(rng, problem.completion, task)
+                problem = dataclasses.replace(problem, completion=text)
+            batch.append(problem)
+            unlabeled.append(wrong)
+        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch, unlabeled))
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,8 +143,18 @@ def new_model(size: ModelSize, tokenizer, task: TaskConfig, seed: int):
     return LlamaForCausalLM(size.llama_config(len(tokenizer), max_positions, tokenizer))
 
 
+# Schedule fields added after models were first cached: left out of the key at their default, so
+# those caches stay valid.
+_KEYED_ONLY_WHEN_SET = {"mistake_fraction": 0.0}
+
+
 def cache_key(*parts) -> str:
-    blob = json.dumps([asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True)
+    def describe(part):
+        if not hasattr(part, "__dataclass_fields__"):
+            return part
+        return {k: v for k, v in asdict(part).items() if _KEYED_ONLY_WHEN_SET.get(k, object()) != v}
+
+    blob = json.dumps([describe(p) for p in parts], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

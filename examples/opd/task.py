@@ -108,6 +108,27 @@ def make_problem(rng: random.Random, config: TaskConfig) -> Problem:
     return Problem(prompt=prompt, completion=completion, answer=str(count))
 
 
+def inject_mistakes(rng: random.Random, completion: str, config: TaskConfig, max_mistakes: int = 2) -> tuple[str, list[int]]:
+    """The completion with 1..max_mistakes of its numbers replaced by wrong ones; returns (text, word indices).
+
+    The rest of the chain stays the correct one: trained on such chains (with no loss on the wrong
+    words themselves), a teacher is taught to recover from a mistake in the text it is reading, as a
+    large teacher does with a student's wrong step, instead of copying the error forward.
+    Most replacements are near misses (off by a few), like a small model's arithmetic slips.
+    """
+    words = completion.split()
+    numbers = [i for i, w in enumerate(words) if w.isdigit()]
+    picked = sorted(rng.sample(numbers, min(len(numbers), rng.randint(1, max_mistakes))))
+    for i in picked:
+        true = int(words[i])
+        while True:
+            wrong = true + rng.choice((-1, 1)) * rng.randint(1, 5) if rng.random() < 0.7 else rng.randint(0, config.max_value)
+            if wrong != true and 0 <= wrong <= config.max_value:
+                break
+        words[i] = str(wrong)
+    return " ".join(words), picked
+
+
 def make_problems(n: int, seed: int, config: TaskConfig) -> list[Problem]:
     rng = random.Random(seed)
     return [make_problem(rng, config) for _ in range(n)]
