@@ -3,10 +3,13 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <optional>
+#include <tuple>
 
 #include "opd/drift.h"
+#include "torch_utils.h"
 
 namespace opd_ext {
 
@@ -99,6 +102,69 @@ inline DriftScanInputs check_drift_scan_inputs(const at::Tensor& overlaps, const
   }
   return {batch, overlaps.size(1), overlaps.contiguous(), valid,
           drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight)};
+}
+
+// drift_step's inputs, checked the same way for every backend. Index values (rows, tokens) are
+// range-checked by the backend: on CPU by reading them, on CUDA inside the kernels.
+struct DriftStepInputs {
+  int64_t active;  // rows of logits in this step
+  int64_t vocab;
+  int64_t batch;   // rows of the state
+  opd::DriftConfig config;
+  at::Tensor row_index;  // contiguous int64 [A]; undefined without rows
+  at::Tensor token_ids;  // contiguous int64 [A]; undefined without tokens
+};
+
+inline DriftStepInputs check_drift_step_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                               const std::optional<at::Tensor>& tokens,
+                                               const std::optional<at::Tensor>& rows, const at::Tensor& ema,
+                                               const at::Tensor& weight, const at::Tensor& drift_run,
+                                               const at::Tensor& drift_events, const at::Tensor& length,
+                                               const at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
+                                               double temperature, double ema_beta, double threshold,
+                                               int64_t warmup, double w_drop, double decay, double w_base,
+                                               int64_t patience, double min_weight) {
+  constexpr const char* op = "drift_step";
+  check_logit_pair(op, student_logits, teacher_logits);
+  TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must be [A, V], got ", student_logits.sizes());
+  DriftStepInputs in;
+  in.active = student_logits.size(0);
+  in.vocab = student_logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= in.vocab, op, ": k=", k, " must be in [1, V=", in.vocab, "]");
+  TORCH_CHECK(temperature > 0.0, op, ": temperature=", temperature, " must be > 0");
+  in.config = drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
+  in.batch = check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events, length,
+                               stop_reason, budget);
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == in.active && rows->scalar_type() == at::kLong, op,
+                ": rows must be int64 [A=", in.active, "], got ", rows->scalar_type(), " ", rows->sizes());
+    TORCH_CHECK(rows->device() == student_logits.device(), op, ": rows is on ", rows->device(),
+                " but the logits are on ", student_logits.device());
+    in.row_index = rows->contiguous();
+  } else {
+    TORCH_CHECK(in.active == in.batch, op, ": logits have ", in.active, " rows but the state has B=", in.batch,
+                "; pass rows= to update a subset");
+  }
+  if (tokens.has_value()) {
+    TORCH_CHECK(tokens->dim() == 1 && tokens->size(0) == in.active && tokens->scalar_type() == at::kLong, op,
+                ": tokens must be int64 [A=", in.active, "], got ", tokens->scalar_type(), " ", tokens->sizes());
+    TORCH_CHECK(tokens->device() == student_logits.device(), op, ": tokens is on ", tokens->device(),
+                " but the logits are on ", student_logits.device());
+    in.token_ids = tokens->contiguous();
+  }
+  return in;
+}
+
+// drift_step's outputs (overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl);
+// the token statistics are empty [0] when no tokens were given.
+using DriftStepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline DriftStepOutputs allocate_drift_step_outputs(const at::TensorOptions& logits_options, int64_t active,
+                                                    bool with_tokens) {
+  const auto f32 = logits_options.dtype(at::kFloat);
+  const int64_t stats_size = with_tokens ? active : 0;
+  return {at::empty({active}, f32), at::empty({active}, f32), at::empty({active}, logits_options.dtype(at::kBool)),
+          at::empty({stats_size}, f32), at::empty({stats_size}, f32), at::empty({stats_size}, f32)};
 }
 
 }  // namespace opd_ext

@@ -58,8 +58,6 @@ class BlockedPairSoftmax {
   float t_[cpu::softmax_blocks::kBlock];
 };
 
-using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
 struct TokenStatsOut {
   const int64_t* tokens;  // null: not requested
   float inv_temperature;
@@ -112,51 +110,33 @@ void check_index_range(const char* op, const char* name, const at::Tensor& index
   }
 }
 
-StepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+DriftStepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                            const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& rows,
                            at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run, at::Tensor& drift_events,
                            at::Tensor& length, at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
                            double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
                            double decay, double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_step";
-  check_logit_pair(op, student_logits, teacher_logits);
-  TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must be [A, V], got ", student_logits.sizes());
-  const int64_t active = student_logits.size(0), vocab = student_logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= vocab, op, ": k=", k, " must be in [1, V=", vocab, "]");
-  TORCH_CHECK(temperature > 0.0, op, ": temperature=", temperature, " must be > 0");
-  const opd::DriftConfig config =
-      drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
-  const int64_t batch = check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events,
-                                          length, stop_reason, budget);
-  at::Tensor row_index;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == active && rows->scalar_type() == at::kLong, op,
-                ": rows must be int64 [A=", active, "], got ", rows->scalar_type(), " ", rows->sizes());
-    row_index = rows->contiguous();
-    check_index_range(op, "rows", row_index, batch);
-  } else {
-    TORCH_CHECK(active == batch, op, ": logits have ", active, " rows but the state has B=", batch,
-                "; pass rows= to update a subset");
-  }
-  at::Tensor token_ids;
-  if (tokens.has_value()) {
-    TORCH_CHECK(tokens->dim() == 1 && tokens->size(0) == active && tokens->scalar_type() == at::kLong, op,
-                ": tokens must be int64 [A=", active, "], got ", tokens->scalar_type(), " ", tokens->sizes());
-    token_ids = tokens->contiguous();
-    check_index_range(op, "tokens", token_ids, vocab);
-  }
-
+  const DriftStepInputs in =
+      check_drift_step_inputs(student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events,
+                              length, stop_reason, budget, k, temperature, ema_beta, threshold, warmup, w_drop,
+                              decay, w_base, patience, min_weight);
+  const int64_t active = in.active, vocab = in.vocab, batch = in.batch;
+  const opd::DriftConfig& config = in.config;
+  const at::Tensor& row_index = in.row_index;
+  const at::Tensor& token_ids = in.token_ids;
+  if (rows.has_value()) check_index_range(op, "rows", row_index, batch);
+  if (tokens.has_value()) check_index_range(op, "tokens", token_ids, vocab);
   const at::Tensor s = as_rows(student_logits);
   const at::Tensor t = as_rows(teacher_logits);
-  const auto f32 = s.options().dtype(at::kFloat);
-  at::Tensor overlap = at::empty({active}, f32);
-  at::Tensor multiplier = at::empty({active}, f32);
-  at::Tensor stopped = at::empty({active}, s.options().dtype(at::kBool));
-  const int64_t stats_size = tokens.has_value() ? active : 0;
-  at::Tensor student_logprob = at::empty({stats_size}, f32);
-  at::Tensor teacher_logprob = at::empty({stats_size}, f32);
-  at::Tensor reverse_kl = at::empty({stats_size}, f32);
-  if (active == 0) return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+  DriftStepOutputs outputs = allocate_drift_step_outputs(s.options(), active, tokens.has_value());
+  at::Tensor& overlap = std::get<0>(outputs);
+  at::Tensor& multiplier = std::get<1>(outputs);
+  at::Tensor& stopped = std::get<2>(outputs);
+  at::Tensor& student_logprob = std::get<3>(outputs);
+  at::Tensor& teacher_logprob = std::get<4>(outputs);
+  at::Tensor& reverse_kl = std::get<5>(outputs);
+  if (active == 0) return outputs;
 
   const opd::DriftStateArrays state = drift_arrays(ema, weight, drift_run, drift_events, length, stop_reason, budget);
   const TokenStatsOut stats{tokens.has_value() ? token_ids.const_data_ptr<int64_t>() : nullptr,
@@ -169,7 +149,7 @@ StepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tensor& t
                             stats, overlap.mutable_data_ptr<float>(), multiplier.mutable_data_ptr<float>(),
                             stopped.mutable_data_ptr<bool>());
   });
-  return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cpu(

@@ -216,55 +216,35 @@ __global__ void drift_scan_kernel(const float* overlaps, const bool* valid, int6
   state.store(b, s);
 }
 
-using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-StepOutputs drift_step_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+DriftStepOutputs drift_step_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                             const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& rows,
                             at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run, at::Tensor& drift_events,
                             at::Tensor& length, at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
                             double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
                             double decay, double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_step";
-  check_logit_pair(op, student_logits, teacher_logits);
-  TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must be [A, V], got ", student_logits.sizes());
-  const int64_t active = student_logits.size(0), vocab = student_logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= vocab, op, ": k=", k, " must be in [1, V=", vocab, "]");
+  const DriftStepInputs in =
+      check_drift_step_inputs(student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events,
+                              length, stop_reason, budget, k, temperature, ema_beta, threshold, warmup, w_drop,
+                              decay, w_base, patience, min_weight);
+  const int64_t active = in.active, vocab = in.vocab, batch = in.batch;
+  const opd::DriftConfig& config = in.config;
+  const at::Tensor& row_index = in.row_index;
+  const at::Tensor& token_ids = in.token_ids;
   TORCH_CHECK(k <= kMaxStreamingTopK, op, ": the CUDA kernel supports k <= ", kMaxStreamingTopK, " (got ", k,
               "); DriftMonitor falls back to the reference for larger k");
-  TORCH_CHECK(temperature > 0.0, op, ": temperature=", temperature, " must be > 0");
-  const opd::DriftConfig config =
-      drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
-  const int64_t batch = check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events,
-                                          length, stop_reason, budget);
-  at::Tensor row_index, token_ids;
-  if (rows.has_value()) {
-    TORCH_CHECK(rows->dim() == 1 && rows->size(0) == active && rows->scalar_type() == at::kLong, op,
-                ": rows must be int64 [A=", active, "], got ", rows->scalar_type(), " ", rows->sizes());
-    TORCH_CHECK(rows->device() == student_logits.device(), op, ": rows is on ", rows->device());
-    row_index = rows->contiguous();
-  } else {
-    TORCH_CHECK(active == batch, op, ": logits have ", active, " rows but the state has B=", batch,
-                "; pass rows= to update a subset");
-  }
-  if (tokens.has_value()) {
-    TORCH_CHECK(tokens->dim() == 1 && tokens->size(0) == active && tokens->scalar_type() == at::kLong, op,
-                ": tokens must be int64 [A=", active, "], got ", tokens->scalar_type(), " ", tokens->sizes());
-    TORCH_CHECK(tokens->device() == student_logits.device(), op, ": tokens is on ", tokens->device());
-    token_ids = tokens->contiguous();
-  }
 
   const c10::cuda::CUDAGuard device_guard(student_logits.device());
   const at::Tensor s = as_rows(student_logits);
   const at::Tensor t = as_rows(teacher_logits);
-  const auto f32 = s.options().dtype(at::kFloat);
-  at::Tensor overlap = at::empty({active}, f32);
-  at::Tensor multiplier = at::empty({active}, f32);
-  at::Tensor stopped = at::empty({active}, s.options().dtype(at::kBool));
-  const int64_t stats_size = tokens.has_value() ? active : 0;
-  at::Tensor student_logprob = at::empty({stats_size}, f32);
-  at::Tensor teacher_logprob = at::empty({stats_size}, f32);
-  at::Tensor reverse_kl = at::empty({stats_size}, f32);
-  if (active == 0) return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+  DriftStepOutputs outputs = allocate_drift_step_outputs(s.options(), active, tokens.has_value());
+  at::Tensor& overlap = std::get<0>(outputs);
+  at::Tensor& multiplier = std::get<1>(outputs);
+  at::Tensor& stopped = std::get<2>(outputs);
+  at::Tensor& student_logprob = std::get<3>(outputs);
+  at::Tensor& teacher_logprob = std::get<4>(outputs);
+  at::Tensor& reverse_kl = std::get<5>(outputs);
+  if (active == 0) return outputs;
   TORCH_CHECK(active <= INT32_MAX, op, ": too many rows (", active, ")");
 
   const bool with_stats = tokens.has_value();
@@ -293,11 +273,11 @@ StepOutputs drift_step_cuda(const at::Tensor& student_logits, const at::Tensor& 
       return;
     }
     const int64_t slice_len = pair_pass_slice_length(vocab, slices);
-    const at::Tensor partial_values = at::empty({active, 2, slices, k}, f32);
+    const at::Tensor partial_values = at::empty({active, 2, slices, k}, s.options().dtype(at::kFloat));
     const at::Tensor partial_indices = at::empty({active, 2, slices, k}, s.options().dtype(at::kInt));
     const at::Tensor row_saw_nan = at::zeros({active}, s.options().dtype(at::kInt));
     const at::Tensor partial_softmax =
-        at::empty({with_stats ? active * slices : 0, kSoftmaxStateFloats}, f32);
+        at::empty({with_stats ? active * slices : 0, kSoftmaxStateFloats}, s.options().dtype(at::kFloat));
     auto* softmax_ptr = reinterpret_cast<opd::PairSoftmaxState*>(partial_softmax.mutable_data_ptr<float>());
     drift_step_slices_kernel<S, T><<<dim3(slices, static_cast<unsigned>(active)), kPairPassThreads, 0, stream>>>(
         s_data, t_data, s.stride(0), t.stride(0), static_cast<int32_t>(vocab), static_cast<int32_t>(slice_len), args,
@@ -310,7 +290,7 @@ StepOutputs drift_step_cuda(const at::Tensor& student_logits, const at::Tensor& 
         row_saw_nan.const_data_ptr<int>(), softmax_ptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {overlap, multiplier, stopped, student_logprob, teacher_logprob, reverse_kl};
+  return outputs;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cuda(
