@@ -36,14 +36,17 @@ struct TopKCandidates {
   int saw_nan;
 };
 
-// Thread 0 only; the caller synchronises before use.
+// Called by the whole block: thread 0 clears the buffer, the barrier publishes it.
 __device__ __forceinline__ void topk_reset(TopKCandidates& c, int k) {
-  c.count = 0;
-  c.k = k;
-  c.full = 0;
-  c.kth_value = 0.f;
-  c.kth_index = 0;
-  c.saw_nan = 0;
+  if (threadIdx.x == 0) {
+    c.count = 0;
+    c.k = k;
+    c.full = 0;
+    c.kth_value = 0.f;
+    c.kth_index = 0;
+    c.saw_nan = 0;
+  }
+  __syncthreads();
 }
 
 struct AdmissionThreshold {

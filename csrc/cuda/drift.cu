@@ -121,11 +121,8 @@ __device__ void finish_row(int64_t i, const S* s_row, const T* t_row, int32_t vo
 template <typename S, typename T>
 __device__ opd::PairSoftmaxState read_rows(const S* s_row, const T* t_row, int32_t len, int32_t index_base,
                                            TopKCandidates& top_s, TopKCandidates& top_t, const StepArgs& a) {
-  if (threadIdx.x == 0) {
-    topk_reset(top_s, a.k);
-    topk_reset(top_t, a.k);
-  }
-  __syncthreads();
+  topk_reset(top_s, a.k);
+  topk_reset(top_t, a.k);
   if (a.tokens == nullptr) {
     NoVisitor no_visit;
     block_pair_pass(s_row, t_row, len, &top_s, &top_t, no_visit, index_base);
@@ -186,11 +183,8 @@ __global__ void __launch_bounds__(kPairPassThreads)
   __shared__ TopKCandidates top_t;
   __shared__ int common_counter;
   const int64_t i = blockIdx.x;
-  if (threadIdx.x == 0) {
-    topk_reset(top_s, a.k);
-    topk_reset(top_t, a.k);
-  }
-  __syncthreads();
+  topk_reset(top_s, a.k);
+  topk_reset(top_t, a.k);
   const int64_t s_offset = (i * 2 + 0) * slices * a.k;
   const int64_t t_offset = (i * 2 + 1) * slices * a.k;
   topk_merge_partials(top_s, partial_values + s_offset, partial_indices + s_offset, slices);

@@ -618,8 +618,7 @@ __global__ void __launch_bounds__(cuda_kernels::kPairPassThreads)
   using namespace cuda_kernels;
   __shared__ TopKCandidates top_s;
   const int64_t r = blockIdx.x;
-  if (threadIdx.x == 0) topk_reset(top_s, k);
-  __syncthreads();
+  topk_reset(top_s, k);
   const auto row = problem.row(r);
   PairStateVisitor visit{{}, problem.inv_temperature};
   // Ends with a barrier, after which top_s.indices[0, min(count, k)) are the student's top-k ids.

@@ -27,11 +27,8 @@ __global__ void __launch_bounds__(kPairPassThreads)
   __shared__ TopKCandidates top_t;
   __shared__ int common;
   const int64_t row = blockIdx.x;
-  if (threadIdx.x == 0) {
-    topk_reset(top_s, k);
-    topk_reset(top_t, k);
-  }
-  __syncthreads();
+  topk_reset(top_s, k);
+  topk_reset(top_t, k);
   NoVisitor no_visit;
   block_pair_pass(student + row * row_stride_s, teacher + row * row_stride_t, vocab, &top_s, &top_t, no_visit);
   const int shared_ids = block_count_common(top_s.indices, top_t.indices, k, &common);
@@ -54,11 +51,8 @@ __global__ void __launch_bounds__(kPairPassThreads)
   const int64_t row = blockIdx.y;
   const int32_t begin = slice * slice_len;
   const int32_t len = max(0, min(slice_len, vocab - begin));
-  if (threadIdx.x == 0) {
-    topk_reset(top_s, k);
-    topk_reset(top_t, k);
-  }
-  __syncthreads();
+  topk_reset(top_s, k);
+  topk_reset(top_t, k);
   NoVisitor no_visit;
   block_pair_pass(student + row * row_stride_s + begin, teacher + row * row_stride_t + begin, len, &top_s,
                   &top_t, no_visit, begin);
@@ -75,11 +69,8 @@ __global__ void __launch_bounds__(kPairPassThreads)
   __shared__ TopKCandidates top_t;
   __shared__ int common;
   const int64_t row = blockIdx.x;
-  if (threadIdx.x == 0) {
-    topk_reset(top_s, k);
-    topk_reset(top_t, k);
-  }
-  __syncthreads();
+  topk_reset(top_s, k);
+  topk_reset(top_t, k);
   const int64_t s_offset = (row * 2 + 0) * slices * k;
   const int64_t t_offset = (row * 2 + 1) * slices * k;
   topk_merge_partials(top_s, partial_values + s_offset, partial_indices + s_offset, slices);
