@@ -53,6 +53,10 @@ class SupervisedSchedule:
     # continuing it. Off in the presets: at these sizes it cost the teacher more accuracy than it
     # gave OPD (docs/reproduction_notes.md).
     mistake_fraction: float = 0.0
+    # False: the rate stays at `lr` after the warm-up. A student cut off mid-way through such a run is
+    # still on the steep part of its learning curve (an annealed one sits in a sharp minimum that any
+    # fresh optimizer knocks it out of; docs/reproduction_notes.md).
+    decay: bool = True
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -99,6 +103,8 @@ def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[i
 def warmup_cosine(step: int, schedule: SupervisedSchedule) -> float:
     if step < schedule.warmup:
         return (step + 1) / schedule.warmup
+    if not schedule.decay:
+        return 1.0
     progress = (step - schedule.warmup) / max(1, schedule.steps - schedule.warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -145,7 +151,7 @@ def new_model(size: ModelSize, tokenizer, task: TaskConfig, seed: int):
 
 # Schedule fields added after models were first cached: left out of the key at their default, so
 # those caches stay valid.
-_KEYED_ONLY_WHEN_SET = {"mistake_fraction": 0.0}
+_KEYED_ONLY_WHEN_SET = {"mistake_fraction": 0.0, "decay": True}
 
 
 def cache_key(*parts) -> str:
