@@ -167,3 +167,32 @@ def test_clean_schedule_keeps_its_cache_key():
     schedule = models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3)
     assert models.cache_key(schedule) == models.cache_key({"steps": 700, "batch_size": 64, "lr": 4e-3, "warmup": 20})
     assert models.cache_key(dataclasses.replace(schedule, mistake_fraction=0.3)) != models.cache_key(schedule)
+
+
+def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
+    from examples.opd import reproduce
+
+    docs = tmp_path / "docs"
+    reproduce.main(["--preset", "tiny", "--steps", "2", "--quiet", "--runs", str(tmp_path / "runs"), "--cache", str(cache),
+                    "--docs", str(docs), "--variance-batches", "2", "--variance-batch-size", "2", "--drift-rollouts", "4"])
+    report = (docs / "reproduction.md").read_text()
+    for method in reproduce.METHOD_ORDER:
+        assert f"| {method} | " in report
+    assert "## Gradient variance" in report and "## Drift evidence" in report
+    result = json.loads((docs / "reproduction.json").read_text())
+    assert [r["method"] for r in result["rows"]] == list(reproduce.METHOD_ORDER)
+    assert set(result["variance"]) >= {"none", "full", "topk"}
+    for png in ("reproduction_accuracy.png", "reproduction_accuracy_tokens.png", "reproduction_drift.png"):
+        assert (docs / png).stat().st_size > 0
+
+
+@pytest.mark.parametrize("start, target, expected", [
+    (0.2475, 0.57, [0.3, 0.4, 0.5, 0.57]),   # round levels at least half a step above the start, then the target
+    (0.25, 0.42, [0.3, 0.42]),
+    (0.3, 0.42, [0.42]),                      # 0.4 sits too close to the target to add anything
+    (0.435, 0.435, []),                       # nothing was gained: no levels
+])
+def test_accuracy_levels(start, target, expected):
+    from examples.opd import reproduce
+
+    assert reproduce.accuracy_levels(start, target) == pytest.approx(expected)
