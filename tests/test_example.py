@@ -167,6 +167,24 @@ def test_clean_schedule_keeps_its_cache_key():
     schedule = models.SupervisedSchedule(steps=700, batch_size=64, lr=4e-3)
     assert models.cache_key(schedule) == models.cache_key({"steps": 700, "batch_size": 64, "lr": 4e-3, "warmup": 20})
     assert models.cache_key(dataclasses.replace(schedule, mistake_fraction=0.3)) != models.cache_key(schedule)
+    assert models.cache_key(dataclasses.replace(schedule, decay=False)) != models.cache_key(schedule)
+
+
+def test_supervised_schedule_without_decay_stays_at_its_rate():
+    constant = models.SupervisedSchedule(steps=100, batch_size=8, lr=1e-3, warmup=10, decay=False)
+    annealed = dataclasses.replace(constant, decay=True)
+    assert [models.warmup_cosine(s, constant) for s in (0, 9, 10, 99)] == pytest.approx([0.1, 1.0, 1.0, 1.0])
+    assert [models.warmup_cosine(s, annealed) for s in (0, 9, 10)] == pytest.approx([0.1, 1.0, 1.0])
+    assert models.warmup_cosine(100, annealed) == pytest.approx(0.1)
+
+
+def test_opd_learning_rate_warms_up_then_decays_to_a_tenth():
+    steps = 250
+    factors = [train.learning_rate_factor(s, steps) for s in range(steps + 1)]
+    assert factors[0] == pytest.approx(1 / train.LR_WARMUP_STEPS)
+    assert factors[train.LR_WARMUP_STEPS] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[train.LR_WARMUP_STEPS:], factors[train.LR_WARMUP_STEPS + 1:]))
+    assert factors[steps] == pytest.approx(0.1)
 
 
 def test_reproduction_writes_table_plots_and_json(tmp_path, cache):

@@ -54,8 +54,8 @@ class SupervisedSchedule:
     # gave OPD (docs/reproduction_notes.md).
     mistake_fraction: float = 0.0
     # False: the rate stays at `lr` after the warm-up. A student cut off mid-way through such a run is
-    # still on the steep part of its learning curve (an annealed one sits in a sharp minimum that any
-    # fresh optimizer knocks it out of; docs/reproduction_notes.md).
+    # still on the steep part of its learning curve; one trained to the end of the cosine lost accuracy
+    # to any fresh optimizer at a rate that could teach it anything (docs/reproduction_notes.md).
     decay: bool = True
 
 
