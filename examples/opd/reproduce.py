@@ -88,7 +88,7 @@ def gradient_variance(setup: train.Setup, prompts_per_batch: list[list[str]], *,
 # ---- drift evidence: does a low overlap mean the student went wrong? -------------------------------
 
 def drift_evidence(setup: train.Setup, problems, *, max_new_tokens: int, ks=(2, 4, 8, 16),
-                   thresholds=(0.3, 0.5, 0.7), batch_size: int = 64, seed: int = 0) -> dict:
+                   thresholds=(0.25, 0.5, 0.7), batch_size: int = 64, seed: int = 0) -> dict:
     """Top-k overlap of the warm-started student's tokens before vs after its first mistake.
 
     The task's grammar says exactly where a rollout first leaves every correct solution
@@ -201,7 +201,7 @@ def markdown_report(rows, variance, drift, target, command, preset, steps, prune
         "",
         f"Target accuracy: **{target:.3f}**.",
         "",
-        "| method | start acc | final acc | best acc | time to target (s) | tokens to target | OPD time (s) | s/step | tokens generated | tokens saved by pruning | mean top-16 overlap |",
+        f"| method | start acc | final acc | best acc | time to target (s) | tokens to target | OPD time (s) | s/step | tokens generated | tokens saved by pruning | mean top-{prune_config['k']} overlap |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -263,12 +263,12 @@ def markdown_report(rows, variance, drift, target, command, preset, steps, prune
             f"top-k overlap is below the threshold.",
             "",
             "| k | mean overlap on track | mean overlap after a mistake | "
-            + " | ".join(f"flagged at < {t['threshold']:.1f}: on track / after" for t in drift["by_k"][0]["flagged"]) + " |",
+            + " | ".join(f"flagged at < {t['threshold']:g}: on track / after" for t in drift["by_k"][0]["flagged"]) + " |",
             "|---|---|---|" + "---|" * len(drift["by_k"][0]["flagged"]),
         ]
         for row in drift["by_k"]:
             lines.append(f"| {row['k']} | {row['mean_on_track']:.3f} | {row['mean_after_error']:.3f} | " + " | ".join(
-                f"{100 * f['on_track']:.0f}% / {100 * f['after_error']:.0f}%" for f in row["flagged"]) + " |")
+                f"{100 * f['on_track']:.1f}% / {100 * f['after_error']:.1f}%" for f in row["flagged"]) + " |")
     lines += ["", "![accuracy vs wall time](reproduction_accuracy.png)", "",
               "![accuracy vs tokens generated](reproduction_accuracy_tokens.png)", "",
               "![drift along rollouts](reproduction_drift.png)", ""]
