@@ -34,6 +34,18 @@ decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teac
               "bfloat16/float16 student with a float32 teacher. Cast one side to match.");
 }
 
+// The one-dtype counterpart of dispatch_logit_pair, for ops that read the student alone.
+template <typename Fn>
+decltype(auto) dispatch_student_logits(c10::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn.template operator()<float>();
+    case c10::ScalarType::BFloat16: return fn.template operator()<c10::BFloat16>();
+    case c10::ScalarType::Half: return fn.template operator()<c10::Half>();
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": student_logits must be float32, bfloat16 or float16, got ", dtype);
+}
+
 // Guards for a [rows, V] view of two logit tensors; the Python wrappers give friendlier errors
 // first, these protect direct torch.ops calls.
 inline void check_logit_pair(const char* op, const at::Tensor& student, const at::Tensor& teacher) {

@@ -9,15 +9,15 @@
 // so the cost is the memory read plus a handful of small sorts.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
+#include "opd/cuda/portability.cuh"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "opd/topk.h"
 
-namespace opd_ext::cuda_kernels {
+namespace opd::cuda {
 
 constexpr int kPairPassThreads = 128;
 constexpr int kMaxVectorElems = 8;  // 16-byte loads of 2-byte dtypes
@@ -129,11 +129,16 @@ struct RawVector<4> {
   using type = uint32_t;
 };
 
+// kVec elements at a (kVec * sizeof(scalar_t))-byte aligned ptr in one load. The raw word is
+// copied into the element array, never read through a scalar_t pointer (which strict aliasing
+// lets a host compiler miscompile).
 template <typename scalar_t, int kVec>
 __device__ __forceinline__ void load_vector(const scalar_t* ptr, float (&out)[kVec]) {
   using Raw = typename RawVector<kVec * sizeof(scalar_t)>::type;
+  static_assert(sizeof(Raw) == kVec * sizeof(scalar_t));
   const Raw raw = __ldg(reinterpret_cast<const Raw*>(ptr));
-  const scalar_t* elems = reinterpret_cast<const scalar_t*>(&raw);
+  scalar_t elems[kVec];
+  memcpy(elems, &raw, sizeof(raw));
 #pragma unroll
   for (int j = 0; j < kVec; ++j) out[j] = static_cast<float>(elems[j]);
 }
@@ -173,7 +178,7 @@ __device__ void block_pair_pass(const S* s_row, const T* t_row, int32_t vocab, T
   const int head_s = elements_to_alignment(s_row, kVec * sizeof(S));
   const int head_t = elements_to_alignment(t_row, kVec * sizeof(T));
   const bool vectorised = head_s >= 0 && head_s == head_t;
-  const int32_t head = vectorised ? min(head_s, vocab) : vocab;
+  const int32_t head = vectorised ? std::min(head_s, vocab) : vocab;
   const int32_t num_vectors = (vocab - head) / kVec;
   const int32_t tail = head + num_vectors * kVec;
 
@@ -241,7 +246,8 @@ __device__ __forceinline__ int block_count_common(const int32_t* ids_s, const in
 }
 
 // Splitting long rows across blocks: a block's partial top-k (at most k candidates, padded with
-// entries that rank last) is written to global memory and merged by topk_merge_partials.
+// entries that rank last) is written to global memory and merged by topk_merge_partials. Every
+// slot is written, the NaN flag too, so the workspace needs no clearing beforehand.
 __device__ __forceinline__ void topk_store_partial(const TopKCandidates& c, float* values, int32_t* indices,
                                                    int* saw_nan) {
   for (int i = threadIdx.x; i < c.k; i += blockDim.x) {
@@ -249,7 +255,7 @@ __device__ __forceinline__ void topk_store_partial(const TopKCandidates& c, floa
     values[i] = real ? c.values[i] : -INFINITY;
     indices[i] = real ? c.indices[i] : INT32_MAX;
   }
-  if (threadIdx.x == 0 && c.saw_nan) *saw_nan = 1;
+  if (threadIdx.x == 0) *saw_nan = c.saw_nan;
 }
 
 // Loads `parts` partial top-k lists (each k long, contiguous) and keeps the best k. parts * k must
@@ -270,16 +276,16 @@ __device__ __forceinline__ void topk_merge_partials(TopKCandidates& c, const flo
 // kernel merges): enough blocks for two waves over the GPU, slices of at least 4096 elements (so
 // the partial/merge overhead stays small next to the read), and all partial lists of a row must
 // fit one merge buffer. 1 means one block per row.
-inline int pair_pass_slices_per_row(int64_t rows, int64_t vocab, int64_t k) {
-  if (rows > 65535) return 1;  // gridDim.y limit; plenty of rows to fill the GPU anyway
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
+inline cudaError_t pair_pass_slices_per_row(int64_t rows, int64_t vocab, int64_t k, int* slices) {
+  *slices = 1;
+  if (rows > 65535) return cudaSuccess;  // gridDim.y limit; plenty of rows to fill the GPU anyway
   int sm_count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  if (const cudaError_t e = multiprocessor_count(&sm_count); e != cudaSuccess) return e;
   const int64_t wanted = (2 * sm_count + rows - 1) / rows;
   const int64_t by_length = vocab / 4096;
   const int64_t by_merge = kTopKCapacity / k;
-  return static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_length, by_merge})));
+  *slices = static_cast<int>(std::max<int64_t>(1, std::min({wanted, by_length, by_merge})));
+  return cudaSuccess;
 }
 
 // Slice starts on a multiple of 8 elements keep 16-byte loads possible inside every slice.
@@ -287,4 +293,23 @@ inline int64_t pair_pass_slice_length(int64_t vocab, int slices) {
   return ((vocab + slices - 1) / slices + 7) / 8 * 8;
 }
 
-}  // namespace opd_ext::cuda_kernels
+// The split pass's workspace: per row, side (student, teacher) and slice, a partial top-k list of
+// k (value, index) pairs and a NaN flag, laid out [row][side][slice] so the merge reads one
+// contiguous list per row and side.
+struct PairPassPartials {
+  float* values;
+  int32_t* indices;
+  int* saw_nan;
+
+  template <typename Carver>
+  static PairPassPartials carve(Carver& carver, int64_t rows, int slices, int k) {
+    const int64_t lists = rows * 2 * slices;
+    PairPassPartials p;
+    p.values = carver.template take<float>(lists * k);
+    p.indices = carver.template take<int32_t>(lists * k);
+    p.saw_nan = carver.template take<int>(lists);
+    return p;
+  }
+};
+
+}  // namespace opd::cuda
