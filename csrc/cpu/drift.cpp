@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -47,7 +48,7 @@ class BlockedPairSoftmax {
   void flush() {
     cpu::softmax_blocks::PairBlock block;
     cpu::softmax_blocks::reduce_pair_block(s_, t_, filled_, inv_temperature_, block);
-    row_.merge(block.state);
+    row_.merge(block.state, inv_temperature_);
     filled_ = 0;
   }
 
@@ -83,10 +84,15 @@ void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64
         overlap[i] = topk.overlap(s_row, t_row, vocab, [&](const float* s, const float* t, int64_t, int64_t n) {
           accumulate.add(s, t, n);
         });
+        // The state keeps raw maxima: log p = (x - centre) / τ - log Z, not x / τ - lse, which
+        // rounds to ulp(max / τ) (~1e-3 at |logits| ~ 1e4).
         const opd::PairSoftmaxState& softmax = accumulate.finish();
         const int64_t y = stats.tokens[i];
-        stats.student_logprob[i] = static_cast<float>(s_row[y]) * inv_t - softmax.lse_s();
-        stats.teacher_logprob[i] = static_cast<float>(t_row[y]) * inv_t - softmax.lse_t();
+        using opd::online_softmax_detail::centre;
+        stats.student_logprob[i] =
+            (static_cast<float>(s_row[y]) - centre(softmax.max_s)) * inv_t - logf(softmax.sum_s);
+        stats.teacher_logprob[i] =
+            (static_cast<float>(t_row[y]) - centre(softmax.max_t)) * inv_t - logf(softmax.sum_t);
         stats.reverse_kl[i] = softmax.reverse_kl();
       } else {
         overlap[i] = topk.overlap(s_row, t_row, vocab);

@@ -60,6 +60,7 @@ OPD_ALWAYS_INLINE float exp_nonpositive(float x) {
 // Fixed-max reduction of one block of a (student, teacher) pair of rows, in the centred form of
 // opd::PairSoftmaxState. NaN flags are kept separately because vectorised max ignores NaN.
 struct PairBlock {
+  // Centred on the raw maxima (opd/online_softmax.h, "Temperature"): merge it with inv_tau.
   opd::PairSoftmaxState state;
   float raw_max_s, raw_max_t;  // maxima of the unscaled logits
   bool nan_s, nan_t;
@@ -85,9 +86,9 @@ void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau,
     nan_s |= s[j] != s[j];
     nan_t |= t[j] != t[j];
   }
-  // Scaling by 1/τ > 0 is monotone, so the scaled max is the scaled raw max. Distances are taken
-  // before scaling, (x - max) / τ: exactly 0 at the max, and no cancellation between two rounded
-  // products (or a fused multiply-add) at large |logits|.
+  // Distances are taken before scaling, (x - max) / τ: exactly 0 at the max, and no cancellation
+  // between two rounded products (or a fused multiply-add) at large |logits|. The state keeps the
+  // raw maxima, so merging blocks (with inv_tau) rescales by exact raw differences too.
   const float centre_s = opd::online_softmax_detail::centre(raw_max_s);
   const float centre_t = opd::online_softmax_detail::centre(raw_max_t);
   float sum_s = 0, sum_t = 0, cross_s = 0, cross_t = 0;
@@ -101,8 +102,7 @@ void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau,
     cross_s += es > 0.0f ? es * log_ratio : 0.0f;
     cross_t += et > 0.0f ? -et * log_ratio : 0.0f;
   }
-  out.state = {raw_max_s * inv_tau, nan_s ? kNaN : sum_s, raw_max_t * inv_tau, nan_t ? kNaN : sum_t,
-               cross_s, cross_t};
+  out.state = {raw_max_s, nan_s ? kNaN : sum_s, raw_max_t, nan_t ? kNaN : sum_t, cross_s, cross_t};
   out.raw_max_s = raw_max_s;
   out.raw_max_t = raw_max_t;
   out.nan_s = nan_s;

@@ -24,6 +24,7 @@
 #include "cpu/softmax_blocks.h"
 #include "opd/online_softmax.h"
 #include "opd/topk.h"
+#include "token_stats_args.h"
 #include "torch_utils.h"
 
 namespace opd_ext {
@@ -35,9 +36,9 @@ using namespace cpu::softmax_blocks;
 // one nth_element over the student row (a second, O(V) pass) instead.
 constexpr int kStreamingMaxK = 256;
 
+// Centred on the raw max (opd/online_softmax.h, "Temperature"): merge it with inv_tau.
 struct Block {
   opd::SoftmaxState state;
-  float raw_max;
 };
 
 OPD_CPU_MULTIVERSION
@@ -53,7 +54,7 @@ Block reduce_block(const float* x, int64_t n, float inv_tau) {
   float sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive((x[j] - centre) * inv_tau);
-  return {{raw_max * inv_tau, has_nan ? kNaN : sum}, raw_max};
+  return {{raw_max, has_nan ? kNaN : sum}};
 }
 
 // grad = -scale * p over one block, p = exp(s / τ - lse); the caller adds `scale` at the token.
@@ -134,42 +135,14 @@ void store_block(const float* values, int64_t n, scalar_t* out) {
   if constexpr (!std::is_same_v<scalar_t, float>) narrow(values, n, out);
 }
 
-// ---- argument checks (the Python wrappers check first and more kindly) ----------------------------
-
-void check_tokens(const char* op, const at::Tensor& tokens, const at::Tensor& logits, int64_t rows) {
-  TORCH_CHECK(tokens.scalar_type() == at::kLong, op, ": tokens must be int64, got ", tokens.scalar_type());
-  TORCH_CHECK(tokens.device() == logits.device(), op, ": tokens on ", tokens.device(),
-              " but student_logits on ", logits.device());
-  TORCH_CHECK(tokens.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": tokens ",
-              tokens.sizes(), " must have the leading shape of student_logits ", logits.sizes());
-  const at::Tensor flat = tokens.contiguous();
-  const int64_t* ids = flat.const_data_ptr<int64_t>();
-  const int64_t vocab = logits.size(-1);
-  for (int64_t r = 0; r < rows; ++r) {
-    TORCH_CHECK(ids[r] >= 0 && ids[r] < vocab, op, ": tokens must be in [0, V=", vocab,
-                "), got ", ids[r], " at flat position ", r);
-  }
-}
-
-void check_temperature(const char* op, double temperature) {
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), op, ": temperature must be a positive "
-              "finite number, got ", temperature);
-}
-
-void check_row_vector(const char* op, const char* name, const at::Tensor& x, const at::Tensor& logits) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.device() == logits.device(), op, ": ", name, " on ", x.device(),
-              " but student_logits on ", logits.device());
-  TORCH_CHECK(x.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": ", name, " ", x.sizes(),
-              " must have the leading shape of student_logits ", logits.sizes());
-}
+// ---- outputs ------------------------------------------------------------------------------------------
 
 at::Tensor row_output(const at::Tensor& logits) {
   return at::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options().dtype(at::kFloat));
 }
 
 // log softmax(x / τ) at one element, from the row's raw max and Z = Σ exp((x - max) / τ). Written as
-// (x - max)/τ - log Z rather than x/τ - lse: a float lse rounds to ulp(max), ~1e-3 at |logits| ~ 1e4.
+// (x - max)/τ - log Z rather than x/τ - lse: a float lse rounds to ulp(max/τ), ~1e-3 at |logits| ~ 1e4.
 float log_softmax_at(float x, float raw_max, float sum, float inv_tau) {
   return (x - opd::online_softmax_detail::centre(raw_max)) * inv_tau - logf(sum);
 }
@@ -202,7 +175,7 @@ float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k,
     }
     PairBlock block;
     reduce_pair_block(buffer_s, buffer_t, n, inv_tau, block);
-    state.merge(block.state);
+    state.merge(block.state, inv_tau);
   }
   return state.reverse_kl();
 }
@@ -227,17 +200,14 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
       opd::PairSoftmaxState state;
       opd::StreamingTopK top(topk_values.data(), topk_ids.data(), topk);
       bool has_nan = false;
-      float raw_max_s = -kInf, raw_max_t = -kInf;
       for (int64_t start = 0; start < vocab; start += kBlock) {
         const int64_t n = std::min(kBlock, vocab - start);
         const float* s = as_float(s_row + start, n, buffer_s.data());
         const float* t = as_float(t_row + start, n, buffer_t.data());
         PairBlock block;
         reduce_pair_block(s, t, n, inv_tau, block);
-        state.merge(block.state);
+        state.merge(block.state, inv_tau);
         has_nan |= block.nan_s || block.nan_t;
-        raw_max_s = std::max(raw_max_s, block.raw_max_s);
-        raw_max_t = std::max(raw_max_t, block.raw_max_t);
         if (!streaming_topk || (top.size() == topk && !(block.raw_max_s > topk_values[topk - 1]))) continue;
         for (int64_t chunk = 0; chunk < n; chunk += kScreenChunk) {
           if (top.size() == topk && !(block.chunk_max_s[chunk / kScreenChunk] > topk_values[topk - 1])) continue;
@@ -246,12 +216,12 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
         }
       }
       const int64_t y = tokens[r];
-      out.student_logprob[r] = log_softmax_at(static_cast<float>(s_row[y]), raw_max_s, state.sum_s, inv_tau);
-      out.teacher_logprob[r] = log_softmax_at(static_cast<float>(t_row[y]), raw_max_t, state.sum_t, inv_tau);
+      out.student_logprob[r] = log_softmax_at(static_cast<float>(s_row[y]), state.max_s, state.sum_s, inv_tau);
+      out.teacher_logprob[r] = log_softmax_at(static_cast<float>(t_row[y]), state.max_t, state.sum_t, inv_tau);
       out.reverse_kl[r] = state.reverse_kl();
       out.forward_kl[r] = state.forward_kl();
-      out.student_lse[r] = state.lse_s();
-      out.teacher_lse[r] = state.lse_t();
+      out.student_lse[r] = state.lse_s(inv_tau);
+      out.teacher_lse[r] = state.lse_t(inv_tau);
       if (topk > 0 && has_nan) {
         out.topk_reverse_kl[r] = kNaN;
       } else if (topk > 0) {
@@ -267,14 +237,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                 const at::Tensor& tokens, double temperature, int64_t topk) {
   constexpr const char* op = "token_stats";
-  check_logit_pair(op, student_logits, teacher_logits);
-  check_temperature(op, temperature);
+  const TokenStatsInputs in = check_token_stats_inputs(student_logits, teacher_logits, tokens, temperature, topk);
   const int64_t vocab = student_logits.size(-1);
-  TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "]");
   const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
   const int64_t rows = s.size(0);
-  check_tokens(op, tokens, student_logits, rows);
-  const at::Tensor ids = tokens.contiguous();
+  const at::Tensor& ids = in.tokens;
+  check_token_values(op, ids, vocab);
 
   at::Tensor student_logprob = row_output(student_logits), teacher_logprob = row_output(student_logits),
              reverse_kl = row_output(student_logits), forward_kl = row_output(student_logits),
@@ -291,8 +259,8 @@ token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
                                 teacher_lse.mutable_data_ptr<float>()};
     dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
       token_stats_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0),
-                               ids.const_data_ptr<int64_t>(), rows, vocab,
-                               static_cast<float>(1.0 / temperature), static_cast<int>(topk), out);
+                               ids.const_data_ptr<int64_t>(), rows, vocab, in.inv_temperature,
+                               static_cast<int>(topk), out);
     });
   }
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_kl, student_lse, teacher_lse};
@@ -303,16 +271,15 @@ token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
 std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_logits,
                                                      const at::Tensor& tokens, double temperature) {
   constexpr const char* op = "student_stats";
-  check_logit_pair(op, student_logits, student_logits);
-  check_temperature(op, temperature);
+  const TokenStatsInputs in = check_student_stats_inputs(student_logits, tokens, temperature);
   const at::Tensor s = as_rows(student_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
-  check_tokens(op, tokens, student_logits, rows);
-  const at::Tensor ids = tokens.contiguous();
+  const at::Tensor& ids = in.tokens;
+  check_token_values(op, ids, vocab);
   at::Tensor logprob = row_output(student_logits), lse = row_output(student_logits);
   if (rows == 0) return {logprob, lse};
-  const float inv_tau = static_cast<float>(1.0 / temperature);
-  dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
+  const float inv_tau = in.inv_temperature;
+  dispatch_student_logits(s.scalar_type(), op, [&]<typename S>() {
     const S* student = s.const_data_ptr<S>();
     const int64_t* y = ids.const_data_ptr<int64_t>();
     float* logprob_out = logprob.mutable_data_ptr<float>();
@@ -322,15 +289,13 @@ std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_l
       for (int64_t r = begin; r < end; ++r) {
         const S* row = student + r * s.stride(0);
         opd::SoftmaxState state;
-        float raw_max = -kInf;
         for (int64_t start = 0; start < vocab; start += kBlock) {
           const int64_t n = std::min(kBlock, vocab - start);
           const Block block = reduce_block(as_float(row + start, n, buffer.data()), n, inv_tau);
-          state.merge(block.state);
-          raw_max = std::max(raw_max, block.raw_max);
+          state.merge(block.state, inv_tau);
         }
-        logprob_out[r] = log_softmax_at(static_cast<float>(row[y[r]]), raw_max, state.sum, inv_tau);
-        lse_out[r] = state.lse();
+        logprob_out[r] = log_softmax_at(static_cast<float>(row[y[r]]), state.max, state.sum, inv_tau);
+        lse_out[r] = state.lse(inv_tau);
       }
     });
   });
@@ -345,18 +310,16 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
                                         const at::Tensor& tokens, const at::Tensor& student_lse,
                                         double temperature) {
   constexpr const char* op = "policy_gradient_backward";
-  check_logit_pair(op, student_logits, student_logits);
-  check_temperature(op, temperature);
+  const PolicyGradientBackwardInputs in =
+      check_policy_gradient_backward_inputs(coef, student_logits, tokens, student_lse, temperature);
   const at::Tensor s = as_rows(student_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
-  check_tokens(op, tokens, student_logits, rows);
-  check_row_vector(op, "coef", coef, student_logits);
-  check_row_vector(op, "student_lse", student_lse, student_logits);
-  const at::Tensor ids = tokens.contiguous(), c = coef.contiguous(), lse = student_lse.contiguous();
+  check_token_values(op, in.tokens, vocab);
+  const at::Tensor &ids = in.tokens, &c = in.coef, &lse = in.student_lse;
   at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
-  const float inv_tau = static_cast<float>(1.0 / temperature);
-  dispatch_logit_pair(s.scalar_type(), s.scalar_type(), op, [&]<typename S, typename>() {
+  const float inv_tau = in.inv_temperature;
+  dispatch_student_logits(s.scalar_type(), op, [&]<typename S>() {
     const S* student = s.const_data_ptr<S>();
     S* grad_data = grad.mutable_data_ptr<S>();
     const int64_t* y = ids.const_data_ptr<int64_t>();
@@ -390,19 +353,14 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
                                    const at::Tensor& teacher_lse, const at::Tensor& reverse_kl,
                                    double temperature) {
   constexpr const char* op = "reverse_kl_backward";
-  check_logit_pair(op, student_logits, teacher_logits);
-  check_temperature(op, temperature);
-  check_row_vector(op, "coef", coef, student_logits);
-  check_row_vector(op, "student_lse", student_lse, student_logits);
-  check_row_vector(op, "teacher_lse", teacher_lse, student_logits);
-  check_row_vector(op, "reverse_kl", reverse_kl, student_logits);
+  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(coef, student_logits, teacher_logits,
+                                                                      student_lse, teacher_lse, reverse_kl, temperature);
   const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
-  const at::Tensor c = coef.contiguous(), lse_s = student_lse.contiguous(),
-                   lse_t = teacher_lse.contiguous(), kl = reverse_kl.contiguous();
+  const at::Tensor &c = in.coef, &lse_s = in.student_lse, &lse_t = in.teacher_lse, &kl = in.reverse_kl;
   at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
-  const float inv_tau = static_cast<float>(1.0 / temperature);
+  const float inv_tau = in.inv_temperature;
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
     const S* student = s.const_data_ptr<S>();
     const T* teacher = t.const_data_ptr<T>();

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/topk_rows.h"
+#include "topk_overlap_args.h"
 #include "torch_utils.h"
 
 namespace opd_ext {
@@ -22,9 +23,8 @@ void topk_overlap_kernel(const student_t* student, const teacher_t* teacher, int
 }
 
 at::Tensor topk_overlap_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits, int64_t k) {
-  check_logit_pair("topk_overlap", student_logits, teacher_logits);
+  check_topk_overlap_inputs(student_logits, teacher_logits, k);
   const int64_t vocab = student_logits.size(-1);
-  TORCH_CHECK(k >= 1 && k <= vocab, "topk_overlap: k=", k, " must be in [1, V=", vocab, "]");
   const at::Tensor s = as_rows(student_logits);
   const at::Tensor t = as_rows(teacher_logits);
   const int64_t rows = s.size(0);

@@ -1,6 +1,7 @@
 // opd/online_softmax.h against a two-pass double-precision computation.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -292,6 +293,60 @@ TEST(OnlineSoftmax, MergeAcrossInfiniteKlSlices) {
   EXPECT_EQ(a.reverse_kl(), kInf);
   // Student mass e^-50 relative is still mass: KL stays infinite, as in exact arithmetic.
   expect_close(exact(s, t).forward_kl, a.forward_kl(), 1e-5, 1e-6, "forward_kl");
+}
+
+// A state of x/τ kept on raw maxima (inv_tau passed to update / merge / lse): at |logits| ~ 1e4
+// every distance stays exact, where scaling first would round each scaled logit to ulp(1e4/τ).
+TEST(OnlineSoftmax, TemperatureStateCentresOnRawLogits) {
+  std::mt19937 gen(8);
+  for (float tau : {0.7f, 1.3f}) {
+    for (float offset : {1e4f, -1e4f}) {
+      SCOPED_TRACE(testing::Message() << "tau=" << tau << " offset=" << offset);
+      const float inv_tau = 1.0f / tau;
+      const size_t n = 3001;
+      const std::vector<float> s = normal_row(gen, n, 3.0f, offset);
+      std::vector<float> t = s;
+      std::normal_distribution<float> noise(0.0f, 1.0f);
+      for (float& x : t) x += noise(gen);
+      // The exact statistics of x/τ, from the float inputs scaled in double.
+      std::vector<double> s_scaled(n), t_scaled(n);
+      for (size_t v = 0; v < n; ++v) {
+        s_scaled[v] = static_cast<double>(s[v]) / tau;
+        t_scaled[v] = static_cast<double>(t[v]) / tau;
+      }
+      const double max_s = *std::max_element(s_scaled.begin(), s_scaled.end());
+      const double max_t = *std::max_element(t_scaled.begin(), t_scaled.end());
+      double z_s = 0, z_t = 0;
+      for (size_t v = 0; v < n; ++v) {
+        z_s += std::exp(s_scaled[v] - max_s);
+        z_t += std::exp(t_scaled[v] - max_t);
+      }
+      double kl = 0;
+      for (size_t v = 0; v < n; ++v) {
+        const double log_p = s_scaled[v] - max_s - std::log(z_s), log_q = t_scaled[v] - max_t - std::log(z_t);
+        kl += std::exp(log_p) * (log_p - log_q);
+      }
+      // Sequential updates, and slices merged as a left fold.
+      opd::PairSoftmaxState whole, merged;
+      for (size_t v = 0; v < n; ++v) whole.update(s[v], t[v], inv_tau);
+      for (size_t begin = 0; begin < n; begin += 97) {
+        opd::PairSoftmaxState slice;
+        for (size_t v = begin; v < std::min(n, begin + 97); ++v) slice.update(s[v], t[v], inv_tau);
+        merged.merge(slice, inv_tau);
+      }
+      for (const opd::PairSoftmaxState* state : {&whole, &merged}) {
+        expect_close(max_s + std::log(z_s), state->lse_s(inv_tau), 1e-7, 1e-6, "lse_s");
+        expect_close(max_t + std::log(z_t), state->lse_t(inv_tau), 1e-7, 1e-6, "lse_t");
+        expect_close(kl, state->reverse_kl(), 1e-5, 1e-6, "reverse_kl");
+        // log p at the row's first element, written (x - max)/τ - log Z as the kernels do.
+        const float log_p0 = (s[0] - state->max_s) * inv_tau - logf(state->sum_s);
+        expect_close(s_scaled[0] - max_s - std::log(z_s), log_p0, 1e-6, 1e-6, "log p");
+      }
+      opd::SoftmaxState student;
+      for (size_t v = 0; v < n; ++v) student.update(s[v], inv_tau);
+      expect_close(max_s + std::log(z_s), student.lse(inv_tau), 1e-7, 1e-6, "student lse");
+    }
+  }
 }
 
 }  // namespace
