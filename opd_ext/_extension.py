@@ -18,6 +18,22 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 ops = torch.ops.opd_ext
 
+# Set inside opd_ext.testing.emulated_cuda(): CPU tensors then run the CUDA kernels (emulated), so
+# the Python API takes the same code paths as for CUDA tensors.
+_emulating_cuda = False
+
+
+def set_emulating_cuda(active: bool) -> bool:
+    """Sets the flag and returns its previous value (opd_ext.testing's context manager)."""
+    global _emulating_cuda
+    previous, _emulating_cuda = _emulating_cuda, active
+    return previous
+
+
+def runs_cuda_kernels(tensor: torch.Tensor) -> bool:
+    """True when opd_ext's ops on `tensor` run the CUDA kernels (on a GPU, or emulated)."""
+    return tensor.is_cuda or _emulating_cuda
+
 
 def cuda_kernels_available() -> bool:
     """True when this build compiled the CUDA kernels (a GPU may still be absent)."""

@@ -5,7 +5,7 @@ import torch
 
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext import reference
-from opd_ext._extension import ops
+from opd_ext._extension import ops, runs_cuda_kernels
 from opd_ext._validation import check_k, check_logit_pair
 
 # The CUDA top-k keeps k + one tile of candidates in shared memory; beyond this a sort is cheaper.
@@ -30,6 +30,6 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     """
     check_logit_pair(student_logits, teacher_logits)
     check_k(k, student_logits.shape[-1])
-    if student_logits.is_cuda and k > CUDA_MAX_TOPK:
+    if runs_cuda_kernels(student_logits) and k > CUDA_MAX_TOPK:
         return reference.topk_overlap(student_logits, teacher_logits, k)
     return ops.topk_overlap(student_logits, teacher_logits, k)

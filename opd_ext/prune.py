@@ -26,7 +26,7 @@ import torch
 
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext import reference
-from opd_ext._extension import cuda_kernels_available, ops
+from opd_ext._extension import cuda_kernels_available, ops, runs_cuda_kernels
 from opd_ext._validation import check_k, check_logit_pair
 from opd_ext.ops import CUDA_MAX_TOPK
 
@@ -559,11 +559,9 @@ class _StepOutput(NamedTuple):
 
 
 def _use_kernels(tensor: torch.Tensor, k: Optional[int] = None) -> bool:
-    if tensor.device.type == "cpu":
-        return True
-    if tensor.is_cuda and cuda_kernels_available():
-        return k is None or k <= CUDA_MAX_TOPK
-    return False
+    if runs_cuda_kernels(tensor):
+        return (not tensor.is_cuda or cuda_kernels_available()) and (k is None or k <= CUDA_MAX_TOPK)
+    return tensor.device.type == "cpu"
 
 
 def _drift_step(student_logits, teacher_logits, tokens, rows, state: DriftState, config: PruneConfig,
