@@ -142,6 +142,14 @@ struct BlockRun {
   std::map<const void*, SharedBuffer> shared;
   size_t shared_bytes = 0, shared_limit = 0;
   std::exception_ptr error;
+  // Threads below `lowest_runnable` (and above `highest_runnable`) are known not to be runnable:
+  // the forward / reverse schedules pick in O(1) amortised instead of scanning the block.
+  size_t lowest_runnable = 0, highest_runnable = SIZE_MAX;
+
+  void woke(const Thread& t) {
+    lowest_runnable = std::min(lowest_runnable, static_cast<size_t>(t.linear));
+    highest_runnable = highest_runnable == SIZE_MAX ? SIZE_MAX : std::max(highest_runnable, static_cast<size_t>(t.linear));
+  }
 
   ~BlockRun() {
     threads.clear();  // unwinds suspended fibers before their shared memory goes
@@ -269,7 +277,10 @@ void try_complete_warp_op(BlockRun& block, Thread& t) {
       o->result = block.threads[t.warp * 32 + src].bits;
     }
   }
-  for (Thread* o : group) o->wait = Wait::none;
+  for (Thread* o : group) {
+    o->wait = Wait::none;
+    block.woke(*o);
+  }
 }
 
 uint64_t warp_op(Site site, WarpOp op, ShuffleKind kind, unsigned mask, uint64_t bits, int lane_arg, int width) {
@@ -312,15 +323,31 @@ class Scheduler {
 
  private:
   Thread* pick() {
-    runnable_.clear();
-    for (Thread& t : block_.threads) {
-      if (t.wait == Wait::none) runnable_.push_back(&t);
-    }
-    if (runnable_.empty()) return nullptr;
+    std::vector<Thread>& threads = block_.threads;
     switch (config().schedule) {
-      case Schedule::forward: return runnable_.front();
-      case Schedule::reverse: return runnable_.back();
-      case Schedule::random: return runnable_[std::uniform_int_distribution<size_t>(0, runnable_.size() - 1)(rng_)];
+      case Schedule::forward: {
+        size_t& i = block_.lowest_runnable;
+        while (i < threads.size() && threads[i].wait != Wait::none) ++i;
+        return i < threads.size() ? &threads[i] : nullptr;
+      }
+      case Schedule::reverse: {
+        size_t& i = block_.highest_runnable;
+        if (i == SIZE_MAX) i = threads.size() - 1;
+        while (i != SIZE_MAX && threads[i].wait != Wait::none) --i;
+        if (i == SIZE_MAX) {
+          i = 0;  // nothing runnable: the next wake-up raises it again
+          return nullptr;
+        }
+        return &threads[i];
+      }
+      case Schedule::random: {
+        runnable_.clear();
+        for (Thread& t : threads) {
+          if (t.wait == Wait::none) runnable_.push_back(&t);
+        }
+        if (runnable_.empty()) return nullptr;
+        return runnable_[std::uniform_int_distribution<size_t>(0, runnable_.size() - 1)(rng_)];
+      }
     }
     return nullptr;
   }
@@ -373,6 +400,34 @@ class Scheduler {
   // Nobody can run: either all threads are done, or they all wait at one barrier (released
   // here), or the block is stuck. Returns false when the block has finished.
   bool release_barrier() {
+    // The common case first, without building any message.
+    const Thread* first = nullptr;
+    bool uniform = true, any_waiting = false;
+    for (const Thread& t : block_.threads) {
+      if (t.wait == Wait::exited) continue;
+      any_waiting = true;
+      if (t.wait != Wait::barrier) {
+        uniform = false;
+      } else if (first == nullptr) {
+        first = &t;
+      } else if (t.site.line != first->site.line || t.site.file != first->site.file) {
+        uniform = false;
+      }
+    }
+    if (!any_waiting) return false;
+    const bool someone_exited =
+        std::any_of(block_.threads.begin(), block_.threads.end(), [](const Thread& t) { return t.wait == Wait::exited; });
+    if (uniform && !someone_exited) {
+      for (Thread& t : block_.threads) t.wait = Wait::none;
+      block_.lowest_runnable = 0;
+      block_.highest_runnable = block_.threads.size() - 1;
+      ++counters().barriers;
+      return true;
+    }
+    report_stuck_block();
+  }
+
+  [[noreturn]] void report_stuck_block() {
     std::map<std::string, std::vector<int>> at_barrier;
     std::vector<int> exited, at_warp;
     for (const Thread& t : block_.threads) {
@@ -384,13 +439,7 @@ class Scheduler {
         at_warp.push_back(t.linear);
       }
     }
-    if (at_barrier.empty() && at_warp.empty()) return false;
     const std::string block_name = "block " + dims(block_.block_idx);
-    if (at_warp.empty() && exited.empty() && at_barrier.size() == 1) {
-      for (Thread& t : block_.threads) t.wait = Wait::none;
-      ++counters().barriers;
-      return true;
-    }
     std::ostringstream message;
     if (at_warp.empty() && exited.empty()) {
       message << "divergent __syncthreads in " << block_name << ": threads meet at different barriers:";

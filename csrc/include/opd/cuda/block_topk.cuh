@@ -156,11 +156,17 @@ struct NoVisitor {
 };
 
 // Before every tile: make the previous tile's appends visible and compact a buffer the coming tile
-// could overflow. Uniform across the block (counts are read after the barrier).
+// could overflow. Compacting is block-wide (it has barriers), so every thread must take the same
+// decision: the counts are read between two barriers. With one barrier, threads that decided
+// first would already be appending to the counts of the next tile while late threads read them,
+// and a late thread would enter topk_compact alone.
 __device__ __forceinline__ void prepare_tile(TopKCandidates* top_s, TopKCandidates* top_t, int tile) {
   __syncthreads();
-  if (top_s != nullptr && top_s->count + tile > kTopKCapacity) topk_compact(*top_s);
-  if (top_t != nullptr && top_t->count + tile > kTopKCapacity) topk_compact(*top_t);
+  const bool compact_s = top_s != nullptr && top_s->count + tile > kTopKCapacity;
+  const bool compact_t = top_t != nullptr && top_t->count + tile > kTopKCapacity;
+  __syncthreads();
+  if (compact_s) topk_compact(*top_s);
+  if (compact_t) topk_compact(*top_t);
 }
 
 // One pass over s_row[0, V) and t_row[0, V) by the whole block: visit(s, t, index) for every
