@@ -246,6 +246,10 @@ def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs,
     """
     keep = valid.unsqueeze(-1)
     s = torch.where(keep, student_logits.gather(-1, teacher_topk_ids).float(), 0.0)
+    # Centre on the raw max before dividing by τ, as the kernels do: s / τ first would round every
+    # logit to ulp(|s| / τ), ~1e-3 at |logits| ~ 1e4. The shift is a constant, so no gradient.
+    centre = s.detach().amax(-1, keepdim=True)
+    s = s - torch.where(torch.isfinite(centre), centre, 0.0)
     log_p = torch.log_softmax(s / temperature, dim=-1)
     log_q = torch.log_softmax(torch.where(keep, teacher_topk_logprobs.float(), 0.0), dim=-1)
     p = log_p.exp()
