@@ -353,8 +353,8 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
                                    const at::Tensor& teacher_lse, const at::Tensor& reverse_kl,
                                    double temperature) {
   constexpr const char* op = "reverse_kl_backward";
-  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(coef, student_logits, teacher_logits,
-                                                                      student_lse, teacher_lse, reverse_kl, temperature);
+  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(
+      coef, student_logits, teacher_logits, student_lse, teacher_lse, reverse_kl, temperature);
   const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
   const at::Tensor &c = in.coef, &lse_s = in.student_lse, &lse_t = in.teacher_lse, &kl = in.reverse_kl;

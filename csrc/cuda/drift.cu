@@ -101,9 +101,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cuda(
   size_t bytes = 0;
   cuda_binding::check_cuda(opd::cuda::drift_scan_workspace_size(batch, steps, &bytes), op);
   at::Tensor workspace = cuda_binding::workspace(bytes, o);
-  cuda_binding::check_cuda(
-      opd::cuda::launch_drift_scan(params, cuda_binding::workspace_ptr(workspace), bytes, cuda_binding::current_stream()),
-      op);
+  cuda_binding::check_cuda(opd::cuda::launch_drift_scan(params, cuda_binding::workspace_ptr(workspace), bytes,
+                                                        cuda_binding::current_stream()),
+                           op);
   return {multipliers, weights, stop_position};
 }
 

@@ -78,8 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                    .forward_kl = forward_kl.mutable_data_ptr<float>(),
                                                    .student_lse = student_lse.mutable_data_ptr<float>(),
                                                    .teacher_lse = teacher_lse.mutable_data_ptr<float>(),
-                                                   .topk_reverse_kl = topk > 0 ? topk_reverse_kl.mutable_data_ptr<float>()
-                                                                               : nullptr};
+                                                   .topk_reverse_kl =
+                                                       topk > 0 ? topk_reverse_kl.mutable_data_ptr<float>() : nullptr};
     size_t bytes = 0;
     check_cuda(opd::cuda::token_stats_workspace_size<S, T>(rows, vocab, params.topk, &bytes), op);
     at::Tensor workspace = cuda_binding::workspace(bytes, s);
@@ -157,8 +157,8 @@ at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& st
                                     const at::Tensor& teacher_logits, const at::Tensor& student_lse,
                                     const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
   constexpr const char* op = "reverse_kl_backward";
-  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(coef, student_logits, teacher_logits,
-                                                                      student_lse, teacher_lse, reverse_kl, temperature);
+  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(
+      coef, student_logits, teacher_logits, student_lse, teacher_lse, reverse_kl, temperature);
   check_cuda_vocab(op, student_logits);
   const cuda_binding::DeviceGuard guard(student_logits.device());
   const at::Tensor s = as_rows(student_logits);

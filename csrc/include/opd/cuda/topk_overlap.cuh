@@ -143,8 +143,8 @@ cudaError_t launch_topk_overlap(const TopKOverlapParams<S, T>& p, void* workspac
       e != cudaSuccess) {
     return e;
   }
-  return launch(merge_kernel<kPairPassThreads>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0, stream, partials,
-                pl.slices, p.k, p.out);
+  return launch(merge_kernel<kPairPassThreads>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0,
+                stream, partials, pl.slices, p.k, p.out);
 }
 
 }  // namespace opd::cuda
