@@ -6,8 +6,8 @@
 #   VERIFY_STEPS=build,bench bash benchmarks/gpu_verify.sh
 #
 # Steps: env, build (pip install --no-build-isolation --no-deps -e .), info (python -m opd_ext
-# info), cuda-tests (pytest -m cuda), tests (pytest -m "not cuda": the rest of the suite),
-# memcheck + racecheck (compute-sanitizer over benchmarks/sanitize_ops.py), ceiling (copy
+# info), cuda-tests (pytest -m cuda), tests (pytest -m "not cuda and not emu": the rest of the
+# suite), memcheck + racecheck + synccheck (compute-sanitizer over benchmarks/sanitize_ops.py), ceiling (copy
 # bandwidth), bench (every benchmarks/bench_*.py), report. Writes at most 5 files to $OUT
 # (default ./out): summary.md, verify.log, bench.csv, bench.png, details.tar.gz (every step's log,
 # the per-op CSVs/PNGs, JUnit XML). The summary table is printed last.
@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 REPO=$PWD
 START=$SECONDS
 RESERVE=25
-STEPS=",${VERIFY_STEPS:-env,build,info,cuda-tests,tests,memcheck,racecheck,ceiling,bench,report},"
+STEPS=",${VERIFY_STEPS:-env,build,info,cuda-tests,tests,memcheck,racecheck,synccheck,ceiling,bench,report},"
 OUT=${OUT:-$REPO/out}
 WORK=${VERIFY_WORK:-$REPO/build/verify}  # scratch: step logs, per-op CSVs (wiped first)
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
@@ -148,13 +148,14 @@ else
     fi
   fi
   if want tests; then
-    run_step tests 200 "${PYTEST[@]}" -m "not cuda" --junitxml="$WORK/logs/tests.xml"
+    # The emulated-CUDA tests are for machines without a GPU; here the kernels run for real.
+    run_step tests 200 "${PYTEST[@]}" -m "not cuda and not emu" --junitxml="$WORK/logs/tests.xml"
   fi
 fi
 
 # ---- compute-sanitizer -------------------------------------------------------------------------
 SANITIZE=("$PYTHON" "$REPO/benchmarks/sanitize_ops.py")
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   want $tool || continue
   if [[ $HAVE_GPU == 0 ]]; then
     skip $tool "no GPU visible"
@@ -164,14 +165,14 @@ for tool in memcheck racecheck; do
     skip $tool "compute-sanitizer not on PATH"
     continue
   fi
-  # Instrument only our kernels (names contain the namespace opd_ext): torch's own kernels would
-  # multiply the run time and are not under test.
+  # Instrument only our kernels (they live in namespace opd::cuda, so their names contain "opd"):
+  # torch's own kernels would multiply the run time and are not under test.
   filter=()
-  compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=opd_ext)
+  compute-sanitizer --help 2>/dev/null | grep -q -- "--kernel-name" && filter=(--kernel-name kns=opd)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step $tool 120 compute-sanitizer --tool $tool "${filter[@]}" \
     --error-exitcode 3 --print-limit 50 "${SANITIZE[@]}"
 done
-if [[ $HAVE_GPU == 0 ]] && { want memcheck || want racecheck; }; then
+if [[ $HAVE_GPU == 0 ]] && { want memcheck || want racecheck || want synccheck; }; then
   run_step sanitize-drivers-cpu 60 "${SANITIZE[@]}" --device cpu
 fi
 

@@ -60,6 +60,11 @@ def _module():
     return _simt
 
 
+def emulating() -> bool:
+    """True inside :func:`emulated_cuda` (outside :func:`cpu_kernels`)."""
+    return _extension.runs_cuda_kernels(torch.empty(0))
+
+
 def emulator_config() -> dict:
     """The emulator's current settings (device profile and its limits, schedule, seed)."""
     return dict(_module().config())
@@ -70,12 +75,15 @@ def emulator_counters() -> dict:
     return dict(_module().counters())
 
 
+_paused = 0  # > 0 inside cpu_kernels()
+
+
 class _RouteToEmulator(TorchDispatchMode):
     """Sends every ``opd_ext::*`` op to its ``opd_ext_emu::*`` twin (same schema, emulated CUDA)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "opd_ext":
+        if func.namespace == "opd_ext" and not _paused:
             twin = getattr(getattr(torch.ops.opd_ext_emu, func._schema.name.split("::")[1]), func._overloadname)
             return twin(*args, **kwargs)
         return func(*args, **kwargs)
@@ -110,6 +118,21 @@ def emulated_cuda(device: str = "h100", schedule: str = "forward", seed: int = 0
             _extension.set_emulating_cuda(previous)
             simt.configure(device=saved["device"], schedule=saved["schedule"], seed=saved["seed"],
                            sm_count=saved["sm_count"])
+
+
+@contextlib.contextmanager
+def cpu_kernels() -> Iterator[None]:
+    """Inside :func:`emulated_cuda`: run the CPU kernels again for the duration of this block (to
+    compare the emulated CUDA kernels with them in one test)."""
+    global _paused
+    with _lock:
+        _paused += 1
+        previous = _extension.set_emulating_cuda(False)
+        try:
+            yield
+        finally:
+            _extension.set_emulating_cuda(previous)
+            _paused -= 1
 
 
 def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count: Optional[int] = None):

@@ -1,6 +1,7 @@
-"""CUDA-only checks of csrc/cuda/token_stats.cu: the launch paths the device-parametrised tests in
-test_token_stats.py do not reach on purpose (SPEC §4 tolerances against the float64 reference,
-and agreement with the CPU kernels).
+"""Checks of the CUDA token statistics (opd/cuda/token_stats.cuh): the launch paths the
+device-parametrised tests in test_token_stats.py do not reach on purpose (SPEC §4 tolerances against
+the float64 reference, and agreement with the CPU kernels). They run on a GPU ("cuda") and on the
+SIMT emulator ("emu": CPU tensors, the same CUDA kernels).
 
 Paths: rows whose start is not 16-byte aligned (odd V, storage offsets, column slices) run a scalar
 head/tail around the vector body; rows that cannot be aligned together run fully scalar; short
@@ -10,13 +11,29 @@ kernel; topk > 0 runs the single-pass top-k kernel.
 import pytest
 import torch
 
+import opd_ext.testing as simt
 from opd_ext import reference
 from opd_ext._extension import ops
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+from conftest import CUDA_READY, SIMT_READY
+
+DEVICE = "cuda"  # where the tensors of the current test live ("cpu" under the emulator)
+
+
+@pytest.fixture(autouse=True, params=[
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device")]),
+    pytest.param("emu", marks=[pytest.mark.emu, pytest.mark.skipif(not SIMT_READY, reason="needs the SIMT emulator")]),
+])
+def gpu(request):
+    global DEVICE
+    if request.param == "cuda":
+        DEVICE = "cuda"
+        yield
+        torch.cuda.synchronize()  # a read out of bounds would surface here as an illegal address
+        return
+    DEVICE = "cpu"
+    with simt.emulated_cuda(device="h100"):
+        yield
 
 STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
                "student_lse", "teacher_lse")
@@ -44,14 +61,14 @@ def _place(values: torch.Tensor, layout: str) -> torch.Tensor:
     """`values` [R, V] copied to CUDA in the given memory layout (same values, different addresses)."""
     rows, vocab = values.shape
     if layout == "contiguous":
-        return values.cuda()
+        return values.to(DEVICE)
     if layout == "row_offset":
-        base = torch.empty(rows + 1, vocab, dtype=values.dtype, device="cuda")
-        base[1:] = values.cuda()
+        base = torch.empty(rows + 1, vocab, dtype=values.dtype, device=DEVICE)
+        base[1:] = values.to(DEVICE)
         return base[1:]
     offset = int(layout.removeprefix("column_"))
-    base = torch.zeros(rows, vocab + 8, dtype=values.dtype, device="cuda")
-    base[:, offset:offset + vocab] = values.cuda()
+    base = torch.zeros(rows, vocab + 8, dtype=values.dtype, device=DEVICE)
+    base[:, offset:offset + vocab] = values.to(DEVICE)
     return base[:, offset:offset + vocab]
 
 
@@ -79,7 +96,7 @@ def _assert_matches_reference(student, teacher, tokens, temperature=1.0, topk=0)
 @pytest.mark.parametrize("vocab,rows", [(7, 37), (129, 13), (2001, 11), (50257, 3)])
 def test_layouts_and_row_groups(layouts, student_dtype, teacher_dtype, vocab, rows):
     student, teacher = _pair(rows, vocab, student_dtype, teacher_dtype, layouts)
-    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    tokens = torch.randint(0, vocab, (rows,), device=DEVICE)
     _assert_matches_reference(student, teacher, tokens, temperature=0.7)
     logprob, lse = ops.student_stats(student, tokens, 0.7)
     want = reference.token_stats(student, student, tokens, 0.7)
@@ -94,7 +111,7 @@ def test_few_long_rows_are_sliced_and_merged(student_dtype, teacher_dtype, rows)
     student, teacher = _pair(rows, vocab, student_dtype, teacher_dtype, ("row_offset", "row_offset"))
     student[0, 5] = float("-inf")      # masked entries and a spike land in different slices
     teacher[-1, vocab - 3] = 30.0
-    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    tokens = torch.randint(0, vocab, (rows,), device=DEVICE)
     _assert_matches_reference(student, teacher, tokens)
     logprob, lse = ops.student_stats(student, tokens, 1.0)
     want = reference.token_stats(student, student, tokens)
@@ -106,13 +123,13 @@ def test_few_long_rows_are_sliced_and_merged(student_dtype, teacher_dtype, rows)
 @pytest.mark.parametrize("topk", [1, 100, 1024])
 def test_topk_path(layouts, student_dtype, teacher_dtype, topk):
     student, teacher = _pair(5, 4099, student_dtype, teacher_dtype, layouts)
-    tokens = torch.randint(0, 4099, (5,), device="cuda")
+    tokens = torch.randint(0, 4099, (5,), device=DEVICE)
     _assert_matches_reference(student, teacher, tokens, temperature=1.3, topk=topk)
 
 
 def test_topk_path_agrees_with_the_full_pass():
     student, teacher = _pair(9, 3001, torch.float32, torch.float32)
-    tokens = torch.randint(0, 3001, (9,), device="cuda")
+    tokens = torch.randint(0, 3001, (9,), device=DEVICE)
     full = ops.token_stats(student, teacher, tokens, 1.0, 0)
     with_topk = ops.token_stats(student, teacher, tokens, 1.0, 16)
     for name, a, b in zip(STAT_FIELDS, full, with_topk):
@@ -122,7 +139,7 @@ def test_topk_path_agrees_with_the_full_pass():
 
 def test_topk_above_the_streaming_limit_is_rejected():
     student, teacher = _pair(2, 3000, torch.float32, torch.float32)
-    tokens = torch.zeros(2, dtype=torch.long, device="cuda")
+    tokens = torch.zeros(2, dtype=torch.long, device=DEVICE)
     with pytest.raises(RuntimeError, match="supports topk <= 1024"):
         ops.token_stats(student, teacher, tokens, 1.0, 1025)
 
@@ -133,8 +150,8 @@ def test_topk_above_the_streaming_limit_is_rejected():
 def test_backwards_agree_with_cpu(layouts, student_dtype, teacher_dtype, vocab, rows):
     student, teacher = _pair(rows, vocab, student_dtype, teacher_dtype, layouts)
     student[0, 1] = float("-inf")
-    tokens = torch.randint(0, vocab, (rows,), device="cuda")
-    coef = torch.randn(rows, device="cuda")
+    tokens = torch.randint(0, vocab, (rows,), device=DEVICE)
+    coef = torch.randn(rows, device=DEVICE)
     if rows > 1:
         coef[1] = 0.0
     temperature = 0.8
@@ -145,12 +162,14 @@ def test_backwards_agree_with_cpu(layouts, student_dtype, teacher_dtype, vocab, 
     c_coef, c_student, c_teacher, c_tokens, c_lse_s, c_lse_t, c_kl = cpu
 
     got = ops.policy_gradient_backward(coef, student, tokens, lse_s, temperature)
-    want = ops.policy_gradient_backward(c_coef, c_student, c_tokens, c_lse_s, temperature)
+    with simt.cpu_kernels():
+        want = ops.policy_gradient_backward(c_coef, c_student, c_tokens, c_lse_s, temperature)
     assert got.dtype == student_dtype and got.is_contiguous()
     torch.testing.assert_close(got.cpu(), want, **tol)
 
     got = ops.reverse_kl_backward(coef, student, teacher, lse_s, lse_t, kl, temperature)
-    want = ops.reverse_kl_backward(c_coef, c_student, c_teacher, c_lse_s, c_lse_t, c_kl, temperature)
+    with simt.cpu_kernels():
+        want = ops.reverse_kl_backward(c_coef, c_student, c_teacher, c_lse_s, c_lse_t, c_kl, temperature)
     torch.testing.assert_close(got.cpu(), want, **tol)
     if rows > 1:
         assert got[1].eq(0).all()
@@ -162,9 +181,10 @@ def test_stats_agree_with_cpu(student_dtype, teacher_dtype):
     student[3, ::5] = float("-inf")
     teacher[4, 17] = float("-inf")
     student[5, 9] = float("nan")
-    tokens = torch.randint(0, 32000, (64,), device="cuda")
+    tokens = torch.randint(0, 32000, (64,), device=DEVICE)
     got = ops.token_stats(student, teacher, tokens, 1.0, 0)
-    want = ops.token_stats(student.cpu(), teacher.cpu(), tokens.cpu(), 1.0, 0)
+    with simt.cpu_kernels():
+        want = ops.token_stats(student.cpu(), teacher.cpu(), tokens.cpu(), 1.0, 0)
     for name, a, b in zip(STAT_FIELDS, got, want):
         torch.testing.assert_close(a.cpu(), b, **_tolerance(student_dtype), equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
@@ -172,7 +192,7 @@ def test_stats_agree_with_cpu(student_dtype, teacher_dtype):
 
 def test_results_are_deterministic():
     student, teacher = _pair(3, 151936, torch.bfloat16, torch.bfloat16)
-    tokens = torch.randint(0, 151936, (3,), device="cuda")
+    tokens = torch.randint(0, 151936, (3,), device=DEVICE)
     first = ops.token_stats(student, teacher, tokens, 1.0, 0)
     second = ops.token_stats(student, teacher, tokens, 1.0, 0)
     for a, b in zip(first, second):
@@ -182,9 +202,8 @@ def test_results_are_deterministic():
 def test_out_of_range_tokens_raise_and_never_read_outside_the_row():
     student, teacher = _pair(4, 100, torch.float32, torch.float32)
     for bad in (100, -1, 2**40):
-        tokens = torch.tensor([0, bad, 1, 2], device="cuda")
+        tokens = torch.tensor([0, bad, 1, 2], device=DEVICE)
         with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=100\)"):
             ops.token_stats(student, teacher, tokens, 1.0, 0)
         with pytest.raises(RuntimeError, match=r"tokens must be in \[0, V=100\)"):
             ops.student_stats(student, tokens, 1.0)
-    torch.cuda.synchronize()  # a read out of bounds would surface here as an illegal address

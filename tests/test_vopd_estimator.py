@@ -14,6 +14,9 @@ import torch
 
 import opd_ext
 
+# 40k rows: on the emulated device only with --simt-full (the kernels it runs are covered elsewhere).
+pytestmark = pytest.mark.emu_heavy
+
 VOCAB, SAMPLES, Z = 16, 40_000, 5.0
 
 
