@@ -35,7 +35,7 @@ from opd_ext._validation import (
     check_weights,
     is_supported_dtype_pair,
 )
-from opd_ext.losses import BASELINES, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum
+from opd_ext.losses import BASELINES, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum, token_stats_op
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -108,7 +108,7 @@ def fused_linear_vopd_loss(
     topk = check_k(topk, problem.vocab, "topk") if baseline == "topk" else 0
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
-        logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = ops.token_stats(
+        logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = token_stats_op(
             student_logits, teacher_logits, tokens, problem.temperature, topk)
         value = {"full": forward_kl if kl == "forward" else reverse_kl, "topk": topk_kl}.get(baseline)
         # d loss / d log p(y): the surrogate is linear in log p(y), as in opd_ext.vopd_loss.

@@ -23,7 +23,9 @@ from typing import NamedTuple
 import torch
 
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
-from opd_ext._extension import ops
+from opd_ext import reference
+from opd_ext._extension import ops, runs_cuda_kernels
+from opd_ext.ops import CUDA_MAX_TOPK
 from opd_ext._validation import (
     check_choice,
     check_k,
@@ -88,6 +90,17 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
     if forward_kl:
         return TokenStatsWithForwardKL(logp_s, logp_t, reverse, forward)
     return TokenStats(logp_s, logp_t, reverse)
+
+
+def token_stats_op(student_logits, teacher_logits, tokens, temperature: float, topk: int):
+    """``ops.token_stats`` for every ``topk``: the CUDA kernel streams at most ``CUDA_MAX_TOPK``
+    candidates per row, so beyond that the top-k baseline comes from a sort
+    (``reference.topk_reverse_kl``), as ``topk_overlap`` does."""
+    if topk <= CUDA_MAX_TOPK or not runs_cuda_kernels(student_logits):
+        return ops.token_stats(student_logits, teacher_logits, tokens, temperature, topk)
+    stats = list(ops.token_stats(student_logits, teacher_logits, tokens, temperature, 0))
+    stats[4] = reference.topk_reverse_kl(student_logits, teacher_logits, topk, temperature).float()
+    return tuple(stats)
 
 
 # ---- autograd: the surrogate losses with fused backward kernels -----------------------------------
@@ -210,7 +223,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
     scale, valid = _loss_scale(student_logits, mask, weights, num_items)
     tokens = _sampled_tokens(tokens, student_logits, valid)
 
-    logp_s, logp_t, reverse, forward, topk_kl, lse_s, _ = ops.token_stats(
+    logp_s, logp_t, reverse, forward, topk_kl, lse_s, _ = token_stats_op(
         student_logits.detach(), teacher_logits.detach(), tokens, temperature, topk)
     value = {"full": forward if kl == "forward" else reverse, "topk": topk_kl}.get(baseline)
     coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)

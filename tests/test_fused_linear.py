@@ -187,6 +187,7 @@ def test_chunks_never_exceed_chunk_size(monkeypatch):
             return recorded
 
     monkeypatch.setattr(fused_linear, "ops", RecordingOps())
+    monkeypatch.setattr(opd_ext.losses, "ops", RecordingOps())  # token_stats_op lives there
     data = make_inputs(torch.float32, "cpu")
     fused(fused_linear_vopd_loss, data, "hidden", tokens=data["tokens"], chunk_size=6)
     # 37 rows in chunks of 6: six full chunks and one of 1; two kernels (stats, backward) per chunk.

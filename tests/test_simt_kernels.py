@@ -306,3 +306,12 @@ def test_cuda_only_limits_apply_under_emulation():
                            opd_ext.reference.topk_overlap(student, teacher, 2000).float())
         with pytest.raises(RuntimeError, match="supports k <= 1024"):
             ops.topk_overlap(student, teacher, 2000)
+
+
+def test_vopd_topk_baseline_beyond_the_streaming_limit_falls_back_to_a_sort():
+    student, teacher = _pair(3, 3000)
+    tokens = torch.randint(0, 3000, (3,))
+    want = opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=2000)
+    with simt.emulated_cuda():
+        got = opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=2000)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

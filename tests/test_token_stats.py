@@ -4,7 +4,8 @@ import torch
 
 import opd_ext
 from opd_ext import reference
-from opd_ext._extension import ops
+from opd_ext._extension import ops, runs_cuda_kernels
+from opd_ext.ops import CUDA_MAX_TOPK
 
 from conftest import skip_if_emulated
 
@@ -71,6 +72,10 @@ def test_topk_baseline_sizes(device, vocab, topk):
     student, teacher = _pair((7, vocab), torch.float32, torch.float32, device)
     student[0, : vocab // 2] = student[0, 0]  # a long run of ties around the k-th value
     tokens = torch.randint(0, vocab, (7,), device=device)
+    if runs_cuda_kernels(student) and topk > CUDA_MAX_TOPK:
+        with pytest.raises(RuntimeError, match=f"supports topk <= {CUDA_MAX_TOPK}"):
+            ops.token_stats(student, teacher, tokens, 1.0, topk)
+        return
     _assert_stats_match(student, teacher, tokens, topk=topk, fields=("topk_reverse_kl",))
 
 
