@@ -7,6 +7,41 @@ import opd_ext
 import opd_ext.testing
 
 CUDA_READY = torch.cuda.is_available() and opd_ext.cuda_kernels_available()
+
+# (student dtype, teacher dtype): every pair the kernels take (SPEC §2), including a low-precision
+# student beside a float32 teacher.
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+# The outputs of ops.token_stats, in order.
+STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
+               "student_lse", "teacher_lse")
+
+
+def assert_stats_match_reference(got: dict, student, teacher, tokens, temperature=1.0, topk=0, fields=STAT_FIELDS):
+    """ops.token_stats outputs (by field name) against the float64 reference, within SPEC §4.
+    Kernels are compared with the reference, not with each other: two float32 approximations
+    would need twice the tolerance."""
+    from opd_ext import reference
+
+    want = reference.token_stats(student, teacher, tokens, temperature, topk)
+    for name in fields:
+        if name == "topk_reverse_kl" and topk == 0:
+            assert got[name].numel() == 0
+            continue
+        assert got[name].dtype == torch.float32 and got[name].shape == tokens.shape, name
+        torch.testing.assert_close(got[name].double(), want[name], **stat_tolerance(student.dtype), equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def stat_tolerance(dtype):
+    """SPEC §4: float32 rel 1e-5 (abs 1e-6 near 0); low precision vs the reference on the same
+    rounded inputs, rel 1e-4."""
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
 SIMT_READY = opd_ext.testing.simt_available()
 
 

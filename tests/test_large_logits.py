@@ -11,23 +11,12 @@ import opd_ext
 from opd_ext import reference
 from opd_ext._extension import ops
 
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
+from conftest import DTYPE_PAIRS, STAT_FIELDS, stat_tolerance
+
 TEMPERATURES = [0.7, 1.3]
-STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
-               "student_lse", "teacher_lse")
 # Spread of the logits around the offset: a few units of the dtype's spacing at 1e4 (bf16: 64,
 # fp16: 8), so the rounded rows still hold distinct values.
 SPREAD = {torch.float32: 3.0, torch.float16: 24.0, torch.bfloat16: 200.0}
-
-
-def _tolerance(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
 
 
 def _large_pair(rows, vocab, student_dtype, teacher_dtype, device, offset=1e4):
@@ -51,7 +40,7 @@ def test_token_stats(device, student_dtype, teacher_dtype, temperature, vocab, t
     for name in STAT_FIELDS:
         if name == "topk_reverse_kl" and topk == 0:
             continue
-        torch.testing.assert_close(got[name].double(), want[name], **_tolerance(student_dtype),
+        torch.testing.assert_close(got[name].double(), want[name], **stat_tolerance(student_dtype),
                                    msg=lambda m: f"{name}: {m}")
 
 
@@ -63,8 +52,8 @@ def test_student_stats(device, dtype, temperature, vocab):
     tokens = torch.randint(0, vocab, (3,), device=device)
     logprob, lse = ops.student_stats(student, tokens, temperature)
     want = reference.token_stats(student, teacher, tokens, temperature)
-    torch.testing.assert_close(logprob.double(), want["student_logprob"], **_tolerance(dtype))
-    torch.testing.assert_close(lse.double(), want["student_lse"], **_tolerance(dtype))
+    torch.testing.assert_close(logprob.double(), want["student_logprob"], **stat_tolerance(dtype))
+    torch.testing.assert_close(lse.double(), want["student_lse"], **stat_tolerance(dtype))
 
 
 @pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
@@ -77,7 +66,7 @@ def test_drift_step_token_statistics(device, student_dtype, teacher_dtype, tempe
     out = opd_ext.prune._drift_step(student, teacher, tokens, None, monitor.state, monitor.config, temperature)
     want = reference.token_stats(student, teacher, tokens, temperature)
     for name in ("student_logprob", "teacher_logprob", "reverse_kl"):
-        torch.testing.assert_close(getattr(out, name).double(), want[name], **_tolerance(student_dtype),
+        torch.testing.assert_close(getattr(out, name).double(), want[name], **stat_tolerance(student_dtype),
                                    msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(out.overlap, reference.topk_overlap(student, teacher, 4).float())
 
@@ -117,7 +106,7 @@ def test_losses_and_gradients(device, student_dtype, teacher_dtype, temperature,
     x_ref = student.detach().double().requires_grad_()
     want = ref(x_ref, *args, temperature=temperature, **kwargs)
     want.backward()
-    torch.testing.assert_close(value.double(), want.detach(), **_tolerance(student_dtype))
+    torch.testing.assert_close(value.double(), want.detach(), **stat_tolerance(student_dtype))
     coef = _coef_max(student, teacher, tokens, temperature, loss)
     torch.testing.assert_close(x.grad.double(), x_ref.grad, **_grad_tolerance(x_ref.grad, coef, temperature))
 
@@ -143,7 +132,7 @@ def test_sparse_teacher_losses(device, dtype, temperature):
         x_ref = student.detach().double().requires_grad_()
         want = ref(x_ref, *args, temperature=temperature)
         want.backward()
-        torch.testing.assert_close(value.double(), want.detach(), **_tolerance(dtype))
+        torch.testing.assert_close(value.double(), want.detach(), **stat_tolerance(dtype))
         torch.testing.assert_close(x.grad.double(), x_ref.grad, **_grad_tolerance(x_ref.grad, coef, temperature))
 
 

@@ -16,18 +16,11 @@ import opd_ext.testing as simt
 from opd_ext import reference
 from opd_ext._extension import ops
 
+from conftest import DTYPE_PAIRS, STAT_FIELDS, assert_stats_match_reference, stat_tolerance
+
 pytestmark = [pytest.mark.emu,
               pytest.mark.skipif(not simt.simt_available(), reason="opd_ext was built without the SIMT emulator")]
 
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
-STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
-               "student_lse", "teacher_lse")
 
 
 def _pair(rows, vocab, student_dtype=torch.float32, teacher_dtype=torch.float32, layout="contiguous", seed=0):
@@ -59,10 +52,6 @@ def _launches(fn, device):
         before = simt.emulator_counters()["launches"]
         result = fn()
         return result, simt.emulator_counters()["launches"] - before
-
-
-def _stat_tolerance(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
 
 
 # ---- top-k overlap ----------------------------------------------------------------------------------
@@ -134,18 +123,6 @@ def _stats(student, teacher, tokens, temperature, topk):
     return dict(zip(STAT_FIELDS, ops.token_stats(student, teacher, tokens, temperature, topk)))
 
 
-def _assert_stats_close(got, student, teacher, tokens, temperature, topk):
-    # Against the float64 reference (the CPU kernels are held to the same tolerance there); two
-    # float32 approximations compared with each other would need twice the tolerance.
-    want = reference.token_stats(student, teacher, tokens, temperature, topk)
-    for name in STAT_FIELDS:
-        if name == "topk_reverse_kl" and topk == 0:
-            assert got[name].numel() == 0
-            continue
-        torch.testing.assert_close(got[name].double(), want[name], **_stat_tolerance(student.dtype), equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("case", STAT_PATHS, ids=lambda c: c[0])
 def test_token_stats_paths(case):
     _, rows, vocab, topk, device, launches = case
@@ -153,7 +130,7 @@ def test_token_stats_paths(case):
     tokens = torch.randint(0, vocab, (rows,))
     got, n = _launches(lambda: _stats(student, teacher, tokens, 0.8, topk), device)
     assert n == launches
-    _assert_stats_close(got, student, teacher, tokens, 0.8, topk)
+    assert_stats_match_reference(got, student, teacher, tokens, 0.8, topk)
     simt.run_all_schedules(lambda: _stats(student, teacher, tokens, 0.8, topk), device=device)
 
 
@@ -170,7 +147,7 @@ def test_token_stats_dtypes_and_layouts(student_dtype, teacher_dtype, layout):
     tokens = torch.randint(0, 3001, (4,))
     flat = simt.run_all_schedules(lambda: _stats(student, teacher, tokens, 1.0, 5), sm_count=1)
     got = {name: flat[f"output[{name}]"] for name in STAT_FIELDS}
-    _assert_stats_close(got, student, teacher, tokens, 1.0, 5)
+    assert_stats_match_reference(got, student, teacher, tokens, 1.0, 5)
 
 
 @pytest.mark.parametrize("case", [("warp_per_row", 11, 100, "h100", 1), ("block_per_row", 5, 9000, "h100", 1),
@@ -182,8 +159,8 @@ def test_student_stats_paths(case):
     got, n = _launches(lambda: ops.student_stats(student, tokens, 1.3), device)
     assert n == launches
     want = reference.token_stats(student, student, tokens, 1.3)
-    torch.testing.assert_close(got[0].double(), want["student_logprob"], **_stat_tolerance(torch.bfloat16))
-    torch.testing.assert_close(got[1].double(), want["student_lse"], **_stat_tolerance(torch.bfloat16))
+    torch.testing.assert_close(got[0].double(), want["student_logprob"], **stat_tolerance(torch.bfloat16))
+    torch.testing.assert_close(got[1].double(), want["student_lse"], **stat_tolerance(torch.bfloat16))
     simt.run_all_schedules(lambda: ops.student_stats(student, tokens, 1.3), device=device)
 
 

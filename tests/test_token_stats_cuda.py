@@ -15,7 +15,7 @@ import opd_ext.testing as simt
 from opd_ext import reference
 from opd_ext._extension import ops
 
-from conftest import CUDA_READY, SIMT_READY
+from conftest import CUDA_READY, DTYPE_PAIRS, SIMT_READY, STAT_FIELDS, assert_stats_match_reference, stat_tolerance
 
 DEVICE = "cuda"  # where the tensors of the current test live ("cpu" under the emulator)
 
@@ -35,15 +35,6 @@ def gpu(request):
     with simt.emulated_cuda(device="h100"):
         yield
 
-STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
-               "student_lse", "teacher_lse")
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-    (torch.float16, torch.float32),
-]
 # (layout of the student, layout of the teacher); see _place.
 LAYOUTS = [
     ("contiguous", "contiguous"),
@@ -51,10 +42,6 @@ LAYOUTS = [
     ("column_3", "column_3"),       # rows of a wider tensor, 3 elements in (align_vocab-like slices)
     ("column_1", "column_2"),       # offsets no common head can align: the all-scalar path
 ]
-
-
-def _tolerance(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
 
 
 def _place(values: torch.Tensor, layout: str) -> torch.Tensor:
@@ -80,13 +67,7 @@ def _pair(rows, vocab, student_dtype, teacher_dtype, layouts=("contiguous", "con
 
 def _assert_matches_reference(student, teacher, tokens, temperature=1.0, topk=0):
     got = dict(zip(STAT_FIELDS, ops.token_stats(student, teacher, tokens, temperature, topk)))
-    want = reference.token_stats(student, teacher, tokens, temperature, topk)
-    for name in STAT_FIELDS:
-        if name == "topk_reverse_kl" and topk == 0:
-            assert got[name].numel() == 0
-            continue
-        torch.testing.assert_close(got[name].double(), want[name], **_tolerance(student.dtype), equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+    assert_stats_match_reference(got, student, teacher, tokens, temperature, topk)
     return got
 
 
@@ -100,8 +81,8 @@ def test_layouts_and_row_groups(layouts, student_dtype, teacher_dtype, vocab, ro
     _assert_matches_reference(student, teacher, tokens, temperature=0.7)
     logprob, lse = ops.student_stats(student, tokens, 0.7)
     want = reference.token_stats(student, student, tokens, 0.7)
-    torch.testing.assert_close(logprob.double(), want["student_logprob"], **_tolerance(student_dtype))
-    torch.testing.assert_close(lse.double(), want["student_lse"], **_tolerance(student_dtype))
+    torch.testing.assert_close(logprob.double(), want["student_logprob"], **stat_tolerance(student_dtype))
+    torch.testing.assert_close(lse.double(), want["student_lse"], **stat_tolerance(student_dtype))
 
 
 @pytest.mark.parametrize("student_dtype,teacher_dtype", [DTYPE_PAIRS[0], DTYPE_PAIRS[1], DTYPE_PAIRS[3]])
@@ -115,7 +96,7 @@ def test_few_long_rows_are_sliced_and_merged(student_dtype, teacher_dtype, rows)
     _assert_matches_reference(student, teacher, tokens)
     logprob, lse = ops.student_stats(student, tokens, 1.0)
     want = reference.token_stats(student, student, tokens)
-    torch.testing.assert_close(lse.double(), want["student_lse"], **_tolerance(student_dtype))
+    torch.testing.assert_close(lse.double(), want["student_lse"], **stat_tolerance(student_dtype))
 
 
 @pytest.mark.parametrize("layouts", LAYOUTS[:3], ids="-".join)
@@ -186,7 +167,7 @@ def test_stats_agree_with_cpu(student_dtype, teacher_dtype):
     with simt.cpu_kernels():
         want = ops.token_stats(student.cpu(), teacher.cpu(), tokens.cpu(), 1.0, 0)
     for name, a, b in zip(STAT_FIELDS, got, want):
-        torch.testing.assert_close(a.cpu(), b, **_tolerance(student_dtype), equal_nan=True,
+        torch.testing.assert_close(a.cpu(), b, **stat_tolerance(student_dtype), equal_nan=True,
                                    msg=lambda m: f"{name}: {m}")
 
 
