@@ -52,6 +52,15 @@ def _describe_archs(cmake_archs: str) -> list[str]:
     return names
 
 
+def simt_available() -> bool:
+    """True when this build has the SIMT emulator module (opd_ext._simt; needs Boost.Context)."""
+    try:
+        from opd_ext import _simt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def build_info() -> dict:
     """Versions and capabilities of this installation (also: ``python -m opd_ext info``)."""
     from opd_ext import __version__
@@ -72,5 +81,6 @@ def build_info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
+        "simt_emulator": simt_available(),
         "extension_path": os.path.abspath(_C.__file__),
     }

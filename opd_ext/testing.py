@@ -41,11 +41,7 @@ _lock = threading.RLock()
 
 def simt_available() -> bool:
     """True when this build has the emulator module (``opd_ext._simt``; needs Boost.Context)."""
-    try:
-        _module()
-    except ImportError:
-        return False
-    return True
+    return _extension.simt_available()
 
 
 def _module():
