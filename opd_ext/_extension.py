@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 
 import torch
 
@@ -18,21 +19,22 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
 
 ops = torch.ops.opd_ext
 
-# Set inside opd_ext.testing.emulated_cuda(): CPU tensors then run the CUDA kernels (emulated), so
-# the Python API takes the same code paths as for CUDA tensors.
-_emulating_cuda = False
+# Set inside opd_ext.testing.emulated_cuda() (per thread, like the dispatch mode that routes the
+# ops): CPU tensors then run the CUDA kernels (emulated), so the Python API takes the same code
+# paths as for CUDA tensors.
+_emulation = threading.local()
 
 
 def set_emulating_cuda(active: bool) -> bool:
-    """Sets the flag and returns its previous value (opd_ext.testing's context manager)."""
-    global _emulating_cuda
-    previous, _emulating_cuda = _emulating_cuda, active
+    """Sets this thread's flag and returns its previous value (opd_ext.testing's context managers)."""
+    previous = getattr(_emulation, "active", False)
+    _emulation.active = active
     return previous
 
 
 def runs_cuda_kernels(tensor: torch.Tensor) -> bool:
     """True when opd_ext's ops on `tensor` run the CUDA kernels (on a GPU, or emulated)."""
-    return tensor.is_cuda or _emulating_cuda
+    return tensor.is_cuda or getattr(_emulation, "active", False)
 
 
 def cuda_kernels_available() -> bool:

@@ -36,6 +36,7 @@ DEVICE_PROFILES = ("h100", "h200", "a100", "l4", "tiny")
 #: atomics). A correct kernel gives bit-identical outputs under all of them.
 SCHEDULES = ("forward", "reverse", "random")
 
+# Settings of the emulator are process-wide: one emulated_cuda block configures them at a time.
 _lock = threading.RLock()
 
 
@@ -57,7 +58,7 @@ def _module():
 
 
 def emulating() -> bool:
-    """True inside :func:`emulated_cuda` (outside :func:`cpu_kernels`)."""
+    """True in this thread inside :func:`emulated_cuda` (and not inside a :func:`cpu_kernels` in it)."""
     return _extension.runs_cuda_kernels(torch.empty(0))
 
 
@@ -71,15 +72,13 @@ def emulator_counters() -> dict:
     return dict(_module().counters())
 
 
-_paused = 0  # > 0 inside cpu_kernels()
-
-
 class _RouteToEmulator(TorchDispatchMode):
-    """Sends every ``opd_ext::*`` op to its ``opd_ext_emu::*`` twin (same schema, emulated CUDA)."""
+    """Sends every ``opd_ext::*`` op to its ``opd_ext_emu::*`` twin (same schema, emulated CUDA)
+    while this thread's innermost of :func:`emulated_cuda` / :func:`cpu_kernels` is the former."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "opd_ext" and not _paused:
+        if func.namespace == "opd_ext" and emulating():
             twin = getattr(getattr(torch.ops.opd_ext_emu, func._schema.name.split("::")[1]), func._overloadname)
             return twin(*args, **kwargs)
         return func(*args, **kwargs)
@@ -87,25 +86,31 @@ class _RouteToEmulator(TorchDispatchMode):
 
 @contextlib.contextmanager
 def emulated_cuda(device: str = "h100", schedule: str = "forward", seed: int = 0,
-                  sm_count: Optional[int] = None) -> Iterator[None]:
+                  sm_count: Optional[int] = None, registers_per_thread: Optional[int] = None) -> Iterator[None]:
     """Run opd_ext's CUDA kernels on CPU tensors, in the SIMT emulator, inside this block.
+
+    Ops called in this thread inside the block run emulated, forward and backward (call
+    ``backward()`` inside the block too: autograd outside it runs the CPU kernels). The innermost
+    of nested :func:`emulated_cuda` / :func:`cpu_kernels` blocks wins; settings are restored on exit.
 
     Args:
         device: GPU profile whose SM count and occupancy the launchers see: one of
-            :data:`DEVICE_PROFILES`.
+            :data:`DEVICE_PROFILES` (case-insensitive).
         schedule: ``"forward"``, ``"reverse"`` or ``"random"`` (:data:`SCHEDULES`).
         seed: seed of the random schedule (and of the poison pattern it uses).
         sm_count: overrides the profile's SM count (e.g. to force row slicing).
+        registers_per_thread: overrides the profile's assumption (64, the kernels' launch-bounds
+            cap) in the occupancy answer; kernels that need fewer registers on a real GPU get more
+            resident blocks there, and so may be sliced differently (see docs/simt_emulator.md).
 
     Raises:
         ImportError: the build has no emulator. ValueError: unknown device or schedule.
-
-    Not re-entrant across threads: one emulated block at a time per process.
     """
     simt = _module()
     with _lock:
         saved = simt.config()
-        simt.configure(device=device, schedule=schedule, seed=seed, sm_count=sm_count)
+        simt.configure(device=device.lower(), schedule=schedule, seed=seed, sm_count=sm_count,
+                       registers_per_thread=registers_per_thread)
         previous = _extension.set_emulating_cuda(True)
         try:
             with _RouteToEmulator():
@@ -113,29 +118,36 @@ def emulated_cuda(device: str = "h100", schedule: str = "forward", seed: int = 0
         finally:
             _extension.set_emulating_cuda(previous)
             simt.configure(device=saved["device"], schedule=saved["schedule"], seed=saved["seed"],
-                           sm_count=saved["sm_count"])
+                           sm_count=saved["sm_count"], registers_per_thread=saved["registers_per_thread"])
 
 
 @contextlib.contextmanager
 def cpu_kernels() -> Iterator[None]:
     """Inside :func:`emulated_cuda`: run the CPU kernels again for the duration of this block (to
     compare the emulated CUDA kernels with them in one test)."""
-    global _paused
-    with _lock:
-        _paused += 1
-        previous = _extension.set_emulating_cuda(False)
-        try:
-            yield
-        finally:
-            _extension.set_emulating_cuda(previous)
-            _paused -= 1
+    previous = _extension.set_emulating_cuda(False)
+    try:
+        yield
+    finally:
+        _extension.set_emulating_cuda(previous)
 
 
-def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count: Optional[int] = None):
-    """Calls ``fn()`` under the forward, reverse and random schedules and returns the results.
+def reset_emulator_counters() -> None:
+    """Zeroes :func:`emulator_counters`."""
+    _module().reset_counters()
 
-    ``fn`` returns a tensor or a (nested) tuple / list / dict of tensors. Raises AssertionError
-    naming the schedule and the output when any result is not bit-identical to the forward one.
+
+def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count: Optional[int] = None) -> dict:
+    """Calls ``fn()`` under the forward, reverse and random schedules and checks that every run
+    launched emulated kernels and produced bit-identical tensors.
+
+    ``fn`` returns a tensor or a (nested) tuple / list / dict of tensors. Returns the forward run's
+    tensors flattened to ``{"output": t}`` / ``{"output[0]": t0, "output[1][name]": ...}``.
+
+    Raises:
+        AssertionError: a run launched no kernel, returned no tensor, returned other outputs, or an
+            output differs from the forward run (the message names the schedule, the output and
+            the first differing element).
     """
     def flatten(value, prefix="output"):
         if isinstance(value, torch.Tensor):
@@ -154,16 +166,30 @@ def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count
     runs = [("forward", 0), ("reverse", 0)] + [("random", s) for s in random_seeds]
     results = []
     for schedule, seed in runs:
+        label = schedule if schedule != "random" else f"random(seed={seed})"
         with emulated_cuda(device=device, schedule=schedule, seed=seed, sm_count=sm_count):
-            results.append(flatten(fn()))
-    reference_name = "forward"
-    for (schedule, seed), result in zip(runs[1:], results[1:]):
-        for name, tensor in results[0].items():
-            other = result[name]
-            same = tensor.shape == other.shape and tensor.dtype == other.dtype and torch.equal(
-                tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8))
-            if not same:
-                label = schedule if schedule != "random" else f"random(seed={seed})"
-                raise AssertionError(f"{name} differs between the {reference_name} and {label} schedules: "
-                                     "the kernel depends on the order in which its threads run")
-    return results[0]
+            before = emulator_counters()["launches"]
+            outputs = flatten(fn())
+            launched = emulator_counters()["launches"] - before
+        if launched == 0:
+            raise AssertionError(f"fn launched no emulated kernel under the {label} schedule: nothing was checked")
+        if not outputs:
+            raise AssertionError("fn returned no tensor: nothing to compare between schedules")
+        results.append((label, outputs))
+    _, first = results[0]
+    for label, outputs in results[1:]:
+        if outputs.keys() != first.keys():
+            raise AssertionError(f"the {label} run returned outputs {sorted(outputs)}, the forward run {sorted(first)}")
+        for name, tensor in first.items():
+            other = outputs[name]
+            if tensor.shape != other.shape or tensor.dtype != other.dtype:
+                raise AssertionError(f"{name}: {tuple(other.shape)} {other.dtype} under the {label} schedule, "
+                                     f"{tuple(tensor.shape)} {tensor.dtype} under forward")
+            a, b = tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)
+            if not torch.equal(a, b):
+                at = int((a != b).nonzero()[0, 0]) // max(1, tensor.element_size())
+                raise AssertionError(
+                    f"{name} differs between the forward and {label} schedules, first at flat index {at} "
+                    f"({tensor.reshape(-1)[at].item()} vs {other.reshape(-1)[at].item()}): the kernel depends on "
+                    "the order in which its threads run")
+    return first

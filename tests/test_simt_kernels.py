@@ -292,3 +292,55 @@ def test_vopd_topk_baseline_beyond_the_streaming_limit_falls_back_to_a_sort():
     with simt.emulated_cuda():
         got = opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=2000)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_innermost_context_wins_and_other_threads_are_not_routed():
+    import threading
+
+    student, teacher = _pair(2, 600)
+
+    def launches(fn):
+        before = simt.emulator_counters()["launches"]
+        fn()
+        return simt.emulator_counters()["launches"] - before
+
+    run = lambda: opd_ext.topk_overlap(student, teacher, 4)  # noqa: E731
+    with simt.emulated_cuda():
+        assert launches(run) == 1
+        with simt.cpu_kernels():
+            assert not simt.emulating() and launches(run) == 0
+            with simt.emulated_cuda(device="l4"):
+                assert simt.emulating() and launches(run) == 1
+            assert not simt.emulating()
+        seen = {}
+        worker = threading.Thread(target=lambda: seen.update(emulating=simt.emulating(), launches=launches(run)))
+        worker.start()
+        worker.join()
+        assert seen == {"emulating": False, "launches": 0}
+    assert not simt.emulating()
+
+
+def test_run_all_schedules_refuses_to_check_nothing():
+    student, teacher = _pair(2, 600)
+    with pytest.raises(AssertionError, match="launched no emulated kernel"):
+        simt.run_all_schedules(lambda: student + 1)
+    with pytest.raises(AssertionError, match="returned no tensor"):
+        simt.run_all_schedules(lambda: ops.topk_overlap(student, teacher, 4).sum().item())
+    flips = iter(range(100))
+    with pytest.raises(AssertionError, match=r"differs between the forward and reverse schedules, first at flat index 1"):
+        simt.run_all_schedules(lambda: ops.topk_overlap(student, teacher, 4) + torch.tensor([0.0, next(flips)]))
+
+
+@pytest.mark.parametrize("registers,blocks", [(64, 1502), (48, 602)])
+def test_occupancy_assumption_changes_the_launch_shape(registers, blocks):
+    # 300 rows x 65536: a block per row, cut into slices until the last wave is nearly full; with
+    # fewer registers per thread more blocks are resident, so the launcher cuts differently.
+    student, _ = _pair(300, 65536, torch.bfloat16)
+    tokens = torch.randint(0, 65536, (300,))
+    want = ops.student_stats(student, tokens, 1.0)
+    with simt.emulated_cuda(registers_per_thread=registers):
+        before = simt.emulator_counters()["blocks"]
+        got = ops.student_stats(student, tokens, 1.0)
+        assert simt.emulator_counters()["blocks"] - before == blocks
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-6)

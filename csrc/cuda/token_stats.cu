@@ -36,7 +36,8 @@ void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab) {
   const auto [lowest, highest] = at::aminmax(ids);
   const at::Tensor bounds = at::stack({lowest, highest}).cpu();
   const int64_t lo = bounds.const_data_ptr<int64_t>()[0], hi = bounds.const_data_ptr<int64_t>()[1];
-  TORCH_CHECK(lo >= 0 && hi < vocab, op, ": tokens must be in [0, V=", vocab, "), got ", lo < 0 ? lo : hi);
+  // Only on failure: the ids come to the host so the message names the position, as on CPU.
+  if (lo < 0 || hi >= vocab) check_token_values(op, ids.cpu(), vocab);
 }
 
 at::Tensor per_row_output(const at::Tensor& logits) {

@@ -86,7 +86,7 @@ struct DeviceProfile {
   int max_threads_per_sm;
   int max_blocks_per_sm;
   int registers_per_sm;
-  int registers_per_thread;  // assumed for every kernel (the CUDA kernels are capped at 64)
+  int registers_per_thread;  // assumed for every kernel (the row kernels' launch bounds cap them at 64)
   int shared_bytes_per_sm;
   int max_shared_bytes_per_block;  // static __shared__ limit
 
