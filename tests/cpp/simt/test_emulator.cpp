@@ -298,6 +298,16 @@ TEST_F(Emulator, FlagsAShuffleWhoseLanesExited) {
                {"__shfl_xor_sync"});
 }
 
+__global__ void shuffle_names_absent_lanes(int* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int>(threadIdx.x), 1);
+}
+
+TEST_F(Emulator, FlagsAWarpMaskNamingLanesBeyondThePartialWarp) {
+  std::vector<int> out(48);  // warp 1 has 16 threads: a full mask names 16 lanes that do not exist
+  expect_fault([&] { opd::cuda::launch(shuffle_names_absent_lanes, dim3(1), dim3(48), 0, nullptr, out.data()); },
+               {"names lanes beyond the 16 threads of warp 1"});
+}
+
 __global__ void shuffle_outside_mask(int* out) {
   if (threadIdx.x < 16) out[threadIdx.x] = __shfl_down_sync(0x0000ffffu, static_cast<int>(threadIdx.x), 8);
 }
