@@ -318,4 +318,49 @@ struct PairPassPartials {
   }
 };
 
+// The part of a row that block (slice, row) of a sliced pair pass reads: grid (slices, rows),
+// slices of slice_len elements (the last one shorter or empty).
+struct RowSlice {
+  int64_t row;
+  int slice, slices;
+  int32_t begin, len;
+};
+
+__device__ __forceinline__ RowSlice this_row_slice(int32_t vocab, int32_t slice_len) {
+  const int slice = blockIdx.x;
+  const int32_t begin = slice * slice_len;
+  return {static_cast<int64_t>(blockIdx.y), slice, static_cast<int>(gridDim.x), begin,
+          std::max(0, std::min(slice_len, vocab - begin))};
+}
+
+// Both sides' partial top-k of this slice into the lists [row][student|teacher][slice][k].
+__device__ __forceinline__ void store_pair_partials(const TopKCandidates& top_s, const TopKCandidates& top_t,
+                                                    const PairPassPartials& partials, const RowSlice& rs, int k) {
+  const int64_t s_list = (rs.row * 2 + 0) * rs.slices + rs.slice;
+  const int64_t t_list = (rs.row * 2 + 1) * rs.slices + rs.slice;
+  topk_store_partial(top_s, partials.values + s_list * k, partials.indices + s_list * k, partials.saw_nan + s_list);
+  topk_store_partial(top_t, partials.values + t_list * k, partials.indices + t_list * k, partials.saw_nan + t_list);
+}
+
+// Merges a row's partial lists of both sides (a block per row). Returns the number of common ids
+// (in every thread); *saw_nan, set in thread 0 only, tells whether any slice of either side held
+// a NaN.
+__device__ __forceinline__ int merge_pair_partials(TopKCandidates& top_s, TopKCandidates& top_t, int* counter,
+                                                   const PairPassPartials& partials, int64_t row, int slices, int k,
+                                                   bool* saw_nan) {
+  topk_reset(top_s, k);
+  topk_reset(top_t, k);
+  const int64_t s_offset = (row * 2 + 0) * slices * k;
+  const int64_t t_offset = (row * 2 + 1) * slices * k;
+  topk_merge_partials(top_s, partials.values + s_offset, partials.indices + s_offset, slices);
+  topk_merge_partials(top_t, partials.values + t_offset, partials.indices + t_offset, slices);
+  const int common = block_count_common(top_s.indices, top_t.indices, k, counter);
+  if (threadIdx.x == 0) {
+    bool any = false;
+    for (int list = 0; list < 2 * slices; ++list) any |= partials.saw_nan[row * 2 * slices + list] != 0;
+    *saw_nan = any;
+  }
+  return common;
+}
+
 }  // namespace opd::cuda

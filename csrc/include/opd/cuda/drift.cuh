@@ -141,21 +141,12 @@ __global__ void __launch_bounds__(kPairPassThreads)
                   opd::PairSoftmaxState* partial_softmax) {
   OPD_SHARED(TopKCandidates, top_s);
   OPD_SHARED(TopKCandidates, top_t);
-  const int slice = blockIdx.x;
-  const int slices = gridDim.x;
-  const int64_t row = blockIdx.y;
-  const int32_t begin = slice * slice_len;
-  const int32_t len = std::max(0, std::min(slice_len, p.vocab - begin));
-  const opd::PairSoftmaxState softmax = read_rows(p.student + row * p.student_row_stride + begin,
-                                                  p.teacher + row * p.teacher_row_stride + begin, len, begin, top_s,
-                                                  top_t, p);
-  const int64_t s_list = (row * 2 + 0) * slices + slice;
-  const int64_t t_list = (row * 2 + 1) * slices + slice;
-  topk_store_partial(top_s, partials.values + s_list * p.k, partials.indices + s_list * p.k,
-                     partials.saw_nan + s_list);
-  topk_store_partial(top_t, partials.values + t_list * p.k, partials.indices + t_list * p.k,
-                     partials.saw_nan + t_list);
-  if (p.tokens != nullptr && threadIdx.x == 0) partial_softmax[row * slices + slice] = softmax;
+  const RowSlice rs = this_row_slice(p.vocab, slice_len);
+  const opd::PairSoftmaxState softmax = read_rows(p.student + rs.row * p.student_row_stride + rs.begin,
+                                                  p.teacher + rs.row * p.teacher_row_stride + rs.begin, rs.len,
+                                                  rs.begin, top_s, top_t, p);
+  store_pair_partials(top_s, top_t, partials, rs, p.k);
+  if (p.tokens != nullptr && threadIdx.x == 0) partial_softmax[rs.row * rs.slices + rs.slice] = softmax;
 }
 
 template <typename S, typename T>
@@ -166,16 +157,9 @@ __global__ void __launch_bounds__(kPairPassThreads)
   OPD_SHARED(TopKCandidates, top_t);
   OPD_SHARED(int, common_counter);
   const int64_t i = blockIdx.x;
-  topk_reset(top_s, p.k);
-  topk_reset(top_t, p.k);
-  const int64_t s_offset = (i * 2 + 0) * slices * p.k;
-  const int64_t t_offset = (i * 2 + 1) * slices * p.k;
-  topk_merge_partials(top_s, partials.values + s_offset, partials.indices + s_offset, slices);
-  topk_merge_partials(top_t, partials.values + t_offset, partials.indices + t_offset, slices);
-  const int common = block_count_common(top_s.indices, top_t.indices, p.k, &common_counter);
-  if (threadIdx.x != 0) return;
   bool saw_nan = false;
-  for (int list = 0; list < 2 * slices; ++list) saw_nan |= partials.saw_nan[i * 2 * slices + list] != 0;
+  const int common = merge_pair_partials(top_s, top_t, &common_counter, partials, i, slices, p.k, &saw_nan);
+  if (threadIdx.x != 0) return;
   opd::PairSoftmaxState softmax;
   if (p.tokens != nullptr) {
     for (int slice = 0; slice < slices; ++slice) softmax.merge(partial_softmax[i * slices + slice], p.inv_temperature);

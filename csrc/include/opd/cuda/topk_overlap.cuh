@@ -49,22 +49,13 @@ __global__ void __launch_bounds__(kPairPassThreads)
     slices_kernel(TopKOverlapParams<S, T> p, int32_t slice_len, PairPassPartials partials) {
   OPD_SHARED(TopKCandidates, top_s);
   OPD_SHARED(TopKCandidates, top_t);
-  const int slice = blockIdx.x;
-  const int slices = gridDim.x;
-  const int64_t row = blockIdx.y;
-  const int32_t begin = slice * slice_len;
-  const int32_t len = std::max(0, std::min(slice_len, p.vocab - begin));
+  const RowSlice rs = this_row_slice(p.vocab, slice_len);
   topk_reset(top_s, p.k);
   topk_reset(top_t, p.k);
   NoVisitor no_visit;
-  block_pair_pass(p.student + row * p.student_row_stride + begin, p.teacher + row * p.teacher_row_stride + begin,
-                  len, &top_s, &top_t, no_visit, begin);
-  const int64_t s_list = (row * 2 + 0) * slices + slice;
-  const int64_t t_list = (row * 2 + 1) * slices + slice;
-  topk_store_partial(top_s, partials.values + s_list * p.k, partials.indices + s_list * p.k,
-                     partials.saw_nan + s_list);
-  topk_store_partial(top_t, partials.values + t_list * p.k, partials.indices + t_list * p.k,
-                     partials.saw_nan + t_list);
+  block_pair_pass(p.student + rs.row * p.student_row_stride + rs.begin,
+                  p.teacher + rs.row * p.teacher_row_stride + rs.begin, rs.len, &top_s, &top_t, no_visit, rs.begin);
+  store_pair_partials(top_s, top_t, partials, rs, p.k);
 }
 
 // A template (of the block size) so that this header defines no non-inline function.
@@ -74,18 +65,9 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(PairPassPartials partia
   OPD_SHARED(TopKCandidates, top_t);
   OPD_SHARED(int, common);
   const int64_t row = blockIdx.x;
-  topk_reset(top_s, k);
-  topk_reset(top_t, k);
-  const int64_t s_offset = (row * 2 + 0) * slices * k;
-  const int64_t t_offset = (row * 2 + 1) * slices * k;
-  topk_merge_partials(top_s, partials.values + s_offset, partials.indices + s_offset, slices);
-  topk_merge_partials(top_t, partials.values + t_offset, partials.indices + t_offset, slices);
-  const int shared_ids = block_count_common(top_s.indices, top_t.indices, k, &common);
-  if (threadIdx.x == 0) {
-    bool saw_nan = false;
-    for (int i = 0; i < 2 * slices; ++i) saw_nan |= partials.saw_nan[row * 2 * slices + i] != 0;
-    out[row] = saw_nan ? kNaN : static_cast<float>(shared_ids) / static_cast<float>(k);
-  }
+  bool saw_nan = false;
+  const int shared_ids = merge_pair_partials(top_s, top_t, &common, partials, row, slices, k, &saw_nan);
+  if (threadIdx.x == 0) out[row] = saw_nan ? kNaN : static_cast<float>(shared_ids) / static_cast<float>(k);
 }
 
 // The launch decision, shared by the size query and the launcher.
