@@ -9,7 +9,7 @@
 //   call's file:line, so a divergent barrier names both sites);
 // * OPD_SHARED(type, name) instead of `__shared__ type name` (arrays too: OPD_SHARED(float[32], x);
 //   per-block storage, poisoned in the emulator), OPD_NOINLINE instead of __noinline__ (a name glibc's own attributes use);
-// * opd::cuda::fast_exp2, bit_cast, launch(), multiprocessor_count(), max_active_blocks_per_sm(),
+// * opd::cuda::fast_exp2, launch(), multiprocessor_count(), max_active_blocks_per_sm(),
 //   stream_is_capturing(), error_string() for what CUDA has no portable spelling of.
 //
 // Kernel code never reinterprets memory through a pointer of another type: a vector load is a
@@ -41,14 +41,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-template <typename To, typename From>
-__host__ __device__ __forceinline__ To bit_cast(const From& from) {
-  static_assert(sizeof(To) == sizeof(From) && std::is_trivially_copyable_v<From>);
-  To to;
-  memcpy(&to, &from, sizeof(To));
-  return to;
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), reporting a bad configuration the way
@@ -100,14 +92,6 @@ namespace opd::cuda {
 inline float fast_exp2(float x) {
   const float y = exp2f(x);
   return y < std::numeric_limits<float>::min() ? 0.0f * y : y;  // keeps NaN
-}
-
-template <typename To, typename From>
-inline To bit_cast(const From& from) {
-  static_assert(sizeof(To) == sizeof(From) && std::is_trivially_copyable_v<From>);
-  To to;
-  memcpy(&to, &from, sizeof(To));
-  return to;
 }
 
 template <typename... Params, typename... Args>
