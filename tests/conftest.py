@@ -5,8 +5,10 @@ import torch
 
 import opd_ext
 import opd_ext.testing
+from opd_ext import reference
 
 CUDA_READY = torch.cuda.is_available() and opd_ext.cuda_kernels_available()
+SIMT_READY = opd_ext.testing.simt_available()
 
 # (student dtype, teacher dtype): every pair the kernels take (SPEC §2), including a low-precision
 # student beside a float32 teacher.
@@ -26,8 +28,6 @@ def assert_stats_match_reference(got: dict, student, teacher, tokens, temperatur
     """ops.token_stats outputs (by field name) against the float64 reference, within SPEC §4.
     Kernels are compared with the reference, not with each other: two float32 approximations
     would need twice the tolerance."""
-    from opd_ext import reference
-
     want = reference.token_stats(student, teacher, tokens, temperature, topk)
     for name in fields:
         if name == "topk_reverse_kl" and topk == 0:
@@ -42,7 +42,6 @@ def stat_tolerance(dtype):
     """SPEC §4: float32 rel 1e-5 (abs 1e-6 near 0); low precision vs the reference on the same
     rounded inputs, rel 1e-4."""
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
-SIMT_READY = opd_ext.testing.simt_available()
 
 
 def pytest_addoption(parser):
