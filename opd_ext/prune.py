@@ -89,7 +89,8 @@ class PruneConfig:
     * ``window_margin`` (32, ours): a rollout "hits" the cap when its effective length (tokens with
       weight > 0) is at least ``max(window_min, L - window_margin)``.
     * ``window_hit_ratio`` (0.1): grow when at least this fraction of the batch hits.
-    * ``window_shrink_patience`` (3): shrink after this many consecutive steps without any hit.
+    * ``window_shrink_patience`` (3): shrink after this many consecutive steps whose hit fraction is
+      below ``window_hit_ratio``.
 
     ``PruneConfig.disabled()`` is plain OPD: multiplier 1 on every token, no stop, no window.
     Invalid values raise ``ValueError`` / ``TypeError`` at construction (see :meth:`validate`).
@@ -194,7 +195,9 @@ class DynamicWindow:
     effective lengths (:attr:`DriftMonitor.effective_lengths`): a rollout hits when its effective
     length is at least ``max(window_min, L - window_margin)``; if at least ``window_hit_ratio`` of the
     batch hits, ``L`` grows by ``window_step`` (up to ``window_max``); after ``window_shrink_patience``
-    consecutive batches without a hit it shrinks by ``window_step`` (down to ``window_min``). Use
+    consecutive batches below that fraction it shrinks by ``window_step`` (down to ``window_min``). A
+    batch with a few hits but a hit fraction below ``window_hit_ratio`` counts as a batch without
+    hits, as in the Prune-OPD authors' trainer. Use
     :attr:`length` as the next batch's budget: ``DriftMonitor(..., budget=window.length)``.
     """
 
@@ -217,16 +220,17 @@ class DynamicWindow:
             raise ValueError("effective_lengths is empty: update() needs at least one rollout")
         cfg = self.config
         hits = int((effective_lengths >= self.hit_length).sum())
+        # One threshold decides both ways, as in the authors' trainer: a batch whose hit fraction is
+        # below window_hit_ratio counts as a batch without hits even when a few rollouts hit.
         if hits >= cfg.window_hit_ratio * effective_lengths.numel():
             upper = cfg.window_max if cfg.window_max is not None else NO_BUDGET
             self.length = min(self.length + cfg.window_step, upper)
-        if hits == 0:
+            self.steps_without_hit = 0
+        else:
             self.steps_without_hit += 1
             if self.steps_without_hit >= cfg.window_shrink_patience:
                 self.length = max(self.length - cfg.window_step, cfg.window_min)
                 self.steps_without_hit = 0
-        else:
-            self.steps_without_hit = 0
         return self.length
 
     def state_dict(self) -> dict:

@@ -390,6 +390,21 @@ def test_dynamic_window():
         DynamicWindow(PruneConfig())
 
 
+def test_dynamic_window_counts_a_batch_below_the_hit_ratio_as_without_hits():
+    """The authors' trainer: one threshold decides growth and the shrink counter. A batch where 1
+    rollout of 20 reaches the cap (5% < hit_ratio 10%) is a batch without hits."""
+    config = PruneConfig(window=2048, window_min=1024, window_max=12288, window_step=100, window_margin=100,
+                         window_hit_ratio=0.1, window_shrink_patience=3)
+    window = DynamicWindow(config)
+    lengths = torch.tensor([2048] + [500] * 19)
+    assert [window.update(lengths) for _ in range(3)] == [2048, 2048, 1948]
+    # Two hits of 20 reach the ratio: the window grows and the shrink counter starts over.
+    window.update(lengths)
+    window.update(lengths)
+    assert window.update(torch.tensor([2048, 2048] + [500] * 18)) == 2048
+    assert [window.update(lengths) for _ in range(3)] == [2048, 2048, 1948]
+
+
 def test_budget_from_window_reaches_the_kernels():
     monitor = DriftMonitor(2, PruneConfig(k=2), budget=torch.tensor([1, 3]))
     logits = torch.randn(2, 8)
