@@ -46,11 +46,14 @@ __all__ = [
 ]
 
 
-# opd_ext.generation is imported on first use: it pulls in transformers, which the kernels and
-# losses do not need.
+# Imported on first use: opd_ext.generation pulls in transformers, which the kernels and losses do
+# not need; opd_ext.distributed is for multi-process runs only.
+_LAZY_SUBMODULES = ("distributed", "generation")
+
+
 def __getattr__(name):
-    if name == "generation":
+    if name in _LAZY_SUBMODULES:
         import importlib
 
-        return importlib.import_module("opd_ext.generation")
+        return importlib.import_module(f"opd_ext.{name}")
     raise AttributeError(f"module 'opd_ext' has no attribute {name!r}")

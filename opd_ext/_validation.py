@@ -122,15 +122,21 @@ def check_weights(weights, logits: torch.Tensor, reference: str = "student_logit
 
 
 def check_num_items(num_items):
-    """A positive global count of valid tokens (int, or a one-element tensor, e.g. all-reduced)."""
+    """The loss normaliser: a non-negative number of tokens (int or float), or a one-element real
+    tensor (e.g. all-reduced). Zero is the count of a batch without valid tokens (the losses are then
+    exactly 0); a tensor's value is not read here, since that would synchronise with its device."""
     if num_items is None:
         return None
     if isinstance(num_items, torch.Tensor):
-        if num_items.numel() != 1 or num_items.is_complex():
-            raise ValueError(f"num_items must be a positive number or a one-element tensor, got {_describe(num_items)}")
+        if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
+            raise ValueError(f"num_items must be a non-negative number or a one-element real tensor, got "
+                             f"{_describe(num_items)}")
         return num_items.reshape(())
-    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)) or not num_items > 0:
-        raise ValueError(f"num_items must be a positive number of tokens, got {num_items!r}")
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
+        raise TypeError(f"num_items must be a non-negative number of tokens or a one-element tensor, got "
+                        f"{type(num_items).__name__}")
+    if not 0 <= num_items < math.inf:  # comparisons, not math.isfinite: symbolic under torch.compile
+        raise ValueError(f"num_items must be a non-negative finite number of tokens, got {num_items!r}")
     return num_items
 
 

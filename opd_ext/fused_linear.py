@@ -176,9 +176,6 @@ class _Problem:
         self.weight, self.bias = student_weight, student_bias
         self.vocab = student_weight.shape[0]
         self.rows = self.hidden.shape[0]
-        if self.rows == 0:
-            raise ValueError(f"student_hidden has no rows (shape {tuple(student_hidden.shape)}); "
-                             f"a loss over zero tokens is undefined")
 
         if (teacher_logits is None) == (teacher_weight is None and teacher_hidden is None):
             raise ValueError("give the teacher either as teacher_logits [..., V] or as teacher_hidden "

@@ -10,8 +10,13 @@ Conventions shared by every loss:
 * ``mask`` [...] (bool or 0/1 ints): positions that count. Masked positions may hold any token id
   (padding, -100) and any logits, NaN included: they contribute exactly 0 to the loss and gradient.
 * ``weights`` [...]: per-token factors ``w_t`` (Prune-OPD multipliers; 1 when omitted), detached.
-* ``norm`` = the number of valid tokens (at least 1), or ``num_items`` when given: pass the global
-  token count (e.g. all-reduced over data-parallel ranks) so every rank normalises alike.
+* ``norm`` = the number of valid tokens (at least 1), or ``num_items`` when given (int, float or a
+  one-element tensor). Data parallelism (DDP, FSDP, ZeRO) *averages* gradients over the W ranks, so
+  the gradient of one process on the whole batch needs ``num_items = global valid tokens / W`` on
+  every rank; the global count itself would divide the gradient by W.
+  :func:`opd_ext.distributed.global_num_items` computes it, over every micro-batch of an optimiser
+  step when gradients accumulate. A zero ``num_items`` (no valid token anywhere) makes the loss
+  exactly 0 with zero gradients, as an all-masked or empty batch does without it.
 * ``temperature`` τ divides the student and teacher logits before any softmax.
 * A NaN in a row's logits makes that row's statistics NaN and leaves other rows untouched; a
   valid NaN row therefore makes the loss NaN (masking it out does not).
@@ -159,14 +164,16 @@ def _loss_scale(student_logits, mask, weights, num_items):
     if weights is not None:
         check_weights(weights, student_logits)
     num_items = check_num_items(num_items)
-    if num_items is None:
-        norm = valid.sum().clamp(min=1).float()
-    elif isinstance(num_items, torch.Tensor):
-        norm = num_items.to(device=device, dtype=torch.float32)
-    else:
-        norm = float(num_items)
     w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.detach().float()
-    return torch.where(valid, w, 0.0) / norm, valid
+    w = torch.where(valid, w, 0.0)
+    if num_items is None:
+        return w / valid.sum().clamp(min=1).float(), valid
+    if isinstance(num_items, torch.Tensor):
+        # A zero count (no valid token on any rank) scales every term to exactly 0: 0/0 would make
+        # the loss and every gradient NaN. Decided on the device, without reading the count.
+        norm = num_items.to(device=device, dtype=torch.float32)
+        return torch.where(norm == 0, 0.0, w / torch.where(norm == 0, 1.0, norm)), valid
+    return (w / float(num_items) if num_items else torch.zeros_like(w)), valid
 
 
 def _sampled_tokens(tokens, student_logits, valid):

@@ -81,11 +81,12 @@ def _drop_masked(logits, mask):
 
 
 def _loss_scale(leading_shape, mask, weights, num_items, device) -> torch.Tensor:
-    """w_t / norm per position (0 where masked); norm = valid-token count, or num_items."""
+    """w_t / norm per position (0 where masked); norm = valid-token count, or num_items; a zero
+    num_items scales every term to 0."""
     valid = torch.ones(leading_shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
     w = torch.ones(leading_shape, dtype=torch.float64, device=device) if weights is None else weights.double()
     norm = valid.sum().clamp(min=1).double() if num_items is None else float(num_items)
-    return torch.where(valid, w, 0.0) / norm, valid
+    return (torch.where(valid, w, 0.0) / norm if norm else torch.zeros_like(w)), valid
 
 
 def _policy_gradient_surrogate(log_p_y, reward, baseline, scale, valid):

@@ -160,13 +160,81 @@ def test_masked_positions_may_hold_anything(device):
                                opd_ext.vopd_loss(clean, clean_teacher, tokens.clamp(min=0), mask=mask))
 
 
-def test_all_masked_gives_zero_loss_and_gradient(device):
-    student, teacher = _pair((3, 20), torch.float32, torch.float32, device)
-    mask = torch.zeros(3, dtype=torch.bool, device=device)
-    x = student.clone().requires_grad_()
-    loss = opd_ext.vopd_loss(x, teacher, torch.zeros(3, dtype=torch.long, device=device), mask=mask)
-    loss.backward()
-    assert loss.item() == 0 and x.grad.eq(0).all()
+def _every_loss(lead, vocab, device, hidden=6):
+    """(name, call) for every public loss; call(**kwargs) builds fresh leaves with leading shape
+    ``lead`` and returns (loss, leaves whose gradients the loss defines)."""
+    student, teacher = _pair(lead + (vocab,), torch.float32, torch.float32, device)
+    tokens = torch.randint(0, vocab, lead, device=device)
+    k = min(4, vocab)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, k)
+    h = torch.randn(lead + (hidden,), device=device)
+    w = torch.randn(vocab, hidden, device=device)
+
+    def logits_loss(fn, *args, **fixed):
+        def call(**kwargs):
+            x = student.clone().requires_grad_()
+            return fn(x, *args, **fixed, **kwargs), [x]
+        return call
+
+    def fused_loss(fn, *args, **fixed):
+        def call(**kwargs):
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            return fn(hh, ww, *args, teacher_logits=teacher, **fixed, **kwargs), [hh, ww]
+        return call
+
+    calls = {f"vopd_loss[{b}]": logits_loss(opd_ext.vopd_loss, teacher, tokens, baseline=b, topk=k)
+             for b in ("full", "topk", "none")}
+    calls["vopd_loss[forward]"] = logits_loss(opd_ext.vopd_loss, teacher, tokens, kl="forward")
+    calls["reverse_kl_loss"] = logits_loss(opd_ext.reverse_kl_loss, teacher)
+    calls["vopd_loss_sparse_teacher"] = logits_loss(opd_ext.vopd_loss_sparse_teacher, tokens, ids, topk_logprobs,
+                                                    token_logprob)
+    calls["reverse_kl_loss_sparse_teacher"] = logits_loss(opd_ext.reverse_kl_loss_sparse_teacher, ids, topk_logprobs)
+    calls["fused_linear_vopd_loss"] = fused_loss(opd_ext.fused_linear_vopd_loss, tokens)
+    calls["fused_linear_reverse_kl_loss"] = fused_loss(opd_ext.fused_linear_reverse_kl_loss)
+    return calls
+
+
+ZERO_COUNTS = [None, 0, 0.0, "tensor(0)", "tensor(0.)", "tensor([0])"]
+
+
+def _count(form, device):
+    return torch.tensor(eval(form[len("tensor"):]), device=device) if isinstance(form, str) else form
+
+
+@pytest.mark.parametrize("batch", ["all_masked", "empty_NV", "empty_BTV"])
+def test_degenerate_normalisers_give_exactly_zero_loss_and_gradients(device, batch):
+    """No valid token (all masked, or no rows at all) and any form of a zero count: every loss is
+    exactly 0 and every gradient exactly 0, never NaN (0/0) and never an error."""
+    lead = {"all_masked": (4,), "empty_NV": (0,), "empty_BTV": (2, 0)}[batch]
+    for name, call in _every_loss(lead, 32, device).items():
+        for form in ZERO_COUNTS:
+            kwargs = dict(num_items=_count(form, device))
+            if batch == "all_masked":
+                kwargs["mask"] = torch.zeros(lead, dtype=torch.bool, device=device)
+            loss, leaves = call(**kwargs)
+            loss.backward()
+            assert loss.dtype == torch.float32 and loss.item() == 0, (name, form, loss)
+            for leaf in leaves:
+                assert leaf.grad is not None and leaf.grad.shape == leaf.shape, (name, form)
+                assert leaf.grad.eq(0).all(), (name, form)
+
+
+def test_num_items_forms_agree_and_bad_counts_are_refused(device):
+    """int, float, 0-d and one-element tensors (int or float) give one value; a negative or
+    non-finite number, a bool or a multi-element tensor is refused by name."""
+    for name, call in _every_loss((5,), 32, device).items():
+        values = [call(num_items=form)[0] for form in
+                  (3, 3.0, torch.tensor(3, device=device), torch.tensor([3.0], device=device))]
+        for value in values[1:]:
+            torch.testing.assert_close(value, values[0], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(call(num_items=1.5)[0], call(num_items=3)[0] * 2, msg=name)
+        for bad, error, message in ((-1, ValueError, "non-negative finite"), (float("nan"), ValueError, "non-negative"),
+                                    (float("inf"), ValueError, "finite"), (True, TypeError, "got bool"),
+                                    ("3", TypeError, "got str"),
+                                    (torch.ones(2, device=device), ValueError, "one-element"),
+                                    (torch.tensor(True), ValueError, "real tensor")):
+            with pytest.raises(error, match=message):
+                call(num_items=bad)
 
 
 def test_num_items_replaces_the_token_count(device):
@@ -296,7 +364,7 @@ def test_bad_inputs_name_the_argument(device):
         (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, r"mask must have shape \(4,\)"),
         (dict(mask=torch.ones(4)), TypeError, "mask must be bool"),
         (dict(weights=torch.ones(4, 1)), ValueError, r"weights must have shape \(4,\)"),
-        (dict(num_items=0), ValueError, "num_items must be a positive number"),
+        (dict(num_items=-2), ValueError, "num_items must be a non-negative finite number"),
         (dict(temperature=-1.0), ValueError, "temperature must be a positive finite number"),
     ]
     for kwargs, error, message in cases:
