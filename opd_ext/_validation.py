@@ -140,13 +140,19 @@ def check_num_items(num_items):
     return num_items
 
 
-def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor) -> int:
-    """A served teacher's top-k: ids int64 [..., k] in [0, V) and log-probs [..., k]; returns k."""
+def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor,
+                       teacher_topk_mask=None, valid=None) -> int:
+    """A served teacher's top-k: ids int64 [..., k] and log-probs [..., k] (and an optional bool
+    slot mask [..., k]); ids in [0, V) wherever they are read: slots not masked out and not padded
+    with a -inf log-prob, at valid positions (``valid`` [...]). Returns k."""
     lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
     for name, tensor, dtypes, what in (
         ("teacher_topk_ids", teacher_topk_ids, (torch.int64,), "int64 token ids"),
         ("teacher_topk_logprobs", teacher_topk_logprobs, LOGIT_DTYPES + (torch.float64,), "floating log-probs"),
+        ("teacher_topk_mask", teacher_topk_mask, _INTEGER_DTYPES, "bool (True at slots of the support)"),
     ):
+        if tensor is None and name == "teacher_topk_mask":
+            continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [..., k] of {what}, got {type(tensor).__name__}")
         if tensor.dim() != len(lead) + 1 or tuple(tensor.shape[:-1]) != lead:
@@ -158,19 +164,30 @@ def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: 
             raise ValueError(f"{name} is on {tensor.device} but student_logits is on {student_logits.device}")
         if tensor.dtype not in dtypes:
             raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
-        raise ValueError(
-            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
-            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape"
-        )
+    for name, tensor in (("teacher_topk_logprobs", teacher_topk_logprobs), ("teacher_topk_mask", teacher_topk_mask)):
+        if tensor is not None and tensor.shape != teacher_topk_ids.shape:
+            raise ValueError(
+                f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and {name} {tuple(tensor.shape)} must have "
+                f"the same shape"
+            )
     k = teacher_topk_ids.shape[-1]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"the teacher's top-k size k={k} (last dim of teacher_topk_ids) must be in [1, V={vocab}]")
+    if not 1 <= k:
+        raise ValueError(f"the teacher's top-k size k={k} (last dim of teacher_topk_ids) must be at least 1")
     # A data-dependent check: skipped while torch.compile traces (gather still bounds-checks on CPU).
     if not torch.compiler.is_compiling() and teacher_topk_ids.numel() > 0:
-        low, high = teacher_topk_ids.min().item(), teacher_topk_ids.max().item()
-        if low < 0 or high >= vocab:
-            raise ValueError(f"teacher_topk_ids must be in [0, V={vocab}), got values in [{low}, {high}]")
+        read = teacher_topk_logprobs != float("-inf")
+        if teacher_topk_mask is not None:
+            read = read & teacher_topk_mask.bool()
+        if valid is not None:
+            read = read & valid.unsqueeze(-1)
+        bad = read & ((teacher_topk_ids < 0) | (teacher_topk_ids >= vocab))
+        if bool(bad.any()):
+            values = teacher_topk_ids[bad]
+            raise ValueError(
+                f"teacher_topk_ids must be in [0, V={vocab}) at the slots that are read, got values in "
+                f"[{values.min().item()}, {values.max().item()}]; mark padded slots with teacher_topk_mask=False "
+                f"or a -inf log-prob"
+            )
     return k
 
 

@@ -23,7 +23,7 @@ Conventions shared by every loss:
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -258,76 +258,125 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 # ---- served teachers: top-k ids + log-probs instead of full logits ----------------------------------
 
 
-def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature, valid):
-    """KL(p̄‖q̄) over the teacher's top-k support, both renormalised there; [N, k] work only.
+def teacher_support(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                    teacher_topk_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Which slots of a served teacher's top-k form its support: bool ``[..., k]``.
 
-    Masked positions are zeroed *before* the softmax, so whatever they hold (NaN included) never
-    reaches the loss or, through a 0·NaN product, the gradient.
+    A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob is not
+    ``-inf`` (servers pad ragged top-k lists with ``-inf``) and its id did not already appear in an
+    earlier slot of the row: vLLM returns the sampled token beside the top-k, so an id can be listed
+    twice (with the same log-prob); the support is a set and the first slot stands for the id.
+    NaN log-probs stay in the support, so they surface as NaN instead of vanishing. O(k log k) per
+    position; the ids of slots outside the support are never read.
     """
-    keep = valid.unsqueeze(-1)
-    s = torch.where(keep, student_logits.gather(-1, teacher_topk_ids).float(), 0.0)
+    keep = teacher_topk_logprobs != float("-inf")
+    if teacher_topk_mask is not None:
+        keep = keep & teacher_topk_mask.bool()
+    if teacher_topk_ids.shape[-1] > 1:
+        # A stable sort keeps equal ids in slot order, so each run of equal ids starts at its
+        # first slot; slots outside the support sort last under a key no id reaches (-1 < 0).
+        key = torch.where(keep, teacher_topk_ids, -1)
+        sorted_key, order = torch.sort(key, dim=-1, stable=True, descending=True)
+        repeat = torch.zeros_like(keep)
+        repeat[..., 1:] = (sorted_key[..., 1:] == sorted_key[..., :-1]) & (sorted_key[..., 1:] >= 0)
+        keep = keep & ~torch.zeros_like(keep).scatter(-1, order, repeat)
+    return keep
+
+
+def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, support, temperature):
+    """KL(p̄‖q̄) over the teacher's support (``support`` [..., k], from :func:`teacher_support` and
+    the position mask), both renormalised there; [N, k] work only. 0 where the support is empty.
+
+    Slots outside the support are set to -inf before the softmax and positions without support to
+    0, so whatever they hold (NaN, ids out of range) never reaches the loss or, through a 0·NaN
+    product, the gradient.
+    """
+    any_slot = support.any(-1, keepdim=True)
+    ids = torch.where(support, teacher_topk_ids, 0)
+    s = student_logits.gather(-1, ids).float()
+    s = torch.where(support, s, float("-inf"))
     # Centre on the raw max before dividing by τ, as the kernels do: s / τ first would round every
     # logit to ulp(|s| / τ), ~1e-3 at |logits| ~ 1e4. The shift is a constant, so no gradient.
     centre = s.detach().amax(-1, keepdim=True)
-    s = s - torch.where(torch.isfinite(centre), centre, 0.0)
+    s = torch.where(any_slot, s - torch.where(torch.isfinite(centre), centre, 0.0), 0.0)
     log_p = torch.log_softmax(s / temperature, dim=-1)
-    log_q = torch.log_softmax(torch.where(keep, teacher_topk_logprobs.float(), 0.0), dim=-1)
+    t = torch.where(support, teacher_topk_logprobs.float(), float("-inf"))
+    log_q = torch.log_softmax(torch.where(any_slot, t, 0.0), dim=-1)
     p = log_p.exp()
-    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    kl = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    return torch.where(any_slot.squeeze(-1), kl, 0.0)
 
 
-def _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature):
-    check_logits("student_logits", student_logits)
-    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits)
-    return check_temperature(temperature)
+def _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask, valid):
+    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits, teacher_topk_mask, valid)
+    return teacher_support(teacher_topk_ids, teacher_topk_logprobs.detach(), teacher_topk_mask) & valid.unsqueeze(-1)
 
 
 def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_topk_ids: torch.Tensor,
                              teacher_topk_logprobs: torch.Tensor, teacher_token_logprob: torch.Tensor, *,
-                             mask=None, weights=None, temperature: float = 1.0, baseline: str = "topk",
-                             num_items=None) -> torch.Tensor:
+                             teacher_topk_mask=None, mask=None, weights=None, temperature: float = 1.0,
+                             baseline: str = "topk", num_items=None) -> torch.Tensor:
     """:func:`vopd_loss` for a teacher served as top-k log-probs (vLLM / SGLang prompt logprobs).
+
+    The teacher's support at a position is the *set* of ids its top-k lists (:func:`teacher_support`):
+    an id listed twice counts once, padded slots (log-prob ``-inf``, or ``teacher_topk_mask`` False)
+    leave it. Both distributions are renormalised over the support, so the teacher's log-probs may
+    be unnormalised (raw logits, a server's temperature applied, a top-k covering part of the
+    mass): only differences within a position matter, and neither the teacher's mass outside its
+    top-k nor the student's is compared. A valid position with an empty support has baseline 0.
 
     Args:
         student_logits: ``[..., V]``; only the student is read in full (one ``student_stats`` pass).
         tokens: int64 ``[...]`` sampled ids.
-        teacher_topk_ids: int64 ``[..., k]``, the teacher's k most likely ids per position.
-        teacher_topk_logprobs: ``[..., k]`` their log-probs (any normalisation: they are renormalised
-            over the k ids; the server's temperature is taken as is, ``temperature`` scales the
-            student only).
-        teacher_token_logprob: ``[...]`` the teacher's log-prob of ``tokens`` (the reward's log q(y)).
-        baseline: ``"topk"`` (default): ``b = -KL(p̄‖q̄)`` over the teacher's support, both
-            distributions renormalised there; ``"none"``: plain OPD. The full-vocabulary baseline
-            needs the teacher's full logits (use :func:`vopd_loss`).
+        teacher_topk_ids: int64 ``[..., k]``, the teacher's k most likely ids per position (any value
+            in slots outside the support).
+        teacher_topk_logprobs: ``[..., k]`` their log-probs; ``-inf`` marks a padded slot. The
+            server's temperature is taken as is, ``temperature`` scales the student only.
+        teacher_token_logprob: ``[...]`` the teacher's log-prob of ``tokens`` (the reward's log q(y)),
+            taken as given (not renormalised).
+        teacher_topk_mask: optional bool ``[..., k]``, False at slots to ignore (ragged top-k).
+        baseline: ``"topk"`` (default): ``b = -KL(p̄‖q̄)`` over the teacher's support; ``"none"``:
+            plain OPD. The full-vocabulary baseline needs the teacher's full logits (use
+            :func:`vopd_loss`).
+        mask, weights, num_items, temperature: see the module docstring.
+
+    Raises:
+        ValueError / TypeError naming the argument: shapes, dtypes, devices, ids outside ``[0, V)``
+        in a slot of the support at a valid position.
     """
-    temperature = _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    temperature = check_temperature(temperature)
+    check_logits("student_logits", student_logits)
     check_choice("baseline", baseline, SPARSE_TEACHER_BASELINES)
     check_teacher_token_logprob(teacher_token_logprob, student_logits)
     scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
+                                      valid)
     tokens = _sampled_tokens(tokens, student_logits, valid)
 
     logp_s, lse_s = ops.student_stats(student_logits.detach(), tokens, temperature)
     value = 0.0
     if baseline == "topk":
         with torch.no_grad():
-            value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature,
-                                        valid)
+            value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, support, temperature)
     coef = _advantage_coef(scale, valid, teacher_token_logprob.detach().float(), logp_s, value)
     return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
 
 
 def reverse_kl_loss_sparse_teacher(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                                   teacher_topk_logprobs: torch.Tensor, *, mask=None, weights=None,
-                                   temperature: float = 1.0, num_items=None) -> torch.Tensor:
+                                   teacher_topk_logprobs: torch.Tensor, *, teacher_topk_mask=None, mask=None,
+                                   weights=None, temperature: float = 1.0, num_items=None) -> torch.Tensor:
     """:func:`reverse_kl_loss` for a served teacher: ``Σ_t w_t KL(p̄_t‖q̄_t) / norm`` over the teacher's
-    top-k support, student and teacher both renormalised over those k ids.
+    support (the set of its top-k ids, :func:`teacher_support`), student and teacher both
+    renormalised there; positions with an empty support contribute 0.
 
     Only ``[..., k]`` values of the student are gathered, so forward and backward cost O(N·k) plus
     the (sparse) gradient write; the student mass outside the teacher's support is not penalised.
-    Arguments as in :func:`vopd_loss_sparse_teacher`.
+    Arguments and errors as in :func:`vopd_loss_sparse_teacher`.
     """
-    temperature = _check_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature)
+    temperature = check_temperature(temperature)
+    check_logits("student_logits", student_logits)
     scale, valid = _loss_scale(student_logits, mask, weights, num_items)
-    kl = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature,
-                             valid)
+    support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
+                                      valid)
+    kl = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), support, temperature)
     return torch.where(valid, scale * kl, 0.0).sum()

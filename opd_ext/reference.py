@@ -68,10 +68,33 @@ def topk_reverse_kl(student_logits, teacher_logits, k: int, temperature: float =
     return kl.masked_fill(has_nan, float("nan"))
 
 
-def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature: float = 1.0):
-    """KL(p̄‖q̄) over the teacher's top-k support, both renormalised there (served teachers)."""
-    s = student_logits.double().gather(-1, teacher_topk_ids) / temperature
-    return _kl(torch.log_softmax(s, -1), torch.log_softmax(teacher_topk_logprobs.double(), -1))
+def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature: float = 1.0,
+                       teacher_topk_mask=None):
+    """KL(p̄‖q̄) over the teacher's support, both renormalised there (served teachers); 0 where the
+    support is empty. The support is the set of listed ids: slots with a -inf log-prob or a False
+    ``teacher_topk_mask`` leave it, and an id listed twice takes its first slot's log-prob.
+
+    Built over the whole vocabulary (a dense [..., V] teacher, -inf outside the support), not from
+    the slots as the library does, so the two share no code."""
+    slot_ok = teacher_topk_logprobs != float("-inf")
+    if teacher_topk_mask is not None:
+        slot_ok = slot_ok & teacher_topk_mask.bool()
+    ids = torch.where(slot_ok, teacher_topk_ids, 0)
+    lead = student_logits.shape[:-1]
+    dense = torch.full(lead + student_logits.shape[-1:], float("-inf"), dtype=torch.float64,
+                       device=student_logits.device)
+    for slot in reversed(range(ids.shape[-1])):  # earlier slots overwrite later ones: the first wins
+        current = dense.gather(-1, ids[..., slot:slot + 1])
+        value = torch.where(slot_ok[..., slot:slot + 1], teacher_topk_logprobs[..., slot:slot + 1].double(), current)
+        dense = dense.scatter(-1, ids[..., slot:slot + 1], value)
+    in_support = dense != float("-inf")
+    has_support = in_support.any(-1, keepdim=True)
+    s = torch.where(in_support, student_logits.double() / temperature, float("-inf"))
+    log_p = torch.log_softmax(torch.where(has_support, s, 0.0), -1)
+    log_q = torch.log_softmax(torch.where(has_support, dense, 0.0), -1)
+    p = log_p.exp()
+    kl = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
+    return torch.where(has_support.squeeze(-1), kl, 0.0)
 
 
 def _drop_masked(logits, mask):
@@ -126,31 +149,38 @@ def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, weights=None, 
 
 
 def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs,
-                             teacher_token_logprob, *, mask=None, weights=None, temperature=1.0,
-                             baseline="topk", num_items=None) -> torch.Tensor:
+                             teacher_token_logprob, *, teacher_topk_mask=None, mask=None, weights=None,
+                             temperature=1.0, baseline="topk", num_items=None) -> torch.Tensor:
     """vOPD surrogate with a served teacher (top-k ids + log-probs + log-prob of the sampled token);
     the top-k baseline runs over the teacher's support."""
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
     student_logits = _drop_masked(student_logits, mask)
     teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
+    if mask is not None:  # masked positions may list any id
+        teacher_topk_ids = torch.where(mask.bool().unsqueeze(-1), teacher_topk_ids, 0)
     if mask is not None:
         teacher_token_logprob = torch.where(mask.bool(), teacher_token_logprob, 0.0)
     log_p_y = _scaled_log_softmax(student_logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     reward = teacher_token_logprob.double() - log_p_y
     if baseline == "topk":
-        b = -support_reverse_kl(student_logits.detach(), teacher_topk_ids, teacher_topk_logprobs, temperature)
+        b = -support_reverse_kl(student_logits.detach(), teacher_topk_ids, teacher_topk_logprobs, temperature,
+                                teacher_topk_mask)
     else:
         b = torch.zeros_like(reward)
     scale, valid = _loss_scale(tokens.shape, mask, weights, num_items, tokens.device)
     return _policy_gradient_surrogate(log_p_y, reward, b, scale, valid)
 
 
-def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, *, mask=None,
-                                   weights=None, temperature=1.0, num_items=None) -> torch.Tensor:
+def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, *,
+                                   teacher_topk_mask=None, mask=None, weights=None, temperature=1.0,
+                                   num_items=None) -> torch.Tensor:
     """Σ w KL(p̄‖q̄) / norm over the teacher's top-k support, differentiable w.r.t. student_logits."""
     student_logits = _drop_masked(student_logits, mask)
     teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
-    kl = support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature)
+    if mask is not None:  # masked positions may list any id
+        teacher_topk_ids = torch.where(mask.bool().unsqueeze(-1), teacher_topk_ids, 0)
+    kl = support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature,
+                            teacher_topk_mask)
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()
 

@@ -323,6 +323,104 @@ def test_sparse_teacher_masked_positions_may_hold_anything(device):
         assert torch.isfinite(loss) and x.grad[1].eq(0).all() and torch.isfinite(x.grad).all()
 
 
+def _as_served(ids, topk_logprobs, tokens, token_logprob, g):
+    """The same teacher as a server sends it: vLLM's sampled token appended (k + 1 slots, its id
+    possibly already among the top-k), ragged rows (some slots dropped to padding) padded with
+    -inf slots holding junk ids, and the slots shuffled. Returns (ids, log-probs)."""
+    junk = torch.where(torch.rand(ids.shape[:-1] + (2,), generator=g) < 0.5, -1, 10**6).to(ids.device)
+    ids = torch.cat([ids, tokens.unsqueeze(-1), junk], -1)
+    logprobs = torch.cat([topk_logprobs, token_logprob.unsqueeze(-1),
+                          torch.full_like(topk_logprobs[..., :2], float("-inf"))], -1)
+    dropped = (torch.rand(ids.shape, generator=g) < 0.2).to(ids.device)
+    logprobs = torch.where(dropped, float("-inf"), logprobs)
+    order = torch.argsort(torch.rand(ids.shape, generator=g), -1).to(ids.device)
+    return ids.gather(-1, order), logprobs.gather(-1, order)
+
+
+def _dedup_dense_support(ids, logprobs):
+    """The reference's view of a served row set: id -> log-prob, first slot wins, padding dropped."""
+    rows = []
+    for row_ids, row_lp in zip(ids.reshape(-1, ids.shape[-1]).tolist(), logprobs.reshape(-1, ids.shape[-1]).tolist()):
+        seen = {}
+        for i, lp in zip(row_ids, row_lp):
+            if lp != float("-inf") and i not in seen:
+                seen[i] = lp
+        rows.append(seen)
+    return rows
+
+
+def test_sparse_teacher_support_is_a_set(device):
+    """vLLM's prompt logprobs list the sampled token beside the top-k, so an id can appear twice:
+    it counts once. [[3, 3, 1, 4]] gives the loss of [[3, 1, 4]] (0.4966 here; counting the
+    duplicate twice gave 0.4785)."""
+    student = torch.tensor([[0.5, 1.0, -0.3, 2.0, 0.7, -1.2]], device=device)
+    teacher = torch.tensor([[0.1, 1.5, 0.2, 0.4, 1.1, -0.5]], device=device)
+    log_q = teacher.log_softmax(-1)
+    for with_dup, without in (([[3, 3, 1, 4]], [[3, 1, 4]]), ([[1, 4, 3, 4, 4]], [[1, 4, 3]])):
+        ids_dup, ids = torch.tensor(with_dup, device=device), torch.tensor(without, device=device)
+        for fn in (opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher):
+            torch.testing.assert_close(fn(student, ids_dup, log_q.gather(-1, ids_dup)).float(),
+                                       fn(student, ids, log_q.gather(-1, ids)).float())
+    want = reference.reverse_kl_loss_sparse_teacher(student.double(), torch.tensor([[3, 1, 4]], device=device),
+                                                    log_q.gather(-1, torch.tensor([[3, 1, 4]], device=device)))
+    assert abs(want.item() - 0.4966) < 1e-4, want.item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_teacher_takes_inputs_as_servers_send_them(device, dtype):
+    """Duplicated sampled ids, -inf padded slots with junk ids and shuffled slots: values and
+    gradients of both served-teacher losses match the float64 reference on the deduplicated set,
+    and the -inf padding is the same as a slot mask."""
+    g = torch.Generator().manual_seed(3)
+    student, teacher = _pair((6, 5, 37), dtype, torch.float32, device)
+    tokens, mask, weights = _row_inputs((6, 5), 37, device)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 6)
+    served_ids, served_lp = _as_served(ids, topk_logprobs, tokens, token_logprob, g)
+    assert any(len(row) < 8 for row in _dedup_dense_support(served_ids, served_lp))  # duplicates or padding present
+    common = dict(mask=mask, weights=weights, temperature=0.8)
+    _compare(opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher, student, served_ids,
+             served_lp, **common)
+    for baseline in ("topk", "none"):
+        _compare(opd_ext.vopd_loss_sparse_teacher, reference.vopd_loss_sparse_teacher, student, tokens, served_ids,
+                 served_lp, token_logprob, baseline=baseline, **common)
+    # The same padding given as a slot mask: the masked slots may then hold anything, NaN included.
+    slot_mask = served_lp != float("-inf")
+    junk_lp = torch.where(slot_mask, served_lp, float("nan"))
+    for fn, args in ((opd_ext.reverse_kl_loss_sparse_teacher, (served_ids, served_lp)),
+                     (opd_ext.vopd_loss_sparse_teacher, (tokens, served_ids, served_lp, token_logprob))):
+        x, y = student.clone().requires_grad_(), student.clone().requires_grad_()
+        by_mask = fn(x, *(junk_lp if a is served_lp else a for a in args), teacher_topk_mask=slot_mask, **common)
+        by_inf = fn(y, *args, **common)
+        by_mask.backward()
+        by_inf.backward()
+        assert torch.isfinite(by_mask)
+        torch.testing.assert_close(by_mask, by_inf, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, y.grad, rtol=0, atol=0)
+
+
+def test_sparse_teacher_log_probs_may_be_unnormalised_and_empty_supports_count_zero(device):
+    """Renormalised over the support: a per-position shift of the teacher's log-probs (raw logits,
+    a partial top-k) changes nothing; a valid position whose slots are all padding contributes 0."""
+    student, teacher = _pair((5, 30), torch.float32, torch.float32, device)
+    tokens, _, _ = _row_inputs((5,), 30, device)
+    ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 5)
+    shifted = topk_logprobs + torch.randn(5, 1, device=device) * 7
+    for fn, args, args_shifted in (
+            (opd_ext.reverse_kl_loss_sparse_teacher, (ids, topk_logprobs), (ids, shifted)),
+            (opd_ext.vopd_loss_sparse_teacher, (tokens, ids, topk_logprobs, token_logprob),
+             (tokens, ids, shifted, token_logprob))):
+        torch.testing.assert_close(fn(student, *args), fn(student, *args_shifted))
+    empty = topk_logprobs.clone()
+    empty[2] = float("-inf")
+    one_less = torch.tensor([True, True, False, True, True], device=device)
+    kl = opd_ext.reverse_kl_loss_sparse_teacher(student, ids, empty, num_items=5)
+    torch.testing.assert_close(kl, opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=one_less,
+                                                                          num_items=5))
+    x = student.clone().requires_grad_()
+    opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, empty, token_logprob).backward()
+    assert torch.isfinite(x.grad).all()
+
+
 # ---- torch.compile -------------------------------------------------------------------------------------
 
 
