@@ -23,10 +23,13 @@ Given the same tokens, all four make identical decisions: the monitor sees the s
 ``(student logits, teacher logits, token)`` triples in the same order (the scan over a chunk is
 the decode step applied position by position).
 
-Models are any causal LM with the Hugging Face calling convention (``input_ids``,
+Models are any decoder-only causal LM with the Hugging Face calling convention (``input_ids``,
 ``attention_mask``, ``position_ids``, a KV cache, ``.logits``), transformers 4.5x (``past_key_values``)
-or 5.x (``cache``). Prompts are left-padded (``tokenizer.padding_side = "left"``). Put the models in
-``eval()`` mode yourself, as for ``generate()``.
+or 5.x (``cache``), also wrapped (PEFT, DistributedDataParallel, FSDP, ``torch.compile``). Their KV
+caches must be able to drop batch rows exactly; those that cannot are refused before any token is
+sampled. Prompts are left-padded (``tokenizer.padding_side = "left"``). Put the models in ``eval()``
+mode yourself, as for ``generate()``. Which caches and wrappers work, and how differing vocabularies
+are handled (the same in every mode): ``docs/generation.md``.
 """
 from __future__ import annotations
 
@@ -235,14 +238,133 @@ def _comparable(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     return s, t
 
 
+def _wrapper_chain(model) -> list:
+    """``model`` and the modules it wraps, outermost first: ``.module`` (DistributedDataParallel,
+    DataParallel, FSDP), ``get_base_model()`` (PEFT), ``._orig_mod`` (``torch.compile``).
+
+    Forwards go through the outermost, which may do work of its own (FSDP gathers the parameters,
+    PEFT prompt tuning adds virtual tokens). The innermost is the Hugging Face model: its forward
+    names the arguments it takes (wrappers take ``**kwargs``), and its ``generate()`` calls it.
+    """
+    chain = [model]
+    while True:
+        current = chain[-1]
+        get_base_model = getattr(current, "get_base_model", None)
+        inner = get_base_model() if callable(get_base_model) else (
+            getattr(current, "module", None) or getattr(current, "_orig_mod", None))
+        if not isinstance(inner, torch.nn.Module) or any(inner is seen for seen in chain):
+            return chain
+        chain.append(inner)
+
+
+def _wrapped_attribute(model, name: str):
+    """``name`` of the outermost module in ``model``'s wrapper chain that has it, else None."""
+    return next((getattr(m, name) for m in _wrapper_chain(model) if getattr(m, name, None) is not None), None)
+
+
+def _forward_parameters(model):
+    return inspect.signature(_wrapper_chain(model)[-1].forward).parameters
+
+
+def _check_decoder_only(model, name: str) -> None:
+    config = getattr(_wrapper_chain(model)[-1], "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model ({type(_wrapper_chain(model)[-1]).__name__}); "
+                         f"generation with Prune-OPD needs decoder-only causal LMs")
+
+
+def _vocab_rows(model) -> Optional[int]:
+    """Rows of the model's input embedding (the ids it can read), or None if it does not say."""
+    try:
+        embedding = _wrapper_chain(model)[-1].get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def _check_ids_fit(model, name: str, ids: torch.Tensor, what: str) -> None:
+    rows = _vocab_rows(model)
+    if rows is not None and ids.numel() and int(ids.max()) >= rows:
+        raise ValueError(f"{what} hold token id {int(ids.max())}, beyond the {name}'s vocabulary of {rows} ids")
+
+
+try:  # the cache classes differ between transformers versions: each is looked up on its own
+    from transformers import cache_utils as _cache_utils
+except ImportError:  # pragma: no cover
+    _cache_utils = None
+_Cache = getattr(_cache_utils, "Cache", None)
+_EncoderDecoderCache = getattr(_cache_utils, "EncoderDecoderCache", None)
+_RequantizingLayer = getattr(_cache_utils, "QuantizedLayer", None)  # quanto / HQQ, transformers >= 4.56
+
+
+def _row_method(obj):
+    """The method of a transformers cache or cache layer that keeps only some batch rows, and the
+    class defining it; ``(None, None)`` if it has none.
+
+    Two exist. ``reorder_cache`` (beam search) covers every state of every layer type, because beam
+    search breaks otherwise; ``batch_select_indices`` is not always overridden by classes that add
+    state (the hybrid linear-attention layers and DeepSeek-V4's compressed layers inherit the one
+    that only selects keys and values). So the method defined by the more derived class is taken,
+    ``reorder_cache`` on a tie; with fewer indices than rows, either keeps exactly those rows.
+    """
+    mro = type(obj).__mro__
+
+    def defined_at(name):
+        return next((depth for depth, cls in enumerate(mro) if name in vars(cls)), len(mro))
+
+    select, reorder = defined_at("batch_select_indices"), defined_at("reorder_cache")
+    if select < reorder:
+        # Plain indexing; CPU indices index tensors on any device (offloaded layers live on the CPU).
+        return (lambda rows: obj.batch_select_indices(rows.cpu())), mro[select]
+    if reorder < len(mro):
+        return obj.reorder_cache, mro[reorder]  # moves the indices to each state's device itself
+    return None, None
+
+
+def _row_selection(cache, name: str) -> list:
+    """Callables that together keep the given rows (int64 indices) of every state in ``cache``.
+
+    Raises TypeError, naming the layer type, for a cache that cannot drop rows exactly.
+    """
+    if _EncoderDecoderCache is not None and isinstance(cache, _EncoderDecoderCache):
+        return (_row_selection(cache.self_attention_cache, name)
+                + _row_selection(cache.cross_attention_cache, name))
+    if _Cache is None or not isinstance(cache, _Cache):
+        # Legacy tuples, and the hybrid models' own caches before transformers 5 (LFM2's cannot
+        # reorder its empty per-layer placeholders).
+        raise TypeError(f"{name}'s KV cache ({type(cache).__name__}) is not a transformers Cache, so its rows cannot "
+                        f"be dropped: generation needs a Cache (DynamicCache, the default of transformers >= 4.50; "
+                        f"hybrid linear-attention models use it from transformers 5 on)")
+    method, owner = _row_method(cache)
+    layers = getattr(cache, "layers", None)  # transformers < 4.56 keeps per-layer lists in the cache itself
+    if owner is not _Cache or layers is None:
+        return [method]  # a cache class that selects state of its own (MiniMax's linear-attention cache)
+    selection = []
+    for index, layer in enumerate(layers):
+        if _RequantizingLayer is not None and isinstance(layer, _RequantizingLayer):
+            raise TypeError(
+                f"{name}'s KV cache layer {index} is a {type(layer).__name__}, which re-quantizes the cached keys and "
+                f"values of the whole batch together (its quantization groups can span rows): the rows kept after "
+                f"stopped ones are dropped would not be those of the full batch. Use an unquantized cache "
+                f"(DynamicCache) or QuantizedCache(backend='fp8')")
+        method, _ = _row_method(layer)
+        if method is None:
+            raise TypeError(f"{name}'s KV cache layer {index} ({type(layer).__name__}) has no way to drop batch rows "
+                            f"(neither reorder_cache nor batch_select_indices); use a DynamicCache")
+        selection.append(method)
+    return selection
+
+
 class _CachedDecoder:
     """One causal LM decoding a shrinking batch incrementally: its KV cache, 2-D attention mask and
     next position per row, with rows removable between calls. Counts calls and token rows."""
 
     def __init__(self, model, name: str):
+        _check_decoder_only(model, name)
         self.model = model
         self.name = name
-        params = inspect.signature(model.forward).parameters
+        params = _forward_parameters(model)
         # transformers 5.x renamed the cache argument (and output) from past_key_values to cache.
         self._cache_key = "cache" if "cache" in params else "past_key_values"
         self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -265,11 +387,13 @@ class _CachedDecoder:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Runs the (left-padded) prompts; returns the logits of each row's next token ``[B, V]``."""
+        _check_ids_fit(self.model, self.name, input_ids, "input_ids")
         self.cache = None
         self.attention_mask = attention_mask
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = self._run(input_ids, positions, **self._keep_last)
         self.next_position = positions[:, -1] + 1
+        _row_selection(self.cache, self.name)  # a cache that cannot drop rows fails before any token is sampled
         return logits[:, -1]
 
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -283,10 +407,11 @@ class _CachedDecoder:
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drops every row not in ``rows`` (int64 indices into the current batch) from the cache."""
-        if not hasattr(self.cache, "batch_select_indices"):
-            raise TypeError(f"{self.name}'s KV cache ({type(self.cache).__name__}) cannot drop rows: generation "
-                            f"needs a transformers Cache (DynamicCache, the default of transformers >= 4.50)")
-        self.cache.batch_select_indices(rows)
+        prefetch = getattr(self.cache, "prefetch_stream", None) if getattr(self.cache, "offloading", False) else None
+        if prefetch is not None:
+            prefetch.synchronize()  # an offloaded layer may still be arriving on its side stream
+        for keep in _row_selection(self.cache, self.name):
+            keep(rows)
         self.attention_mask = self.attention_mask[rows]
         self.next_position = self.next_position[rows]
 
@@ -397,8 +522,9 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
     student token, and a row leaves the batch right after the token that stopped it.
 
     Args:
-        student, teacher: causal LMs (Hugging Face convention) on ``input_ids``' device. Their
-            vocabularies may differ in padding rows: tokens are sampled from the shared prefix.
+        student, teacher: causal LMs (Hugging Face convention) on ``input_ids``' device, possibly
+            wrapped (PEFT, DDP, FSDP). Their vocabularies may differ: tokens are sampled from the
+            ids both have (the prefix of the shorter one).
         input_ids: int64 ``[B, P]`` left-padded prompts; ``attention_mask`` ``[B, P]`` (1 = token).
         max_new_tokens: completion length limit ``T``.
         config: :class:`~opd_ext.PruneConfig` (default ``PruneConfig()``; ``PruneConfig.disabled()``
@@ -412,6 +538,11 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
 
     Returns:
         :class:`Rollout`; ``sequences`` is ``[B, P + T']`` with ``T'`` the longest completion.
+
+    Raises:
+        TypeError: a model's KV cache cannot drop rows exactly (the message names the cache layer
+            type); raised after the prompts' forward, before any token is sampled.
+        ValueError: bad arguments, an encoder-decoder model, or prompt ids beyond a model's vocabulary.
     """
     prompt, prompt_mask = _check_prompt(input_ids, attention_mask)
     max_new_tokens = _check_count("max_new_tokens", max_new_tokens)
@@ -480,11 +611,14 @@ def generate_with_pruning(student, teacher, input_ids: torch.Tensor, attention_m
 
 
 # ---- 4: post hoc, for rollouts generated elsewhere ----------------------------------------------
-def _completion_logits(model, sequences: torch.Tensor, attention_mask: torch.Tensor, steps: int) -> torch.Tensor:
+def _completion_logits(model, name: str, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                       steps: int) -> torch.Tensor:
     """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens (one forward, no cache)."""
+    _check_decoder_only(model, name)
+    _check_ids_fit(model, name, sequences, "sequences")
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     # Only the completion needs logits; prompts are often much longer than completions.
-    keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in _forward_parameters(model) else {}
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                    **keep).logits
     return logits[:, -steps - 1:-1]
@@ -518,6 +652,10 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
 
     Returns:
         :class:`Rollout` (``tokens_saved``: generated tokens cut off by the truncation).
+
+    Raises:
+        ValueError: bad arguments, an encoder-decoder model, or sequence ids beyond a model's
+            vocabulary (completions must use ids student and teacher share, as generation does).
     """
     if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2 or sequences.dtype != torch.int64:
         raise ValueError("sequences must be an int64 tensor [B, P + T] (prompts, then completions)")
@@ -553,13 +691,19 @@ def score_rollouts(student, teacher, sequences: torch.Tensor, prompt_length: int
         raise ValueError("completion_mask must be a prefix per row (1...1 0...0): completions are right-padded")
 
     full_mask = torch.cat([prompt_mask, completion_mask.long()], dim=1)
-    teacher_logits = _completion_logits(teacher, sequences, full_mask, steps)
+    teacher_logits = _completion_logits(teacher, "teacher", sequences, full_mask, steps)
     if student_logits is None:
-        student_logits = _completion_logits(student, sequences, full_mask, steps)
+        student_logits = _completion_logits(student, "student", sequences, full_mask, steps)
     elif not isinstance(student_logits, torch.Tensor) or student_logits.shape[:2] != completions.shape:
         got = tuple(student_logits.shape) if isinstance(student_logits, torch.Tensor) else type(student_logits).__name__
         raise ValueError(f"student_logits must be [B, T, V] with [B, T] = {tuple(completions.shape)}, got {got}")
     s, t = _comparable(student_logits, teacher_logits)
+    beyond = (completions >= s.shape[-1]) & completion_mask
+    if bool(beyond.any()):
+        row, step = (int(i) for i in beyond.nonzero()[0])
+        raise ValueError(f"completion token {int(completions[row, step])} (row {row}, step {step}) is beyond the "
+                         f"vocabulary student and teacher share ({s.shape[-1]} ids): it cannot be scored, and the "
+                         f"other generation modes never sample it")
 
     monitor = DriftMonitor(batch, config, device=device, budget=budget)
     stats = torch.zeros(3, batch, steps, device=device)
@@ -604,7 +748,9 @@ class _LogitsTap:
 class DriftLogitsProcessor(LogitsProcessor):
     """Runs the teacher one token ahead with its own KV cache and captures the student's raw logits.
 
-    Returns ``scores`` unchanged (the same tensor). Built by :class:`PruneOPDHook`.
+    Returns ``scores`` ``[B, V]`` unchanged (the same tensor), except when the student's vocabulary is
+    larger than the teacher's: then a copy with the ids beyond the teacher's at ``-inf``, so that
+    only ids both models have are sampled. Built by :class:`PruneOPDHook`.
     """
 
     def __init__(self, hook: "PruneOPDHook"):
@@ -612,7 +758,7 @@ class DriftLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._hook._before_sampling(input_ids)
-        return scores
+        return self._hook._within_shared_vocab(scores)
 
 
 class DriftStoppingCriteria(StoppingCriteria):
@@ -660,6 +806,11 @@ class PruneOPDHook:
     tokens otherwise) until every row has stopped: :meth:`rollout` masks them out
     (``Rollout.completion_mask``, see :func:`completion_mask`). The teacher is never run on them.
 
+    The teacher's prompt forward runs on construction, so a teacher whose KV cache cannot drop rows
+    is refused (TypeError naming the layer type) before ``generate()`` starts. A student with a
+    larger vocabulary than the teacher's samples only ids both have (:class:`DriftLogitsProcessor`).
+    For a wrapped student call ``generate()`` of the PEFT model, or of DDP's ``.module``.
+
     Args:
         student, teacher, input_ids, attention_mask, config, budget: as :func:`generate_with_pruning`.
         temperature: temperature of the recorded log-probs / KL (use the sampling temperature).
@@ -677,20 +828,27 @@ class PruneOPDHook:
             raise ImportError("PruneOPDHook needs transformers (pip install transformers)")
         self._prompt, self._prompt_mask = _check_prompt(input_ids, attention_mask)
         _check_sampling(temperature, None, None)
+        _check_decoder_only(student, "student")
         if eos_token_id is self._UNSET:
-            eos_token_id = getattr(getattr(student, "generation_config", None), "eos_token_id", None)
+            eos_token_id = getattr(_wrapped_attribute(student, "generation_config"), "eos_token_id", None)
         self._eos = _check_token_ids("eos_token_id", eos_token_id, self._prompt.device)
         self._pad = _resolve_pad(pad_token_id, self._eos)
         self._temperature = float(temperature)
         self.monitor = DriftMonitor(self._prompt.shape[0], _check_config(config), device=self._prompt.device,
                                     budget=budget)
         self._teacher = _CachedDecoder(teacher, "teacher")
+        # The prompts are known: prefilling now refuses a teacher cache that cannot drop rows before
+        # generate() starts, and gives the teacher's vocabulary for the first step's masking.
+        with torch.no_grad():
+            self._teacher_next = self._teacher.prefill(self._prompt, self._prompt_mask)
+        self._shared_vocab = self._teacher_next.shape[-1]
         self._active = torch.arange(self._prompt.shape[0], device=self._prompt.device)
         self._step_logits = None  # (student, teacher) logits of the step being sampled, live rows only
         self._started = False
         self.logits_processor = DriftLogitsProcessor(self)
         self.stopping_criteria = DriftStoppingCriteria(self)
-        self._tap = _LogitsTap(student)
+        # generate() of a wrapped model (PEFT, DDP's .module) runs the innermost model's forward.
+        self._tap = _LogitsTap(_wrapper_chain(student)[-1])
 
     def generate_kwargs(self, logits_processor=None, stopping_criteria=None) -> dict:
         """``logits_processor`` / ``stopping_criteria`` for ``generate()``, after any of your own."""
@@ -720,7 +878,7 @@ class PruneOPDHook:
                 raise ValueError(f"generate() started from input_ids of shape {tuple(input_ids.shape)}, not the "
                                  f"{tuple(self._prompt.shape)} prompts this hook was built for: build one hook per "
                                  f"generate() call (beams / num_return_sequences > 1 are not supported)")
-            teacher = self._teacher.prefill(self._prompt, self._prompt_mask)
+            teacher, self._teacher_next = self._teacher_next, None
             self._started = True
         elif self._active.numel():
             teacher = self._teacher.extend(input_ids[self._active, -1:])[:, -1]
@@ -730,6 +888,15 @@ class PruneOPDHook:
             raise RuntimeError(f"the student's forward returned {student.shape[0]} rows for a batch of "
                                f"{self._prompt.shape[0]}: beams / num_return_sequences > 1 are not supported")
         self._step_logits = _comparable(student[self._active], teacher)
+
+    def _within_shared_vocab(self, scores: torch.Tensor) -> torch.Tensor:
+        # A token the teacher has no logit for cannot be scored: sample from the shared vocabulary,
+        # as generate_with_pruning does.
+        if scores.shape[-1] <= self._shared_vocab:
+            return scores
+        scores = scores.clone()
+        scores[:, self._shared_vocab:] = -math.inf
+        return scores
 
     @torch.no_grad()
     def _after_sampling(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -780,7 +947,10 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
     for name in ("guidance_scale", "assistant_model", "prompt_lookup_num_tokens"):
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported with Prune-OPD (it runs extra student forwards per step)")
-    defaults = generate_kwargs.get("generation_config") or student.generation_config
+    generate = _wrapped_attribute(student, "generate")  # a PEFT model's own; DDP and FSDP have none
+    if generate is None:
+        raise TypeError(f"the student ({type(student).__name__}) has no generate() method")
+    defaults = generate_kwargs.get("generation_config") or _wrapped_attribute(student, "generation_config")
     eos = generate_kwargs.pop("eos_token_id", defaults.eos_token_id)
     eos_ids = _check_token_ids("eos_token_id", eos, input_ids.device)
     pad = generate_kwargs.pop("pad_token_id", defaults.pad_token_id)
@@ -793,6 +963,6 @@ def generate_hf_with_pruning(student, teacher, input_ids: torch.Tensor, attentio
         generate_kwargs["eos_token_id"] = eos
     with PruneOPDHook(student, teacher, input_ids, attention_mask, config=config, temperature=temperature or 1.0,
                       eos_token_id=eos, pad_token_id=pad, budget=budget) as hook:
-        out = student.generate(input_ids, attention_mask=attention_mask, pad_token_id=pad,
-                               **hook.generate_kwargs(user_processors, user_criteria), **generate_kwargs)
+        out = generate(input_ids, attention_mask=attention_mask, pad_token_id=pad,
+                       **hook.generate_kwargs(user_processors, user_criteria), **generate_kwargs)
     return hook.rollout(out, max_new_tokens=generate_kwargs.get("max_new_tokens"))

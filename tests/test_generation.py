@@ -6,11 +6,15 @@ models (logits rounded to float32 before the kernels), so that a cached incremen
 full-sequence forward give the kernels bit-identical inputs and every mode must take identical
 decisions; the invariant tests also run float32 / bfloat16 models.
 """
+import copy
+import inspect
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import CUDA_READY  # noqa: E402
 from opd_ext import PruneConfig, StopReason, reference  # noqa: E402
 from opd_ext.generation import (  # noqa: E402
     PruneOPDHook,
@@ -347,6 +351,264 @@ def test_hf_hook_misuse_is_reported(models):
     with pytest.raises(ValueError, match="num_return_sequences"):
         generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, num_return_sequences=2,
                                  do_sample=True, max_new_tokens=3, pad_token_id=PAD)
+
+
+# ---- every cache the models bring, wrapped models, vocabularies ---------------------------------
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=2,
+            eos_token_id=None, pad_token_id=PAD)
+LINEAR_ATTENTION = dict(head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                        linear_num_value_heads=4)
+
+
+class WithCache(torch.nn.Module):
+    """Wraps a causal LM as ``.module`` (as DistributedDataParallel does) and gives its forward
+    ``make_cache(config)`` when called without a cache, as a custom model may."""
+
+    def __init__(self, module, make_cache):
+        super().__init__()
+        self.module, self.make_cache = module, make_cache
+        self.cache_key = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+    def forward(self, **kwargs):
+        if kwargs.get(self.cache_key) is None and kwargs.get("use_cache"):
+            kwargs[self.cache_key] = self.make_cache(self.module.config)
+        return self.module(**kwargs)
+
+
+def _quantized(config):
+    return transformers.cache_utils.QuantizedCache(backend="fp8", config=config)
+
+
+def _static(config):
+    return transformers.cache_utils.StaticCache(config=config, max_cache_len=PROMPT_LEN + MAX_NEW)
+
+
+# name: (model class, config kwargs, dtype, cache factory or None for the model's own, its layer types
+# in transformers >= 5, whose cache_utils also has those of the factories)
+CACHE_FAMILIES = {
+    "full attention": ("LlamaForCausalLM", {}, torch.float64, None, {"DynamicLayer"}),
+    # Layer 1 slides over 4 tokens, fewer than a prompt: its cache drops positions as it goes.
+    "sliding window": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+                       torch.float64, None, {"DynamicLayer", "DynamicSlidingWindowLayer"}),
+    # Gated delta-net layers (conv + recurrent state) beside attention; dense MLPs keep float64 possible.
+    "qwen3-next linear attention": ("Qwen3NextForCausalLM", dict(
+        LINEAR_ATTENTION, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0, 1]),
+        torch.float64, None, {"LinearAttentionLayer", "DynamicLayer"}),
+    "lfm2 short conv": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+                        torch.float64, None, {"LinearAttentionLayer", "DynamicLayer"}),
+    # Linear and full attention state in one layer; its MoE runs in float32 only.
+    "zaya hybrid": ("ZayaForCausalLM", dict(head_dim=8, moe_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
+                                            router_hidden_size=16), torch.float32, None,
+                    {"LinearAttentionAndFullAttentionLayer"}),
+    "fp8 quantized": ("LlamaForCausalLM", {}, torch.float64, _quantized, {"Fp8QuantizedLayer"}),
+    "static": ("LlamaForCausalLM", {}, torch.float64, _static, {"StaticLayer"}),
+}
+
+
+def family_lm(family: str, seed: int, perturb: float = 0.0):
+    model_class, extra, dtype, make_cache, layer_types = CACHE_FAMILIES[family]
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    if make_cache and not all(hasattr(transformers.cache_utils, name) for name in layer_types):
+        pytest.skip(f"transformers {transformers.__version__} has no {' / '.join(layer_types)}")
+    model_class = getattr(transformers, model_class)
+    config = model_class.config_class(**{**TINY, **extra})
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    if perturb:
+        generator = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * perturb)
+    model = model.to(dtype)
+    return WithCache(model, make_cache) if make_cache else model
+
+
+def cache_of(output):
+    return output.get("cache", None) or output.get("past_key_values", None)
+
+
+@pytest.mark.parametrize("family", list(CACHE_FAMILIES))
+def test_every_cache_layer_type_drops_rows_exactly(family):
+    student, teacher = family_lm(family, 0), family_lm(family, 0, perturb=0.01)
+    ids, mask = prompts()
+    with torch.no_grad():
+        cache = cache_of(teacher(input_ids=ids, attention_mask=mask, use_cache=True))
+    if not isinstance(cache, transformers.cache_utils.Cache):  # hybrid models' own caches before transformers 5
+        with pytest.raises(TypeError, match=f"student's KV cache \\({type(cache).__name__}\\) is not a transformers"):
+            generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG, pad_token_id=PAD)
+        return
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        assert {type(layer).__name__ for layer in cache.layers} == CACHE_FAMILIES[family][-1]
+    assert_pruned_rows_match_unpruned(student, teacher, ids, mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_READY, reason="offloading needs a CUDA device (and opd_ext's CUDA kernels)")
+def test_offloaded_cache_drops_rows_exactly():
+    def offloaded(config):
+        return transformers.DynamicCache(config=config, offloading=True)
+
+    student, teacher = (WithCache(tiny_lm(0, perturb=p, device="cuda", dtype=torch.float32), offloaded)
+                        for p in (0.0, 0.01))
+    ids, mask = prompts("cuda")
+    assert_pruned_rows_match_unpruned(student, teacher, ids, mask)
+
+
+def assert_pruned_rows_match_unpruned(student, teacher, ids, mask):
+    """Rows leave both models' caches while others go on; the surviving rows must get exactly the
+    tokens (and teacher scores) they get in an unpruned run (greedy decoding fixes the tokens)."""
+    common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
+    full = generate_with_pruning(student, teacher, ids, mask, config=PruneConfig.disabled(k=8), **common)
+    runs = {f"chunk_size={c}": generate_with_pruning(student, teacher, ids, mask, config=CONFIG, chunk_size=c, **common)
+            for c in (1, 3)}
+    if hasattr(student, "generate"):  # the hook's teacher drops rows; HF keeps the student's batch
+        runs["hf generate"] = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, **common)
+    for name, rollout in runs.items():
+        assert int(rollout.lengths.min()) < int(rollout.lengths.max()), f"{name}: rows must stop while others go on"
+        kept = rollout.completion_mask
+        unpruned = full.completions[:, :kept.shape[1]]
+        assert torch.equal(rollout.completions[kept], unpruned[kept]), name
+        torch.testing.assert_close(rollout.teacher_logprobs[kept], full.teacher_logprobs[:, :kept.shape[1]][kept],
+                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def requantizing_layer_class():
+    """Stands in for the quanto / HQQ layers (optional libraries): identity "quantization"."""
+    base = getattr(transformers.cache_utils, "QuantizedLayer", None)
+    if base is None:
+        pytest.skip(f"transformers {transformers.__version__} has no QuantizedLayer")
+
+    class RequantizingLayer(base):
+        def _quantize(self, tensor, axis):
+            return tensor.clone()
+
+        def _dequantize(self, tensor):
+            return tensor
+
+    return RequantizingLayer
+
+
+def test_caches_that_cannot_drop_rows_are_refused_before_decoding(models):
+    student, _ = models
+    layer_class = requantizing_layer_class()
+    teacher = WithCache(tiny_lm(0, perturb=0.01),
+                        lambda config: transformers.cache_utils.Cache(layers=[layer_class() for _ in range(2)]))
+    ids, mask = prompts()
+    student_forwards = []
+    handle = student.register_forward_hook(lambda *_: student_forwards.append(1))
+    try:
+        with pytest.raises(TypeError, match="teacher's KV cache layer 0 is a RequantizingLayer, which re-quantizes"):
+            generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG, pad_token_id=PAD)
+    finally:
+        handle.remove()
+    assert len(student_forwards) == 1, "refused after the prefill, before any token is decoded"
+    with pytest.raises(TypeError, match="re-quantizes"):  # before generate() is called
+        PruneOPDHook(student, teacher, ids, mask, config=CONFIG, pad_token_id=PAD)
+
+    torch.manual_seed(0)
+    seq2seq = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=PAD)).eval()
+    for call in (lambda: generate_with_pruning(student, seq2seq, ids, mask, max_new_tokens=2, pad_token_id=PAD),
+                 lambda: PruneOPDHook(seq2seq, student, ids, mask, pad_token_id=PAD),
+                 lambda: score_rollouts(student, seq2seq, torch.cat([ids, ids], 1), PROMPT_LEN)):
+        with pytest.raises(ValueError, match="encoder-decoder model .*T5ForConditionalGeneration.* decoder-only"):
+            call()
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def wrapped_pair(wrapper: str, request):
+    """(wrapped student, wrapped teacher, plain student, plain teacher) computing the same functions."""
+    student, teacher = model_pair()
+    if wrapper == "ddp":
+        request.getfixturevalue("process_group")
+        ddp = torch.nn.parallel.DistributedDataParallel
+        return ddp(student), ddp(teacher), student, teacher
+    peft = pytest.importorskip("peft")
+    # init_lora_weights=False: random adapters that change the function, merged into plain copies.
+    wrapped = [peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                         init_lora_weights=False)) for model in (student, teacher)]
+    plain = [copy.deepcopy(model).merge_and_unload() for model in wrapped]
+    return (*wrapped, *plain)
+
+
+@pytest.mark.parametrize("wrapper", ["peft", "ddp"])
+def test_wrapped_models_in_every_mode(wrapper, request):
+    student, teacher, plain_student, plain_teacher = wrapped_pair(wrapper, request)
+    ids, mask = prompts()
+    common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
+
+    def every_mode(s, t):
+        runs = {f"chunk_size={c}": generate_with_pruning(s, t, ids, mask, config=CONFIG, chunk_size=c, **common)
+                for c in (1, 3)}
+        runs["hf generate"] = generate_hf_with_pruning(s, t, ids, mask, config=CONFIG, **common)
+        # What users call: the PEFT model's own generate(), DDP's module's.
+        with PruneOPDHook(s, t, ids, mask, config=CONFIG, eos_token_id=None, pad_token_id=PAD) as hook:
+            out = getattr(s, "module", s).generate(ids, attention_mask=mask, **common, **hook.generate_kwargs())
+        runs["hook"] = hook.rollout(out, max_new_tokens=MAX_NEW)
+        runs["post hoc"] = score_rollouts(s, t, runs["chunk_size=1"].sequences, PROMPT_LEN, attention_mask=mask,
+                                          completion_mask=runs["chunk_size=1"].completion_mask, config=CONFIG)
+        return runs
+
+    want, got = every_mode(plain_student, plain_teacher), every_mode(student, teacher)
+    assert bool((want["chunk_size=1"].stop_reason != StopReason.RUNNING).any()), "the setting must prune something"
+    for name in want:
+        assert torch.equal(got[name].sequences, want[name].sequences), name
+        assert torch.equal(got[name].multipliers, want[name].multipliers), name
+        torch.testing.assert_close(got[name].teacher_logprobs, want[name].teacher_logprobs, rtol=1e-5, atol=1e-6)
+    assert not any(module._forward_hooks for module in student.modules()), "the hooks removed their taps"
+
+
+def test_student_vocabulary_beyond_the_teachers_is_masked_in_every_mode():
+    """Ids only the student has are never sampled (the teacher cannot score them): the same
+    tokens and decisions in every mode, and a clear error post hoc."""
+    student, teacher = tiny_lm(0, vocab=VOCAB + 40), tiny_lm(0, perturb=0.01)
+    with torch.no_grad():
+        student.lm_head.weight[VOCAB:] *= 4  # the student's favourite ids are ones the teacher lacks
+    ids, mask = prompts()
+    common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
+    lockstep = generate_with_pruning(student, teacher, ids, mask, config=CONFIG, **common)
+    kept = lockstep.completion_mask
+    full_mask = torch.cat([mask, kept.long()], 1)
+    with torch.no_grad():
+        logits = student(lockstep.sequences, attention_mask=full_mask,
+                         position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, PROMPT_LEN - 1:-1]
+    assert bool((logits.argmax(-1)[kept] >= VOCAB).any()), "unmasked, the student would pick ids beyond the teacher's"
+    assert int(lockstep.completions.max()) < VOCAB
+    others = {
+        "chunked": generate_with_pruning(student, teacher, ids, mask, config=CONFIG, chunk_size=4, **common),
+        "hf generate": generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, **common),
+        "post hoc": score_rollouts(student, teacher, lockstep.sequences, PROMPT_LEN, attention_mask=mask,
+                                   completion_mask=kept, config=CONFIG),
+    }
+    for name, other in others.items():
+        assert torch.equal(other.sequences, lockstep.sequences), name
+        assert torch.equal(other.multipliers, lockstep.multipliers), name
+    torch.manual_seed(0)
+    sampled = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, max_new_tokens=MAX_NEW,
+                                       do_sample=True, pad_token_id=PAD)
+    assert int(sampled.completions.max()) < VOCAB
+
+    beyond = lockstep.sequences.clone()
+    beyond[0, PROMPT_LEN] = VOCAB + 5
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 5}, beyond the teacher's vocabulary of {VOCAB} ids"):
+        score_rollouts(student, teacher, beyond, PROMPT_LEN, attention_mask=mask, completion_mask=kept, config=CONFIG)
+    with pytest.raises(ValueError, match=f"completion token {VOCAB + 5} .*row 0, step 0.* share \\({VOCAB} ids\\)"):
+        score_rollouts(None, student, beyond, PROMPT_LEN, attention_mask=mask, completion_mask=kept, config=CONFIG,
+                       student_logits=torch.zeros(*kept.shape, VOCAB))
 
 
 # ---- bad input ----------------------------------------------------------------------------------
