@@ -5,7 +5,7 @@
 Each op's driver runs a few small shapes chosen to reach the edge paths of a kernel: odd V (rows
 that start unaligned for vector loads, tails shorter than a tile), V smaller than a block, a
 vocabulary just above a power of two, k at both ends, -inf entries, a bf16 student with an fp32
-teacher, and the backward kernels. It prints "== <op>" before and "ok <op>" after each driver, so a
+teacher and the reverse, and the backward kernels. It prints "== <op>" before and "ok <op>" after each driver, so a
 sanitizer report in the log can be attributed; ops missing from the build print "SKIP <op>: ...".
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation and memcheck sees
 out-of-bounds accesses that the caching allocator would otherwise hide inside a larger block.
@@ -22,7 +22,7 @@ import harness  # noqa: F401  (puts the repository on the path for in-place buil
 VOCABS = (7, 129, 1000, 4099)
 ROWS = 3
 PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-         (torch.bfloat16, torch.float32))
+         (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
 
 
 def _pairs(vocab, device, requires_grad=False):

@@ -2,8 +2,8 @@
 // TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and autograd live in Python
 // (opd_ext/_meta.py, opd_ext/losses.py).
 //
-// Conventions: logits are [..., V] (float32 / bfloat16 / float16, or a low-precision student with
-// a float32 teacher), flattened to rows internally; every per-row output is float32 with the
+// Conventions: logits are [..., V] (float32 / bfloat16 / float16, or float32 on one side with
+// bfloat16 / float16 on the other), flattened to rows internally; every per-row output is float32 with the
 // leading shape [...]. A NaN anywhere in a row makes that row's outputs NaN and no other row's.
 //
 // The schemas are defined by a function so that the SIMT emulator's test library (opd_ext_emu,

@@ -40,8 +40,12 @@ inline at::Tensor per_row(const char* op, const char* name, const at::Tensor& t,
 inline void check_token_values(const char* op, const at::Tensor& ids, int64_t vocab) {
   const int64_t* data = ids.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < ids.numel(); ++r) {
+    // A negative id is almost always a label-style ignore_index (-100) meant as "does not count".
     TORCH_CHECK(data[r] >= 0 && data[r] < vocab, op, ": tokens must be in [0, V=", vocab, "), got ", data[r],
-                " at flat position ", r);
+                " at flat position ", r,
+                data[r] < 0 ? "; positions that do not count (e.g. ignore_index -100) must be excluded with "
+                              "mask=, e.g. mask=(tokens != -100): any id is allowed where mask is False"
+                            : "");
   }
 }
 

@@ -8,15 +8,16 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 namespace opd_ext {
 
-// Supported pairs: both the same floating dtype, or a low-precision student beside an fp32
-// teacher (a bf16 policy scored by an fp32 teacher is common). Anything else asks for a cast
-// instead of silently materialising an upcast copy of a [N, V] tensor.
-template <typename Fn>
-decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teacher,
-                                   const char* op, Fn&& fn) {
+namespace detail {
+
+// The dispatch itself; kMixedFloatStudent = false leaves out the (float32, low-precision) pairs for
+// callers that never pass them, so their kernels are not compiled.
+template <bool kMixedFloatStudent, typename Fn>
+decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teacher, const char* op, Fn&& fn) {
   using c10::ScalarType;
   if (student == teacher) {
     switch (student) {
@@ -28,10 +29,44 @@ decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teac
   } else if (teacher == ScalarType::Float) {
     if (student == ScalarType::BFloat16) return fn.template operator()<c10::BFloat16, float>();
     if (student == ScalarType::Half) return fn.template operator()<c10::Half, float>();
+  } else if (student == ScalarType::Float) {
+    if constexpr (kMixedFloatStudent) {
+      if (teacher == ScalarType::BFloat16) return fn.template operator()<float, c10::BFloat16>();
+      if (teacher == ScalarType::Half) return fn.template operator()<float, c10::Half>();
+    }
   }
   TORCH_CHECK(false, op, ": unsupported dtypes student_logits=", student, ", teacher_logits=",
-              teacher, "; supported: float32/bfloat16/float16 pairs of one dtype, or a "
-              "bfloat16/float16 student with a float32 teacher. Cast one side to match.");
+              teacher, "; supported: float32/bfloat16/float16 pairs of one dtype, or float32 on one "
+              "side with bfloat16/float16 on the other. Cast one side to match.");
+}
+
+}  // namespace detail
+
+// Supported pairs: both the same floating dtype, or float32 beside a bfloat16/float16 row on either
+// side (a bf16 policy scored by an fp32 teacher, or an fp32 student beside a bf16 teacher: upcasting
+// either would materialise a float32 copy of a [N, V] tensor). bf16 beside fp16 asks for a cast.
+template <typename Fn>
+decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teacher, const char* op, Fn&& fn) {
+  return detail::dispatch_logit_pair<true>(student, teacher, op, std::forward<Fn>(fn));
+}
+
+// For ops symmetric in their two rows (top-k overlap): a float32 student beside a low-precision
+// teacher runs the (low-precision, float32) kernels with the rows exchanged, which gives the same
+// result bit for bit and compiles no kernels for the mirrored pairs. `fn.template operator()<A,
+// B>(first, second)` receives the rows in the order the kernels take them (A first).
+template <typename Fn>
+decltype(auto) dispatch_symmetric_logit_pair(const at::Tensor& student, const at::Tensor& teacher, const char* op,
+                                             Fn&& fn) {
+  const bool exchange = student.scalar_type() == c10::ScalarType::Float &&
+                        (teacher.scalar_type() == c10::ScalarType::BFloat16 ||
+                         teacher.scalar_type() == c10::ScalarType::Half);
+  const at::Tensor& first = exchange ? teacher : student;
+  const at::Tensor& second = exchange ? student : teacher;
+  // Exchanged dtypes are always a supported pair, so an error names the caller's own order.
+  return detail::dispatch_logit_pair<false>(first.scalar_type(), second.scalar_type(), op,
+                                            [&]<typename A, typename B>() {
+                                              return fn.template operator()<A, B>(first, second);
+                                            });
 }
 
 // The one-dtype counterpart of dispatch_logit_pair, for ops that read the student alone.

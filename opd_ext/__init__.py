@@ -11,6 +11,7 @@ from opd_ext.losses import (
     TokenStatsWithForwardKL,
     reverse_kl_loss,
     reverse_kl_loss_sparse_teacher,
+    teacher_support,
     token_stats,
     vopd_loss,
     vopd_loss_sparse_teacher,
@@ -34,6 +35,7 @@ __all__ = [
     "fused_linear_vopd_loss",
     "reverse_kl_loss",
     "reverse_kl_loss_sparse_teacher",
+    "teacher_support",
     "token_stats",
     "vopd_loss",
     "vopd_loss_sparse_teacher",
@@ -47,8 +49,9 @@ __all__ = [
 
 
 # Imported on first use: opd_ext.generation pulls in transformers, which the kernels and losses do
-# not need; opd_ext.distributed is for multi-process runs only.
-_LAZY_SUBMODULES = ("distributed", "generation")
+# not need; opd_ext.distributed is for multi-process runs only; opd_ext.served only for teachers
+# behind vLLM / SGLang.
+_LAZY_SUBMODULES = ("distributed", "generation", "served")
 
 
 def __getattr__(name):

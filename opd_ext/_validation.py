@@ -6,6 +6,7 @@ our source.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -17,9 +18,37 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """A device argument as a torch.device; a CUDA device without CUDA is one clear error here, not
+    a driver traceback from the first allocation."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}={device!r} is not a device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else f"torch {torch.__version__} finds no usable NVIDIA GPU or driver")
+        raise RuntimeError(f"{name}={str(device)!r}, but CUDA is not available here ({why}); use device=\"cpu\"")
+    return device
+
+
+def check_kernels_for(name: str, tensor: torch.Tensor) -> None:
+    """CUDA tensors need a build with the CUDA kernels; say so instead of the dispatcher's
+    "Could not run 'opd_ext::...' with arguments from the 'CUDA' backend" traceback."""
+    if tensor.is_cuda:
+        from opd_ext._extension import cuda_kernels_available
+
+        if not cuda_kernels_available():
+            raise RuntimeError(
+                f"{name} is on {tensor.device}, but this opd_ext build has no CUDA kernels (nvcc was not found "
+                f"when it was built); rebuild with the CUDA toolkit on PATH (pip install --no-build-isolation "
+                f"-e .), or move the tensors to the CPU")
+
+
 def check_logits(name: str, logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of logits [..., V], got {type(logits).__name__}")
+    check_kernels_for(name, logits)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
     if logits.dtype not in LOGIT_DTYPES:
@@ -29,8 +58,17 @@ def check_logits(name: str, logits) -> None:
 
 
 def is_supported_dtype_pair(student: torch.dtype, teacher: torch.dtype) -> bool:
-    """The (student, teacher) logit dtypes the kernels dispatch on (csrc/torch_utils.h)."""
-    return student == teacher or (student in _LOW_PRECISION and teacher == torch.float32)
+    """The (student, teacher) logit dtypes the kernels dispatch on (csrc/torch_utils.h): one dtype
+    for both, or float32 on one side with bfloat16/float16 on the other."""
+    if student == teacher:
+        return True
+    return ((student in _LOW_PRECISION and teacher == torch.float32)
+            or (student == torch.float32 and teacher in _LOW_PRECISION))
+
+
+# How errors describe the pairs is_supported_dtype_pair accepts.
+SUPPORTED_DTYPE_PAIRS = ("one dtype for both, or float32 on one side with bfloat16/float16 on the other "
+                         "(e.g. a bf16 student with an fp32 teacher, or an fp32 student with a bf16 teacher)")
 
 
 def check_logit_pair(student_logits, teacher_logits) -> None:
@@ -56,16 +94,19 @@ def check_logit_pair(student_logits, teacher_logits) -> None:
         )
     if not is_supported_dtype_pair(s.dtype, t.dtype):
         raise TypeError(
-            f"unsupported dtype mix: student_logits {s.dtype}, teacher_logits {t.dtype}. Supported: one "
-            f"dtype for both, or a bfloat16/float16 student with a float32 teacher; cast the other side"
+            f"unsupported dtype mix: student_logits {s.dtype}, teacher_logits {t.dtype}. Supported: "
+            f"{SUPPORTED_DTYPE_PAIRS}; cast one side"
         )
 
 
-def check_k(k, vocab: int, name: str = "k") -> int:
+def check_k(k, vocab: int, name: str = "k", default: Optional[int] = None) -> int:
+    """1 <= k <= V. ``default``: the caller's default for ``name``, which a user may not know they
+    passed (``topk=100`` beside a small test vocabulary)."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{name} must be an int, got {type(k).__name__}")
     if not 1 <= k <= vocab:
-        raise ValueError(f"{name}={k} is out of range: need 1 <= {name} <= V={vocab}")
+        note = f" ({name}={default} is the default; pass {name}= at most {vocab})" if k == default else ""
+        raise ValueError(f"{name}={k} is out of range: need 1 <= {name} <= V={vocab}{note}")
     return k
 
 
@@ -77,7 +118,9 @@ _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a positive float, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) a float argument is
+    # traced as a SymFloat, which math.isfinite cannot take. NaN fails both comparisons.
+    if not (0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return float(temperature)
 
@@ -103,6 +146,17 @@ def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str,
         raise ValueError(f"{name} is on {tensor.device} but {reference} is on {logits.device}; use one device")
     if tensor.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {tensor.dtype}")
+
+
+# Said with every out-of-range negative token id (csrc/token_stats_args.h says the same).
+IGNORE_INDEX_HINT = ("positions that do not count (e.g. ignore_index -100) must be excluded with mask=, e.g. "
+                     "mask=(tokens != -100): any id is allowed where mask is False")
+
+
+def token_range_error(vocab: int, low: int, high: int, where: str = "") -> ValueError:
+    """The error for token ids outside [0, V) (values in [low, high])."""
+    hint = f"; {IGNORE_INDEX_HINT}" if low < 0 else ""
+    return ValueError(f"tokens must be ids in [0, V={vocab}){where}, got values in [{low}, {high}]{hint}")
 
 
 def check_tokens(tokens, logits: torch.Tensor, reference: str = "student_logits") -> None:
@@ -218,6 +272,7 @@ def check_linear_head(side: str, hidden, weight, bias) -> None:
             continue
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        check_kernels_for(name, tensor)
         if tensor.dtype not in LOGIT_DTYPES:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
     if hidden.dim() < 2:

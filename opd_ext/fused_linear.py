@@ -14,9 +14,23 @@ V=151936 in bf16 that is ~1.6 GiB against ~14 GiB for eager PyTorch
 
 The teacher is detached: given as logits ``[..., V]``, or as ``teacher_hidden`` + ``teacher_weight``,
 whose logits are then also formed one chunk at a time.
+
+LoRA on the lm_head: pass the module, not its weight. ``student_weight`` (and ``teacher_weight``) may be
+the lm_head module itself: an ``nn.Linear``, a PEFT LoRA layer or a PEFT ``modules_to_save`` wrapper
+(:func:`linear_head` says what is accepted and what it resolves to). A LoRA layer's base weight alone
+would silently drop its adapters: the loss would score different logits and the adapters would get
+no gradient. Given the module, each chunk adds the adapters' low-rank term to its logits
+(``scale · (dropout(x) @ A.T) @ B.T``, as PEFT's forward does) and the adapters' gradients are summed
+per chunk, so the memory stays O(chunk·V + N·H + V·H) with O(V·r + r·H) for the adapters, and no
+merged ``[V, H]`` weight or its gradient is formed. Adapter kinds whose forward is not that sum
+(DoRA, lora_bias, other PEFT tuners) raise a TypeError that says how to proceed::
+
+    loss = opd_ext.fused_linear_vopd_loss(hidden, peft_model.get_output_embeddings(), tokens,
+                                          teacher_hidden=t_hidden, teacher_weight=teacher.lm_head.weight)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +38,7 @@ import torch.nn.functional as F
 
 from opd_ext._extension import ops
 from opd_ext._validation import (
+    SUPPORTED_DTYPE_PAIRS,
     check_choice,
     check_head_vocab,
     check_k,
@@ -34,8 +49,10 @@ from opd_ext._validation import (
     check_tokens,
     check_weights,
     is_supported_dtype_pair,
+    token_range_error,
 )
-from opd_ext.losses import BASELINES, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum, token_stats_op
+from opd_ext.losses import (BASELINES, DEFAULT_TOPK, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum,
+                            token_stats_op)
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -68,7 +85,7 @@ def fused_linear_vopd_loss(
     weights: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     baseline: str = "full",
-    topk: int = 100,
+    topk: int = DEFAULT_TOPK,
     kl: str = "reverse",
     num_items=None,
     chunk_size: Optional[int] = None,
@@ -78,19 +95,29 @@ def fused_linear_vopd_loss(
 
     Args:
         student_hidden: ``[N, H]`` or ``[B, T, H]``, the states fed to the lm_head.
-        student_weight: ``[V, H]`` lm_head weight (``nn.Linear`` layout), same dtype and device.
+        student_weight: ``[V, H]`` lm_head weight (``nn.Linear`` layout), same dtype and device; or the
+            lm_head module (``nn.Linear``, PEFT LoRA layer: see :func:`linear_head`), whose bias and
+            LoRA adapters are then part of the logits and receive gradients. Pass the module whenever
+            the head may carry adapters: its ``.weight`` / ``.base_layer.weight`` alone ignores them.
         tokens: int64 ``[N]`` / ``[B, T]``, the sampled ids (any value where ``mask`` is False).
         teacher_logits: ``[N, V]`` / ``[B, T, V]``; or instead give ``teacher_hidden`` ``[..., H_t]`` and
-            ``teacher_weight`` ``[V, H_t]`` (+ ``teacher_bias``), whose logits are formed per chunk.
-            The teacher dtype is the student's, or float32 beside a bf16/fp16 student.
-        student_bias: optional ``[V]``.
+            ``teacher_weight`` ``[V, H_t]`` (+ ``teacher_bias``; or the teacher's lm_head module), whose
+            logits are formed per chunk.
+            The teacher dtype is the student's, or float32 beside a bf16/fp16 student, or bf16/fp16
+            beside a float32 student.
+        student_bias: optional ``[V]`` (not with a module as ``student_weight``: it has its own).
         mask, weights, temperature, baseline, topk, kl, num_items: as in ``opd_ext.vopd_loss``.
         chunk_size: rows per chunk; default :func:`default_chunk_size`.
 
     Returns:
         A float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
-        ``student_bias``. The gradients are computed during the forward pass, so a forward under
-        ``torch.no_grad()`` skips them.
+        ``student_bias`` (with a module: its weight, bias and LoRA ``lora_A`` / ``lora_B`` weights).
+        The gradients are computed during the forward pass, so a forward under ``torch.no_grad()``
+        skips them.
+
+    Raises:
+        TypeError / ValueError: as :func:`linear_head` for a module that is not an lm_head the loss
+        can compute (DoRA and other adapter kinds it does not model), and for the argument checks.
 
     Student and teacher must share the vocabulary. Models of one family often pad the embedding
     differently (Qwen2.5: 151936 vs 152064 rows); slice the longer side to the shared prefix, a
@@ -105,7 +132,7 @@ def fused_linear_vopd_loss(
     problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                        teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
                        chunk_size)
-    topk = check_k(topk, problem.vocab, "topk") if baseline == "topk" else 0
+    topk = check_k(topk, problem.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = token_stats_op(
@@ -169,6 +196,8 @@ class _Problem:
 
     def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                  teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size):
+        student_weight, student_bias, self.adapters = _resolve_head("student", student_weight, student_bias)
+        teacher_weight, teacher_bias, teacher_adapters = _resolve_head("teacher", teacher_weight, teacher_bias)
         check_linear_head("student", student_hidden, student_weight, student_bias)
         lead = tuple(student_hidden.shape[:-1])
         device, dtype = student_hidden.device, student_hidden.dtype
@@ -197,13 +226,16 @@ class _Problem:
             t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
             t_weight = teacher_weight.detach()
             t_bias = None if teacher_bias is None else teacher_bias.detach()
-            self.teacher_logits = lambda rows: F.linear(t_hidden[rows], t_weight, t_bias)
+            t_adapters = _AdapterTerms(tuple(LoraAdapter(ad.a.detach(), ad.b.detach(), ad.scale, ad.dropout)
+                                             for ad in teacher_adapters))
+            self.teacher_logits = lambda rows: t_adapters.add_to_logits(
+                t_hidden[rows], F.linear(t_hidden[rows], t_weight, t_bias), save=False)
         if teacher_device != device:
             raise ValueError(f"the teacher is on {teacher_device} but student_hidden is on {device}; use one device")
         if not is_supported_dtype_pair(dtype, teacher_dtype):
             raise TypeError(
-                f"unsupported dtype mix: student {dtype}, teacher {teacher_dtype}. Supported: one dtype for "
-                f"both, or a bfloat16/float16 student with a float32 teacher; cast the teacher")
+                f"unsupported dtype mix: student {dtype}, teacher {teacher_dtype}. Supported: "
+                f"{SUPPORTED_DTYPE_PAIRS}; cast the teacher")
 
         self.temperature = check_temperature(temperature)
         if mask is not None:
@@ -215,18 +247,25 @@ class _Problem:
         scale, valid = _loss_scale(student_hidden, mask, None if weights is None else weights.detach(), num_items)
         self.scale, self.valid = scale.reshape(-1), valid.reshape(-1)
         # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
-        # and states (possibly NaN) never reach the kernels.
-        self.selected = None if mask is None else self.valid.nonzero().squeeze(1)
+        # and states (possibly NaN) never reach the kernels. Under torch.compile the number of
+        # valid rows is data-dependent and cannot size the chunk loop, so every row is computed
+        # there, the masked ones zeroed (states, tokens) and weighted 0.
+        self.zero_masked_rows = mask is not None and torch.compiler.is_compiling()
+        self.selected = None if mask is None or self.zero_masked_rows else self.valid.nonzero().squeeze(1)
         if tokens is None:  # dense losses: any valid id, the kernels' log p(y) is unused
             self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)
         else:
             check_tokens(tokens, student_hidden, "student_hidden")
             self.tokens = tokens.reshape(-1)
-            # Checked here, not by the kernels: they would report a position inside a chunk.
+            if self.zero_masked_rows:
+                self.tokens = torch.where(self.valid, self.tokens, 0)
+            # Checked here, not by the kernels: they would report a position inside a chunk. A
+            # compiled graph cannot branch on the data; there the kernels' own check raises.
             chosen = self.tokens if self.selected is None else self.tokens[self.selected]
-            if chosen.numel() and bool(((chosen < 0) | (chosen >= self.vocab)).any()):
-                bad = chosen[(chosen < 0) | (chosen >= self.vocab)][0].item()
-                raise ValueError(f"tokens must be in [0, V={self.vocab}) at unmasked positions, got {bad}")
+            if (not torch.compiler.is_compiling() and chosen.numel()
+                    and bool(((chosen < 0) | (chosen >= self.vocab)).any())):
+                bad = chosen[(chosen < 0) | (chosen >= self.vocab)]
+                raise token_range_error(self.vocab, bad.min().item(), bad.max().item(), " at unmasked positions")
 
         num_selected = self.rows if self.selected is None else self.selected.numel()
         if chunk_size is None:
@@ -238,21 +277,29 @@ class _Problem:
 
     def row_chunks(self):
         """Row selectors: slices (views, no copy) without a mask, index tensors with one."""
-        for start in range(0, self.num_selected, self.chunk_size):
-            stop = min(start + self.chunk_size, self.num_selected)
+        # Counting chunks (rather than range(0, rows, chunk)) and sym_min keep a symbolic row count
+        # symbolic under torch.compile(dynamic=True): the graph is specialised on the number of
+        # chunks only, not on every row count.
+        num_chunks = (self.num_selected + self.chunk_size - 1) // self.chunk_size
+        for i in range(num_chunks):
+            start = i * self.chunk_size
+            stop = torch.sym_min(start + self.chunk_size, self.num_selected)
             yield slice(start, stop) if self.selected is None else self.selected[start:stop]
 
     def run(self, chunk_loss: ChunkLoss) -> torch.Tensor:
         grad_enabled = torch.is_grad_enabled()
+        adapter_tensors = [t for ad in self.adapters for t in (ad.a, ad.b)]
         needs = tuple(grad_enabled and t is not None and t.requires_grad
-                      for t in (self.hidden, self.weight, self.bias))
-        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs)
+                      for t in (self.hidden, self.weight, self.bias, *adapter_tensors))
+        # The adapters' tensors are inputs too, so that autograd hands their gradients back.
+        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs, *adapter_tensors)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs):
-        need_hidden, need_weight, need_bias = needs
+    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, *adapter_tensors):
+        need_hidden, need_weight, need_bias = needs[:3]
+        adapters = _AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
         # Rows outside the mask are never visited and keep a zero gradient.
         new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
         grad_hidden = new_grad_hidden(hidden) if need_hidden else None
@@ -261,14 +308,22 @@ class _FusedLinearLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for rows in problem.row_chunks():
             chunk_hidden = hidden[rows]
+            if problem.zero_masked_rows:  # a NaN state would reach grad_weight as 0 * NaN
+                chunk_hidden = torch.where(problem.valid[rows, None], chunk_hidden, 0)
+            # The logits stay a temporary: a name would keep them alive into the next chunk.
             chunk_loss_value, grad_logits = chunk_loss(
-                F.linear(chunk_hidden, weight, bias), problem.teacher_logits(rows),
+                adapters.add_to_logits(chunk_hidden, F.linear(chunk_hidden, weight, bias)),
+                problem.teacher_logits(rows),
                 problem.tokens[rows], problem.scale[rows], problem.valid[rows], any(needs))
             loss += chunk_loss_value
             if grad_logits is None:
                 continue
+            adapter_grad_hidden = adapters.backward(grad_logits, need_hidden) if adapters.adapters else None
             if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
+                chunk_grad_hidden = grad_logits @ weight
+                if adapter_grad_hidden is not None:
+                    chunk_grad_hidden = (chunk_grad_hidden + adapter_grad_hidden).to(hidden.dtype)
+                grad_hidden[rows] = chunk_grad_hidden
             if need_weight:
                 grad_weight.add_matmul_(grad_logits.t(), chunk_hidden)
             if need_bias:
@@ -277,14 +332,15 @@ class _FusedLinearLoss(torch.autograd.Function):
         # Held in the parameters' dtype until backward; the float32 sums are freed here.
         grad_weight = grad_weight.result() if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *adapters.results())
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in (grad_hidden, grad_weight, grad_bias)]
-        return *scaled, None, None, None
+        grad_hidden, grad_weight, grad_bias, *grad_adapters = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output.to(g.dtype)
+                  for g in (grad_hidden, grad_weight, grad_bias, *grad_adapters)]
+        return *scaled[:3], None, None, None, *scaled[3:]
 
 
 # Rows of the weight gradient per float32 accumulator block (see _WeightGradSum).
@@ -341,3 +397,202 @@ def _check_lead(name: str, shape, lead: tuple) -> None:
     if tuple(shape) != lead:
         raise ValueError(f"{name} must have the leading shape of student_hidden {lead}, got {tuple(shape)}")
 
+
+
+# ---- lm_head modules and LoRA adapters ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One LoRA adapter of an lm_head: ``logits += scale · (dropout(x) @ a.T) @ b.T``.
+
+    ``a`` is ``lora_A.weight`` ``[r, H]``, ``b`` is ``lora_B.weight`` ``[V, r]``, both of one floating
+    dtype (PEFT keeps them in float32 beside a bf16 base by default; the hidden states are cast to
+    it, as PEFT's forward does). ``dropout`` is the probability applied to the adapter's input, 0 in
+    eval mode.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """An lm_head as the fused-linear losses compute it:
+    ``logits = x @ weight.T + bias + Σ_adapters scale · (dropout(x) @ a.T) @ b.T``."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    adapters: tuple[LoraAdapter, ...] = ()
+
+
+def linear_head(module) -> LinearHead:
+    """The weight, bias and active LoRA adapters of an lm_head module.
+
+    The fused-linear losses call this themselves when ``student_weight`` / ``teacher_weight`` is a
+    module; call it to inspect what they will compute. Accepted:
+
+    * ``torch.nn.Linear`` (``weight`` ``[V, H]``, optional ``bias`` ``[V]``);
+    * a PEFT LoRA layer wrapping one (``peft.tuners.lora.Linear``, found by its ``base_layer`` and
+      ``lora_A`` attributes; peft is not imported): every active, unmerged adapter becomes a
+      :class:`LoraAdapter` with the layer's scaling and, in training mode, its dropout. Disabled
+      adapters are left out; merged ones are already part of the base weight, as in PEFT's forward;
+    * a PEFT ``modules_to_save`` wrapper: the copy the active adapter trains (the original when
+      adapters are disabled);
+    * a :class:`LinearHead`, returned as is.
+
+    Raises:
+        TypeError: any other module, or a PEFT layer whose forward is not the sum above: DoRA and
+            the other LoRA variants, ``lora_bias=True``, ``fan_in_fan_out``, other PEFT tuners and
+            wrappers (e.g. trainable tokens). Merge such adapters first
+            (``model.merge_and_unload()``, or ``merge_adapter()`` and a frozen head), or compute the
+            logits with the module and use ``opd_ext.vopd_loss`` / ``opd_ext.reverse_kl_loss``.
+        ValueError: adapter shapes that do not match the base weight.
+    """
+    if isinstance(module, LinearHead):
+        return module
+    if isinstance(module, torch.Tensor):
+        raise TypeError("linear_head takes the lm_head module (e.g. model.lm_head), not its weight tensor")
+    name = type(module).__name__
+    unsupported = (f"the fused-linear losses cannot compute the lm_head {name}: merge its adapters into the "
+                   f"weight first (peft: model.merge_and_unload()), or compute the logits with the module and "
+                   f"use opd_ext.vopd_loss / opd_ext.reverse_kl_loss")
+    if hasattr(module, "original_module"):  # PEFT's auxiliary training wrappers
+        copies = getattr(module, "modules_to_save", None)
+        if not isinstance(copies, torch.nn.ModuleDict):
+            raise TypeError(f"{unsupported} ({name} changes the head's weight in a way they do not model)")
+        active = list(module.active_adapters)
+        if module.disable_adapters or not active or active[0] not in copies:
+            return linear_head(module.original_module)
+        return linear_head(copies[active[0]])
+    if hasattr(module, "base_layer"):  # a PEFT tuner layer
+        if not hasattr(module, "lora_A"):
+            raise TypeError(f"{unsupported} (only LoRA adapters are computed in the fused losses)")
+        return _lora_head(module, unsupported)
+    if isinstance(module, torch.nn.Linear):
+        return LinearHead(module.weight, module.bias)
+    raise TypeError(f"expected the lm_head as a torch.nn.Linear, a PEFT LoRA layer or an "
+                    f"opd_ext.fused_linear.LinearHead, got {name}")
+
+
+def _lora_head(layer, unsupported: str) -> LinearHead:
+    base = linear_head(layer.base_layer)
+    if layer.merged:
+        if layer.disable_adapters:
+            # PEFT's forward would unmerge (changing the weights) before running the base layer.
+            raise TypeError(f"{unsupported} (its adapters are merged but disabled: call unmerge_adapter() first)")
+        return base
+    if layer.disable_adapters:
+        return base
+    if getattr(layer, "fan_in_fan_out", False):
+        raise TypeError(f"{unsupported} (fan_in_fan_out: the base weight is stored [H, V])")
+    variants = getattr(layer, "lora_variant", {}) or {}
+    adapters = []
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue
+        if adapter in variants or getattr(layer, "use_dora", {}).get(adapter, False):
+            raise TypeError(f"{unsupported} (adapter {adapter!r} is a LoRA variant such as DoRA)")
+        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+        dropout = layer.lora_dropout[adapter]
+        if not (isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)) or lora_a.bias is not None:
+            raise TypeError(f"{unsupported} (adapter {adapter!r} is not a pair of bias-free linear maps)")
+        if lora_b.bias is not None:
+            raise TypeError(f"{unsupported} (adapter {adapter!r} has lora_bias)")
+        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
+            raise TypeError(f"{unsupported} (adapter {adapter!r} has a {type(dropout).__name__} on its input)")
+        p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        a, b = lora_a.weight, lora_b.weight
+        vocab, hidden = base.weight.shape
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != hidden or b.shape != (vocab, a.shape[0]):
+            raise ValueError(f"LoRA adapter {adapter!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
+                             f"not fit the base weight [V={vocab}, H={hidden}] (need [r, H] and [V, r])")
+        adapters.append(LoraAdapter(a, b, float(layer.scaling[adapter]), p))
+    return LinearHead(base.weight, base.bias, base.adapters + tuple(adapters))
+
+
+def _resolve_head(side: str, weight, bias):
+    """``{side}_weight`` as a tensor or an lm_head module -> (weight, bias, adapters)."""
+    if weight is None or isinstance(weight, torch.Tensor):
+        return weight, bias, ()
+    head = linear_head(weight)
+    if bias is not None:
+        raise ValueError(f"{side}_bias was given but {side}_weight is a module ({type(weight).__name__}), "
+                         f"which carries its own bias; pass one or the other")
+    for adapter in head.adapters:
+        for name, tensor in (("lora_A", adapter.a), ("lora_B", adapter.b)):
+            if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"{side} LoRA {name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+            if tensor.device != head.weight.device:
+                raise ValueError(f"{side} LoRA {name} is on {tensor.device} but the lm_head weight is on "
+                                 f"{head.weight.device}; use one device")
+    return head.weight, head.bias, head.adapters
+
+
+class _AdapterTerms:
+    """The LoRA adapters' part of one chunk: their logit terms, and from the chunk's logit-gradient
+    their share of grad_hidden and the sums of their own gradients. Memory: up to two more [c, V]
+    buffers in the adapters' dtype while a chunk's logits and logit-gradient pass through them, the
+    [c, r] and [c, H] inputs each adapter keeps for the chunk's backward, and float32 sums of A
+    [r, H] and B [V, r]."""
+
+    def __init__(self, adapters: tuple[LoraAdapter, ...], needs=None):
+        self.adapters = adapters
+        needs = needs or [(False, False)] * len(adapters)
+        self.grad_a = [torch.zeros_like(ad.a, dtype=torch.float32) if need_a else None
+                       for ad, (need_a, _) in zip(adapters, needs)]
+        self.grad_b = [torch.zeros_like(ad.b, dtype=torch.float32) if need_b else None
+                       for ad, (_, need_b) in zip(adapters, needs)]
+        self.saved = []
+
+    def add_to_logits(self, x: torch.Tensor, logits: torch.Tensor, save: bool = True) -> torch.Tensor:
+        """``logits`` [c, V] plus every adapter's term for the rows ``x`` [c, H], rounded once to the
+        logits' dtype (PEFT adds float32 adapter terms to the base output, then casts back). With
+        ``save``, keeps what :meth:`backward` needs for this chunk."""
+        if not self.adapters:  # no side effect to trace under torch.compile
+            return logits
+        self.saved = []
+        out = logits
+        for ad in self.adapters:
+            x_in, keep = x.to(ad.a.dtype), None
+            if ad.dropout > 0:
+                # Inverted dropout, kept as a scaled mask: the chunk's backward needs it.
+                keep = torch.empty_like(x_in).bernoulli_(1.0 - ad.dropout).div_(1.0 - ad.dropout)
+                x_in = x_in * keep
+            # F.linear, as PEFT's lora_A / lora_B modules run: the same products, bit for bit.
+            u = F.linear(x_in, ad.a)  # [c, r]
+            delta = F.linear(u, ad.b).mul_(ad.scale)
+            # In place into whichever of the two [c, V] buffers has the promoted dtype.
+            out = delta.add_(out) if torch.promote_types(out.dtype, delta.dtype) == delta.dtype else out.add_(delta)
+            if save:
+                self.saved.append((x_in, u, keep))
+        return out.to(logits.dtype)
+
+    def backward(self, grad_logits: torch.Tensor, need_hidden: bool) -> Optional[torch.Tensor]:
+        """Adds the chunk's A and B gradients to the sums; returns the adapters' part of the rows'
+        grad_hidden (float32 or the adapters' dtype) when ``need_hidden``."""
+        grad_x = None
+        for i, (ad, (x_in, u, keep)) in enumerate(zip(self.adapters, self.saved)):
+            g = grad_logits.to(ad.b.dtype)
+            g_u = (g @ ad.b) * ad.scale  # d loss / d u [c, r]
+            if self.grad_b[i] is not None:
+                self.grad_b[i] += (g.t() @ u).float() * ad.scale
+            if self.grad_a[i] is not None:
+                self.grad_a[i] += (g_u.t() @ x_in).float()
+            if need_hidden:
+                term = g_u @ ad.a
+                if keep is not None:
+                    term = term * keep
+                grad_x = term if grad_x is None else grad_x + term
+        if self.adapters:
+            self.saved = []
+        return grad_x
+
+    def results(self) -> list[Optional[torch.Tensor]]:
+        """[grad A_0, grad B_0, grad A_1, ...] in the adapters' dtypes (None where not needed)."""
+        out = []
+        for ad, ga, gb in zip(self.adapters, self.grad_a, self.grad_b):
+            out += [None if ga is None else ga.to(ad.a.dtype), None if gb is None else gb.to(ad.b.dtype)]
+        return out

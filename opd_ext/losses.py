@@ -48,6 +48,7 @@ from opd_ext._validation import (
 BASELINES = ("full", "topk", "none")
 SPARSE_TEACHER_BASELINES = ("topk", "none")
 KL_DIRECTIONS = ("reverse", "forward")
+DEFAULT_TOPK = 100  # k of the top-k baseline in the vOPD authors' code
 
 
 class TokenStats(NamedTuple):
@@ -100,12 +101,30 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
 def token_stats_op(student_logits, teacher_logits, tokens, temperature: float, topk: int):
     """``ops.token_stats`` for every ``topk``: the CUDA kernel streams at most ``CUDA_MAX_TOPK``
     candidates per row, so beyond that the top-k baseline comes from a sort
-    (``reference.topk_reverse_kl``), as ``topk_overlap`` does."""
+    (``reference.topk_reverse_kl``, a block of rows at a time), as ``topk_overlap`` does."""
     if topk <= CUDA_MAX_TOPK or not runs_cuda_kernels(student_logits):
         return ops.token_stats(student_logits, teacher_logits, tokens, temperature, topk)
     stats = list(ops.token_stats(student_logits, teacher_logits, tokens, temperature, 0))
-    stats[4] = reference.topk_reverse_kl(student_logits, teacher_logits, topk, temperature).float()
+    stats[4] = _sorted_topk_reverse_kl(student_logits, teacher_logits, topk, temperature)
     return tuple(stats)
+
+
+# Rows per block of the sorted top-k fallback, as bytes of float32 logits: the reference holds about
+# nine times that (a float32 copy, the sort's values and int64 ids, float64 copies of both sides),
+# so whole [N, V] inputs would cost ~36 bytes per logit.
+_TOPK_SORT_BLOCK_BYTES = 16 * 2**20
+
+
+def _sorted_topk_reverse_kl(student_logits, teacher_logits, topk: int, temperature: float) -> torch.Tensor:
+    """``reference.topk_reverse_kl`` as float32 ``[...]``, one block of rows at a time."""
+    vocab = student_logits.shape[-1]
+    flat_s, flat_t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    block = max(1, _TOPK_SORT_BLOCK_BYTES // (4 * vocab))
+    out = torch.empty(flat_s.shape[0], dtype=torch.float32, device=student_logits.device)
+    for start in range(0, flat_s.shape[0], block):
+        rows = slice(start, start + block)
+        out[rows] = reference.topk_reverse_kl(flat_s[rows], flat_t[rows], topk, temperature)
+    return out.reshape(student_logits.shape[:-1])
 
 
 # ---- autograd: the surrogate losses with fused backward kernels -----------------------------------
@@ -192,8 +211,8 @@ def _advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_val
 
 
 def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
-              mask=None, weights=None, temperature: float = 1.0, baseline: str = "full", topk: int = 100,
-              kl: str = "reverse", num_items=None) -> torch.Tensor:
+              mask=None, weights=None, temperature: float = 1.0, baseline: str = "full",
+              topk: int = DEFAULT_TOPK, kl: str = "reverse", num_items=None) -> torch.Tensor:
     """vOPD policy-gradient surrogate ``L = -Σ_t w_t · sg(A_t) · log p(y_t) / norm``.
 
     ``A_t = log q(y_t) - log p(y_t) - b_t`` with the detached baseline ``b_t``:
@@ -226,7 +245,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
         raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
                          f'baseline="full", got baseline={baseline!r}')
     temperature = check_temperature(temperature)
-    topk = check_k(topk, student_logits.shape[-1], "topk") if baseline == "topk" else 0
+    topk = check_k(topk, student_logits.shape[-1], "topk", DEFAULT_TOPK) if baseline == "topk" else 0
     scale, valid = _loss_scale(student_logits, mask, weights, num_items)
     tokens = _sampled_tokens(tokens, student_logits, valid)
 
@@ -242,8 +261,17 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """Dense (GKD-style) objective ``L = Σ_t w_t · KL(p_t‖q_t) / norm`` with a fused backward.
 
     ``∂KL/∂s_j = p_j (log p_j - log q_j - KL) / τ``. float32 scalar, differentiable w.r.t.
-    ``student_logits`` only. A teacher ``-inf`` under student mass at a valid position makes the
-    loss ``inf`` (its true value) and that row's gradient NaN.
+    ``student_logits`` only; the gradient has the student's dtype. A teacher ``-inf`` under student
+    mass at a valid position makes the loss ``inf`` (its true value) and that row's gradient NaN.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` as in :func:`token_stats`.
+        mask, weights, num_items, temperature: see the module docstring.
+
+    Precision: values follow SPEC §4. The backward receives both rows' log-sum-exps as float32,
+    which round to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative
+    error (up to ~2e-3·w/(norm·τ) absolute where the true gradient is tiny), as for
+    :func:`vopd_loss`.
     """
     check_logit_pair(student_logits, teacher_logits)
     temperature = check_temperature(temperature)
@@ -264,8 +292,11 @@ def teacher_support(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch
 
     A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob is not
     ``-inf`` (servers pad ragged top-k lists with ``-inf``) and its id did not already appear in an
-    earlier slot of the row: vLLM returns the sampled token beside the top-k, so an id can be listed
-    twice (with the same log-prob); the support is a set and the first slot stands for the id.
+    earlier slot of the row: lists that append the sampled token to the top-k can name an id twice
+    (with the same log-prob); the support is a set and the first slot stands for the id. A sampled
+    token appended from *outside* the top-k (vLLM's (k+1)-th entry) should be masked out
+    (``opd_ext.served`` does): a support that contains the sampled action makes the top-k baseline
+    depend on the action, which biases the policy gradient.
     NaN log-probs stay in the support, so they surface as NaN instead of vanishing. O(k log k) per
     position; the ids of slots outside the support are never read.
     """
@@ -283,6 +314,28 @@ def teacher_support(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch
     return keep
 
 
+class _GatherLogits(torch.autograd.Function):
+    """``logits.gather(-1, ids)`` whose backward adds ``[..., k]`` gradients into a zero ``[..., V]``
+    gradient in the logits' dtype with ``index_add_``: autograd's gather backward (scatter_add) on
+    CPU widens a bfloat16/float16 [N, V] result into a float32 buffer of the same size. Repeated
+    ids in a row add up, as with gather."""
+
+    @staticmethod
+    def forward(ctx, logits, ids):
+        ctx.save_for_backward(logits, ids)  # the logits for their shape only (no copy)
+        return logits.gather(-1, ids)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ids = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        grad_logits = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+        row_ids = ids.reshape(-1, ids.shape[-1])
+        flat_ids = row_ids + torch.arange(0, row_ids.shape[0] * vocab, vocab, device=ids.device).unsqueeze(1)
+        grad_logits.view(-1).index_add_(0, flat_ids.reshape(-1), grad.reshape(-1))
+        return grad_logits, None
+
+
 def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, support, temperature):
     """KL(p̄‖q̄) over the teacher's support (``support`` [..., k], from :func:`teacher_support` and
     the position mask), both renormalised there; [N, k] work only. 0 where the support is empty.
@@ -293,7 +346,7 @@ def _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs,
     """
     any_slot = support.any(-1, keepdim=True)
     ids = torch.where(support, teacher_topk_ids, 0)
-    s = student_logits.gather(-1, ids).float()
+    s = _GatherLogits.apply(student_logits, ids).float()
     s = torch.where(support, s, float("-inf"))
     # Centre on the raw max before dividing by τ, as the kernels do: s / τ first would round every
     # logit to ulp(|s| / τ), ~1e-3 at |logits| ~ 1e4. The shift is a constant, so no gradient.

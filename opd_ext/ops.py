@@ -22,7 +22,8 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
 
     Args:
         student_logits: ``[..., V]`` float32, bfloat16 or float16.
-        teacher_logits: same shape and device; same dtype, or float32 beside a low-precision student.
+        teacher_logits: same shape and device; same dtype, or float32 beside a bfloat16/float16 row
+            on either side.
         k: ``1 <= k <= V`` (Prune-OPD uses 16).
 
     Returns:

@@ -27,7 +27,7 @@ import torch
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext import reference
 from opd_ext._extension import cuda_kernels_available, ops, runs_cuda_kernels
-from opd_ext._validation import check_k, check_logit_pair
+from opd_ext._validation import check_device, check_k, check_logit_pair, token_range_error
 from opd_ext.ops import CUDA_MAX_TOPK
 
 __all__ = ["PruneConfig", "DriftMonitor", "DynamicWindow", "StopReason", "DriftScan", "drift_scan"]
@@ -260,7 +260,9 @@ class DriftState(NamedTuple):
         if isinstance(budget, torch.Tensor):
             if budget.shape != (batch_size,):
                 raise ValueError(f"budget must be an int or a tensor [B={batch_size}], got shape {tuple(budget.shape)}")
-            if bool((budget < 1).any()):
+            if torch.compiler.is_compiling():  # a traced graph cannot branch on tensor values
+                torch._assert_async(~(budget < 1).any(), "budget must be >= 1 token for every row")
+            elif bool((budget < 1).any()):
                 raise ValueError("budget must be >= 1 token for every row")
             budget_tensor = budget.to(device=device, dtype=torch.int32)
         else:
@@ -273,6 +275,10 @@ class DriftState(NamedTuple):
 
     def mutable(self) -> tuple:
         return self[:6]
+
+
+_EAGER_ONLY = ("DriftMonitor keeps per-step Python state and runs eagerly; call it outside the compiled "
+               "region, or use opd_ext.drift_scan / torch.ops.opd_ext.drift_step inside it")
 
 
 class DriftMonitor:
@@ -311,7 +317,7 @@ class DriftMonitor:
         if not _is_int(batch_size) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         self.config = (config if config is not None else PruneConfig()).validate()
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.reset(batch_size, budget=budget)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -341,6 +347,11 @@ class DriftMonitor:
         self._capacity = capacity
 
     # ---- the decode step ---------------------------------------------------------------------
+    # The monitor's Python state (step count, history capacity) changes at every call, so a traced
+    # step would be specialised on it and recompiled at every token. Under torch.compile step and
+    # observe run eagerly between graphs (an error with fullgraph=True); the drift ops themselves
+    # (opd_ext.drift_scan, torch.ops.opd_ext.drift_step) trace.
+    @torch.compiler.disable(reason=_EAGER_ONLY)
     def step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens=None, *,
              rows: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
         """Consume one generated token per row; returns the stop mask.
@@ -397,6 +408,7 @@ class DriftMonitor:
             record("reverse_kl", out.reverse_kl)
         return out.stopped
 
+    @torch.compiler.disable(reason=_EAGER_ONLY)
     def observe(self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Consume a chunk of ``C`` tokens per row at once (chunked mode: the teacher scores the
@@ -491,8 +503,7 @@ class DriftMonitor:
             if bad.get("rows_distinct"):
                 raise ValueError("rows must be distinct: each sequence gets at most one token per step")
             if bad.get("tokens_range"):
-                raise ValueError(f"tokens must be ids in [0, V={vocab}), got values in "
-                                 f"[{int(tokens.min())}, {int(tokens.max())}]")
+                raise token_range_error(vocab, int(tokens.min()), int(tokens.max()))
         return rows
 
     # ---- results -----------------------------------------------------------------------------

@@ -10,14 +10,16 @@ from opd_ext import reference
 CUDA_READY = torch.cuda.is_available() and opd_ext.cuda_kernels_available()
 SIMT_READY = opd_ext.testing.simt_available()
 
-# (student dtype, teacher dtype): every pair the kernels take (SPEC §2), including a low-precision
-# student beside a float32 teacher.
+# (student dtype, teacher dtype): every pair the kernels take (SPEC §2), including float32 beside
+# a low-precision dtype on either side. Tests that pick pairs by index rely on this order.
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float16),
     (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
 ]
 # The outputs of ops.token_stats, in order.
 STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",

@@ -12,13 +12,8 @@ from opd_ext import reference
 from opd_ext._extension import ops
 from opd_ext.prune import DriftMonitor, DriftState, DynamicWindow, PruneConfig, StopReason
 
-# (student dtype, teacher dtype): the pairs of SPEC §2, including a bf16 student beside an fp32 teacher.
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-]
+from conftest import DTYPE_PAIRS
+
 CONFIGS = {
     "default": PruneConfig(k=4),
     "ema_warmup_patience": PruneConfig(k=4, ema_beta=0.3, warmup=2, w_drop=0.1, patience=3),

@@ -214,3 +214,12 @@ def test_accuracy_levels(start, target, expected):
     from examples.opd import reproduce
 
     assert reproduce.accuracy_levels(start, target) == pytest.approx(expected)
+
+
+def test_bad_device_is_an_argparse_error(capsys):
+    for device, message in (("gpu0", "is not a device"), ("cuda", "CUDA is not available")):
+        if device == "cuda" and torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit) as info:
+            train.parse_args(["--device", device])
+        assert info.value.code == 2 and message in capsys.readouterr().err

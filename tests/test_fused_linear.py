@@ -146,6 +146,20 @@ def test_low_precision_student_with_float32_teacher(device, monkeypatch):
             assert_matches(actual, expected, torch.bfloat16)
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16])
+def test_float32_student_with_low_precision_teacher(device, teacher_dtype):
+    # The teacher's logits stay in its dtype (no float32 copy of them); the student's are float32.
+    data = make_inputs(torch.float32, device, teacher_dtype=teacher_dtype)
+    for loss_fn, ref_fn, kwargs in (
+        (fused_linear_vopd_loss, reference.vopd_loss, dict(tokens=data["tokens"], mask=data["mask"])),
+        (fused_linear_reverse_kl_loss, reference.reverse_kl_loss, dict(mask=data["mask"])),
+    ):
+        for form in ("logits", "hidden"):
+            expected = unfused(ref_fn, data, **kwargs)
+            actual = fused(loss_fn, data, form, chunk_size=6, **kwargs)
+            assert_matches(actual, expected, torch.float32)
+
+
 def test_matches_opd_ext_losses_on_materialised_logits(device):
     """Same kernels, same logits: the fused path equals the public unfused losses to fp32 rounding."""
     data = make_inputs(torch.float32, device)
@@ -285,12 +299,14 @@ def test_vocabulary_mismatch_says_how_to_slice():
     (dict(student_weight=torch.zeros(VOCAB, HIDDEN + 1)), ValueError, r"student_weight must be .*\[V, H=24\]"),
     (dict(student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.bfloat16)), TypeError, "student_weight is torch.bfloat16"),
     (dict(student_bias=torch.zeros(VOCAB + 1)), ValueError, r"student_bias must be \[V=129\]"),
-    (dict(teacher_hidden=torch.zeros(N_ROWS, TEACHER_HIDDEN, dtype=torch.bfloat16),
+    (dict(student_hidden=torch.zeros(N_ROWS, HIDDEN, dtype=torch.float16),
+          student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.float16), student_bias=None,
+          teacher_hidden=torch.zeros(N_ROWS, TEACHER_HIDDEN, dtype=torch.bfloat16),
           teacher_weight=torch.zeros(VOCAB, TEACHER_HIDDEN, dtype=torch.bfloat16), teacher_bias=None),
-     TypeError, "unsupported dtype mix"),
+     TypeError, "unsupported dtype mix.*float32 on one side"),
     (dict(teacher_hidden=torch.zeros(N_ROWS + 1, TEACHER_HIDDEN)), ValueError, "teacher_hidden must have the leading shape"),
     (dict(tokens=torch.zeros(N_ROWS, dtype=torch.int32)), TypeError, "tokens must be int64"),
-    (dict(tokens=torch.full((N_ROWS,), VOCAB)), ValueError, r"tokens must be in \[0, V=129\) at unmasked"),
+    (dict(tokens=torch.full((N_ROWS,), VOCAB)), ValueError, r"tokens must be ids in \[0, V=129\) at unmasked"),
     (dict(mask=torch.ones(N_ROWS + 1, dtype=torch.bool)), ValueError,
      r"mask must have shape \(37,\) \(student_hidden \(37, 24\)"),
     (dict(weights=torch.ones(N_ROWS, dtype=torch.int64)), TypeError, "weights must be a floating"),

@@ -7,14 +7,8 @@ import torch
 import opd_ext
 from opd_ext import reference
 
-from conftest import skip_if_emulated
+from conftest import DTYPE_PAIRS, skip_if_emulated
 
-DTYPE_PAIRS = [
-    (torch.float32, torch.float32),
-    (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16),
-    (torch.bfloat16, torch.float32),
-]
 VOPD_VARIANTS = [
     dict(baseline="full"),
     dict(baseline="full", kl="forward"),
@@ -300,7 +294,8 @@ def test_sparse_teacher_with_full_support_equals_dense_losses(device):
     tokens, mask, weights = _row_inputs((7,), 31, device)
     ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 31)
     torch.testing.assert_close(
-        opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_logprobs, token_logprob, mask=mask, weights=weights),
+        opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_logprobs, token_logprob, mask=mask,
+                                         weights=weights),
         opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=mask, weights=weights),

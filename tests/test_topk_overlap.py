@@ -99,6 +99,21 @@ def test_bf16_student_fp32_teacher(device):
     )
 
 
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_student_low_precision_teacher(device, teacher_dtype):
+    # Runs as the mirrored (low-precision, fp32) pair; the overlap must still be the caller's, NaN
+    # rows included, for aligned, unaligned and strided rows alike.
+    student, teacher = _pair(6, 1031, torch.float32, device)
+    teacher = teacher.to(teacher_dtype)
+    student[2, 7] = float("nan")
+    teacher[4, 0] = float("nan")
+    for s, t, k in [(student, teacher, 16), (student[:, 1:998], teacher[:, 5:1002], 16),
+                    (student[:, 1:1000], teacher[:, 2:1001], 1), (student[:1, :], teacher[:1, :], 700)]:
+        got = opd_ext.topk_overlap(s, t, k)
+        torch.testing.assert_close(got, reference.topk_overlap(s, t, k), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(got, opd_ext.topk_overlap(t, s, k), rtol=0, atol=0, equal_nan=True)
+
+
 def test_strided_and_unaligned_rows(device):
     # Slicing to a shared vocabulary gives evenly spaced rows with unaligned starts; different
     # offsets for the two tensors give rows whose alignments never agree (the scalar CUDA path).
@@ -130,8 +145,11 @@ def test_bad_inputs_name_the_argument(student_shape, teacher_shape, kwargs, erro
 def test_bad_dtypes_and_devices():
     with pytest.raises(TypeError, match="student_logits must be float32, bfloat16 or float16"):
         opd_ext.topk_overlap(torch.zeros(2, 3, dtype=torch.int64), torch.zeros(2, 3), 1)
-    with pytest.raises(TypeError, match="unsupported dtype mix"):
-        opd_ext.topk_overlap(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bfloat16), 1)
+    with pytest.raises(TypeError, match="unsupported dtype mix.*float32 on one side"):
+        opd_ext.topk_overlap(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.bfloat16), 1)
+    with pytest.raises(RuntimeError, match="unsupported dtypes student_logits=Half, teacher_logits=BFloat16"):
+        torch.ops.opd_ext.topk_overlap(torch.zeros(2, 3, dtype=torch.float16),
+                                       torch.zeros(2, 3, dtype=torch.bfloat16), 1)
     with pytest.raises(TypeError, match="k must be an int"):
         opd_ext.topk_overlap(torch.zeros(2, 3), torch.zeros(2, 3), 1.5)
     if torch.cuda.is_available():

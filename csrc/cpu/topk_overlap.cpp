@@ -31,8 +31,10 @@ at::Tensor topk_overlap_cpu(const at::Tensor& student_logits, const at::Tensor& 
   at::Tensor out = at::empty(student_logits.sizes().slice(0, student_logits.dim() - 1),
                              student_logits.options().dtype(at::kFloat));
   if (rows == 0) return out;
-  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), "topk_overlap", [&]<typename S, typename T>() {
-    topk_overlap_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0), rows, vocab,
+  // The overlap is symmetric, so a float32 student beside a bf16/fp16 teacher reuses the mirrored kernels.
+  dispatch_symmetric_logit_pair(s, t, "topk_overlap", [&]<typename A, typename B>(const at::Tensor& a,
+                                                                                  const at::Tensor& b) {
+    topk_overlap_kernel<A, B>(a.const_data_ptr<A>(), b.const_data_ptr<B>(), a.stride(0), b.stride(0), rows, vocab,
                               static_cast<int>(k), out.mutable_data_ptr<float>());
   });
   return out;

@@ -26,11 +26,12 @@ at::Tensor topk_overlap_cuda(const at::Tensor& student_logits, const at::Tensor&
                                        student_logits.options().dtype(at::kFloat));
   if (rows == 0) return out;
   TORCH_CHECK(rows <= INT32_MAX, op, ": too many rows (", rows, ")");
-  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
-    const opd::cuda::TopKOverlapParams<S, T> params{.student = s.const_data_ptr<S>(),
-                                                    .teacher = t.const_data_ptr<T>(),
-                                                    .student_row_stride = s.stride(0),
-                                                    .teacher_row_stride = t.stride(0),
+  // The overlap is symmetric, so a float32 student beside a bf16/fp16 teacher reuses the mirrored kernels.
+  dispatch_symmetric_logit_pair(s, t, op, [&]<typename A, typename B>(const at::Tensor& a, const at::Tensor& b) {
+    const opd::cuda::TopKOverlapParams<A, B> params{.student = a.const_data_ptr<A>(),
+                                                    .teacher = b.const_data_ptr<B>(),
+                                                    .student_row_stride = a.stride(0),
+                                                    .teacher_row_stride = b.stride(0),
                                                     .rows = rows,
                                                     .vocab = static_cast<int32_t>(vocab),
                                                     .k = static_cast<int>(k),

@@ -5,7 +5,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <random>
 #include <string>
@@ -340,5 +342,145 @@ TEST_F(Kernels, DriftScanMatchesTheHostScan) {
   EXPECT_EQ(dev.ema, host.ema);
   EXPECT_EQ(dev.length, host.length);
 }
+
+// A bfloat16 stand-in: the kernel layer takes any element type convertible to and from float, so
+// mixed-width pairs (a 4-byte row beside a 2-byte one, whose vector loads reach alignment at
+// different elements) run here without torch. Rounds to nearest even, as c10::BFloat16 does.
+struct Bf16 {
+  uint16_t bits;
+  Bf16() = default;
+  explicit Bf16(float x) {
+    const uint32_t u = std::bit_cast<uint32_t>(x);
+    bits = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  operator float() const { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+};
+
+// `rows` x `vocab` values stored as E from element `offset` of a buffer (contiguous rows), and the
+// same rounded values as float for the host computations.
+template <typename E>
+struct Placed {
+  std::vector<E> storage;
+  std::vector<float> values;
+  int64_t offset;
+  const E* data() const { return storage.data() + offset; }
+};
+
+template <typename E>
+Placed<E> place(const std::vector<float>& rows, int64_t offset) {
+  Placed<E> p{std::vector<E>(rows.size() + offset + 8, E(0.0f)), std::vector<float>(rows.size()), offset};
+  for (size_t i = 0; i < rows.size(); ++i) {
+    p.storage[offset + i] = E(rows[i]);
+    p.values[i] = static_cast<float>(p.storage[offset + i]);
+  }
+  return p;
+}
+
+// Every op that reads a teacher, for one (S, T) pair, against float64 on the rounded values.
+// Offsets: both rows aligned, both reaching alignment at the same element after a scalar head,
+// and never together (the scalar path); odd V gives rows of every phase besides.
+template <typename S, typename T>
+void expect_pair_matches_float64(const char* pair) {
+  struct Case {
+    const char* device;
+    int64_t rows, vocab;
+    int topk;
+    int64_t offset_s, offset_t;
+  };
+  const float tau = 0.9f;
+  for (const Case c : {Case{"h100", 5, 4099, 0, 0, 0}, Case{"h100", 3, 40000, 0, 1, 5}, Case{"tiny", 7, 1001, 0, 1, 2},
+                       Case{"h100", 3, 5000, 100, 1, 5}}) {
+    opd::simt::config().device = opd::simt::device_profile(c.device);
+    const std::string where_case = std::string(pair) + " " + c.device + " V=" + std::to_string(c.vocab) +
+                                   " offsets " + std::to_string(c.offset_s) + "," + std::to_string(c.offset_t);
+    const Rows r = random_rows(c.rows, c.vocab, 21);
+    const Placed<S> s = place<S>(r.student, c.offset_s);
+    const Placed<T> t = place<T>(r.teacher, c.offset_t);
+    std::vector<int64_t> tokens(c.rows);
+    for (int64_t i = 0; i < c.rows; ++i) tokens[i] = (i * 7919) % c.vocab;
+
+    std::vector<float> out(8 * c.rows, -1.0f);
+    float* o = out.data();
+    const opd::cuda::TokenStatsParams<S, T> p{
+        s.data(), t.data(), c.vocab, c.vocab, tokens.data(), c.rows, static_cast<int>(c.vocab), 1.0f / tau, c.topk,
+        o, o + c.rows, o + 2 * c.rows, o + 3 * c.rows, o + 4 * c.rows, o + 5 * c.rows, o + 6 * c.rows};
+    size_t bytes = 0;
+    ASSERT_EQ((opd::cuda::token_stats_workspace_size<S, T>(c.rows, c.vocab, c.topk, &bytes)), cudaSuccess);
+    std::vector<unsigned char> ws = workspace(bytes);
+    ASSERT_EQ(opd::cuda::launch_token_stats(p, ws.data(), bytes, nullptr), cudaSuccess);
+    std::vector<HostStats> host(c.rows);
+    for (int64_t i = 0; i < c.rows; ++i) {
+      host[i] = host_stats(&s.values[i * c.vocab], &t.values[i * c.vocab], c.vocab, tokens[i], tau);
+      const std::string where = where_case + " row " + std::to_string(i);
+      expect_close(o[i], host[i].student_logprob, "student_logprob " + where);
+      expect_close(o[c.rows + i], host[i].teacher_logprob, "teacher_logprob " + where);
+      expect_close(o[2 * c.rows + i], host[i].reverse_kl, "reverse_kl " + where);
+      expect_close(o[3 * c.rows + i], host[i].forward_kl, "forward_kl " + where);
+      expect_close(o[4 * c.rows + i], host[i].student_lse, "student_lse " + where);
+      expect_close(o[5 * c.rows + i], host[i].teacher_lse, "teacher_lse " + where);
+      if (c.topk > 0) {
+        EXPECT_TRUE(std::isfinite(o[6 * c.rows + i]) && o[6 * c.rows + i] >= 0) << where;
+      }
+    }
+
+    // The gradient comes back in the student's dtype: one rounding to S of the float64 value.
+    const double grad_rtol = sizeof(S) == 4 ? 1e-4 : 8e-3;
+    std::vector<float> coef(c.rows), lse_s(c.rows), lse_t(c.rows), kl(c.rows);
+    for (int64_t i = 0; i < c.rows; ++i) {
+      coef[i] = i == 0 ? 0.0f : 0.7f - static_cast<float>(i);  // row 0 masked: exact zeros
+      lse_s[i] = static_cast<float>(host[i].student_lse);
+      lse_t[i] = static_cast<float>(host[i].teacher_lse);
+      kl[i] = static_cast<float>(host[i].reverse_kl);
+    }
+    std::vector<S> grad(c.rows * c.vocab, S(-7.0f));
+    const opd::cuda::ReverseKlBackwardParams<S, T> rk{
+        s.data(), t.data(), c.vocab, c.vocab, grad.data(), coef.data(), lse_s.data(), lse_t.data(), kl.data(),
+        c.rows, static_cast<int>(c.vocab), 1.0f / tau};
+    ASSERT_EQ(opd::cuda::launch_reverse_kl_backward(rk, nullptr, 0, nullptr), cudaSuccess);
+    for (int64_t i = 0; i < c.rows; ++i) {
+      for (int64_t j = 0; j < c.vocab; ++j) {
+        const double lp = s.values[i * c.vocab + j] / tau - host[i].student_lse;
+        const double lq = t.values[i * c.vocab + j] / tau - host[i].teacher_lse;
+        const double want = coef[i] / tau * std::exp(lp) * (lp - lq - host[i].reverse_kl);
+        const float got = static_cast<float>(grad[i * c.vocab + j]);
+        ASSERT_NEAR(got, want, 1e-6 + grad_rtol * std::abs(want)) << "reverse KL grad " << where_case << " " << i
+                                                                  << "," << j;
+      }
+    }
+
+    const int k = 16;
+    std::vector<float> overlap(c.rows, -1.0f);
+    ASSERT_EQ(opd::cuda::topk_overlap_workspace_size(c.rows, c.vocab, k, &bytes), cudaSuccess);
+    ws = workspace(bytes);
+    const opd::cuda::TopKOverlapParams<S, T> tp{s.data(), t.data(), c.vocab, c.vocab, c.rows,
+                                                static_cast<int32_t>(c.vocab), k, overlap.data()};
+    ASSERT_EQ(opd::cuda::launch_topk_overlap(tp, ws.data(), bytes, nullptr), cudaSuccess);
+
+    opd::DriftConfig config;
+    HostState state(c.rows);
+    std::vector<float> drift_overlap(c.rows), multiplier(c.rows), lp_s(c.rows), lp_t(c.rows), rkl(c.rows);
+    std::vector<uint8_t> stopped_bytes(c.rows);
+    const opd::cuda::DriftStepParams<S, T> dp{
+        s.data(), t.data(), c.vocab, c.vocab, c.rows, static_cast<int32_t>(c.vocab), k, tokens.data(), 1.0f / tau,
+        nullptr, c.rows, config, state.arrays(), drift_overlap.data(), multiplier.data(),
+        reinterpret_cast<bool*>(stopped_bytes.data()), lp_s.data(), lp_t.data(), rkl.data()};
+    ASSERT_EQ(opd::cuda::drift_step_workspace_size(c.rows, c.vocab, k, true, &bytes), cudaSuccess);
+    ws = workspace(bytes);
+    ASSERT_EQ(opd::cuda::launch_drift_step(dp, ws.data(), bytes, nullptr), cudaSuccess);
+    for (int64_t i = 0; i < c.rows; ++i) {
+      const std::string where = where_case + " row " + std::to_string(i);
+      const float want = host_overlap(&s.values[i * c.vocab], &t.values[i * c.vocab], c.vocab, k);
+      EXPECT_EQ(overlap[i], want) << "topk_overlap " << where;
+      EXPECT_EQ(drift_overlap[i], want) << "drift overlap " << where;
+      expect_close(lp_s[i], host[i].student_logprob, "drift student_logprob " + where);
+      expect_close(lp_t[i], host[i].teacher_logprob, "drift teacher_logprob " + where);
+      expect_close(rkl[i], host[i].reverse_kl, "drift reverse_kl " + where);
+    }
+  }
+}
+
+TEST_F(Kernels, FloatStudentBesideBf16TeacherMatchesFloat64) { expect_pair_matches_float64<float, Bf16>("f32/bf16"); }
+
+TEST_F(Kernels, Bf16StudentBesideFloatTeacherMatchesFloat64) { expect_pair_matches_float64<Bf16, float>("bf16/f32"); }
 
 }  // namespace

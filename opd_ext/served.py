@@ -1,0 +1,676 @@
+"""Teachers behind an inference server (vLLM, SGLang): their prompt log-probs as the tensors the
+sparse-teacher losses take, the top-k overlap against a served top-k (Prune-OPD drift tracking) and
+the per-token statistics for trainers that own their policy-gradient loss.
+
+A served teacher scores a rollout as a prompt: send prompt + completion, ask for the top-k
+log-probs of every prompt position and generate one token.
+
+* vLLM: ``SamplingParams(max_tokens=1, prompt_logprobs=k)``; pass the ``RequestOutput`` (or a list
+  of them) to :func:`from_vllm_prompt_logprobs`.
+* SGLang: ``return_logprob=True, top_logprobs_num=k, logprob_start_len=0``, ``max_new_tokens=1``;
+  pass the response (or its ``meta_info``, or a list of them) to
+  :func:`from_sglang_input_top_logprobs`.
+
+Alignment. Entry ``t`` of a server's list scores token ``t`` of the sequence it was sent, from the
+teacher's distribution given the tokens before it: the distribution the student's logits at
+position ``t - 1`` predict. The converters take the entries ``start <= t < end`` and return row
+``j`` = entry ``start + j``:
+
+* ``start=1`` (default): row ``j`` scores token ``j + 1``; the student logits are
+  ``model(input_ids).logits[:, :-1]`` and ``served.tokens`` is ``input_ids[:, 1:]`` (ragged rows
+  padded, ``served.mask`` False there).
+* ``start=prompt_lens`` (one per row): row ``j`` scores completion token ``j``. With prompts
+  left-padded to ``P`` columns and completions right-padded to ``R`` (verl's layout), the student
+  logits are ``logits[:, P - 1 : P - 1 + R]``; ``pad_to=R`` gives the served tensors that length.
+
+Then::
+
+    served = opd_ext.served.from_vllm_prompt_logprobs(outputs, start=prompt_lens, pad_to=R)
+    loss = opd_ext.vopd_loss_sparse_teacher(student_logits, *served[:4], teacher_topk_mask=served.topk_mask,
+                                            mask=served.mask & response_mask)
+    overlap = opd_ext.served.topk_overlap(student_logits, served.topk_ids, served.topk_mask, mask=served.mask)
+    scan = opd_ext.drift_scan(overlap, config, mask=served.mask)        # post-hoc Prune-OPD
+    stop_at = monitor.observe(overlap, served.mask, rows=active)        # or chunk by chunk while decoding
+
+Nothing here imports vllm or sglang: the converters read plain Python objects (dicts, lists,
+tuples, objects with a ``.logprob`` attribute) and their JSON forms.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Optional
+
+import torch
+
+from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
+from opd_ext._extension import ops
+from opd_ext._validation import (
+    check_device,
+    check_logits,
+    check_mask,
+    check_teacher_token_logprob,
+    check_teacher_topk,
+    check_temperature,
+)
+from opd_ext.losses import _sampled_tokens, _sparse_teacher_support, _support_reverse_kl, teacher_support
+
+__all__ = [
+    "ServedTeacher",
+    "SparseTeacherStats",
+    "from_sglang_input_top_logprobs",
+    "from_vllm_prompt_logprobs",
+    "sparse_teacher_stats",
+    "topk_overlap",
+]
+
+_NEG_INF = float("-inf")
+
+
+class ServedTeacher(NamedTuple):
+    """A served teacher's scores of ``T`` tokens per sequence: ``[T, ...]`` for one sequence,
+    ``[B, T, ...]`` for a batch (ragged sequences padded at the end).
+
+    The first four fields are the positional arguments of
+    :func:`opd_ext.vopd_loss_sparse_teacher` after ``student_logits``, in order.
+    """
+
+    tokens: torch.Tensor  # int64 [..., T]: the scored token ids (0 where mask is False)
+    topk_ids: torch.Tensor  # int64 [..., T, K]: the teacher's top-k ids (0 in padded slots)
+    topk_logprobs: torch.Tensor  # float32 [..., T, K]: their log-probs, by slot in decreasing order; -inf in padded slots
+    token_logprob: torch.Tensor  # float32 [..., T]: the teacher's log-prob of `tokens` (0 where mask is False)
+    topk_mask: torch.Tensor  # bool [..., T, K]: slots of the teacher's support
+    mask: torch.Tensor  # bool [..., T]: positions the server scored (False at padding and unscored entries)
+
+
+class SparseTeacherStats(NamedTuple):
+    """Per-token statistics of :func:`sparse_teacher_stats`, each float32 ``[...]``, 0 where masked."""
+
+    student_logprob: torch.Tensor  # log p(y) = log softmax(s / τ)[y]
+    teacher_logprob: torch.Tensor  # log q(y), as served
+    reward: torch.Tensor  # r = log q(y) - log p(y)
+    topk_kl: torch.Tensor  # KL(p̄‖q̄) over the teacher's support; the baseline is b = -topk_kl
+    advantage: torch.Tensor  # A = r - b = r + topk_kl
+
+
+# ---- parsing server outputs -----------------------------------------------------------------------
+
+
+def _is_sequence(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))
+
+
+def _as_list(x):
+    return x.tolist() if isinstance(x, torch.Tensor) else x
+
+
+def _token_id(value, where: str) -> int:
+    # JSON objects (vLLM's HTTP server) carry ids as string keys.
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool):
+        raise TypeError(f"{where}: a token id must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: a token id must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _logprob(value, where: str) -> float:
+    """vLLM's ``Logprob`` (``.logprob``), its JSON form ``{"logprob": ...}``, or a plain number."""
+    lp = getattr(value, "logprob", value)
+    if isinstance(lp, Mapping):
+        lp = lp.get("logprob")
+    if lp is None or isinstance(lp, (bool, str, bytes)):
+        raise TypeError(f"{where}: expected a log-prob (a number, or an object with .logprob), got "
+                        f"{type(value).__name__} {value!r}")
+    try:
+        return float(lp)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: expected a log-prob (a number, or an object with .logprob), got "
+                        f"{type(value).__name__} {value!r}") from None
+
+
+def _rank(value) -> Optional[int]:
+    rank = value.get("rank") if isinstance(value, Mapping) else getattr(value, "rank", None)
+    return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
+
+
+def _spans(start, end, lengths, names):
+    """Per-row ``[start, end)`` from an int / None or one value per row, checked against each row's
+    list length."""
+    rows = len(lengths)
+
+    def per_row(value, name):
+        value = _as_list(value)
+        if _is_sequence(value):
+            if len(value) != rows:
+                raise ValueError(f"{name} has {len(value)} entries but there are {rows} sequences")
+            return list(value)
+        return [value] * rows
+
+    spans = []
+    for b, (s, e, n) in enumerate(zip(per_row(start, "start"), per_row(end, "end"), lengths)):
+        e = n if e is None else e
+        for name, v in (("start", s), ("end", e)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int (or one per sequence), got {type(v).__name__} {v!r}")
+        if not 0 <= s <= e <= n:
+            raise ValueError(f"{names(b)} has {n} entries; the span start={s}, end={e} must satisfy "
+                             f"0 <= start <= end <= {n}")
+        spans.append((s, e))
+    return spans
+
+
+class _Rows:
+    """Parsed positions, row by row: the scored token, its log-prob, whether the server scored it,
+    and the support (ids, log-probs)."""
+
+    def __init__(self):
+        self.tokens, self.token_lp, self.valid, self.ids, self.lps = [], [], [], [], []
+
+    def new_row(self):
+        for field in (self.tokens, self.token_lp, self.valid, self.ids, self.lps):
+            field.append([])
+
+    def add(self, token, token_lp, ids, lps):
+        self.tokens[-1].append(token)
+        self.token_lp[-1].append(token_lp)
+        self.valid[-1].append(True)
+        self.ids[-1].append(ids)
+        self.lps[-1].append(lps)
+
+    def add_unscored(self):
+        self.tokens[-1].append(0)
+        self.token_lp[-1].append(0.0)
+        self.valid[-1].append(False)
+        self.ids[-1].append(())
+        self.lps[-1].append(())
+
+    def pack(self, batched: bool, pad_to, device) -> ServedTeacher:
+        rows = len(self.tokens)
+        steps = max((len(r) for r in self.tokens), default=0)
+        if pad_to is not None:
+            if isinstance(pad_to, bool) or not isinstance(pad_to, int) or pad_to < steps:
+                raise ValueError(f"pad_to must be an int >= the longest span ({steps} positions), got {pad_to!r}")
+            steps = pad_to
+        width = max([1] + [len(ids) for row in self.ids for ids in row])
+        flat_ids, flat_lps, flat_slots = [], [], []
+        for row_ids, row_lps in zip(self.ids, self.lps):
+            for ids, lps in zip(row_ids, row_lps):
+                pad = width - len(ids)
+                flat_ids += ids
+                flat_ids += [0] * pad
+                flat_lps += lps
+                flat_lps += [_NEG_INF] * pad
+                flat_slots += [True] * len(ids)
+                flat_slots += [False] * pad
+            missing = (steps - len(row_ids)) * width
+            flat_ids += [0] * missing
+            flat_lps += [_NEG_INF] * missing
+            flat_slots += [False] * missing
+
+        def positions(field, fill, dtype):
+            return torch.tensor([list(r) + [fill] * (steps - len(r)) for r in field], dtype=dtype).reshape(rows, steps)
+
+        tokens = positions(self.tokens, 0, torch.int64)
+        token_lp = positions(self.token_lp, 0.0, torch.float32)
+        mask = positions(self.valid, False, torch.bool)
+        ids = torch.tensor(flat_ids, dtype=torch.int64).reshape(rows, steps, width)
+        lps = torch.tensor(flat_lps, dtype=torch.float32).reshape(rows, steps, width)
+        # A -inf slot has no mass, so it is not part of the support the losses see (teacher_support).
+        slots = torch.tensor(flat_slots, dtype=torch.bool).reshape(rows, steps, width) & (lps != _NEG_INF)
+        # Slots by decreasing log-prob, padding last: `[..., :k]` is then the teacher's top-k.
+        order = torch.sort(torch.where(slots, lps, _NEG_INF), dim=-1, descending=True, stable=True).indices
+        ids, lps, slots = (x.gather(-1, order) for x in (ids, lps, slots))
+        ids = torch.where(slots, ids, 0)
+        lps = torch.where(slots, lps, _NEG_INF)
+        out = ServedTeacher(tokens, ids, lps, token_lp, slots, mask)
+        if not batched:
+            out = ServedTeacher(*(x.squeeze(0) for x in out))
+        return ServedTeacher(*(x.to(device) for x in out))
+
+
+# ---- vLLM -----------------------------------------------------------------------------------------
+
+
+def _vllm_inputs(prompt_logprobs, prompt_token_ids):
+    """(batched, [(positions, token ids)]) from a RequestOutput, a list of them, or raw lists."""
+
+    def from_output(output, ids):
+        positions = output.prompt_logprobs
+        if positions is None:
+            raise ValueError("the RequestOutput has prompt_logprobs=None: request them with "
+                             "SamplingParams(prompt_logprobs=k)")
+        ids = getattr(output, "prompt_token_ids", None) if ids is None else ids
+        if ids is None:
+            raise ValueError("the RequestOutput has no prompt_token_ids; pass prompt_token_ids=")
+        return positions, _as_list(ids)
+
+    if hasattr(prompt_logprobs, "prompt_logprobs"):
+        return False, [from_output(prompt_logprobs, prompt_token_ids)]
+    if not _is_sequence(prompt_logprobs):
+        raise TypeError(f"prompt_logprobs must be a vLLM RequestOutput, a list of them, or RequestOutput."
+                        f"prompt_logprobs (a list with one None or dict per prompt position), got "
+                        f"{type(prompt_logprobs).__name__}")
+    if len(prompt_logprobs) and all(hasattr(o, "prompt_logprobs") for o in prompt_logprobs):
+        ids = _as_list(prompt_token_ids)
+        if ids is not None and (not _is_sequence(ids) or len(ids) != len(prompt_logprobs)):
+            raise ValueError(f"prompt_token_ids must hold one list per RequestOutput ({len(prompt_logprobs)})")
+        return True, [from_output(o, None if ids is None else ids[b]) for b, o in enumerate(prompt_logprobs)]
+    if prompt_token_ids is None:
+        raise ValueError("prompt_token_ids is needed with raw prompt_logprobs lists (RequestOutput.prompt_token_ids): "
+                         "entry t of prompt_logprobs scores prompt_token_ids[t]")
+    ids = _as_list(prompt_token_ids)
+    if not _is_sequence(ids):
+        raise TypeError(f"prompt_token_ids must be a list of ids (or one list per sequence), got {type(ids).__name__}")
+    if len(ids) and _is_sequence(_as_list(ids[0])):
+        if len(ids) != len(prompt_logprobs):
+            raise ValueError(f"prompt_logprobs has {len(prompt_logprobs)} sequences but prompt_token_ids has {len(ids)}")
+        return True, [(p, _as_list(i)) for p, i in zip(prompt_logprobs, ids)]
+    return False, [(prompt_logprobs, ids)]
+
+
+def from_vllm_prompt_logprobs(prompt_logprobs, prompt_token_ids=None, *, start=1, end=None,
+                              k: Optional[int] = None, pad_to: Optional[int] = None,
+                              device="cpu") -> ServedTeacher:
+    """vLLM's prompt log-probs as a :class:`ServedTeacher`.
+
+    vLLM (``SamplingParams(prompt_logprobs=k)``) returns ``RequestOutput.prompt_logprobs``: one entry
+    per prompt position, ``None`` for the first (nothing predicts it) and otherwise a dict
+    ``{token_id: Logprob(logprob, rank, decoded_token)}`` of the position's top-k, plus the prompt
+    token itself when it is not among them (k or k + 1 entries). The added token is *not* put in
+    the support: the losses' top-k baseline must not depend on the sampled token, or the
+    policy gradient is biased; its log-prob goes to ``token_logprob``.
+
+    Args:
+        prompt_logprobs: a ``RequestOutput``, a list of them (a batch), one ``prompt_logprobs``
+            list, or a list of such lists (a batch; then ``prompt_token_ids`` holds one list per
+            sequence). Dict values may be ``Logprob`` objects (anything with ``.logprob``), their
+            JSON form ``{"logprob": ...}`` (string keys accepted) or floats; vLLM's
+            ``FlatLogprobs`` works as a list.
+        prompt_token_ids: the token ids the teacher scored (``RequestOutput.prompt_token_ids``);
+            taken from the ``RequestOutput`` when omitted. Entry ``t`` of ``prompt_logprobs``
+            scores ``prompt_token_ids[t]``.
+        start, end: the entries to convert, ``start <= t < end`` (an int or one per sequence; end
+            None = the whole list). Row ``j`` of the result is entry ``start + j``: it scores token
+            ``start + j``, which the student's logits at position ``start + j - 1`` predict (see the
+            module docstring). Entries that are None (or empty) are kept as unscored positions
+            (``mask`` False) when they are the first entry, and rejected elsewhere.
+        k: the ``prompt_logprobs`` value of the request. None: inferred from the entry sizes (a
+            position with one entry more than the others holds the added token); when every
+            position has the same size and the ranks cannot tell, a ValueError asks for ``k``.
+        pad_to: pad the time dimension to this length (at least the longest span).
+        device: where the tensors go.
+
+    Returns:
+        :class:`ServedTeacher`, ``[T, K]`` for one sequence or ``[B, T, K]`` for a batch, with
+        ``K = max(k, 1)``.
+
+    Raises:
+        ValueError / TypeError naming the entry (``prompt_logprobs[b][t]``): lengths that differ
+        from the token ids, a position without the scored token, a size other than k or k + 1,
+        values that are not log-probs, a span outside the list.
+    """
+    device = check_device(device)
+    batched, seqs = _vllm_inputs(prompt_logprobs, prompt_token_ids)
+
+    def name(b):
+        return f"prompt_logprobs[{b}]" if batched else "prompt_logprobs"
+
+    for b, (positions, ids) in enumerate(seqs):
+        if not _is_sequence(ids):
+            raise TypeError(f"prompt_token_ids for {name(b)} must be a list of ids, got {type(ids).__name__}")
+        if len(positions) != len(ids):
+            raise ValueError(f"{name(b)} has {len(positions)} entries but its prompt_token_ids has {len(ids)}: "
+                             f"entry t scores prompt_token_ids[t]")
+    spans = _spans(start, end, [len(ids) for _, ids in seqs], name)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"k must be None or the prompt_logprobs value of the request (an int >= 0), got {k!r}")
+
+    parsed = []  # per row: per position None or (where, token, token_lp, token_rank, {id: lp})
+    for b, ((positions, ids), (s, e)) in enumerate(zip(seqs, spans)):
+        row = []
+        for t in range(s, e):
+            where = f"{name(b)}[{t}]"
+            entry = positions[t]
+            if entry is None or (t == 0 and isinstance(entry, Mapping) and not entry):
+                if t != 0:
+                    raise ValueError(f"{where} is {entry!r}: vLLM leaves only the first prompt position unscored")
+                row.append(None)
+                continue
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"{where} must be a dict {{token_id: Logprob}} (or None), got {type(entry).__name__}")
+            token = _token_id(ids[t], f"prompt_token_ids for {where}")
+            scores, token_rank = {}, None
+            for key, value in entry.items():
+                # Fast path for vLLM's own objects (int keys, float .logprob): millions of entries.
+                tid = key if type(key) is int else _token_id(key, f"{where} key {key!r}")
+                lp = getattr(value, "logprob", None)
+                scores[tid] = lp if type(lp) is float else _logprob(value, f"{where}[{tid}]")
+                if tid == token:
+                    token_rank = _rank(value)
+            if token not in scores:
+                raise ValueError(f"{where} lacks the scored token {token} (prompt_token_ids[{t}]); vLLM always lists "
+                                 f"it: are prompt_logprobs and prompt_token_ids from the same request?")
+            row.append((where, token, scores[token], token_rank, scores))
+        parsed.append(row)
+
+    scored = [p for row in parsed for p in row if p is not None]
+    if k is None:
+        k = _infer_vllm_k(scored)
+    rows = _Rows()
+    for row in parsed:
+        rows.new_row()
+        for p in row:
+            if p is None:
+                rows.add_unscored()
+                continue
+            where, token, token_lp, _, scores = p
+            if len(scores) == k + 1:
+                scores = {i: lp for i, lp in scores.items() if i != token}
+            elif len(scores) != k:
+                raise ValueError(f"{where} has {len(scores)} entries; with prompt_logprobs k={k} vLLM lists k (the "
+                                 f"token among the top-k) or k + 1 (the token added)")
+            rows.add(token, token_lp, list(scores), list(scores.values()))
+    return rows.pack(batched, pad_to, device)
+
+
+def _infer_vllm_k(scored) -> int:
+    sizes = {len(p[4]) for p in scored}
+    if not sizes:
+        return 0
+    low, high = min(sizes), max(sizes)
+    if high - low > 1:
+        where = next(p[0] for p in scored if len(p[4]) == high)
+        raise ValueError(f"{where} has {high} entries where others have {low}: vLLM lists k or k + 1 per position; "
+                         f"pass k= (the prompt_logprobs value of the request)")
+    if high == low + 1:
+        return low
+    # Every position lists `low` entries: either k = low with the token always among them, or
+    # k = low - 1 with the token always added. An added token ranks below the top-k (rank > k), so a
+    # token ranked above `low` settles it.
+    if any(p[3] is not None and p[3] < low for p in scored):
+        return low
+    raise ValueError(f"cannot tell k from prompt_logprobs: every position lists {low} entries, which is k (the "
+                     f"token among the top-k) or k + 1 (the token added); pass k= (the prompt_logprobs value of "
+                     f"the request)")
+
+
+# ---- SGLang ---------------------------------------------------------------------------------------
+
+
+def _sglang_inputs(input_top_logprobs, input_token_logprobs):
+    """(batched, [(top lists or None, token list)]) from responses / meta_info dicts or raw lists."""
+
+    def from_response(response, b):
+        meta = response.get("meta_info", response)
+        label = "the response" if b is None else f"response {b}"
+        if not isinstance(meta, Mapping) or "input_token_logprobs" not in meta:
+            raise ValueError(f"{label} has no meta_info['input_token_logprobs']: request return_logprob=True, "
+                             f"top_logprobs_num=k and logprob_start_len=0")
+        return meta.get("input_top_logprobs"), meta["input_token_logprobs"]
+
+    if isinstance(input_top_logprobs, Mapping):
+        return False, [from_response(input_top_logprobs, None)]
+    if (_is_sequence(input_top_logprobs) and len(input_top_logprobs) and input_token_logprobs is None
+            and all(isinstance(r, Mapping) for r in input_top_logprobs)):
+        return True, [from_response(r, b) for b, r in enumerate(input_top_logprobs)]
+    if input_token_logprobs is None:
+        raise ValueError("input_token_logprobs (meta_info['input_token_logprobs']) is needed with raw "
+                         "input_top_logprobs lists: it holds each position's token and its log-prob")
+    tokens = input_token_logprobs
+    if not _is_sequence(tokens):
+        raise TypeError(f"input_token_logprobs must be a list of (logprob, token_id, text) (or one list per "
+                        f"sequence), got {type(tokens).__name__}")
+    # A sequence's entries are (logprob, token_id, text) tuples; a batch's are lists of them.
+    batched = len(tokens) > 0 and _is_sequence(tokens[0]) and (len(tokens[0]) == 0 or _is_sequence(tokens[0][0]))
+    if not batched:
+        return False, [(input_top_logprobs, tokens)]
+    if input_top_logprobs is not None and (not _is_sequence(input_top_logprobs)
+                                           or len(input_top_logprobs) != len(tokens)):
+        raise ValueError(f"input_top_logprobs must hold one list per sequence of input_token_logprobs ({len(tokens)})")
+    return True, [(None if input_top_logprobs is None else input_top_logprobs[b], t) for b, t in enumerate(tokens)]
+
+
+def _sglang_entry(entry, where: str):
+    """(logprob or None, token_id) of one ``(logprob, token_id, text)`` tuple (a JSON list works)."""
+    if not _is_sequence(entry) or len(entry) < 2:
+        raise TypeError(f"{where} must be a (logprob, token_id, text) tuple, got {type(entry).__name__} {entry!r}")
+    return (None if entry[0] is None else _logprob(entry[0], where)), _token_id(entry[1], f"{where} token id")
+
+
+def from_sglang_input_top_logprobs(input_top_logprobs, input_token_logprobs=None, *, start=1, end=None,
+                                   pad_to: Optional[int] = None, device="cpu") -> ServedTeacher:
+    """SGLang's input (prompt) log-probs as a :class:`ServedTeacher`.
+
+    SGLang (``return_logprob=True, top_logprobs_num=k``) returns in ``meta_info``:
+
+    * ``input_token_logprobs``: per input position ``(logprob, token_id, text)`` (``text`` None
+      unless ``return_text_in_logprobs``), the first one's logprob None;
+    * ``input_top_logprobs``: per input position None (the first) or a list of k
+      ``(logprob, token_id, text)``: the top-k, which holds the position's token only when it is
+      among them.
+
+    The lists start at the request's ``logprob_start_len``: entry ``j`` is input token
+    ``logprob_start_len + j``, and entry 0 is never scored. ``logprob_start_len=0`` aligns the lists
+    with the sequence (as vLLM's); ``logprob_start_len = prompt_len - 1`` with ``start=1`` scores
+    exactly the completion (``logprob_start_len = prompt_len`` would leave its first token unscored).
+
+    Args:
+        input_top_logprobs: a response dict (``{"meta_info": ...}``), its ``meta_info``, a list of
+            either (a batch; leave ``input_token_logprobs`` None), or ``meta_info["input_top_logprobs"]``
+            itself (a list per position, or a list of such lists for a batch). None: no top-k (only
+            ``baseline="none"`` is then meaningful). Tuples may be JSON lists.
+        input_token_logprobs: ``meta_info["input_token_logprobs"]`` (one list per sequence for a
+            batch) when ``input_top_logprobs`` is a raw list.
+        start, end: the entries to convert, ``start <= j < end`` (an int or one per sequence; end None
+            = the whole list). Row ``j`` of the result is entry ``start + j`` (see the module
+            docstring for the student logits it pairs with); an unscored first entry is kept with
+            ``mask`` False.
+        pad_to: pad the time dimension to this length (at least the longest span).
+        device: where the tensors go.
+
+    Returns:
+        :class:`ServedTeacher`, ``[T, K]`` for one sequence or ``[B, T, K]`` for a batch, ``K`` the
+        largest top-k listed (at least 1; requests with different ``top_logprobs_num`` are padded).
+
+    Raises:
+        ValueError / TypeError naming the entry (``input_top_logprobs[b][j]`` /
+        ``input_token_logprobs[b][j]``): lists of different lengths, a None after the first entry,
+        malformed tuples, a span outside the lists.
+    """
+    device = check_device(device)
+    batched, seqs = _sglang_inputs(input_top_logprobs, input_token_logprobs)
+
+    def name(b, field="input_token_logprobs"):
+        return f"{field}[{b}]" if batched else field
+
+    for b, (top, tokens) in enumerate(seqs):
+        if not _is_sequence(tokens):
+            raise TypeError(f"{name(b)} must be a list of (logprob, token_id, text), got {type(tokens).__name__}")
+        if top is not None and not _is_sequence(top):
+            raise TypeError(f"{name(b, 'input_top_logprobs')} must be a list (one entry per position), got "
+                            f"{type(top).__name__}")
+        if top is not None and len(top) and len(top) != len(tokens):
+            raise ValueError(f"{name(b, 'input_top_logprobs')} has {len(top)} entries but {name(b)} has "
+                             f"{len(tokens)}: both list the same input positions")
+    spans = _spans(start, end, [len(tokens) for _, tokens in seqs], name)
+
+    rows = _Rows()
+    for b, ((top, tokens), (s, e)) in enumerate(zip(seqs, spans)):
+        rows.new_row()
+        has_top = top is not None and len(top) > 0
+        for j in range(s, e):
+            where = f"{name(b)}[{j}]"
+            token_lp, token = _sglang_entry(tokens[j], where)
+            listed = top[j] if has_top else ()
+            if token_lp is None or listed is None:
+                if j != 0:
+                    bad = where if token_lp is None else f"{name(b, 'input_top_logprobs')}[{j}]"
+                    raise ValueError(f"{bad} is unscored (None): SGLang leaves only the first entry unscored")
+                rows.add_unscored()
+                continue
+            top_where = f"{name(b, 'input_top_logprobs')}[{j}]"
+            if not _is_sequence(listed):
+                raise TypeError(f"{top_where} must be a list of (logprob, token_id, text), got {type(listed).__name__}")
+            ids, lps = [], []
+            for i, item in enumerate(listed):
+                lp, tid = _sglang_entry(item, f"{top_where}[{i}]")
+                if lp is None:
+                    raise ValueError(f"{top_where}[{i}] has no log-prob (None)")
+                ids.append(tid)
+                lps.append(lp)
+            rows.add(token, token_lp, ids, lps)
+    return rows.pack(batched, pad_to, device)
+
+
+# ---- drift tracking and statistics against a served top-k -----------------------------------------
+
+# Rows per block when ties at the k-th student logit need each tied id's vocabulary position (an
+# int64 [rows, V] cumulative count): 8 MiB at V = 128k.
+_TIE_BLOCK_ROWS = 8
+
+
+def topk_overlap(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                 teacher_topk_mask: Optional[torch.Tensor] = None, *,
+                 teacher_topk_logprobs: Optional[torch.Tensor] = None,
+                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Top-k overlap against a served teacher: ``|TopK(student) ∩ S| / k`` with ``S`` the teacher's
+    support at the position and ``k = |S|``.
+
+    ``S`` is the *set* of teacher ids in valid slots (``teacher_topk_mask``, and a log-prob other
+    than ``-inf`` when ``teacher_topk_logprobs`` is given): an id listed twice counts once, as in
+    :func:`opd_ext.losses.teacher_support`. So ``k`` is the number of distinct valid ids, which
+    may differ between positions, and the student's top-k is taken at that size. With ``S`` the
+    teacher's true top-k this equals :func:`opd_ext.topk_overlap` on the teacher's logits,
+    including its tie rule (ties at the student's k-th logit go to the lower vocabulary index).
+    To match ``PruneConfig.k``, request that many log-probs from the server or pass
+    ``served.topk_ids[..., :k]`` (the converters order slots by decreasing log-prob).
+
+    Pass the result to :func:`opd_ext.drift_scan` (post hoc) or :meth:`opd_ext.DriftMonitor.observe`
+    (chunked decoding), with the same ``mask``.
+
+    Args:
+        student_logits: ``[..., V]`` float32, bfloat16 or float16 (raw: ranks ignore temperature).
+        teacher_topk_ids: int64 ``[..., k]``; ids in ``[0, V)`` in valid slots.
+        teacher_topk_mask: optional bool ``[..., k]``, False at padded slots.
+        teacher_topk_logprobs: optional ``[..., k]``; ``-inf`` marks a padded slot.
+        mask: optional bool ``[...]``, positions that count; the overlap is 0 elsewhere.
+
+    Returns:
+        float32 ``[...]`` in ``[0, 1]``; NaN at a valid position whose support is empty or whose
+        student logits hold NaN. Runs one ``torch.topk`` of size ``max k + 1`` over the student's
+        rows (no fused kernel).
+
+    Raises:
+        ValueError / TypeError naming the argument: shapes, dtypes, devices, ids outside ``[0, V)``.
+    """
+    check_logits("student_logits", student_logits)
+    if not isinstance(teacher_topk_ids, torch.Tensor):
+        raise TypeError(f"teacher_topk_ids must be a torch.Tensor [..., k] of int64 token ids, got "
+                        f"{type(teacher_topk_ids).__name__}")
+    valid = None
+    if mask is not None:
+        check_mask(mask, student_logits)
+        valid = mask.bool()
+    logprobs = teacher_topk_logprobs
+    if logprobs is None:
+        logprobs = torch.zeros((), dtype=torch.float32, device=teacher_topk_ids.device).expand(teacher_topk_ids.shape)
+    check_teacher_topk(teacher_topk_ids, logprobs, student_logits, teacher_topk_mask, valid)
+    support = teacher_support(teacher_topk_ids, logprobs.detach(), teacher_topk_mask)
+    if valid is not None:
+        support = support & valid.unsqueeze(-1)
+
+    if student_logits.dim() == 1:  # one row [V]: row indexing below needs a leading dimension
+        student_logits, support = student_logits.unsqueeze(0), support.unsqueeze(0)
+        teacher_topk_ids = teacher_topk_ids.unsqueeze(0)
+        valid = None if valid is None else valid.unsqueeze(0)
+        squeeze = True
+    else:
+        squeeze = False
+    # The leading dimensions stay as they are: flattening a sliced view (logits[:, :-1]) would copy it.
+    s = student_logits.detach()
+    vocab = s.shape[-1]
+    ids = torch.where(support, teacher_topk_ids, 0)
+    k = support.sum(-1, keepdim=True)
+    k_max = int(k.max()) if k.numel() else 0
+    hits = torch.zeros_like(k)
+    nan_rows = torch.zeros_like(k, dtype=torch.bool)
+    if k_max > 0:
+        # The k-th largest student logit per row (k varies by row) and the (k+1)-th, which says
+        # whether ties at the k-th value reach past the top-k.
+        values = torch.topk(s, min(k_max + 1, vocab), dim=-1, sorted=True).values
+        kth = values.gather(-1, (k - 1).clamp(min=0))
+        after = values.gather(-1, k.clamp(max=values.shape[-1] - 1))
+        spills = (k < vocab) & (after == kth)
+        seats_at_kth = k - (values > kth).sum(-1, keepdim=True)
+        picked = s.gather(-1, ids)
+        tied = support & (picked == kth)
+        inside = (support & (picked > kth)) | (tied & ~spills)
+        # Ties straddling the k-th place go to the lower vocabulary index, as in the fused kernel:
+        # only rows where a teacher id is among such ties need the tied ids' vocabulary positions.
+        rows = (tied & spills).any(-1).nonzero(as_tuple=True)
+        for first in range(0, rows[0].numel(), _TIE_BLOCK_ROWS):
+            at = tuple(r[first:first + _TIE_BLOCK_ROWS] for r in rows)
+            equal = s[at] == kth[at]
+            lower_ties = equal.cumsum(-1) - equal.long()
+            rank = lower_ties.gather(-1, ids[at])
+            inside[at] = inside[at] | (tied[at] & (rank < seats_at_kth[at]))
+        hits = inside.sum(-1, keepdim=True)
+        # torch.topk ranks NaN above every number, so a row holding NaN shows it first.
+        nan_rows = values[..., :1].isnan()
+    overlap = hits.float() / k.float()  # 0 / 0 = NaN where the support is empty
+    overlap = torch.where(nan_rows, float("nan"), overlap).squeeze(-1)
+    if valid is not None:
+        overlap = torch.where(valid, overlap, 0.0)
+    return overlap.squeeze(0) if squeeze else overlap
+
+
+def sparse_teacher_stats(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_topk_ids: torch.Tensor,
+                         teacher_topk_logprobs: torch.Tensor, teacher_token_logprob: torch.Tensor, *,
+                         teacher_topk_mask: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                         temperature: float = 1.0) -> SparseTeacherStats:
+    """The per-token quantities of :func:`opd_ext.vopd_loss_sparse_teacher`, for trainers that own
+    their policy-gradient loss (verl, NeMo-RL): reward ``r = log q(y) - log p(y)``, the top-k
+    baseline ``b = -KL(p̄‖q̄)`` over the teacher's support (both renormalised there, the same
+    computation as the loss's ``baseline="topk"``) and the advantage ``A = r - b``.
+
+    ``-A`` times ``∇ log p(y)``, weighted and normalised, is the loss's gradient: the loss with
+    ``baseline="topk"`` equals ``-Σ w·sg(A)·log p(y) / norm``. Everything is detached.
+
+    Args:
+        student_logits: ``[..., V]`` float32, bfloat16 or float16.
+        tokens: int64 ``[...]`` sampled ids (any value where ``mask`` is False).
+        teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprob, teacher_topk_mask: the
+            served teacher, as for :func:`opd_ext.vopd_loss_sparse_teacher` (a
+            :class:`ServedTeacher`'s fields).
+        mask: optional bool ``[...]``, positions that count; every statistic is 0 elsewhere.
+        temperature: τ, divides the student's logits (the teacher's log-probs are taken as served).
+
+    Returns:
+        :class:`SparseTeacherStats`, float32 ``[...]`` each. A valid position with an empty support
+        has ``topk_kl`` 0.
+
+    Raises:
+        ValueError / TypeError naming the argument, as :func:`opd_ext.vopd_loss_sparse_teacher`.
+    """
+    temperature = check_temperature(temperature)
+    check_logits("student_logits", student_logits)
+    check_teacher_token_logprob(teacher_token_logprob, student_logits)
+    if mask is not None:
+        check_mask(mask, student_logits)
+        valid = mask.bool()
+    else:
+        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
+                                      valid)
+    tokens = _sampled_tokens(tokens, student_logits, valid)
+    with torch.no_grad():
+        logits = student_logits.detach()
+        student_logprob, _ = ops.student_stats(logits, tokens, temperature)
+        kl = _support_reverse_kl(logits, teacher_topk_ids, teacher_topk_logprobs.detach(), support, temperature)
+        teacher_logprob = teacher_token_logprob.detach().float()
+        reward = teacher_logprob - student_logprob
+        fields = (student_logprob, teacher_logprob, reward, kl, reward + kl)
+        return SparseTeacherStats(*(torch.where(valid, x.float(), 0.0) for x in fields))
