@@ -40,7 +40,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from opd_ext._validation import LOGIT_DTYPES, align_vocab, check_temperature
+from opd_ext._validation import LOGIT_DTYPES, align_vocab, check_temperature, is_supported_dtype_pair
 from opd_ext.losses import token_stats
 from opd_ext.ops import topk_overlap
 from opd_ext.prune import DriftMonitor, PruneConfig, StopReason
@@ -233,8 +233,8 @@ def _comparable(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
     s, t = align_vocab(student_logits, teacher_logits)
     if s.dtype not in LOGIT_DTYPES or t.dtype not in LOGIT_DTYPES:
         s, t = s.float(), t.float()  # float64 models: the kernels accumulate in float32 anyway
-    if s.dtype != t.dtype and t.dtype != torch.float32:
-        s, t = s.float(), t.float()  # e.g. bf16 vs fp16: no kernel for the pair, widen both
+    if not is_supported_dtype_pair(s.dtype, t.dtype):
+        s, t = s.float(), t.float()  # bf16 vs fp16: no kernel for the pair, widen both
     return s, t
 
 

@@ -79,7 +79,8 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
 
     Args:
         student_logits: ``[..., V]`` float32 / bfloat16 / float16.
-        teacher_logits: same shape and device; same dtype or float32 beside a low-precision student.
+        teacher_logits: same shape and device; same dtype, or float32 beside a bfloat16/float16
+            student, or bfloat16/float16 beside a float32 student.
         tokens: int64 ``[...]`` sampled ids in ``[0, V)``.
         temperature: τ > 0.
 
