@@ -28,11 +28,17 @@ inline void define_op_schemas(torch::Library& m) {
       "token_stats(Tensor student_logits, Tensor teacher_logits, Tensor tokens, float temperature, "
       "int topk) -> (Tensor student_logprob, Tensor teacher_logprob, Tensor reverse_kl, "
       "Tensor forward_kl, Tensor topk_reverse_kl, Tensor student_lse, Tensor teacher_lse)");
+  // The raw online-softmax state of each row pair (opd/online_softmax.h, PairSoftmaxState at
+  // inv_tau = 1/temperature): float32 [..., 6] = (max_s, Z_s, max_t, Z_t, D, C), maxima of the raw
+  // logits. States of slices of a row merge associatively into the state of the row, so ranks that
+  // each hold a vocabulary shard exchange 6 floats per row instead of V (opd_ext.distributed).
+  m.def("pair_softmax_state(Tensor student_logits, Tensor teacher_logits, float temperature) -> Tensor");
   // The student half alone, for teachers served as top-k log-probs (vLLM / SGLang).
   m.def(
       "student_stats(Tensor student_logits, Tensor tokens, float temperature) "
       "-> (Tensor student_logprob, Tensor student_lse)");
-  // d/ds of coef * log p(y): grad[r, j] = coef[r] * (1[j == y_r] - p[r, j]) / temperature.
+  // d/ds of coef * log p(y): grad[r, j] = coef[r] * (1[j == y_r] - p[r, j]) / temperature. A token
+  // of -1 means y lies outside these logits (a vocabulary shard): grad = -coef * p / temperature.
   // Returned in student_logits' dtype. Serves the vOPD surrogate (coef = -w A / norm * grad_out).
   m.def(
       "policy_gradient_backward(Tensor coef, Tensor student_logits, Tensor tokens, "

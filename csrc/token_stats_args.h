@@ -36,14 +36,15 @@ inline at::Tensor per_row(const char* op, const char* name, const at::Tensor& t,
   return t.contiguous();
 }
 
-// Token ids of a contiguous int64 tensor in host memory, all in [0, V).
-inline void check_token_values(const char* op, const at::Tensor& ids, int64_t vocab) {
+// Token ids of a contiguous int64 tensor in host memory, all in [lowest, V): lowest is 0, or -1 for
+// the ops that take "no sampled token in these logits" (a vocabulary shard, opd_ext.distributed).
+inline void check_token_values(const char* op, const at::Tensor& ids, int64_t vocab, int64_t lowest = 0) {
   const int64_t* data = ids.const_data_ptr<int64_t>();
   for (int64_t r = 0; r < ids.numel(); ++r) {
     // A negative id is almost always a label-style ignore_index (-100) meant as "does not count".
-    TORCH_CHECK(data[r] >= 0 && data[r] < vocab, op, ": tokens must be in [0, V=", vocab, "), got ", data[r],
-                " at flat position ", r,
-                data[r] < 0 ? "; positions that do not count (e.g. ignore_index -100) must be excluded with "
+    TORCH_CHECK(data[r] >= lowest && data[r] < vocab, op, ": tokens must be in [", lowest, ", V=", vocab, "), got ",
+                data[r], " at flat position ", r,
+                data[r] < lowest ? "; positions that do not count (e.g. ignore_index -100) must be excluded with "
                               "mask=, e.g. mask=(tokens != -100): any id is allowed where mask is False"
                             : "");
   }
@@ -71,6 +72,14 @@ inline TokenStatsInputs check_student_stats_inputs(const at::Tensor& student_log
   check_student_logits(op, student_logits);
   const float inv_temperature = inverse_temperature(op, temperature);
   return {inv_temperature, per_row(op, "tokens", tokens, student_logits, at::kLong)};
+}
+
+// pair_softmax_state: the logit pair and the temperature; returns 1/τ.
+inline float check_pair_softmax_state_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                             double temperature) {
+  constexpr const char* op = "pair_softmax_state";
+  check_logit_pair(op, student_logits, teacher_logits);
+  return inverse_temperature(op, temperature);
 }
 
 struct PolicyGradientBackwardInputs {

@@ -30,6 +30,12 @@ def _token_stats_fake(student_logits, teacher_logits, tokens, temperature, topk)
     return (*rows, topk_kl, _row_output(student_logits), _row_output(student_logits))
 
 
+@torch.library.register_fake("opd_ext::pair_softmax_state")
+def _pair_softmax_state_fake(student_logits, teacher_logits, temperature):
+    torch._check(student_logits.shape == teacher_logits.shape)
+    return student_logits.new_empty((*student_logits.shape[:-1], 6), dtype=torch.float32)
+
+
 @torch.library.register_fake("opd_ext::student_stats")
 def _student_stats_fake(student_logits, tokens, temperature):
     torch._check(tokens.shape == student_logits.shape[:-1])

@@ -21,7 +21,8 @@ def _free_port() -> int:
 
 
 def _spawn(fn, world_size, *args):
-    """Run fn(rank, world_size, *args) in world_size processes joined in a gloo group."""
+    """Run fn(rank, world_size, *args) in world_size processes joined in a gloo group; a failure on
+    any rank fails the test with that rank's traceback."""
     mp.spawn(_init_and_run, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
 
 
@@ -123,3 +124,103 @@ def test_without_a_process_group_the_count_is_local():
         global_num_items(torch.ones(3))
     with pytest.raises(ValueError, match="at least one mask"):
         global_num_items([])
+
+
+# ---- vocab-parallel ops ----------------------------------------------------------------------------
+
+from opd_ext import distributed as opd_dist  # noqa: E402
+
+# Shard widths per world size: even, uneven, and one narrower than k (the top-k candidates pad).
+SHARDINGS = {2: [[32, 32], [41, 23]], 4: [[16, 16, 16, 16], [10, 37, 3, 14]]}
+K = 5
+
+
+def _vocab_parallel_inputs(dtype_pair, vocab=64, seed=0):
+    """Full logits [2, 6, V] with ties across shard borders, a -inf row, a NaN row and -inf entries."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(2, 6, vocab, generator=g) * 3
+    teacher = student + torch.randn(2, 6, vocab, generator=g)
+    student[0, 1] = torch.randint(0, 3, (vocab,), generator=g).float()  # many exact ties
+    teacher[0, 1] = torch.randint(0, 3, (vocab,), generator=g).float()
+    student[0, 2, ::7] = float("-inf")
+    teacher[1, 3] = float("-inf")  # a teacher without mass anywhere: KL inf, NaN gradients there
+    teacher[1, 3, 5] = 0.0
+    student[1, 4, 9] = float("nan")
+    tokens = torch.randint(0, vocab, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4] = False  # the NaN row is masked out of the losses
+    mask[1, 3] = False
+    weights = torch.rand(2, 6, generator=g) + 0.5
+    s_dtype, t_dtype = dtype_pair
+    return student.to(s_dtype), teacher.to(t_dtype), tokens, mask, weights
+
+
+def _shard(x, widths, rank):
+    start = sum(widths[:rank])
+    return x[..., start:start + widths[rank]], start
+
+
+def _assert_close(got, want, dtype, what):
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got.double(), want.double(), equal_nan=True, msg=lambda m: f"{what}: {m}", **tol)
+
+
+def _vocab_parallel_worker(rank, world_size):
+    for case, widths in enumerate(SHARDINGS[world_size]):
+        for dtype_pair in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                           (torch.bfloat16, torch.float32)]:
+            student, teacher, tokens, mask, weights = _vocab_parallel_inputs(dtype_pair, vocab=sum(widths))
+            s_local, start = _shard(student, widths, rank)
+            t_local, _ = _shard(teacher, widths, rank)
+            where = f"W={world_size} widths={widths} {dtype_pair}"
+            # Both ways of finding the layout (alike on every rank: it decides the collectives):
+            # given, or one all_gather of the widths.
+            layout = dict(vocab_start=start, vocab=sum(widths)) if case % 2 else {}
+
+            got = opd_dist.vocab_parallel_topk_overlap(s_local, t_local, K, **layout)
+            torch.testing.assert_close(got, opd_ext.topk_overlap(student, teacher, K), equal_nan=True, rtol=0, atol=0,
+                                       msg=lambda m: f"overlap {where}: {m}")
+
+            got = opd_dist.vocab_parallel_token_stats(s_local, t_local, tokens, temperature=0.8, forward_kl=True,
+                                                      **layout)
+            want = opd_ext.token_stats(student, teacher, tokens, temperature=0.8, forward_kl=True)
+            for name, g, w in zip(want._fields, got, want):
+                _assert_close(g, w, dtype_pair[0], f"{name} {where}")
+
+            for kwargs in (dict(baseline="full"), dict(baseline="full", kl="forward"),
+                           dict(baseline="topk", topk=K), dict(baseline="none")):
+                x_local = s_local.clone().requires_grad_()
+                loss = opd_dist.vocab_parallel_vopd_loss(x_local, t_local, tokens, mask=mask, weights=weights,
+                                                         temperature=0.8, **kwargs, **layout)
+                loss.backward()
+                x = student.clone().requires_grad_()
+                want = opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, temperature=0.8, **kwargs)
+                want.backward()
+                _assert_close(loss, want, dtype_pair[0], f"vopd {kwargs} {where}")
+                _assert_close(x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0],
+                              f"vopd grad {kwargs} {where}")
+
+            x_local = s_local.clone().requires_grad_()
+            loss = opd_dist.vocab_parallel_reverse_kl_loss(x_local, t_local, mask=mask, temperature=1.3, **layout)
+            loss.backward()
+            x = student.clone().requires_grad_()
+            want = opd_ext.reverse_kl_loss(x, teacher, mask=mask, temperature=1.3)
+            want.backward()
+            _assert_close(loss, want, dtype_pair[0], f"reverse_kl {where}")
+            _assert_close(x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0], f"reverse_kl grad {where}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_vocab_parallel_ops_equal_the_single_device_ops(world_size):
+    """Every rank holds a contiguous vocabulary shard (even, uneven, narrower than k): the top-k
+    overlap is exactly the single-device one (ties across shard borders included), statistics,
+    losses and each shard's gradient agree within the dtype's tolerance, -inf and NaN rows too."""
+    _spawn(_vocab_parallel_worker, world_size)
+
+
+def test_vocab_parallel_ops_in_one_process_are_the_ops():
+    student, teacher, tokens, mask, weights = _vocab_parallel_inputs((torch.float32, torch.float32))
+    torch.testing.assert_close(opd_dist.vocab_parallel_topk_overlap(student, teacher, K),
+                               opd_ext.topk_overlap(student, teacher, K), equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"tokens must be ids in \[0, V=64\)"):
+        opd_dist.vocab_parallel_vopd_loss(student, teacher, torch.full_like(tokens, 64))

@@ -180,9 +180,11 @@ float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k,
   return state.reverse_kl();
 }
 
+// Null outputs are not written; without tokens the log-probs are not computed.
 struct TokenStatsOutputs {
   float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *topk_reverse_kl, *student_lse,
       *teacher_lse;
+  float* pair_state = nullptr;  // [rows, 6]: the raw PairSoftmaxState (pair_softmax_state)
 };
 
 template <typename S, typename T>
@@ -215,13 +217,20 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
           for (int64_t j = chunk; j < end; ++j) top.push(s[j], static_cast<int32_t>(start + j));
         }
       }
-      const int64_t y = tokens[r];
-      out.student_logprob[r] = log_softmax_at(static_cast<float>(s_row[y]), state.max_s, state.sum_s, inv_tau);
-      out.teacher_logprob[r] = log_softmax_at(static_cast<float>(t_row[y]), state.max_t, state.sum_t, inv_tau);
-      out.reverse_kl[r] = state.reverse_kl();
-      out.forward_kl[r] = state.forward_kl();
-      out.student_lse[r] = state.lse_s(inv_tau);
-      out.teacher_lse[r] = state.lse_t(inv_tau);
+      if (tokens != nullptr) {
+        const int64_t y = tokens[r];
+        out.student_logprob[r] = log_softmax_at(static_cast<float>(s_row[y]), state.max_s, state.sum_s, inv_tau);
+        out.teacher_logprob[r] = log_softmax_at(static_cast<float>(t_row[y]), state.max_t, state.sum_t, inv_tau);
+      }
+      if (out.reverse_kl != nullptr) out.reverse_kl[r] = state.reverse_kl();
+      if (out.forward_kl != nullptr) out.forward_kl[r] = state.forward_kl();
+      if (out.student_lse != nullptr) out.student_lse[r] = state.lse_s(inv_tau);
+      if (out.teacher_lse != nullptr) out.teacher_lse[r] = state.lse_t(inv_tau);
+      if (out.pair_state != nullptr) {
+        float* o = out.pair_state + r * 6;
+        o[0] = state.max_s, o[1] = state.sum_s, o[2] = state.max_t, o[3] = state.sum_t;
+        o[4] = state.cross_s, o[5] = state.cross_t;
+      }
       if (topk > 0 && has_nan) {
         out.topk_reverse_kl[r] = kNaN;
       } else if (topk > 0) {
@@ -264,6 +273,27 @@ token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
     });
   }
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_kl, student_lse, teacher_lse};
+}
+
+// ---- pair_softmax_state -------------------------------------------------------------------------------
+
+at::Tensor pair_softmax_state_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                  double temperature) {
+  constexpr const char* op = "pair_softmax_state";
+  const float inv_tau = check_pair_softmax_state_inputs(student_logits, teacher_logits, temperature);
+  const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  std::vector<int64_t> sizes(student_logits.sizes().begin(), student_logits.sizes().end());
+  sizes.back() = 6;
+  at::Tensor state = at::empty(sizes, student_logits.options().dtype(at::kFloat));
+  if (rows == 0) return state;
+  TokenStatsOutputs out{};
+  out.pair_state = state.mutable_data_ptr<float>();
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    token_stats_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0), nullptr, rows,
+                             vocab, inv_tau, 0, out);
+  });
+  return state;
 }
 
 // ---- student_stats -----------------------------------------------------------------------------------
@@ -314,7 +344,7 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
       check_policy_gradient_backward_inputs(coef, student_logits, tokens, student_lse, temperature);
   const at::Tensor s = as_rows(student_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
-  check_token_values(op, in.tokens, vocab);
+  check_token_values(op, in.tokens, vocab, /*lowest=*/-1);
   const at::Tensor &ids = in.tokens, &c = in.coef, &lse = in.student_lse;
   at::Tensor grad = at::empty(student_logits.sizes(), student_logits.options());  // contiguous
   if (rows == 0) return grad;
@@ -396,6 +426,7 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
 
 TORCH_LIBRARY_IMPL(opd_ext, CPU, m) {
   m.impl("token_stats", &token_stats_cpu);
+  m.impl("pair_softmax_state", &pair_softmax_state_cpu);
   m.impl("student_stats", &student_stats_cpu);
   m.impl("policy_gradient_backward", &policy_gradient_backward_cpu);
   m.impl("reverse_kl_backward", &reverse_kl_backward_cpu);

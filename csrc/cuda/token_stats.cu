@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "cuda/binding.h"
 #include "opd/cuda/token_stats.cuh"
@@ -28,7 +29,7 @@ void check_cuda_vocab(const char* op, const at::Tensor& logits) {
 // read outside a row (an out-of-range id gives NaN log-probs), so the one device->host sync this
 // costs waits for work already running instead of leaving the GPU idle before the launch. Under
 // CUDA-graph capture no sync is possible: there the NaN is the only signal.
-void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab) {
+void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab, int64_t lowest_allowed = 0) {
   if (ids.numel() == 0) return;
   bool capturing = false;
   check_cuda(opd::cuda::stream_is_capturing(cuda_binding::current_stream(), &capturing), op);
@@ -37,7 +38,7 @@ void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab) {
   const at::Tensor bounds = at::stack({lowest, highest}).cpu();
   const int64_t lo = bounds.const_data_ptr<int64_t>()[0], hi = bounds.const_data_ptr<int64_t>()[1];
   // Only on failure: the ids come to the host so the message names the position, as on CPU.
-  if (lo < 0 || hi >= vocab) check_token_values(op, ids.cpu(), vocab);
+  if (lo < lowest_allowed || hi >= vocab) check_token_values(op, ids.cpu(), vocab, lowest_allowed);
 }
 
 at::Tensor per_row_output(const at::Tensor& logits) {
@@ -90,6 +91,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   check_token_range(op, in.tokens, vocab);
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
+}
+
+at::Tensor pair_softmax_state_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                   double temperature) {
+  constexpr const char* op = "pair_softmax_state";
+  const float inv_temperature = check_pair_softmax_state_inputs(student_logits, teacher_logits, temperature);
+  check_cuda_vocab(op, student_logits);
+  const cuda_binding::DeviceGuard guard(student_logits.device());
+  const at::Tensor s = as_rows(student_logits);
+  const at::Tensor t = as_rows(teacher_logits);
+  const int64_t rows = s.size(0), vocab = s.size(1);
+  std::vector<int64_t> sizes(student_logits.sizes().begin(), student_logits.sizes().end());
+  sizes.back() = 6;
+  at::Tensor state = cuda_binding::empty(sizes, student_logits.options().dtype(at::kFloat));
+  if (rows == 0) return state;
+  dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
+    const opd::cuda::TokenStatsParams<S, T> params{.student = s.const_data_ptr<S>(),
+                                                   .teacher = t.const_data_ptr<T>(),
+                                                   .student_row_stride = s.stride(0),
+                                                   .teacher_row_stride = t.stride(0),
+                                                   .tokens = nullptr,
+                                                   .rows = rows,
+                                                   .vocab = static_cast<int>(vocab),
+                                                   .inv_temperature = inv_temperature,
+                                                   .topk = 0,
+                                                   .student_logprob = nullptr,
+                                                   .teacher_logprob = nullptr,
+                                                   .reverse_kl = nullptr,
+                                                   .forward_kl = nullptr,
+                                                   .student_lse = nullptr,
+                                                   .teacher_lse = nullptr,
+                                                   .topk_reverse_kl = nullptr,
+                                                   .pair_state = state.mutable_data_ptr<float>()};
+    size_t bytes = 0;
+    check_cuda(opd::cuda::token_stats_workspace_size<S, T>(rows, vocab, 0, &bytes), op);
+    at::Tensor workspace = cuda_binding::workspace(bytes, s);
+    check_cuda(opd::cuda::launch_token_stats(params, cuda_binding::workspace_ptr(workspace), bytes,
+                                             cuda_binding::current_stream()),
+               op);
+  });
+  return state;
 }
 
 std::tuple<at::Tensor, at::Tensor> student_stats_cuda(const at::Tensor& student_logits, const at::Tensor& tokens,
@@ -150,7 +192,7 @@ at::Tensor policy_gradient_backward_cuda(const at::Tensor& coef, const at::Tenso
                                                           cuda_binding::current_stream()),
                op);
   });
-  check_token_range(op, in.tokens, vocab);
+  check_token_range(op, in.tokens, vocab, /*lowest=*/-1);
   return grad;
 }
 
@@ -194,6 +236,7 @@ at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& st
 
 OPD_CUDA_LIBRARY_IMPL(m) {
   m.impl("token_stats", &token_stats_cuda);
+  m.impl("pair_softmax_state", &pair_softmax_state_cuda);
   m.impl("student_stats", &student_stats_cuda);
   m.impl("policy_gradient_backward", &policy_gradient_backward_cuda);
   m.impl("reverse_kl_backward", &reverse_kl_backward_cuda);

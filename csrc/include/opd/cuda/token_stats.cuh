@@ -53,6 +53,9 @@ struct TokenStatsParams {
   int topk;  // 0: no top-k baseline; else 1 <= topk <= min(vocab, kMaxStreamingTopK)
   float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *student_lse, *teacher_lse;
   float* topk_reverse_kl;  // only written when topk > 0
+  // [rows, 6]: the raw PairSoftmaxState (max_s, Z_s, max_t, Z_t, D, C). Every output pointer may be
+  // null (not written); null tokens skip the log-probs.
+  float* pair_state = nullptr;
 };
 
 template <typename S>
@@ -370,18 +373,25 @@ struct PairStats {
     state.update(static_cast<float>(row.s[v]), static_cast<float>(row.t[v]), p.inv_temperature);
   }
   __device__ void finalize(const State& state, int64_t r) const {
-    const Row rw = row(r);
-    const int64_t token = p.tokens[r];
-    // Out-of-range ids give NaN log-probs, never a read outside the row; the caller raises.
-    const bool in_range = token >= 0 && token < p.vocab;
-    const float s_y = in_range ? static_cast<float>(rw.s[token]) : kNaN;
-    const float t_y = in_range ? static_cast<float>(rw.t[token]) : kNaN;
-    p.student_logprob[r] = log_softmax_at(s_y, state.max_s, state.sum_s, p.inv_temperature);
-    p.teacher_logprob[r] = log_softmax_at(t_y, state.max_t, state.sum_t, p.inv_temperature);
-    p.reverse_kl[r] = state.reverse_kl();
-    p.forward_kl[r] = state.forward_kl();
-    p.student_lse[r] = state.lse_s(p.inv_temperature);
-    p.teacher_lse[r] = state.lse_t(p.inv_temperature);
+    if (p.tokens != nullptr) {
+      const Row rw = row(r);
+      const int64_t token = p.tokens[r];
+      // Out-of-range ids give NaN log-probs, never a read outside the row; the caller raises.
+      const bool in_range = token >= 0 && token < p.vocab;
+      const float s_y = in_range ? static_cast<float>(rw.s[token]) : kNaN;
+      const float t_y = in_range ? static_cast<float>(rw.t[token]) : kNaN;
+      p.student_logprob[r] = log_softmax_at(s_y, state.max_s, state.sum_s, p.inv_temperature);
+      p.teacher_logprob[r] = log_softmax_at(t_y, state.max_t, state.sum_t, p.inv_temperature);
+    }
+    if (p.reverse_kl != nullptr) p.reverse_kl[r] = state.reverse_kl();
+    if (p.forward_kl != nullptr) p.forward_kl[r] = state.forward_kl();
+    if (p.student_lse != nullptr) p.student_lse[r] = state.lse_s(p.inv_temperature);
+    if (p.teacher_lse != nullptr) p.teacher_lse[r] = state.lse_t(p.inv_temperature);
+    if (p.pair_state != nullptr) {
+      float* o = p.pair_state + r * 6;
+      o[0] = state.max_s, o[1] = state.sum_s, o[2] = state.max_t, o[3] = state.sum_t;
+      o[4] = state.cross_s, o[5] = state.cross_t;
+    }
   }
 };
 
