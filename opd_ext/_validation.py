@@ -45,9 +45,21 @@ def check_kernels_for(name: str, tensor: torch.Tensor) -> None:
                 f"-e .), or move the tensors to the CPU")
 
 
+def is_dtensor(*tensors) -> bool:
+    """Any of ``tensors`` a torch.distributed DTensor (checked by type name: importing
+    torch.distributed.tensor is not free)."""
+    return any(type(t).__name__ == "DTensor" and hasattr(t, "device_mesh") for t in tensors)
+
+
 def check_logits(name: str, logits) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of logits [..., V], got {type(logits).__name__}")
+    if is_dtensor(logits):
+        raise TypeError(
+            f"{name} is a DTensor: this function takes plain tensors. Logits sharded over the vocabulary "
+            f"(Shard(-1)) go to opd_ext.topk_overlap / token_stats / vopd_loss / reverse_kl_loss as DTensors, "
+            f"or to opd_ext.distributed.vocab_parallel_* with x.to_local() and the mesh dimension's group; "
+            f"otherwise pass x.full_tensor()")
     check_kernels_for(name, logits)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")

@@ -72,6 +72,7 @@ def global_num_items(mask: Masks, group: Optional[dist.ProcessGroup] = None) -> 
 from opd_ext import _meta  # noqa: E402,F401  (registers the fake kernels)
 from opd_ext._extension import ops  # noqa: E402
 from opd_ext._validation import (  # noqa: E402
+    is_dtensor,
     check_choice,
     check_k,
     check_logit_pair,
@@ -91,7 +92,7 @@ from opd_ext.losses import (  # noqa: E402
     _ReverseKLObjective,
 )
 
-__all__ += ["vocab_parallel_reverse_kl_loss", "vocab_parallel_token_stats", "vocab_parallel_topk_overlap",
+__all__ += ["from_dtensors", "is_dtensor", "vocab_parallel_reverse_kl_loss", "vocab_parallel_token_stats", "vocab_parallel_topk_overlap",
             "vocab_parallel_vopd_loss", "VocabShard"]
 
 # Ids travel as float32 beside the values: exact below 2^24.
@@ -397,3 +398,36 @@ def vocab_parallel_topk_overlap(student_logits: torch.Tensor, teacher_logits: to
     overlap = shared.float() / k
     overlap = torch.where(gathered[..., 4 * k].amax(0) > 0, float("nan"), overlap)
     return overlap.reshape(lead)
+
+
+# ---- DTensor: logits placed Shard(-1) reach the vocab-parallel path from the ordinary functions ----
+
+
+def _vocab_sharded(name: str, x):
+    """(local shard, process group) of a DTensor sharded over its last dim on one mesh dimension
+    (replicated on any other)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    sharded = [d for d, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim in (-1, x.dim() - 1)]
+    others_replicated = all(isinstance(p, Replicate) for d, p in enumerate(x.placements) if d not in sharded)
+    if len(sharded) != 1 or not others_replicated:
+        raise ValueError(f"{name} is a DTensor placed {x.placements}; opd_ext takes logits sharded over the "
+                         f"vocabulary (Shard(-1)) on one mesh dimension and replicated on the others: "
+                         f"redistribute it, or pass x.full_tensor()")
+    return x.to_local(), x.device_mesh.get_group(sharded[0])
+
+
+def _plain(x):
+    return x.full_tensor() if is_dtensor(x) else x
+
+
+def from_dtensors(fn, student_logits, teacher_logits, *args, **kwargs):
+    """Call the vocab-parallel ``fn`` on the local shards of DTensor logits; other DTensor
+    arguments (tokens, mask, weights: replicated) become plain tensors."""
+    student, group = _vocab_sharded("student_logits", student_logits)
+    teacher, teacher_group = _vocab_sharded("teacher_logits", teacher_logits)
+    if teacher_group is not group or student_logits.device_mesh != teacher_logits.device_mesh:
+        raise ValueError("student_logits and teacher_logits must be sharded alike over one device mesh")
+    args = [_plain(a) for a in args]
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    return fn(student, teacher, *args, group=group, **kwargs)

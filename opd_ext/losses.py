@@ -32,6 +32,7 @@ from opd_ext import reference
 from opd_ext._extension import ops, runs_cuda_kernels
 from opd_ext.ops import CUDA_MAX_TOPK
 from opd_ext._validation import (
+    is_dtensor,
     check_choice,
     check_k,
     check_logit_pair,
@@ -89,6 +90,9 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
         differentiable (use :func:`vopd_loss` / :func:`reverse_kl_loss` to train). A teacher ``-inf``
         where the student has mass gives ``reverse_kl = inf``; NaN logits give NaN in that row only.
     """
+    if is_dtensor(student_logits, teacher_logits):
+        return _vocab_parallel("vocab_parallel_token_stats", student_logits, teacher_logits, tokens,
+                               temperature=temperature, forward_kl=forward_kl)
     check_logit_pair(student_logits, teacher_logits)
     check_tokens(tokens, student_logits)
     temperature = check_temperature(temperature)
@@ -97,6 +101,13 @@ def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, toke
     if forward_kl:
         return TokenStatsWithForwardKL(logp_s, logp_t, reverse, forward)
     return TokenStats(logp_s, logp_t, reverse)
+
+
+def _vocab_parallel(name, student_logits, teacher_logits, *args, **kwargs):
+    """DTensor logits placed Shard(-1): the function of opd_ext.distributed that takes the shards."""
+    from opd_ext import distributed
+
+    return distributed.from_dtensors(getattr(distributed, name), student_logits, teacher_logits, *args, **kwargs)
 
 
 def token_stats_op(student_logits, teacher_logits, tokens, temperature: float, topk: int):
@@ -239,6 +250,10 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
     Precision: values follow SPEC §4. The backward receives the row log-sum-exp as float32, which
     rounds to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative error.
     """
+    if is_dtensor(student_logits, teacher_logits):
+        return _vocab_parallel("vocab_parallel_vopd_loss", student_logits, teacher_logits, tokens, mask=mask,
+                               weights=weights, temperature=temperature, baseline=baseline, topk=topk, kl=kl,
+                               num_items=num_items)
     check_logit_pair(student_logits, teacher_logits)
     check_choice("baseline", baseline, BASELINES)
     check_choice("kl", kl, KL_DIRECTIONS)
@@ -274,6 +289,9 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     error (up to ~2e-3·w/(norm·τ) absolute where the true gradient is tiny), as for
     :func:`vopd_loss`.
     """
+    if is_dtensor(student_logits, teacher_logits):
+        return _vocab_parallel("vocab_parallel_reverse_kl_loss", student_logits, teacher_logits, mask=mask,
+                               weights=weights, temperature=temperature, num_items=num_items)
     check_logit_pair(student_logits, teacher_logits)
     temperature = check_temperature(temperature)
     scale, valid = _loss_scale(student_logits, mask, weights, num_items)

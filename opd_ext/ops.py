@@ -6,7 +6,7 @@ import torch
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext import reference
 from opd_ext._extension import ops, runs_cuda_kernels
-from opd_ext._validation import check_k, check_logit_pair
+from opd_ext._validation import check_k, check_logit_pair, is_dtensor
 
 # The CUDA top-k keeps k + one tile of candidates in shared memory; beyond this a sort is cheaper.
 CUDA_MAX_TOPK = 1024
@@ -29,6 +29,10 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     Returns:
         ``[...]`` float32 in ``[0, 1]``; NaN in rows whose logits contain NaN (other rows unaffected).
     """
+    if is_dtensor(student_logits, teacher_logits):
+        from opd_ext import distributed
+
+        return distributed.from_dtensors(distributed.vocab_parallel_topk_overlap, student_logits, teacher_logits, k)
     check_logit_pair(student_logits, teacher_logits)
     check_k(k, student_logits.shape[-1])
     if runs_cuda_kernels(student_logits) and k > CUDA_MAX_TOPK:

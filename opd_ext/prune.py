@@ -288,6 +288,11 @@ class DriftMonitor:
         batch_size: number of sequences ``B``.
         config: a :class:`PruneConfig` (default ``PruneConfig()``).
         device: where the state lives; must match the logits passed to :meth:`step`.
+        group: a process group over which :meth:`step`'s logits are sharded along the vocabulary
+            (tensor-parallel lm_head; rank r holds ids ``[vocab_start, vocab_start + V_r)``, tokens
+            are global ids). Each step then exchanges ``4k + 9`` floats per row instead of reading
+            whole rows (:mod:`opd_ext.distributed`); every rank keeps the same state. ``vocab_start``
+            and ``vocab`` (the full V) spare one all_gather of the shard widths per step.
         budget: per-sequence length cap: None (no cap), an int, or an int tensor ``[B]``
             (typically :attr:`DynamicWindow.length`). A row reaching it stops with
             ``StopReason.BUDGET``.
@@ -313,11 +318,14 @@ class DriftMonitor:
     down-weighted and eventually stopped; other rows are unaffected.
     """
 
-    def __init__(self, batch_size: int, config: Optional[PruneConfig] = None, *, device="cpu", budget=None):
+    def __init__(self, batch_size: int, config: Optional[PruneConfig] = None, *, device="cpu", budget=None,
+                 group=None, vocab_start: Optional[int] = None, vocab: Optional[int] = None):
         if not _is_int(batch_size) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         self.config = (config if config is not None else PruneConfig()).validate()
         self.device = check_device(device)
+        # Vocab-parallel decoding: step() receives this rank's vocabulary shard of the logits.
+        self.group, self._layout = group, dict(vocab_start=vocab_start, vocab=vocab)
         self.reset(batch_size, budget=budget)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -368,6 +376,8 @@ class DriftMonitor:
             bool ``[A]``: True where the row must generate nothing more (stopped now or before;
             rows that had already stopped are not updated).
         """
+        if self.group is not None:
+            return self._step_vocab_parallel(student_logits, teacher_logits, tokens, rows, temperature)
         check_logit_pair(student_logits, teacher_logits)
         if student_logits.dim() != 2:
             raise ValueError(f"student_logits must be [A, V] (one next-token row per sequence), got "
@@ -407,6 +417,33 @@ class DriftMonitor:
             record("teacher_logprobs", out.teacher_logprob)
             record("reverse_kl", out.reverse_kl)
         return out.stopped
+
+    def _step_vocab_parallel(self, student_logits, teacher_logits, tokens, rows, temperature) -> torch.Tensor:
+        """step() on vocabulary shards: the overlap and the token statistics from the merged
+        shards (exactly the unsharded overlap), then the drift state machine on them."""
+        from opd_ext import distributed
+
+        if student_logits.dim() != 2:
+            raise ValueError(f"student_logits must be [A, V_r] (one next-token row per sequence), got "
+                             f"shape {tuple(student_logits.shape)}")
+        overlap = distributed.vocab_parallel_topk_overlap(student_logits, teacher_logits, self.config.k,
+                                                          group=self.group, **self._layout)
+        stats = None
+        if tokens is not None:
+            stats = distributed.vocab_parallel_token_stats(student_logits, teacher_logits, tokens,
+                                                           temperature=temperature, group=self.group, **self._layout)
+        checked = self._check_rows(rows, student_logits.shape[0])
+        positions = self.state.length.index_select(0, checked).long()
+        was_running = self.state.stop_reason.index_select(0, checked) == StopReason.RUNNING
+        self.observe(overlap[:, None], rows=rows)
+        if stats is not None:
+            if self._history.get("student_logprobs") is None:
+                for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
+                    self._history[name] = torch.zeros(self.batch_size, self._capacity, device=self.device)
+            for name, values in zip(("student_logprobs", "teacher_logprobs", "reverse_kl"), stats):
+                hist = self._history[name]
+                hist[checked, positions] = torch.where(was_running, values, hist[checked, positions])
+        return self.state.stop_reason.index_select(0, checked) != StopReason.RUNNING
 
     @torch.compiler.disable(reason=_EAGER_ONLY)
     def observe(self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *,

@@ -200,6 +200,8 @@ def _vocab_parallel_worker(rank, world_size):
                 _assert_close(x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0],
                               f"vopd grad {kwargs} {where}")
 
+            _check_drift_monitor(rank, widths, dtype_pair, layout, where)
+
             x_local = s_local.clone().requires_grad_()
             loss = opd_dist.vocab_parallel_reverse_kl_loss(x_local, t_local, mask=mask, temperature=1.3, **layout)
             loss.backward()
@@ -208,6 +210,32 @@ def _vocab_parallel_worker(rank, world_size):
             want.backward()
             _assert_close(loss, want, dtype_pair[0], f"reverse_kl {where}")
             _assert_close(x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0], f"reverse_kl grad {where}")
+
+
+def _check_drift_monitor(rank, widths, dtype_pair, layout, where):
+    """A DriftMonitor over vocabulary shards decodes exactly as one over whole rows: same stops,
+    multipliers and weights token by token, the token statistics within tolerance."""
+    g = torch.Generator().manual_seed(7)
+    batch, vocab, steps = 5, sum(widths), 12
+    config = opd_ext.PruneConfig(k=K, threshold=0.6, w_drop=0.2, patience=2)
+    whole = opd_ext.DriftMonitor(batch, config)
+    sharded = opd_ext.DriftMonitor(batch, config, group=dist.group.WORLD,
+                                   **{k: v for k, v in layout.items() if k in ("vocab_start", "vocab")})
+    active = torch.arange(batch)
+    for _ in range(steps):
+        if not active.numel():
+            break
+        student = (torch.randn(active.numel(), vocab, generator=g) * 2).to(dtype_pair[0])
+        teacher = (student.float() + torch.randn(active.numel(), vocab, generator=g) * 1.5).to(dtype_pair[1])
+        tokens = torch.randint(0, vocab, (active.numel(),), generator=g)
+        stop = whole.step(student, teacher, tokens, rows=active)
+        got = sharded.step(_shard(student, widths, rank)[0], _shard(teacher, widths, rank)[0], tokens, rows=active)
+        assert torch.equal(got, stop), where
+        active = active[~stop]
+    for name in ("overlaps", "multipliers", "weights", "mask", "stop_reasons", "lengths"):
+        assert torch.equal(getattr(sharded, name), getattr(whole, name)), f"DriftMonitor.{name} {where}"
+    for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
+        _assert_close(getattr(sharded, name), getattr(whole, name), dtype_pair[0], f"DriftMonitor.{name} {where}")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -224,3 +252,38 @@ def test_vocab_parallel_ops_in_one_process_are_the_ops():
                                opd_ext.topk_overlap(student, teacher, K), equal_nan=True, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"tokens must be ids in \[0, V=64\)"):
         opd_dist.vocab_parallel_vopd_loss(student, teacher, torch.full_like(tokens, 64))
+
+
+def _dtensor_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    student, teacher, tokens, mask, weights = _vocab_parallel_inputs((torch.float32, torch.float32), vocab=63)
+    d_student = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
+    d_teacher = distribute_tensor(teacher, mesh, [Shard(2)])
+    d_mask = distribute_tensor(mask, mesh, [Replicate()])
+    loss = opd_ext.vopd_loss(d_student, d_teacher, tokens, mask=d_mask, weights=weights, baseline="topk", topk=K)
+    loss.backward()
+    x = student.clone().requires_grad_()
+    want = opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, baseline="topk", topk=K)
+    want.backward()
+    _assert_close(loss, want, torch.float32, "vopd_loss on DTensors")
+    _assert_close(d_student.grad.full_tensor(), x.grad, torch.float32, "its gradient")
+    torch.testing.assert_close(opd_ext.topk_overlap(d_student, d_teacher, K), opd_ext.topk_overlap(student, teacher, K),
+                               equal_nan=True, rtol=0, atol=0)
+    _assert_close(opd_ext.reverse_kl_loss(d_student, d_teacher, mask=mask), opd_ext.reverse_kl_loss(student, teacher,
+                                                                                                      mask=mask),
+                  torch.float32, "reverse_kl_loss on DTensors")
+    stats = opd_ext.token_stats(d_student, d_teacher, tokens)
+    for g, w in zip(stats, opd_ext.token_stats(student, teacher, tokens)):
+        _assert_close(g, w, torch.float32, "token_stats on DTensors")
+    replicated = distribute_tensor(student, mesh, [Replicate()])
+    with pytest.raises(ValueError, match=r"sharded over the vocabulary \(Shard\(-1\)\)"):
+        opd_ext.vopd_loss(replicated, d_teacher, tokens)
+    with pytest.raises(TypeError, match="is a DTensor: this function takes plain tensors"):
+        opd_ext.reverse_kl_loss_sparse_teacher(d_student, tokens[..., None], torch.zeros(2, 6, 1))
+
+
+def test_dtensor_logits_sharded_over_the_vocabulary_take_the_vocab_parallel_path():
+    _spawn(_dtensor_worker, 2)
