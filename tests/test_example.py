@@ -223,3 +223,22 @@ def test_bad_device_is_an_argparse_error(capsys):
         with pytest.raises(SystemExit) as info:
             train.parse_args(["--device", device])
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_distributed_example_runs_on_two_cpu_processes():
+    """examples/distributed_opd.py under torchrun (gloo): both modes train, and the vocab-parallel
+    loss equals the unsharded one."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(root / "examples" / "distributed_opd.py"), "--steps", "2", "--check"],
+                         capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("[dp] step") == 2 and run.stdout.count("[tp] step") == 2, run.stdout
+    diffs = [float(d) for d in re.findall(r"\|diff\| (\S+)", run.stdout)]
+    assert len(diffs) == 2 and max(diffs) < 1e-5, run.stdout
