@@ -227,6 +227,49 @@ def test_opcheck(device, student_dtype, teacher_dtype):
     _, _, kl, _, _, lse_s, lse_t = ops.token_stats(student, teacher, tokens, 0.5, 0)
     torch.library.opcheck(ops.policy_gradient_backward, (coef, student, tokens, lse_s, 0.5))
     torch.library.opcheck(ops.reverse_kl_backward, (coef, student, teacher, lse_s, lse_t, kl, 0.5))
+    torch.library.opcheck(ops.pair_softmax_state, (student, teacher, 0.5))
+    outside = torch.where(tokens % 2 == 0, tokens, -1)  # -1: the token lies in another vocabulary shard
+    torch.library.opcheck(ops.policy_gradient_backward, (coef, student, outside, lse_s, 0.5))
+
+
+# ---- vocabulary shards (opd_ext.distributed) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
+def test_pair_softmax_states_of_slices_merge_into_the_row(device, student_dtype, teacher_dtype):
+    """The raw state of column slices, merged, gives token_stats' lse and both KLs of the row, at
+    ordinary and at |logits| ~ 1e4 (the raw maxima keep the large parts exact), with -inf entries."""
+    from opd_ext.distributed import _merge_states
+
+    for scale, offset in ((2.0, 0.0), (2.0, 1e4)):
+        student, teacher = _pair((5, 301), student_dtype, teacher_dtype, device)
+        student, teacher = (student.float() + offset).to(student_dtype), (teacher.float() - offset).to(teacher_dtype)
+        student[1, ::3] = float("-inf")
+        tau = 0.7
+        whole = ops.pair_softmax_state(student, teacher, tau)
+        assert whole.shape == (5, 6) and whole.dtype == torch.float32
+        parts = [ops.pair_softmax_state(student[:, a:b], teacher[:, a:b], tau)
+                 for a, b in ((0, 100), (100, 290), (290, 301))]
+        tokens = torch.zeros(5, dtype=torch.long, device=device)
+        want = ops.token_stats(student, teacher, tokens, tau, 0)
+        for states in (whole[None], torch.stack(parts)):
+            max_s, log_z_s, max_t, log_z_t, reverse, forward = _merge_states(states, 1 / tau)
+            tol = stat_tolerance(student_dtype)
+            torch.testing.assert_close(reverse.float(), want[2], **tol)
+            torch.testing.assert_close(forward.float(), want[3], **tol)
+            torch.testing.assert_close((max_s / tau + log_z_s).float(), want[5], rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close((max_t / tau + log_z_t).float(), want[6], rtol=1e-6, atol=1e-5)
+
+
+def test_policy_gradient_backward_without_the_token_in_the_shard(device):
+    student, _ = _pair((4, 50), torch.float32, torch.float32, device)
+    coef = torch.randn(4, device=device)
+    lse = torch.logsumexp(student / 0.8, -1)
+    got = ops.policy_gradient_backward(coef, student, torch.full((4,), -1, device=device), lse, 0.8)
+    want = -coef[:, None] * torch.softmax(student / 0.8, -1) / 0.8
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"tokens must be in \[-1, V=50\), got -2"):
+        ops.policy_gradient_backward(coef, student, torch.full((4,), -2, device=device), lse, 0.8)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
