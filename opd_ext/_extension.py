@@ -7,6 +7,16 @@ import threading
 
 import torch
 
+def _source_checkout_note() -> str:
+    """Said when the package being imported is the sources' opd_ext/ folder (e.g. `python -m
+    opd_ext info` run from the repository root), which shadows an installed copy."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.exists(os.path.join(here, os.pardir, "pyproject.toml")):
+        return ""
+    return (f"\nopd_ext is being imported from the source folder {here}, which shadows an installed copy: "
+            "run from another directory, or install in place with `pip install --no-build-isolation -e .`")
+
+
 try:
     from opd_ext import _C  # noqa: F401  (importing registers torch.ops.opd_ext.*)
 except ImportError as exc:  # pragma: no cover - only hit on a broken install
@@ -14,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
         "opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
         f"({torch.__version__}). Rebuild it in this environment with\n"
         "    pip install --no-build-isolation -e .\n"
-        f"Original error: {exc}"
+        f"Original error: {exc}{_source_checkout_note()}"
     ) from exc
 
 ops = torch.ops.opd_ext
