@@ -7,6 +7,7 @@ from opd_ext._extension import build_info, cuda_kernels_available
 from opd_ext._validation import align_vocab
 from opd_ext.ops import topk_overlap
 from opd_ext.losses import (
+    LossStats,
     TokenStats,
     TokenStatsWithForwardKL,
     reverse_kl_loss,
@@ -17,6 +18,14 @@ from opd_ext.losses import (
     vopd_loss_sparse_teacher,
 )
 from opd_ext.fused_linear import fused_linear_reverse_kl_loss, fused_linear_vopd_loss
+from opd_ext.modules import (
+    FusedLinearReverseKLLoss,
+    FusedLinearVOPDLoss,
+    ReverseKLLoss,
+    ReverseKLLossSparseTeacher,
+    VOPDLoss,
+    VOPDLossSparseTeacher,
+)
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
 from opd_ext import reference
 
@@ -29,6 +38,7 @@ __all__ = [
     "align_vocab",
     "topk_overlap",
     # token statistics and losses (opd_ext/losses.py, opd_ext/fused_linear.py)
+    "LossStats",
     "TokenStats",
     "TokenStatsWithForwardKL",
     "fused_linear_reverse_kl_loss",
@@ -39,6 +49,13 @@ __all__ = [
     "token_stats",
     "vopd_loss",
     "vopd_loss_sparse_teacher",
+    # nn.Module forms of the losses (opd_ext/modules.py)
+    "FusedLinearReverseKLLoss",
+    "FusedLinearVOPDLoss",
+    "ReverseKLLoss",
+    "ReverseKLLossSparseTeacher",
+    "VOPDLoss",
+    "VOPDLossSparseTeacher",
     # Prune-OPD (opd_ext/prune.py; generation hooks in opd_ext.generation)
     "DriftMonitor",
     "DynamicWindow",

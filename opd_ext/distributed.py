@@ -87,7 +87,8 @@ from opd_ext.losses import (  # noqa: E402
     TokenStats,
     TokenStatsWithForwardKL,
     _advantage_coef,
-    _loss_scale,
+    _loss_stats,
+    _scale_and_weights,
     _PolicyGradientSurrogate,
     _ReverseKLObjective,
 )
@@ -333,11 +334,13 @@ def vocab_parallel_token_stats(student_logits: torch.Tensor, teacher_logits: tor
 def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
                              mask=None, weights=None, temperature: float = 1.0, baseline: str = "full",
                              topk: int = DEFAULT_TOPK, kl: str = "reverse", num_items=None, group=None,
-                             vocab_start: Optional[int] = None, vocab: Optional[int] = None) -> torch.Tensor:
+                             vocab_start: Optional[int] = None, vocab: Optional[int] = None,
+                             reduction: str = "mean", return_stats: bool = False):
     """:func:`opd_ext.vopd_loss` on logits sharded over the vocabulary across ``group``.
 
     Arguments as in ``vopd_loss`` (``tokens`` are global ids; ``mask``, ``weights`` and
-    ``num_items`` identical on every rank) plus ``group`` / ``vocab_start`` / ``vocab`` as in
+    ``num_items`` identical on every rank; ``reduction`` and ``return_stats`` too, the stats the
+    same on every rank) plus ``group`` / ``vocab_start`` / ``vocab`` as in
     :func:`vocab_parallel_token_stats`. The returned loss is the same on every rank; its gradient
     w.r.t. this rank's ``student_logits`` shard is that shard's columns of the single-device
     gradient. Communication: one all_gather of 8 float32 per row, plus ``3·topk + 1`` with
@@ -351,29 +354,36 @@ def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch
                          f'baseline="full", got baseline={baseline!r}')
     temperature = check_temperature(temperature)
     topk = check_k(topk, shard.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     _check_global_tokens(tokens, student_logits, shard, valid)
     tokens = torch.where(valid, tokens, 0)
     m = _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, group, shard)
     value = {"full": m.forward if kl == "forward" else m.reverse, "topk": m.topk_kl}.get(baseline)
     coef = _advantage_coef(scale, valid, m.logp_t, m.logp_s, 0.0 if value is None else value)
     local, _ = _local_ids(tokens, shard)
-    return _PolicyGradientSurrogate.apply(student_logits, local, m.logp_s, m.lse_s, coef, temperature)
+    loss = _PolicyGradientSurrogate.apply(student_logits, local, m.logp_s, m.lse_s, coef, temperature,
+                                          reduction == "none")
+    if not return_stats:
+        return loss
+    return loss, _loss_stats(valid, w, student_logprob=m.logp_s, teacher_logprob=m.logp_t, reverse_kl=m.reverse,
+                             baseline_kl=value, policy_gradient=True)
 
 
 def vocab_parallel_reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None,
                                    weights=None, temperature: float = 1.0, num_items=None, group=None,
-                                   vocab_start: Optional[int] = None, vocab: Optional[int] = None) -> torch.Tensor:
+                                   vocab_start: Optional[int] = None, vocab: Optional[int] = None,
+                                   reduction: str = "mean", return_stats: bool = False):
     """:func:`opd_ext.reverse_kl_loss` on logits sharded over the vocabulary across ``group``;
     arguments, result and gradient as in :func:`vocab_parallel_vopd_loss`. Communication: one
     all_gather of 8 float32 per row."""
     shard = _setup(student_logits, teacher_logits, group, vocab_start, vocab)
     temperature = check_temperature(temperature)
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     zeros = torch.zeros(student_logits.shape[:-1], dtype=torch.int64, device=student_logits.device)
     m = _merged_stats(student_logits, teacher_logits, zeros, temperature, 0, group, shard)
-    return _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), m.reverse, m.lse_s, m.lse_t, scale,
-                                     temperature)
+    loss = _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), m.reverse, m.lse_s, m.lse_t, scale,
+                                     temperature, reduction == "none")
+    return (loss, _loss_stats(valid, w, reverse_kl=m.reverse)) if return_stats else loss
 
 
 def vocab_parallel_topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16, *,

@@ -51,8 +51,16 @@ from opd_ext._validation import (
     is_supported_dtype_pair,
     token_range_error,
 )
-from opd_ext.losses import (BASELINES, DEFAULT_TOPK, KL_DIRECTIONS, _advantage_coef, _loss_scale, _masked_sum,
-                            token_stats_op)
+from opd_ext.losses import (BASELINES, DEFAULT_TOPK, KL_DIRECTIONS, _advantage_coef, _loss_stats, _masked_sum,
+                            _scale_and_weights, token_stats_op)
+
+# "none" would need each row's gradient scaled by its own incoming gradient, but the rows' lm_head
+# gradients are summed during the forward pass, before that gradient exists.
+FUSED_REDUCTIONS = ("mean", "sum")
+NO_PER_POSITION_REDUCTION = (
+    "reduction='none' is not available for the fused-linear losses: they compute the gradients in the forward "
+    "pass, before per-position gradients exist. Use 'mean' or 'sum' (return_stats=True gives per-position "
+    "values), or opd_ext.vopd_loss / opd_ext.reverse_kl_loss on the logits")
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -89,7 +97,9 @@ def fused_linear_vopd_loss(
     kl: str = "reverse",
     num_items=None,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
     """``opd_ext.vopd_loss(F.linear(student_hidden, student_weight, student_bias), teacher_logits, ...)``
     without the ``[N, V]`` student logits.
 
@@ -108,9 +118,14 @@ def fused_linear_vopd_loss(
         student_bias: optional ``[V]`` (not with a module as ``student_weight``: it has its own).
         mask, weights, temperature, baseline, topk, kl, num_items: as in ``opd_ext.vopd_loss``.
         chunk_size: rows per chunk; default :func:`default_chunk_size`.
+        reduction: ``"mean"`` (default) | ``"sum"``. ``"none"`` raises a ValueError: the gradients are
+            computed in the forward pass, before a per-position gradient could weigh them (use
+            ``return_stats`` for per-position values, or ``opd_ext.vopd_loss`` on the logits).
+        return_stats: also return an ``opd_ext.LossStats`` of ``[N]`` / ``[B, T]`` tensors, gathered
+            from the chunks (masked rows, never computed, hold 0).
 
     Returns:
-        A float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
+        The loss, or ``(loss, LossStats)`` with ``return_stats``. The loss is a float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
         ``student_bias`` (with a module: its weight, bias and LoRA ``lora_A`` / ``lora_B`` weights).
         The gradients are computed during the forward pass, so a forward under ``torch.no_grad()``
         skips them.
@@ -131,21 +146,26 @@ def fused_linear_vopd_loss(
                          f'baseline="full", got baseline={baseline!r}')
     problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                        teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
-                       chunk_size)
+                       chunk_size, reduction)
     topk = check_k(topk, problem.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = token_stats_op(
             student_logits, teacher_logits, tokens, problem.temperature, topk)
         value = {"full": forward_kl if kl == "forward" else reverse_kl, "topk": topk_kl}.get(baseline)
+        stats = (logp_s, logp_t, reverse_kl) + (() if value is None else (value,))
         # d loss / d log p(y): the surrogate is linear in log p(y), as in opd_ext.vopd_loss.
         coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
         loss = _masked_sum(coef, logp_s)
         if not need_grad:
-            return loss, None
-        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature)
+            return loss, None, stats
+        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature), stats
 
-    return problem.run(chunk_loss)
+    if not return_stats:
+        return problem.run(chunk_loss)
+    loss, logp_s, logp_t, reverse_kl, *value = problem.run(chunk_loss, 4 if baseline != "none" else 3)
+    return loss, problem.stats(student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=reverse_kl,
+                               baseline_kl=value[0] if value else None, policy_gradient=True)
 
 
 def fused_linear_reverse_kl_loss(
@@ -162,44 +182,56 @@ def fused_linear_reverse_kl_loss(
     temperature: float = 1.0,
     num_items=None,
     chunk_size: Optional[int] = None,
-) -> torch.Tensor:
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
     """``opd_ext.reverse_kl_loss(F.linear(student_hidden, student_weight, student_bias), teacher_logits,
     ...)`` without the ``[N, V]`` student logits: ``Σ_t w_t KL(p_t‖q_t) / norm``.
 
-    Arguments as in :func:`fused_linear_vopd_loss` (no tokens: the loss is dense over the vocabulary).
+    Arguments, ``reduction`` and ``return_stats`` (``reverse_kl`` only) as in
+    :func:`fused_linear_vopd_loss` (no tokens: the loss is dense over the vocabulary).
     """
     problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                        teacher_weight, teacher_bias, None, mask, weights, temperature, num_items,
-                       chunk_size)
+                       chunk_size, reduction)
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         _, _, reverse_kl, _, _, lse_s, lse_t = ops.token_stats(
             student_logits, teacher_logits, tokens, problem.temperature, 0)
         loss = _masked_sum(scale, reverse_kl)
         if not need_grad:
-            return loss, None
+            return loss, None, (reverse_kl,)
         return loss, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
-                                             reverse_kl, problem.temperature)
+                                             reverse_kl, problem.temperature), (reverse_kl,)
 
-    return problem.run(chunk_loss)
+    if not return_stats:
+        return problem.run(chunk_loss)
+    loss, reverse_kl = problem.run(chunk_loss, 1)
+    return loss, problem.stats(reverse_kl=reverse_kl)
 
 
 # A chunk's loss: (student_logits [c, V], teacher_logits [c, V], tokens [c], scale [c] = w / norm,
 # valid [c] (all True: masked rows are never chunked), need_grad)
-# -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None).
+# -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None,
+#     per-row float32 statistics [c] (a fixed number per loss, gathered only when asked for)).
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                     tuple[torch.Tensor, Optional[torch.Tensor]]]
+                     tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, ...]]]
 
 
 class _Problem:
     """Validated, row-flattened inputs of one fused-linear loss call."""
 
     def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                 teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size):
+                 teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size,
+                 reduction="mean"):
+        if reduction == "none":
+            raise ValueError(NO_PER_POSITION_REDUCTION)
+        check_choice("reduction", reduction, FUSED_REDUCTIONS)
         student_weight, student_bias, self.adapters = _resolve_head("student", student_weight, student_bias)
         teacher_weight, teacher_bias, teacher_adapters = _resolve_head("teacher", teacher_weight, teacher_bias)
         check_linear_head("student", student_hidden, student_weight, student_bias)
         lead = tuple(student_hidden.shape[:-1])
+        self.lead = lead
         device, dtype = student_hidden.device, student_hidden.dtype
         self.hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
         self.weight, self.bias = student_weight, student_bias
@@ -244,8 +276,9 @@ class _Problem:
             check_weights(weights, student_hidden, "student_hidden")
         # The losses' own normalisation (w / norm, 0 where masked); it reads only the leading
         # shape and device of its first argument.
-        scale, valid = _loss_scale(student_hidden, mask, None if weights is None else weights.detach(), num_items)
-        self.scale, self.valid = scale.reshape(-1), valid.reshape(-1)
+        scale, valid, w = _scale_and_weights(student_hidden, mask, None if weights is None else weights.detach(),
+                                             num_items, reduction)
+        self.scale, self.valid, self.weights = scale.reshape(-1), valid.reshape(-1), w
         # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
         # and states (possibly NaN) never reach the kernels. Under torch.compile the number of
         # valid rows is data-dependent and cannot size the chunk loop, so every row is computed
@@ -286,18 +319,26 @@ class _Problem:
             stop = torch.sym_min(start + self.chunk_size, self.num_selected)
             yield slice(start, stop) if self.selected is None else self.selected[start:stop]
 
-    def run(self, chunk_loss: ChunkLoss) -> torch.Tensor:
+    def run(self, chunk_loss: ChunkLoss, num_stats: int = 0):
+        """The loss; with ``num_stats``, ``(loss, *the chunks' first num_stats statistics as [rows])``."""
         grad_enabled = torch.is_grad_enabled()
         adapter_tensors = [t for ad in self.adapters for t in (ad.a, ad.b)]
         needs = tuple(grad_enabled and t is not None and t.requires_grad
                       for t in (self.hidden, self.weight, self.bias, *adapter_tensors))
         # The adapters' tensors are inputs too, so that autograd hands their gradients back.
-        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs, *adapter_tensors)
+        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs, num_stats,
+                                      *adapter_tensors)
+
+    def stats(self, policy_gradient: bool = False, **rows):
+        """``LossStats`` from [rows] statistics, in the leading shape of ``student_hidden``."""
+        rows = {name: None if x is None else x.reshape(self.lead) for name, x in rows.items()}
+        return _loss_stats(self.valid.reshape(self.lead), self.weights, policy_gradient=policy_gradient, **rows)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, *adapter_tensors):
+    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, num_stats,
+                *adapter_tensors):
         need_hidden, need_weight, need_bias = needs[:3]
         adapters = _AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
         # Rows outside the mask are never visited and keep a zero gradient.
@@ -306,16 +347,20 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_weight = _WeightGradSum(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Masked rows are never visited: their statistics stay 0.
+        stats = [torch.zeros(problem.rows, dtype=torch.float32, device=hidden.device) for _ in range(num_stats)]
         for rows in problem.row_chunks():
             chunk_hidden = hidden[rows]
             if problem.zero_masked_rows:  # a NaN state would reach grad_weight as 0 * NaN
                 chunk_hidden = torch.where(problem.valid[rows, None], chunk_hidden, 0)
             # The logits stay a temporary: a name would keep them alive into the next chunk.
-            chunk_loss_value, grad_logits = chunk_loss(
+            chunk_loss_value, grad_logits, chunk_stats = chunk_loss(
                 adapters.add_to_logits(chunk_hidden, F.linear(chunk_hidden, weight, bias)),
                 problem.teacher_logits(rows),
                 problem.tokens[rows], problem.scale[rows], problem.valid[rows], any(needs))
             loss += chunk_loss_value
+            for out, value in zip(stats, chunk_stats):
+                out[rows] = value
             if grad_logits is None:
                 continue
             adapter_grad_hidden = adapters.backward(grad_logits, need_hidden) if adapters.adapters else None
@@ -333,14 +378,17 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_weight = grad_weight.result() if need_weight else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *adapters.results())
-        return loss
+        if not stats:
+            return loss
+        ctx.mark_non_differentiable(*stats)
+        return loss, *stats
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, *grad_stats):
         grad_hidden, grad_weight, grad_bias, *grad_adapters = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype)
                   for g in (grad_hidden, grad_weight, grad_bias, *grad_adapters)]
-        return *scaled[:3], None, None, None, *scaled[3:]
+        return *scaled[:3], None, None, None, None, *scaled[3:]
 
 
 # Rows of the weight gradient per float32 accumulator block (see _WeightGradSum).

@@ -17,6 +17,11 @@ Conventions shared by every loss:
   :func:`opd_ext.distributed.global_num_items` computes it, over every micro-batch of an optimiser
   step when gradients accumulate. A zero ``num_items`` (no valid token anywhere) makes the loss
   exactly 0 with zero gradients, as an all-masked or empty batch does without it.
+* ``reduction``: ``"mean"`` (default) divides the sum by ``norm``; ``"sum"`` does not (``num_items``
+  is then an error: it only sets the normaliser of the mean); ``"none"`` returns the per-position
+  terms ``[...]`` (0 where masked) whose ``.sum()`` is the ``"sum"`` loss, with the same fused backward.
+* ``return_stats=True`` returns ``(loss, LossStats)``: detached float32 per-position statistics read
+  from the forward pass (no extra pass over the logits), for logging.
 * ``temperature`` τ divides the student and teacher logits before any softmax.
 * A NaN in a row's logits makes that row's statistics NaN and leaves other rows untouched; a
   valid NaN row therefore makes the loss NaN (masking it out does not).
@@ -50,6 +55,7 @@ BASELINES = ("full", "topk", "none")
 SPARSE_TEACHER_BASELINES = ("topk", "none")
 KL_DIRECTIONS = ("reverse", "forward")
 DEFAULT_TOPK = 100  # k of the top-k baseline in the vOPD authors' code
+REDUCTIONS = ("mean", "sum", "none")
 
 
 class TokenStats(NamedTuple):
@@ -67,6 +73,76 @@ class TokenStatsWithForwardKL(NamedTuple):
     teacher_logprob: torch.Tensor
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
+
+
+class LossStats(NamedTuple):
+    """What a loss computed per position (``return_stats=True``), for logging.
+
+    Every field is a detached float32 ``[...]`` tensor (``mask`` is bool) with the leading shape of
+    the logits, exactly 0 at masked positions, or None where that loss does not compute the quantity.
+    The ``*_mean`` properties and :meth:`means` average over valid positions (unweighted; 0 when none
+    is valid) as 0-d tensors, so logging them costs no device synchronisation until read.
+    """
+
+    student_logprob: Optional[torch.Tensor]  # log p(y_t); None for the dense KL losses (no tokens)
+    teacher_logprob: Optional[torch.Tensor]  # log q(y_t) (as given, for a served teacher)
+    reverse_kl: Optional[torch.Tensor]  # KL(p‖q); over the teacher's support for a served teacher
+    advantage: Optional[torch.Tensor]  # A_t = r_t - b_t, the detached factor of the vOPD surrogate
+    baseline: Optional[torch.Tensor]  # b_t (-KL for "full" / "topk", 0 for "none"); vOPD only
+    weights: torch.Tensor  # w_t (1 when omitted), before any normalisation
+    mask: torch.Tensor  # bool, the positions that count
+    overlap: Optional[torch.Tensor] = None  # top-k overlap, where a loss computes it (none does yet)
+
+    @property
+    def reward(self) -> Optional[torch.Tensor]:
+        """r_t = log q(y_t) - log p(y_t), or None without token log-probs."""
+        if self.student_logprob is None or self.teacher_logprob is None:
+            return None
+        return torch.where(self.mask, self.teacher_logprob - self.student_logprob, 0.0)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        """The number of valid positions, a 0-d int64 tensor."""
+        return self.mask.sum()
+
+    def mean(self, name: str) -> Optional[torch.Tensor]:
+        """The mean of field (or ``"reward"``) ``name`` over valid positions, a float32 0-d tensor;
+        None where the field is None. Raises AttributeError for an unknown name."""
+        value = getattr(self, name)
+        if value is None:
+            return None
+        return torch.where(self.mask, value, 0.0).sum() / self.mask.sum().clamp(min=1)
+
+    def means(self) -> dict:
+        """``{name: mean}`` for every computed field and the reward (``weights`` and ``mask``
+        excluded), the keys a trainer logs, e.g. ``{"reverse_kl": tensor(0.31), ...}``."""
+        names = ("student_logprob", "teacher_logprob", "reward", "reverse_kl", "advantage", "baseline", "overlap")
+        return {name: m for name in names if (m := self.mean(name)) is not None}
+
+    student_logprob_mean = property(lambda self: self.mean("student_logprob"))
+    teacher_logprob_mean = property(lambda self: self.mean("teacher_logprob"))
+    reward_mean = property(lambda self: self.mean("reward"))
+    reverse_kl_mean = property(lambda self: self.mean("reverse_kl"))
+    advantage_mean = property(lambda self: self.mean("advantage"))
+    baseline_mean = property(lambda self: self.mean("baseline"))
+    overlap_mean = property(lambda self: self.mean("overlap"))
+
+
+def _loss_stats(valid: torch.Tensor, weights: torch.Tensor, *, student_logprob=None, teacher_logprob=None,
+               reverse_kl=None, baseline_kl=None, policy_gradient: bool = False) -> LossStats:
+    """:class:`LossStats` from a forward pass's per-position values; masked positions set to 0 (they
+    may hold NaN or the statistics of a placeholder token). ``policy_gradient`` adds the advantage
+    and the baseline ``b = -baseline_kl`` (0 when ``baseline_kl`` is None: no baseline)."""
+
+    def clean(x):
+        return None if x is None else torch.where(valid, x.detach().float(), 0.0)
+
+    advantage = baseline = None
+    if policy_gradient:
+        baseline = torch.zeros_like(weights) if baseline_kl is None else clean(-baseline_kl)
+        advantage = clean(teacher_logprob.float() - student_logprob.float() - baseline)
+    return LossStats(clean(student_logprob), clean(teacher_logprob), clean(reverse_kl), advantage, baseline,
+                     clean(weights), valid)
 
 
 def token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
@@ -142,51 +218,77 @@ def _sorted_topk_reverse_kl(student_logits, teacher_logits, topk: int, temperatu
 # ---- autograd: the surrogate losses with fused backward kernels -----------------------------------
 
 
+def _masked_terms(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """coef·value per position, exactly 0 where the coefficient is 0 (masked) even if value is ±inf/NaN."""
+    return torch.where(coef == 0, 0.0, coef * value)
+
+
 def _masked_sum(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Σ coef·value where a zero coefficient (masked position) contributes 0 even if value is ±inf/NaN."""
-    return torch.where(coef == 0, 0.0, coef * value).sum()
+    return _masked_terms(coef, value).sum()
+
+
+def _row_coef(coef: torch.Tensor, grad: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """The backward kernels' per-row factor: a scalar incoming gradient scales every row alike; a
+    per-row one (reduction "none") scales its own row, and masked rows stay exactly 0 whatever the
+    caller's gradient holds there."""
+    return torch.where(coef == 0, 0.0, coef * grad) if per_row else coef * grad
 
 
 class _PolicyGradientSurrogate(torch.autograd.Function):
-    """Σ_r coef_r · log p_r(y_r), coef detached; backward by policy_gradient_backward."""
+    """Σ_r coef_r · log p_r(y_r) (per row with ``per_row``), coef detached; backward by
+    policy_gradient_backward."""
 
     @staticmethod
-    def forward(ctx, student_logits, tokens, student_logprob, student_lse, coef, temperature):
+    def forward(ctx, student_logits, tokens, student_logprob, student_lse, coef, temperature, per_row=False):
         ctx.save_for_backward(student_logits, tokens, student_lse, coef)
-        ctx.temperature = temperature
-        return _masked_sum(coef, student_logprob)
+        ctx.temperature, ctx.per_row = temperature, per_row
+        terms = _masked_terms(coef, student_logprob)
+        return terms if per_row else terms.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         student_logits, tokens, student_lse, coef = ctx.saved_tensors
-        grad = ops.policy_gradient_backward(coef * grad_loss, student_logits.detach(), tokens, student_lse,
-                                            ctx.temperature)
-        return grad, None, None, None, None, None
+        grad = ops.policy_gradient_backward(_row_coef(coef, grad_loss, ctx.per_row), student_logits.detach(),
+                                            tokens, student_lse, ctx.temperature)
+        return grad, None, None, None, None, None, None
 
 
 class _ReverseKLObjective(torch.autograd.Function):
-    """Σ_r coef_r · KL(p_r‖q_r), coef and teacher detached; backward by reverse_kl_backward."""
+    """Σ_r coef_r · KL(p_r‖q_r) (per row with ``per_row``), coef and teacher detached; backward by
+    reverse_kl_backward."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef, temperature):
+    def forward(ctx, student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef, temperature,
+                per_row=False):
         ctx.save_for_backward(student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef)
-        ctx.temperature = temperature
-        return _masked_sum(coef, reverse_kl)
+        ctx.temperature, ctx.per_row = temperature, per_row
+        terms = _masked_terms(coef, reverse_kl)
+        return terms if per_row else terms.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         student_logits, teacher_logits, reverse_kl, student_lse, teacher_lse, coef = ctx.saved_tensors
-        grad = ops.reverse_kl_backward(coef * grad_loss, student_logits.detach(), teacher_logits, student_lse,
-                                       teacher_lse, reverse_kl, ctx.temperature)
-        return grad, None, None, None, None, None, None
+        grad = ops.reverse_kl_backward(_row_coef(coef, grad_loss, ctx.per_row), student_logits.detach(),
+                                       teacher_logits, student_lse, teacher_lse, reverse_kl, ctx.temperature)
+        return grad, None, None, None, None, None, None, None
 
 
 # ---- shared argument handling ---------------------------------------------------------------------
 
 
-def _loss_scale(student_logits, mask, weights, num_items):
-    """Per-position ``w_t / norm`` (float32, exactly 0 where masked) and the validity mask."""
+def _check_reduction(reduction, num_items) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    if reduction != "mean" and num_items is not None:
+        raise ValueError(f"num_items sets the normaliser of reduction='mean'; reduction={reduction!r} does not "
+                         f"normalise: omit num_items, or use reduction='mean'")
+
+
+def _scale_and_weights(student_logits, mask, weights, num_items, reduction: str = "mean"):
+    """(per-position ``w_t / norm`` (float32, exactly 0 where masked; norm = 1 unless the reduction
+    is "mean"), the validity mask, ``w_t`` itself (0 where masked))."""
     lead, device = student_logits.shape[:-1], student_logits.device
+    _check_reduction(reduction, num_items)
     if mask is not None:
         check_mask(mask, student_logits)
         valid = mask.bool()
@@ -197,14 +299,22 @@ def _loss_scale(student_logits, mask, weights, num_items):
     num_items = check_num_items(num_items)
     w = torch.ones(lead, dtype=torch.float32, device=device) if weights is None else weights.detach().float()
     w = torch.where(valid, w, 0.0)
+    if reduction != "mean":
+        return w, valid, w
     if num_items is None:
-        return w / valid.sum().clamp(min=1).float(), valid
+        return w / valid.sum().clamp(min=1).float(), valid, w
     if isinstance(num_items, torch.Tensor):
         # A zero count (no valid token on any rank) scales every term to exactly 0: 0/0 would make
         # the loss and every gradient NaN. Decided on the device, without reading the count.
         norm = num_items.to(device=device, dtype=torch.float32)
-        return torch.where(norm == 0, 0.0, w / torch.where(norm == 0, 1.0, norm)), valid
-    return (w / float(num_items) if num_items else torch.zeros_like(w)), valid
+        return torch.where(norm == 0, 0.0, w / torch.where(norm == 0, 1.0, norm)), valid, w
+    return (w / float(num_items) if num_items else torch.zeros_like(w)), valid, w
+
+
+def _loss_scale(student_logits, mask, weights, num_items, reduction: str = "mean"):
+    """Per-position ``w_t / norm`` and the validity mask (see :func:`_scale_and_weights`)."""
+    scale, valid, _ = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
+    return scale, valid
 
 
 def _sampled_tokens(tokens, student_logits, valid):
@@ -224,7 +334,8 @@ def _advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_val
 
 def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
               mask=None, weights=None, temperature: float = 1.0, baseline: str = "full",
-              topk: int = DEFAULT_TOPK, kl: str = "reverse", num_items=None) -> torch.Tensor:
+              topk: int = DEFAULT_TOPK, kl: str = "reverse", num_items=None, reduction: str = "mean",
+              return_stats: bool = False):
     """vOPD policy-gradient surrogate ``L = -Σ_t w_t · sg(A_t) · log p(y_t) / norm``.
 
     ``A_t = log q(y_t) - log p(y_t) - b_t`` with the detached baseline ``b_t``:
@@ -246,6 +357,16 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
         baseline: ``"full"`` | ``"topk"`` | ``"none"``.
         topk: k of the top-k baseline, ``1 <= topk <= V`` (only read with ``baseline="topk"``).
         kl: ``"reverse"`` | ``"forward"`` direction of the full baseline.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (module docstring); ``"none"`` gives the float32
+            ``[...]`` terms ``-w_t · sg(A_t) · log p(y_t)``.
+        return_stats: also return a :class:`LossStats` (log-probs, reverse KL, advantage, baseline).
+
+    Returns:
+        The loss, or ``(loss, LossStats)`` with ``return_stats``.
+
+    Raises:
+        ValueError: an unknown ``baseline`` / ``kl`` / ``reduction`` (the message lists the choices),
+        ``num_items`` with a reduction other than ``"mean"``, and the argument checks.
 
     Precision: values follow SPEC §4. The backward receives the row log-sum-exp as float32, which
     rounds to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative error.
@@ -253,7 +374,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
     if is_dtensor(student_logits, teacher_logits):
         return _vocab_parallel("vocab_parallel_vopd_loss", student_logits, teacher_logits, tokens, mask=mask,
                                weights=weights, temperature=temperature, baseline=baseline, topk=topk, kl=kl,
-                               num_items=num_items)
+                               num_items=num_items, reduction=reduction, return_stats=return_stats)
     check_logit_pair(student_logits, teacher_logits)
     check_choice("baseline", baseline, BASELINES)
     check_choice("kl", kl, KL_DIRECTIONS)
@@ -262,18 +383,23 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
                          f'baseline="full", got baseline={baseline!r}')
     temperature = check_temperature(temperature)
     topk = check_k(topk, student_logits.shape[-1], "topk", DEFAULT_TOPK) if baseline == "topk" else 0
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     tokens = _sampled_tokens(tokens, student_logits, valid)
 
     logp_s, logp_t, reverse, forward, topk_kl, lse_s, _ = token_stats_op(
         student_logits.detach(), teacher_logits.detach(), tokens, temperature, topk)
     value = {"full": forward if kl == "forward" else reverse, "topk": topk_kl}.get(baseline)
     coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
-    return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
+    loss = _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature,
+                                          reduction == "none")
+    if not return_stats:
+        return loss
+    return loss, _loss_stats(valid, w, student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=reverse,
+                             baseline_kl=value, policy_gradient=True)
 
 
 def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None, weights=None,
-                    temperature: float = 1.0, num_items=None) -> torch.Tensor:
+                    temperature: float = 1.0, num_items=None, reduction: str = "mean", return_stats: bool = False):
     """Dense (GKD-style) objective ``L = Σ_t w_t · KL(p_t‖q_t) / norm`` with a fused backward.
 
     ``∂KL/∂s_j = p_j (log p_j - log q_j - KL) / τ``. float32 scalar, differentiable w.r.t.
@@ -283,6 +409,11 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     Args:
         student_logits, teacher_logits: ``[..., V]`` as in :func:`token_stats`.
         mask, weights, num_items, temperature: see the module docstring.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"`` (``[...]`` terms ``w_t · KL(p_t‖q_t)``).
+        return_stats: also return a :class:`LossStats` (``reverse_kl``, ``weights``, ``mask``; no
+            token log-probs: the loss takes no tokens).
+
+    Returns / Raises: as :func:`vopd_loss`.
 
     Precision: values follow SPEC §4. The backward receives both rows' log-sum-exps as float32,
     which round to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative
@@ -291,15 +422,17 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """
     if is_dtensor(student_logits, teacher_logits):
         return _vocab_parallel("vocab_parallel_reverse_kl_loss", student_logits, teacher_logits, mask=mask,
-                               weights=weights, temperature=temperature, num_items=num_items)
+                               weights=weights, temperature=temperature, num_items=num_items, reduction=reduction,
+                               return_stats=return_stats)
     check_logit_pair(student_logits, teacher_logits)
     temperature = check_temperature(temperature)
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     any_token = torch.zeros(student_logits.shape[:-1], dtype=torch.int64, device=student_logits.device)
     _, _, reverse, _, _, lse_s, lse_t = ops.token_stats(
         student_logits.detach(), teacher_logits.detach(), any_token, temperature, 0)
-    return _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), reverse, lse_s, lse_t, scale,
-                                     temperature)
+    loss = _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), reverse, lse_s, lse_t, scale,
+                                     temperature, reduction == "none")
+    return (loss, _loss_stats(valid, w, reverse_kl=reverse)) if return_stats else loss
 
 
 # ---- served teachers: top-k ids + log-probs instead of full logits ----------------------------------
@@ -387,7 +520,8 @@ def _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logpr
 def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_topk_ids: torch.Tensor,
                              teacher_topk_logprobs: torch.Tensor, teacher_token_logprob: torch.Tensor, *,
                              teacher_topk_mask=None, mask=None, weights=None, temperature: float = 1.0,
-                             baseline: str = "topk", num_items=None) -> torch.Tensor:
+                             baseline: str = "topk", num_items=None, reduction: str = "mean",
+                             return_stats: bool = False):
     """:func:`vopd_loss` for a teacher served as top-k log-probs (vLLM / SGLang prompt logprobs).
 
     The teacher's support at a position is the *set* of ids its top-k lists (:func:`teacher_support`):
@@ -411,44 +545,58 @@ def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor,
             plain OPD. The full-vocabulary baseline needs the teacher's full logits (use
             :func:`vopd_loss`).
         mask, weights, num_items, temperature: see the module docstring.
+        reduction, return_stats: as in :func:`vopd_loss`; the stats' ``reverse_kl`` is the KL over the
+            teacher's support (None with ``baseline="none"``, which does not compute it) and
+            ``teacher_logprob`` is ``teacher_token_logprob`` as given.
 
     Raises:
         ValueError / TypeError naming the argument: shapes, dtypes, devices, ids outside ``[0, V)``
-        in a slot of the support at a valid position.
+        in a slot of the support at a valid position; a bad ``reduction`` as in :func:`vopd_loss`.
     """
     temperature = check_temperature(temperature)
     check_logits("student_logits", student_logits)
     check_choice("baseline", baseline, SPARSE_TEACHER_BASELINES)
     check_teacher_token_logprob(teacher_token_logprob, student_logits)
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
                                       valid)
     tokens = _sampled_tokens(tokens, student_logits, valid)
 
     logp_s, lse_s = ops.student_stats(student_logits.detach(), tokens, temperature)
-    value = 0.0
+    value = None
     if baseline == "topk":
         with torch.no_grad():
             value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, support, temperature)
-    coef = _advantage_coef(scale, valid, teacher_token_logprob.detach().float(), logp_s, value)
-    return _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature)
+    logp_t = teacher_token_logprob.detach().float()
+    coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
+    loss = _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature,
+                                          reduction == "none")
+    if not return_stats:
+        return loss
+    return loss, _loss_stats(valid, w, student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=value,
+                             baseline_kl=value, policy_gradient=True)
 
 
 def reverse_kl_loss_sparse_teacher(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
                                    teacher_topk_logprobs: torch.Tensor, *, teacher_topk_mask=None, mask=None,
-                                   weights=None, temperature: float = 1.0, num_items=None) -> torch.Tensor:
+                                   weights=None, temperature: float = 1.0, num_items=None, reduction: str = "mean",
+                                   return_stats: bool = False):
     """:func:`reverse_kl_loss` for a served teacher: ``Σ_t w_t KL(p̄_t‖q̄_t) / norm`` over the teacher's
     support (the set of its top-k ids, :func:`teacher_support`), student and teacher both
     renormalised there; positions with an empty support contribute 0.
 
     Only ``[..., k]`` values of the student are gathered, so forward and backward cost O(N·k) plus
     the (sparse) gradient write; the student mass outside the teacher's support is not penalised.
-    Arguments and errors as in :func:`vopd_loss_sparse_teacher`.
+    Arguments and errors as in :func:`vopd_loss_sparse_teacher`; ``reduction="none"`` gives the
+    ``[...]`` terms ``w_t · KL(p̄_t‖q̄_t)``, ``return_stats`` a :class:`LossStats` with that KL as
+    ``reverse_kl``.
     """
     temperature = check_temperature(temperature)
     check_logits("student_logits", student_logits)
-    scale, valid = _loss_scale(student_logits, mask, weights, num_items)
+    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
     support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
                                       valid)
     kl = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), support, temperature)
-    return torch.where(valid, scale * kl, 0.0).sum()
+    terms = torch.where(valid, scale * kl, 0.0)
+    loss = terms if reduction == "none" else terms.sum()
+    return (loss, _loss_stats(valid, w, reverse_kl=kl)) if return_stats else loss

@@ -106,34 +106,105 @@ PRESETS = {
 }
 
 
+# What each --method value trains, for --help.
+METHOD_HELP = {
+    "opd": "OPD: plain on-policy distillation. Reward = teacher minus student log-prob of each sampled "
+           "token, no baseline, no pruning",
+    "vopd": "vOPD: OPD with the per-token reverse-KL baseline, which cuts the gradient variance; no pruning",
+    "prune": "Prune-OPD: OPD whose rollouts are down-weighted, then stopped, once the student's and the "
+             "teacher's top-k sets drift apart (--prune-*); no baseline",
+    "prune+vopd": "Prune-OPD + vOPD: both at once (the default)",
+}
+
+# Files a run writes into --out: --fresh deletes these and nothing else, so an --out that also holds
+# other files (or is the working directory) loses nothing that is not ours.
+RUN_OUTPUTS = ("metrics.jsonl", "rollouts.jsonl", "checkpoint.pt", "checkpoint.tmp", "accuracy.png", "drift.png", "student")
+
+
+def _number(kind, low, high=None, low_open=False):
+    """An argparse type that rejects values outside [low, high] with a usage error instead of a traceback."""
+    name = "an integer" if kind is int else "a number"
+    bound = f"> {low}" if low_open else f">= {low}"
+    expected = f"{name} {bound}" + (f" and <= {high}" if high is not None else "")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected   # argparse names the type in some messages
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE = _number(float, 0.0, low_open=True)
+FRACTION = _number(float, 0.0, 1.0)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults appended to every option, except where the help already says where the default comes from."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _from_preset(field: str) -> str:
+    values = ", ".join(f"{getattr(preset, field)} for {name}" for name, preset in PRESETS.items())
+    return f"(default: from --preset: {values})"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=sorted(METHODS), default="prune+vopd")
+    methods = "\n".join(f"  {name:<11} {text}" for name, text in METHOD_HELP.items())
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+                                epilog=f"--method values:\n{methods}")
+    p.add_argument("--method", choices=sorted(METHODS), default="prune+vopd", help="what to train with (listed below)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model sizes and schedules")
-    p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<method>)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<method>, '+' written '_')")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: delete this run's outputs in --out (only the files a run writes) instead of resuming")
     p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="pre-trained teacher / warm-started student cache")
-    p.add_argument("--steps", type=int, default=None, help="OPD steps (default from the preset)")
-    p.add_argument("--batch-size", type=int, default=None, help="rollouts per step")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion cap (default: the task's longest answer)")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-size", type=int, default=None, help="held-out problems for greedy accuracy")
-    p.add_argument("--save-every", type=int, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"OPD steps {_from_preset('steps')}")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help=f"rollouts per step {_from_preset('batch_size')}")
+    p.add_argument("--lr", type=POSITIVE, default=None, help=f"peak learning rate {_from_preset('lr')}")
+    p.add_argument("--temperature", type=POSITIVE, default=1.0, help="sampling temperature of the rollouts")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
+                   help="completion cap (default: the task's longest answer; 64 with --data)")
+    p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
+                   help=f"steps between held-out evaluations {_from_preset('eval_every')}")
+    p.add_argument("--eval-size", type=POSITIVE_INT, default=None,
+                   help=f"held-out problems for greedy accuracy {_from_preset('eval_size')}")
+    p.add_argument("--target", type=FRACTION, default=0.5,
+                   help="held-out accuracy drawn on accuracy.png; the last line says when it was first reached")
+    p.add_argument("--save-every", type=POSITIVE_INT, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the models' pre-training, the prompts and the sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="torch CPU threads; 1 is fastest for these tiny models on a shared machine")
-    p.add_argument("--prune-k", type=int, default=TASK_PRUNE_CONFIG["k"], help="top-k size of the drift overlap")
-    p.add_argument("--prune-threshold", type=float, default=TASK_PRUNE_CONFIG["threshold"])
-    p.add_argument("--prune-w-drop", type=float, default=TASK_PRUNE_CONFIG["w_drop"])
-    p.add_argument("--prune-w-base", type=float, default=TASK_PRUNE_CONFIG["w_base"])
-    p.add_argument("--prune-warmup", type=int, default=TASK_PRUNE_CONFIG["warmup"])
-    p.add_argument("--teacher", type=Path, help="Hugging Face teacher checkpoint directory")
-    p.add_argument("--student", type=Path, help="Hugging Face student checkpoint directory (same tokenizer)")
-    p.add_argument("--data", type=Path, help="JSONL with 'prompt' and 'answer' per line (the last --eval-size lines are held out)")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--prune-k", type=POSITIVE_INT, default=TASK_PRUNE_CONFIG["k"], help="top-k size of the drift overlap")
+    p.add_argument("--prune-threshold", type=FRACTION, default=TASK_PRUNE_CONFIG["threshold"],
+                   help="a token whose top-k overlap is below this is a drift event")
+    p.add_argument("--prune-w-drop", type=FRACTION, default=TASK_PRUNE_CONFIG["w_drop"],
+                   help="weight a rollout loses per drift event; at weight 0 it stops")
+    p.add_argument("--prune-w-base", type=_number(float, 0.0), default=TASK_PRUNE_CONFIG["w_base"],
+                   help="multiplier = w_base + weight, so the tokens of a drifting rollout keep this much")
+    p.add_argument("--prune-warmup", type=NON_NEGATIVE_INT, default=TASK_PRUNE_CONFIG["warmup"],
+                   help="completion tokens never counted as drift events")
+    p.add_argument("--teacher", type=Path, help="Hugging Face teacher checkpoint directory (default: the cached synthetic teacher)")
+    p.add_argument("--student", type=Path, help="Hugging Face student checkpoint directory, same tokenizer (default: the cached synthetic student)")
+    p.add_argument("--data", type=Path, help="JSONL with 'prompt' and 'answer' per line; the last --eval-size lines are held out "
+                                              "(default: the synthetic task)")
+    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                   help="also log every metric to TensorBoard event files in DIR; needs the tensorboard package "
+                        "(default: none, metrics.jsonl only)")
+    p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and drift.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no messages but errors and the final line")
     args = p.parse_args(argv)
     if (args.teacher is None) != (args.student is None):
         p.error("--teacher and --student go together (real checkpoints), or neither (the synthetic default)")
@@ -143,7 +214,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.tensorboard is not None and not tensorboard_available():
+        p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     return args
+
+
+def tensorboard_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def open_tensorboard(log_dir: Path, start_step: int):
+    """A SummaryWriter that hides events a killed run logged after its last checkpoint."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(log_dir), purge_step=start_step)
 
 
 def prune_config(args) -> opd_ext.PruneConfig:
@@ -271,15 +355,24 @@ def rollout_metrics(rollout, tokenizer, problems) -> dict:
 
 
 def position_profile(rollout) -> dict:
-    """Mean overlap / multiplier at each completion position over the rows still generating there."""
+    """Mean overlap / multiplier at each completion position over the rows still generating there,
+    for all rows and apart for rows that ended normally (EOS / length cap) and rows Prune-OPD stopped:
+    mixed together, the pruned rows' low overlaps hide in the finished rows' average."""
     mask = rollout.completion_mask.float()
+    pruned = torch.tensor([r not in ("eos", "max_length") for r in rollout.stop_reason_names()],
+                          device=mask.device).unsqueeze(1)
     alive = mask.sum(0)
-    denom = alive.clamp(min=1)
-    return {
-        "alive": (alive / mask.shape[0]).tolist(),
-        "overlap": ((rollout.overlaps * mask).sum(0) / denom).tolist(),
-        "multiplier": ((rollout.multipliers * mask).sum(0) / denom).tolist(),
-    }
+    profile = {"alive": (alive / mask.shape[0]).tolist()}
+    for suffix, rows in (("", None), ("_finished", ~pruned), ("_pruned", pruned)):
+        m = mask if rows is None else mask * rows
+        count = m.sum(0)
+        for key, values in (("overlap", rollout.overlaps), ("multiplier", rollout.multipliers)):
+            # null where no row of the group reaches the position (NaN is not JSON): a gap in the plot.
+            means = ((values * m).sum(0) / count.clamp(min=1)).tolist()
+            profile[key + suffix] = [v if c > 0 else None for v, c in zip(means, count.tolist())]
+        if rows is not None:
+            profile["rows" + suffix] = int(rows.sum())
+    return profile
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
@@ -335,14 +428,69 @@ def train(args) -> Path:
     torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     out = args.out or Path("runs") / args.method.replace("+", "_")
-    out.mkdir(parents=True, exist_ok=True)
     steps = args.steps or preset.steps
     batch_size = args.batch_size or preset.batch_size
     eval_every = args.eval_every or preset.eval_every
     args.steps, args.batch_size, args.lr = steps, batch_size, args.lr or preset.lr
     _, baseline = METHODS[args.method]
     config = prune_config(args)
+    metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
 
+    if args.fresh:
+        remove_run_outputs(out)
+    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    if state is not None and state["signature"] != run_signature(args):
+        changed = {k: (state["signature"].get(k), v) for k, v in run_signature(args).items() if state["signature"].get(k) != v}
+        raise SystemExit(f"{out} holds a checkpoint of a different run (changed: {changed}); "
+                         f"use another --out, or --fresh to delete it and start over")
+    # A run killed between its last checkpoint and saving the student is not finished: it goes on
+    # below, trains nothing and writes the missing outputs.
+    if state is not None and state["step"] >= steps and (out / "student" / "config.json").exists():
+        # Nothing left to train: say so instead of quietly redoing the ending of the earlier run.
+        print(f"{out} already holds this finished run ({state['step']}/{steps} steps; results in {metrics_path}); "
+              f"add --fresh to delete it and train again, or pass another --out")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    with quiet_libraries(args.quiet):
+        return _train(args, preset, out, steps, batch_size, eval_every, baseline, config, state)
+
+
+def remove_run_outputs(out: Path) -> None:
+    import shutil
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+class quiet_libraries:
+    """Under --quiet, Hugging Face's own progress bars (loading and saving weights) are off too;
+    restored afterwards, since tests and the reproduction call train() in one process."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        self.hf_logging, self.was_enabled = hf_logging, hf_logging.is_progress_bar_enabled()
+        if self.quiet:
+            hf_logging.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if self.quiet and self.was_enabled:
+            self.hf_logging.enable_progress_bar()
+
+
+def first_reaching(metrics: list[dict], level: float):
+    """The first evaluated row whose held-out accuracy is at least `level`, or None."""
+    return next((m for m in metrics if m.get("accuracy", -1.0) >= level), None)
+
+
+def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, state) -> Path:
     setup = build_setup(args, preset)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -352,18 +500,15 @@ def train(args) -> Path:
     metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
 
     step, train_seconds, totals = 0, 0.0, {"tokens_generated": 0, "tokens_saved": 0, "tokens_trained": 0, "teacher_tokens": 0}
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
-        if state["signature"] != run_signature(args):
-            changed = {k: (state["signature"].get(k), v) for k, v in run_signature(args).items() if state["signature"].get(k) != v}
-            raise SystemExit(f"{out} holds a checkpoint of a different run (changed: {changed}); use another --out or delete it")
+    if state is not None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         stream.rng.setstate(state["prompt_rng"])
         generator.set_state(state["sampling_rng"])
         step, train_seconds, totals = state["step"], state["train_seconds"], state["totals"]
-        print(f"resuming {out} at step {step}/{steps} ({train_seconds:.0f} s of training so far)")
+        if not args.quiet:
+            print(f"resuming {out} at step {step}/{steps} ({train_seconds:.0f} s of training so far)")
     metrics = read_metrics(metrics_path, step)
     profiles = read_metrics(profiles_path, step)
     write_jsonl(metrics_path, metrics)
@@ -379,14 +524,24 @@ def train(args) -> Path:
             "step": step, "train_seconds": train_seconds, "totals": totals,
         })
 
+    board = open_tensorboard(args.tensorboard, step) if args.tensorboard is not None else None
+
     def log(row: dict) -> None:
         metrics.append(row)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        if board is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    board.add_scalar(f"opd/{key}", value, row["step"])
+            board.flush()
 
     if step == 0 and not metrics:
         acc = evaluate()
-        log({"step": 0, "wall_time": 0.0, "accuracy": acc, **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
+        # The ceiling the student is distilled towards, on the same held-out problems (one greedy pass).
+        teacher_acc = models.accuracy(teacher, tokenizer, setup.eval_problems, setup.max_new_tokens)
+        log({"step": 0, "wall_time": 0.0, "accuracy": acc, "teacher_accuracy": teacher_acc,
+             **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
              "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline})
     student.train()
     bar = tqdm(total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet)
@@ -431,18 +586,26 @@ def train(args) -> Path:
                 interrupted = True
                 break
     bar.close()
+    if board is not None:
+        board.close()
     if interrupted:
         print(f"interrupted at step {step}: checkpoint saved to {ckpt_path}; rerun the same command to resume")
         raise SystemExit(130)
 
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
+    teacher_acc = metrics[0].get("teacher_accuracy")
     if not args.no_plots:
-        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png")
-        plots.drift_profiles(profiles, out / "drift.png", title=f"{args.method}: overlap and multiplier along rollouts")
+        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png", target=args.target, teacher=teacher_acc)
+        plots.drift_profiles(profiles, out / "drift.png", k=config.k,
+                             title=f"{args.method}: top-{config.k} overlap and multiplier along rollouts")
     first = metrics[0]["accuracy"]
-    print(f"{args.method}: held-out accuracy {first:.3f} -> {last_acc:.3f} in {steps} steps, "
-          f"{train_seconds:.0f} s of OPD; {totals['tokens_generated']} tokens generated, "
+    reached = first_reaching(metrics, args.target)
+    target_note = (f"target {args.target:.2f} reached at step {reached['step']} ({reached['wall_time']:.0f} s)"
+                   if reached is not None else f"target {args.target:.2f} not reached")
+    teacher_note = f" (teacher {teacher_acc:.3f})" if teacher_acc is not None else ""
+    print(f"{args.method}: held-out accuracy {first:.3f} -> {last_acc:.3f}{teacher_note} in {steps} steps, "
+          f"{train_seconds:.0f} s of OPD, {target_note}; {totals['tokens_generated']} tokens generated, "
           f"{totals['tokens_saved']} saved by pruning. Outputs in {out}")
     return out
 
