@@ -2,7 +2,7 @@
 
     python benchmarks/bench_token_stats.py [--quick] [--device cpu|cuda]
 
-SPEC §5 goal on GPU: >= 80% of the copy bandwidth over the floor (one read of both logit rows).
+docs/spec.md §5 goal on GPU: >= 80% of the copy bandwidth over the floor (one read of both logit rows).
 
 Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
 torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.

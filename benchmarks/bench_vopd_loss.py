@@ -4,7 +4,7 @@
 
 "fwd" is the training forward (student requires grad, so whatever the backward needs is saved);
 "fwd+bwd" adds ``loss.backward()``, whose floor also counts writing the logit gradient once.
-SPEC §5 goal on GPU: the forward at >= 80% of the copy bandwidth.
+docs/spec.md §5 goal on GPU: the forward at >= 80% of the copy bandwidth.
 
 Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
 torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.

@@ -5,7 +5,7 @@ which times the opd_ext kernel and its baselines (the eager PyTorch reference an
 ``torch.compile`` of it) in interleaved rounds of the same process, so a load spike on a shared
 machine hits all of them alike and the ratios stay meaningful even when absolute times do not.
 
-Definitions (SPEC §5):
+Definitions (docs/spec.md §5):
 * **floor bytes**: the bytes every implementation must move at least, i.e. one read of the
   student and the teacher logits, plus one write of the logit gradient for a backward pass.
 * **GB/s** = floor bytes / median time (1 GB = 1e9 bytes), for every implementation alike.
@@ -58,7 +58,7 @@ if importlib.util.find_spec("opd_ext") is None:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
-# Real-use sizes (issue 6): decode steps see [B, V] rows, training steps [N, V].
+# Real-use sizes (docs/spec.md §5): decode steps see [B, V] rows, training steps [N, V].
 DECODE_BATCHES = (1, 8, 64, 256)
 TRAIN_TOKENS = (2048, 8192)
 VOCABS = (32000, 151936)
@@ -122,16 +122,16 @@ def pick_shapes(args, *, quick, cpu, cuda) -> list[tuple[int, ...]]:
 
 
 def decode_shapes(args) -> list[tuple[int, ...]]:
-    """[B, V] decode-step shapes: all of issue 6's on GPU; on CPU only B * V <= 64 * 32000, since
-    the sort-based reference takes seconds per call beyond (tens of seconds on a loaded machine)."""
+    """[B, V] decode-step shapes: every one of docs/spec.md §5 on GPU; on CPU only B * V <= 64 * 32000,
+    since the sort-based reference takes seconds per call beyond (tens of seconds on a loaded machine)."""
     return pick_shapes(args, quick=[(1, 32000), (8, 32000)],
                        cpu=[(b, v) for v in VOCABS for b in DECODE_BATCHES if b * v <= 64 * 32000],
                        cuda=[(b, v) for v in VOCABS for b in DECODE_BATCHES])
 
 
 def training_cases(args, passes: Sequence[str], params: dict | None = None) -> list[Case]:
-    """[N, V] training shapes: all of issue 6's on GPU, N=2048 on CPU (the SPEC's CPU target
-    size), one small shape with --quick."""
+    """[N, V] training shapes (docs/spec.md §5): every one on GPU, N=2048 on CPU (the reduced CPU
+    set), one small shape with --quick."""
     shapes = pick_shapes(args, quick=[(128, 32000)], cpu=[(2048, v) for v in VOCABS],
                          cuda=[(n, v) for v in VOCABS for n in TRAIN_TOKENS])
     return [Case(shape, dtype, dict(params or {}), pass_) for pass_ in passes for dtype in args.dtypes

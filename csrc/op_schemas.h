@@ -16,11 +16,11 @@
 namespace opd_ext {
 
 inline void define_op_schemas(torch::Library& m) {
-  // ---- top-k overlap (SPEC §1 "Top-k overlap") ------------------------------------------------
+  // ---- top-k overlap (docs/spec.md §1 "Top-k overlap") ------------------------------------------------
   // |TopK(s) ∩ TopK(t)| / k, ties to the lower index.
   m.def("topk_overlap(Tensor student_logits, Tensor teacher_logits, int k) -> Tensor");
 
-  // ---- token statistics and the vOPD / reverse-KL losses (SPEC §1) ------------------------------
+  // ---- token statistics and the vOPD / reverse-KL losses (docs/spec.md §1) ------------------------------
   // One pass over both rows (logits divided by `temperature`). `tokens` is int64 [...] with ids
   // in [0, V). topk_reverse_kl is the vOPD top-k baseline KL over the student's top-`topk` ids
   // (both distributions renormalised there); with topk == 0 it is not computed and is empty [0].
@@ -48,7 +48,7 @@ inline void define_op_schemas(torch::Library& m) {
       "reverse_kl_backward(Tensor coef, Tensor student_logits, Tensor teacher_logits, "
       "Tensor student_lse, Tensor teacher_lse, Tensor reverse_kl, float temperature) -> Tensor");
 
-  // ---- Prune-OPD drift tracking (SPEC §1 "Prune-OPD drift tracking") ----------------------------
+  // ---- Prune-OPD drift tracking (docs/spec.md §1 "Prune-OPD drift tracking") ----------------------------
   // One state machine (csrc/include/opd/drift.h) over per-sequence state tensors [B], updated in
   // place: ema f32, weight f32, drift_run i32, drift_events i32, length i32, stop_reason i8
   // (0 = running, see opd::DriftStopReason); budget i32 is read only. Rows that have stopped are

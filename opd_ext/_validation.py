@@ -1,4 +1,4 @@
-"""Argument checks shared by every public entry point (SPEC §3).
+"""Argument checks shared by every public entry point (docs/spec.md §3).
 
 Errors name the argument and say what was expected, so a user can fix the call without reading
 our source.

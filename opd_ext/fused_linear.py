@@ -397,7 +397,7 @@ _ACCUMULATOR_BLOCK_BYTES = 128 * 2**20
 
 class _WeightGradSum:
     """The lm_head weight gradient [V, H], summed over row chunks in float32 (bf16/fp16 gradients
-    are never summed in low precision, SPEC §2; each chunk's product is rounded at most once, as
+    are never summed in low precision, docs/spec.md §2; each chunk's product is rounded at most once, as
     eager's single product is).
 
     For a low-precision weight the float32 sum lives in separate row blocks, so the final cast

@@ -1,4 +1,4 @@
-"""Token statistics and the vOPD / reverse-KL losses (SPEC §1-2) on the fused kernels.
+"""Token statistics and the vOPD / reverse-KL losses (docs/spec.md §1-2) on the fused kernels.
 
 Forward: one ``token_stats`` (or ``student_stats``) pass over the logits gives every per-token
 quantity. Backward: ``policy_gradient_backward`` / ``reverse_kl_backward`` write ∂L/∂student_logits
@@ -341,7 +341,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
     ``A_t = log q(y_t) - log p(y_t) - b_t`` with the detached baseline ``b_t``:
 
     * ``baseline="full"`` (default): ``b = -KL(p‖q)``, the closed-form value function of OPD.
-      ``kl="forward"`` uses ``-KL(q‖p)`` instead, for comparison only (SPEC §1).
+      ``kl="forward"`` uses ``-KL(q‖p)`` instead, for comparison only (docs/spec.md §1).
     * ``baseline="topk"``: ``b = -KL(p̄‖q̄)`` over the student's ``topk`` most likely ids, both
       distributions renormalised there (the vOPD authors' code, k = 100).
     * ``baseline="none"``: plain OPD, ``A = r``.
@@ -368,7 +368,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
         ValueError: an unknown ``baseline`` / ``kl`` / ``reduction`` (the message lists the choices),
         ``num_items`` with a reduction other than ``"mean"``, and the argument checks.
 
-    Precision: values follow SPEC §4. The backward receives the row log-sum-exp as float32, which
+    Precision: values follow docs/spec.md §4. The backward receives the row log-sum-exp as float32, which
     rounds to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative error.
     """
     if is_dtensor(student_logits, teacher_logits):
@@ -415,7 +415,7 @@ def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 
     Returns / Raises: as :func:`vopd_loss`.
 
-    Precision: values follow SPEC §4. The backward receives both rows' log-sum-exps as float32,
+    Precision: values follow docs/spec.md §4. The backward receives both rows' log-sum-exps as float32,
     which round to ulp(lse): rows whose logits sit around ±1e4 get gradients with ~1e-3 relative
     error (up to ~2e-3·w/(norm·τ) absolute where the true gradient is tiny), as for
     :func:`vopd_loss`.

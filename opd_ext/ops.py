@@ -1,4 +1,4 @@
-"""Public tensor operations (SPEC §2)."""
+"""Public tensor operations (docs/spec.md §2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Prune-OPD: per-token drift tracking, reward down-weighting and in-batch early stopping (SPEC §1).
+"""Prune-OPD: per-token drift tracking, reward down-weighting and in-batch early stopping (docs/spec.md §1).
 
 While the student generates, each token's student/teacher top-k overlap says whether the teacher
 still agrees with where the student is going. Once the prefix has drifted, the teacher's reward is
@@ -56,7 +56,7 @@ def _is_int(x) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class PruneConfig:
-    """Prune-OPD settings. Defaults follow the authors' released code (SPEC §1) unless noted.
+    """Prune-OPD settings. Defaults follow the authors' released code (docs/spec.md §1) unless noted.
 
     Drift detection, per generated token with top-k overlap ``o``:
 
@@ -189,7 +189,7 @@ class PruneConfig:
 
 
 class DynamicWindow:
-    """The batch-level length cap ``L`` of Prune-OPD (SPEC §1 item 6), updated between training steps.
+    """The batch-level length cap ``L`` of Prune-OPD (docs/spec.md §1 item 6), updated between training steps.
 
     ``L`` starts at ``config.window``. After each rollout batch call :meth:`update` with the rollouts'
     effective lengths (:attr:`DriftMonitor.effective_lengths`): a rollout hits when its effective

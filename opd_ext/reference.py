@@ -1,4 +1,4 @@
-"""Plain PyTorch definitions of every op (SPEC §1): the ground truth the kernels are tested against.
+"""Plain PyTorch definitions of every op (docs/spec.md §1): the ground truth the kernels are tested against.
 
 Readable and memory-hungry by design: these materialise full ``[N, V]`` intermediates.
 """
@@ -24,7 +24,7 @@ def topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: 
     return overlap.masked_fill(has_nan, float("nan"))
 
 
-# ---- token statistics and the vOPD / reverse-KL losses (SPEC §1) ---------------------------------
+# ---- token statistics and the vOPD / reverse-KL losses (docs/spec.md §1) ---------------------------------
 # Computed in float64 (inputs are widened), differentiable w.r.t. the student logits through plain
 # autograd: the tests take the gradient of these losses as the ground truth for the fused backward.
 
@@ -184,7 +184,7 @@ def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_top
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()
 
-# ---- Prune-OPD drift tracking (SPEC §1) -----------------------------------------------------------
+# ---- Prune-OPD drift tracking (docs/spec.md §1) -----------------------------------------------------------
 # Mirrors csrc/include/opd/drift.h operation by operation in float32 (every product and sum a
 # separately rounded tensor op, constants as float32 tensors), so the kernels must match it exactly.
 

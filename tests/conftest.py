@@ -10,7 +10,7 @@ from opd_ext import reference
 CUDA_READY = torch.cuda.is_available() and opd_ext.cuda_kernels_available()
 SIMT_READY = opd_ext.testing.simt_available()
 
-# (student dtype, teacher dtype): every pair the kernels take (SPEC §2), including float32 beside
+# (student dtype, teacher dtype): every pair the kernels take (docs/spec.md §2), including float32 beside
 # a low-precision dtype on either side. Tests that pick pairs by index rely on this order.
 DTYPE_PAIRS = [
     (torch.float32, torch.float32),
@@ -27,7 +27,7 @@ STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl",
 
 
 def assert_stats_match_reference(got: dict, student, teacher, tokens, temperature=1.0, topk=0, fields=STAT_FIELDS):
-    """ops.token_stats outputs (by field name) against the float64 reference, within SPEC §4.
+    """ops.token_stats outputs (by field name) against the float64 reference, within docs/spec.md §4.
     Kernels are compared with the reference, not with each other: two float32 approximations
     would need twice the tolerance."""
     want = reference.token_stats(student, teacher, tokens, temperature, topk)
@@ -41,7 +41,7 @@ def assert_stats_match_reference(got: dict, student, teacher, tokens, temperatur
 
 
 def stat_tolerance(dtype):
-    """SPEC §4: float32 rel 1e-5 (abs 1e-6 near 0); low precision vs the reference on the same
+    """docs/spec.md §4: float32 rel 1e-5 (abs 1e-6 near 0); low precision vs the reference on the same
     rounded inputs, rel 1e-4."""
     return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-6)
 

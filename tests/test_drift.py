@@ -1,5 +1,5 @@
 """Prune-OPD drift tracking: kernels vs opd_ext.reference (exact), scan vs steps, DriftMonitor,
-PruneConfig, DynamicWindow (SPEC §1 "Prune-OPD drift tracking")."""
+PruneConfig, DynamicWindow (docs/spec.md §1 "Prune-OPD drift tracking")."""
 from __future__ import annotations
 
 import dataclasses

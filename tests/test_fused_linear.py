@@ -6,9 +6,9 @@ The fused path forms the same logits per row chunk, so the comparison isolates t
 fused kernels and the gradient accumulation.
 
 Tolerances (norm-wise relative error ``‖x - ref‖ / ‖ref‖``):
-* float32: 1e-5 for the loss and every gradient (SPEC §4; the chunked f32 matmul may block
+* float32: 1e-5 for the loss and every gradient (docs/spec.md §4; the chunked f32 matmul may block
   differently from the full one, ~1e-7 relative on the logits).
-* bfloat16: loss 1e-4 (SPEC §4: the logits are bitwise the same rounded inputs), gradients 8e-3:
+* bfloat16: loss 1e-4 (docs/spec.md §4: the logits are bitwise the same rounded inputs), gradients 8e-3:
   the logit-gradient and each gradient matmul round to bf16 once (2^-8 = 3.9e-3 relative), in
   both paths, but not necessarily on the same side.
 """
@@ -264,7 +264,7 @@ def test_default_chunk_size_rule():
     assert default_chunk_size(10, 2**40) == 1
 
 
-# ---- bad input (SPEC §3) -------------------------------------------------------------------------
+# ---- bad input (docs/spec.md §3) -------------------------------------------------------------------------
 
 
 def call_vopd(data, **overrides):

@@ -21,7 +21,7 @@ SPREAD = {torch.float32: 3.0, torch.float16: 24.0, torch.bfloat16: 200.0}
 
 def _coarser(student_dtype, teacher_dtype):
     """The pair's lower-precision dtype: it sets the spread (both rounded rows keep distinct values)
-    and the tolerance (SPEC §4: bf16/fp16 inputs, rel 1e-4). Its coarse values make peaked rows
+    and the tolerance (docs/spec.md §4: bf16/fp16 inputs, rel 1e-4). Its coarse values make peaked rows
     whose losses cancel large terms, whichever side holds them."""
     return max(student_dtype, teacher_dtype, key=lambda d: SPREAD[d])
 

@@ -3,7 +3,7 @@
 Each case picks a shape and a device profile that make the launcher take one path (a block per
 row, row slices + merge kernel, warp-per-row groups, the top-k kernel, the scalar path of rows
 that cannot be vector-aligned, ...), checks from the emulator's counters that it did, compares
-with the CPU kernels (exactly for top-k overlap and drift, within the SPEC §4 tolerances for the
+with the CPU kernels (exactly for top-k overlap and drift, within the docs/spec.md §4 tolerances for the
 softmax statistics) and requires bit-identical outputs under the forward, reverse and random
 thread schedules. The device-parametrised tests elsewhere run the whole API on the emulated
 device too (the "emu" device of conftest.py).

@@ -1,4 +1,4 @@
-"""token_stats / student_stats and the fused backward ops against the float64 reference (SPEC §4)."""
+"""token_stats / student_stats and the fused backward ops against the float64 reference (docs/spec.md §4)."""
 import pytest
 import torch
 

@@ -1,5 +1,5 @@
 """Checks of the CUDA token statistics (opd/cuda/token_stats.cuh): the launch paths the
-device-parametrised tests in test_token_stats.py do not reach on purpose (SPEC §4 tolerances against
+device-parametrised tests in test_token_stats.py do not reach on purpose (docs/spec.md §4 tolerances against
 the float64 reference, and agreement with the CPU kernels). They run on a GPU ("cuda") and on the
 SIMT emulator ("emu": CPU tensors, the same CUDA kernels).
 

@@ -1,4 +1,4 @@
-"""topk_overlap against the reference: exact agreement (SPEC §4), every dtype and odd size."""
+"""topk_overlap against the reference: exact agreement (docs/spec.md §4), every dtype and odd size."""
 import pytest
 import torch
 

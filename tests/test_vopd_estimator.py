@@ -1,4 +1,4 @@
-"""The vOPD estimator is unbiased for every baseline, and the baselines lower its variance (issue 3).
+"""The vOPD estimator is unbiased for every baseline, and the baselines lower its variance (docs/spec.md §1.2).
 
 One position, a fixed student/teacher pair over a small vocabulary, M sampled tokens y_i ~ p. With
 num_items=1, row i of ∂L/∂student_logits of one vopd_loss call over M copies of the position is

@@ -161,7 +161,7 @@ void select_topk(const S* row, int64_t vocab, int k, std::vector<float>& values,
   });
 }
 
-// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, SPEC §1): the k
+// Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, docs/spec.md §1): the k
 // gathered pairs go through the same blocked reduction as a row.
 template <typename S, typename T>
 float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau,

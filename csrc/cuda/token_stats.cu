@@ -25,7 +25,7 @@ void check_cuda_vocab(const char* op, const at::Tensor& logits) {
               " is too large for the CUDA kernels (at most 2^31 - ", opd::cuda::kRowBlockThreads + 1, ")");
 }
 
-// Ids outside [0, V) raise as on CPU (SPEC §3). Called after the kernels are queued: they never
+// Ids outside [0, V) raise as on CPU (docs/spec.md §3). Called after the kernels are queued: they never
 // read outside a row (an out-of-range id gives NaN log-probs), so the one device->host sync this
 // costs waits for work already running instead of leaving the GPU idle before the launch. Under
 // CUDA-graph capture no sync is possible: there the NaN is the only signal.

@@ -49,7 +49,7 @@ opd::PairSoftmaxState sequential(const std::vector<float>& s, const std::vector<
   return state;
 }
 
-// Relative error with an absolute floor for values near 0 (SPEC §4: KL near 0 to 1e-6 absolute).
+// Relative error with an absolute floor for values near 0 (docs/spec.md §4: KL near 0 to 1e-6 absolute).
 void expect_close(double expected, float actual, double rel, double abs_floor, const char* what) {
   if (std::isinf(expected)) {
     EXPECT_EQ(actual, static_cast<float>(expected)) << what;
@@ -98,7 +98,7 @@ TEST(OnlineSoftmax, PairStateMatchesTwoPassDouble) {
 }
 
 // One long float32 running sum loses ~sqrt(n) ulps; kernels reduce a row as a tree of short
-// slices (vector lanes, threads, warps), which keeps vocabulary-sized rows within SPEC §4.
+// slices (vector lanes, threads, warps), which keeps vocabulary-sized rows within docs/spec.md §4.
 TEST(OnlineSoftmax, TreeOfSlicesMatchesTwoPassDoubleOnVocabularySizedRows) {
   std::mt19937 gen(7);
   for (size_t n : {50257u, 151936u}) {

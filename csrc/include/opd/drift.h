@@ -1,4 +1,4 @@
-// Prune-OPD drift tracking (SPEC §1): the per-sequence state machine, one token at a time.
+// Prune-OPD drift tracking (docs/spec.md §1): the per-sequence state machine, one token at a time.
 //
 // This is the only definition of the rule. The CPU and CUDA decode-step kernels, the scan over
 // whole sequences and the C++ tests all call drift_step(), and opd_ext/reference.py mirrors it
@@ -93,7 +93,7 @@ OPD_HOST_DEVICE DriftTokenResult drift_step(const DriftConfig& config, DriftStat
       state.weight = mul_rn(state.weight, config.decay);
     } else {
       // Recomputed from the event count instead of subtracting w_drop repeatedly, so the weight
-      // is the closed form of SPEC §1 with a single rounding, not an accumulated sum.
+      // is the closed form of docs/spec.md §1 with a single rounding, not an accumulated sum.
       const float w = add_rn(1.0f, -mul_rn(config.w_drop, static_cast<float>(state.drift_events)));
       state.weight = w < 0.0f ? 0.0f : (w > 1.0f ? 1.0f : w);
     }

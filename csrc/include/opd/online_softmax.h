@@ -1,17 +1,17 @@
 // Online (single-pass, mergeable) softmax statistics of a student row s and a teacher row t
-// (SPEC §1 "Single pass over both rows"), shared by every backend.
+// (docs/spec.md §1 "Single pass over both rows"), shared by every backend.
 //
 // Each side keeps a running max m and Z = Σ exp(x - m). The cross terms are kept *centred*:
 //   D = Σ exp(s - m_s) · ((s - m_s) - (t - m_t))      (reverse KL)
 //   C = Σ exp(t - m_t) · ((t - m_t) - (s - m_s))      (forward KL)
-// rather than the SPEC's B = Σ exp(s - m_s)(s - t). They carry the same information
+// rather than the B = Σ exp(s - m_s)(s - t) that section starts from. They carry the same information
 // (B = D + Z_s·(m_s - m_t)), but with B the finaliser has to cancel B/Z_s against lse_s - lse_t,
 // two numbers of the size of the logits: at |logits| ~ 1e4 that cancellation alone costs ~1e-3
 // absolute in float32. With D every term is a distance to the row max and
 //   KL(p‖q) = D/Z_s - log Z_s + log Z_t
 // has no large cancellation left.
 //
-// Infinities follow SPEC §1: exp(-inf)·anything = 0, so masked (-inf) entries contribute nothing
+// Infinities follow docs/spec.md §1: exp(-inf)·anything = 0, so masked (-inf) entries contribute nothing
 // and never produce 0·inf = NaN; a teacher -inf where the student has mass makes D = +inf and so
 // KL(p‖q) = +inf (the true value); likewise a student -inf under teacher mass makes the forward KL
 // +inf. An all -inf side centres at 0 instead of -inf, which keeps every shift finite. A NaN input

@@ -116,7 +116,7 @@ TEST_F(Kernels, TopKOverlapRejectsWhatItCannotRun) {
   EXPECT_EQ(opd::cuda::launch_topk_overlap(p, nullptr, 0, nullptr), cudaErrorInvalidValue);
 }
 
-// Float64 statistics of one row pair at temperature tau (the definitions of SPEC §1).
+// Float64 statistics of one row pair at temperature tau (the definitions of docs/spec.md §1).
 struct HostStats {
   double student_logprob, teacher_logprob, reverse_kl, forward_kl, student_lse, teacher_lse;
 };

@@ -239,7 +239,7 @@ __device__ __forceinline__ void visit_row_slice(const RowTask& task, int vocab, 
 // * the chunk's terms, taken about the running centres, are summed with the fast exp (fast_exp:
 //   ex2.approx, a few ulp on the arguments that matter, exactly 0 for -inf) and plain FMAs;
 // * only when the chunk's partial sums come out NaN (0·inf from -inf entries, or a NaN input) is
-//   it redone with the exact rules of SPEC §1 (`weighted`: exp(-inf)·anything = 0).
+//   it redone with the exact rules of docs/spec.md §1 (`weighted`: exp(-inf)·anything = 0).
 // Chunks hold raw logits; maxima and centres are raw, distances (x - centre) / τ.
 
 struct PairTerms {
@@ -540,7 +540,7 @@ struct ReverseKlBackward {
   __device__ float grad_of(const Row& row, float s, float t) const {
     const float log_p = fmaf(s, p.inv_temperature, -row.lse_s);
     const float log_q = fmaf(t, p.inv_temperature, -row.lse_t);
-    // exp(-inf)·anything = 0 (SPEC §1): masked student entries get exactly 0, not 0·inf = NaN.
+    // exp(-inf)·anything = 0 (docs/spec.md §1): masked student entries get exactly 0, not 0·inf = NaN.
     return row.scale * opd::online_softmax_detail::weighted(expf(log_p), log_p - log_q - row.kl);
   }
   __device__ Chunk load(const Row& row, int v) const {
@@ -594,13 +594,13 @@ __global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) row_backward_k
 // (opd/cuda/block_topk.cuh) streams the rows through one block, keeps the student's top-k
 // candidates in shared memory and hands every element to a visitor that folds it into the online
 // state. The top-k baseline is then the pair state of the k gathered (s, t) pairs: both
-// distributions renormalised over the student's top-k ids, as SPEC §1 defines it. The visitor sees
+// distributions renormalised over the student's top-k ids, as docs/spec.md §1 defines it. The visitor sees
 // one element at a time (a little more arithmetic per element than the chunk folds of
 // row_stats_kernel), and rows are not sliced: this path serves the optional top-k baseline, one
 // 128-thread block per row.
 
 // The per-element counterpart of fold_pair_chunk: re-centre only when a max rises, fast exp, and
-// the exact SPEC §1 products (`weighted`) since there is no chunk to redo.
+// the exact docs/spec.md §1 products (`weighted`) since there is no chunk to redo.
 struct PairStateVisitor {
   opd::PairSoftmaxState state;
   float inv_temperature;
