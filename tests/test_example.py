@@ -5,6 +5,7 @@ nor reweights), and the real-checkpoint path (--teacher/--student/--data) on loc
 """
 import dataclasses
 import json
+import math
 import os
 import signal
 
@@ -129,6 +130,67 @@ def test_real_checkpoints_with_different_tokenizers_are_rejected(tmp_path, cache
     with pytest.raises(ValueError, match="different tokenizers"):
         run(tmp_path / "run", cache, "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
             "--steps", "1")
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def chat_checkpoints(tmp_path):
+    """Teacher and student folders sharing a tokenizer whose chat template wraps prompts in markers."""
+    preset = train.PRESETS["tiny"]
+    tokenizer = task.build_tokenizer(preset.task)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    for name, size in (("teacher", preset.teacher), ("student", preset.student)):
+        models.new_model(size, tokenizer, preset.task, seed=0).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    data = tmp_path / "problems.jsonl"
+    task.save_jsonl(data, task.make_problems(40, 5, preset.task))
+    return ["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data", str(data),
+            "--eval-size", "8", "--max-new-tokens", "8"]
+
+
+def test_real_checkpoints_in_bfloat16_with_the_chat_template(tmp_path, cache):
+    checkpoints = chat_checkpoints(tmp_path)
+    rows = run(tmp_path / "run", cache, *checkpoints, "--steps", "2", "--dtype", "bf16")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["dtype"] == "bfloat16" and rows[0]["chat_template"] is True
+    assert all(math.isfinite(r["loss"]) for r in rows[1:])
+
+    args = train.parse_args(TINY + ["--cache", str(cache), "--device", "cpu", "--dtype", "bfloat16", *checkpoints])
+    setup = train.build_setup(args, train.PRESETS["tiny"])
+    assert setup.student.dtype == setup.teacher.dtype == torch.bfloat16
+    prompt = setup.eval_problems[0].prompt
+    assert prompt.startswith("<|user|> ") and prompt.endswith(" <|assistant|>"), prompt
+    ids, _ = models.encode_prompts(setup.tokenizer, [prompt])
+    assert setup.tokenizer.convert_tokens_to_ids("<|assistant|>") == ids[0, -1]
+
+    args = train.parse_args(TINY + ["--cache", str(cache), "--device", "cpu", "--no-chat-template", *checkpoints])
+    plain = train.build_setup(args, train.PRESETS["tiny"])
+    assert "<|user|>" not in plain.eval_problems[0].prompt
+    assert plain.student.dtype == torch.float32   # the CPU default
+
+
+def test_unknown_model_id_offline_is_a_clear_error(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = tmp_path / "problems.jsonl"
+    task.save_jsonl(data, task.make_problems(20, 5, train.PRESETS["tiny"].task))
+    with pytest.raises(SystemExit, match=r"no-such-owner/no-such-model: .*needs network access.*local checkpoint folder"):
+        run(tmp_path / "run", cache, "--teacher", "no-such-owner/no-such-model", "--student", "no-such-owner/no-such-model",
+            "--data", str(data), "--eval-size", "4", "--steps", "1")
+
+
+def test_paper_prune_preset_uses_the_authors_settings_and_flags_override(tmp_path, cache):
+    rows = run(tmp_path, cache, "--prune-preset", "paper", "--steps", "1")
+    saved = rows[0]["prune_config"]
+    assert (saved["k"], saved["threshold"], saved["w_drop"], saved["w_base"]) == (16, 0.7, 0.01, 0.5)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["signature"]["prune_k"] == "16"
+
+    args = train.parse_args(["--prune-preset", "paper", "--prune-threshold", "0.5"])
+    assert (args.prune_k, args.prune_threshold) == (16, 0.5)
+    args = train.parse_args([])
+    assert (args.prune_k, args.prune_threshold, args.prune_w_drop) == (2, 0.25, 1.0)
 
 
 def test_task_answers_are_verifiable():
@@ -288,7 +350,8 @@ def test_help_lists_every_option_with_its_default_and_the_methods(capsys):
     parser_options = [a for a in ("--method", "--preset", "--out", "--fresh", "--cache", "--steps", "--batch-size", "--lr",
                                   "--temperature", "--max-new-tokens", "--eval-every", "--eval-size", "--target",
                                   "--save-every", "--seed", "--device", "--threads", "--prune-k", "--prune-threshold",
-                                  "--prune-w-drop", "--prune-w-base", "--prune-warmup", "--teacher", "--student", "--data",
+                                  "--prune-w-drop", "--prune-w-base", "--prune-warmup", "--prune-preset", "--teacher", "--student",
+                                  "--dtype", "--no-chat-template", "--data",
                                   "--tensorboard", "--no-plots", "--quiet")]
     # One entry per option: argparse starts each at two spaces of indent.
     entries = {" ".join(e.split()).split(" ")[0]: " ".join(e.split())

@@ -3,7 +3,7 @@ loading real checkpoints, and greedy held-out evaluation.
 
 Teacher and student are ordinary `LlamaForCausalLM`s built from local configs (no downloads) and are
 saved with `save_pretrained` next to their tokenizer, so the synthetic run and `--teacher/--student
-PATH` go through the same loading code.
+PATH` (or a Hugging Face model id) go through the same loading code.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,8 +64,14 @@ class SupervisedSchedule:
 # ---- batching ---------------------------------------------------------------------------------
 
 def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
-    """Left-padded prompt ids (generation appends on the right), each starting with BOS."""
-    ids = [[tokenizer.bos_token_id] + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    """Left-padded prompt ids (generation appends on the right), each starting with BOS.
+
+    No BOS is added where the tokenizer has none (Qwen) or the text already opens with it (a chat
+    template that writes its own): a doubled BOS is a prefix the model never saw in training.
+    """
+    bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
+    ids = [([bos] if bos is not None and not (bos_text and p.startswith(bos_text)) else [])
+           + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -194,19 +202,67 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
 
 # ---- real checkpoints --------------------------------------------------------------------------
 
-def load_checkpoint(path: str | Path):
-    """A causal LM and its tokenizer from a local directory (config + weights + tokenizer files)."""
+# A Hugging Face Hub id: "name" or "owner/name" (letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub reads it, but looked up now: huggingface_hub freezes it at import."""
+    import huggingface_hub.constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def load_checkpoint(name: str | Path, dtype: torch.dtype = torch.float32):
+    """A causal LM and its tokenizer from a local directory or a Hugging Face Hub model id.
+
+    A hub id is downloaded into (or read from) the Hugging Face cache. Failing to get one ends the
+    run with a one-line SystemExit naming the id, instead of the hub client's chain of tracebacks.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        source, offline = str(path), False
+    elif _HUB_ID.match(str(name)):
+        source, offline = str(name), _hub_offline()
+    else:
+        raise FileNotFoundError(f"{name} is neither a local checkpoint directory nor a Hugging Face model id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline).eval()
+    except OSError as error:
+        if path.exists():
+            raise
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if offline:
+            raise SystemExit(
+                f"{name}: not a local folder and not in the Hugging Face cache, and the hub is offline "
+                f"(HF_HUB_OFFLINE). This machine needs network access to download it, or pass a local "
+                f"checkpoint folder instead") from None
+        raise SystemExit(
+            f"{name}: not a local folder, and it could not be loaded from the Hugging Face Hub ({why}). "
+            f"Check the id (and access to gated models); the machine needs network access to download it, "
+            f"or pass a local checkpoint folder instead") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, tokenizer
+
+
+def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Each prompt as a single user turn in the tokenizer's chat template, ready for the reply.
+
+    Instruction-tuned checkpoints were trained on this layout; a bare prompt is off their
+    distribution, so their rollouts (and the teacher's scores of them) would not be the model's own.
+    """
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -> None:

@@ -9,6 +9,8 @@ logits for `opd_ext.vopd_loss`, whose baseline (the per-token reverse KL) is wha
     python examples/train_opd.py                          # default run, method prune+vopd
     python examples/train_opd.py --method opd --out runs/opd
     python examples/train_opd.py --teacher T_DIR --student S_DIR --data problems.jsonl
+    python examples/train_opd.py --teacher Qwen/Qwen2.5-7B-Instruct --student Qwen/Qwen2.5-1.5B-Instruct \
+        --data problems.jsonl --device cuda --prune-preset paper     # hub ids, bf16, chat template
 
 Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (per-position overlap /
 multiplier profiles), checkpoint.pt (resume: rerun the same command; Ctrl-C saves first),
@@ -51,6 +53,15 @@ METHODS = {
 # rollout stops at its first disjoint top-2 (k=2, threshold 0.25, w_drop 1); the authors' k=16 and
 # threshold 0.7 flag 100% of tokens on this task and would stop every rollout at its first token.
 TASK_PRUNE_CONFIG = dict(k=2, threshold=0.25, w_drop=1.0, w_base=0.5, warmup=0)
+# The Prune-OPD authors' settings (PruneConfig's defaults), for real LLMs: with vocabularies of
+# 100k+ tokens and long rollouts a top-16 overlap under 0.7 does mark drift, and w_drop 0.01 only
+# stops a rollout after 100 such tokens.
+PAPER_PRUNE_CONFIG = {name: getattr(opd_ext.PruneConfig(), name) for name in TASK_PRUNE_CONFIG}
+PRUNE_PRESETS = {"task": TASK_PRUNE_CONFIG, "paper": PAPER_PRUNE_CONFIG}
+
+# --dtype names, with the short spellings people type.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 
 LR_WARMUP_STEPS = 10
@@ -160,6 +171,11 @@ def _from_preset(field: str) -> str:
     return f"(default: from --preset: {values})"
 
 
+def _from_prune_preset(name: str) -> str:
+    values = ", ".join(f"{config[name]} for {preset}" for preset, config in PRUNE_PRESETS.items())
+    return f"(default: from --prune-preset: {values})"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     methods = "\n".join(f"  {name:<11} {text}" for name, text in METHOD_HELP.items())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
@@ -187,17 +203,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="torch CPU threads; 1 is fastest for these tiny models on a shared machine")
-    p.add_argument("--prune-k", type=POSITIVE_INT, default=TASK_PRUNE_CONFIG["k"], help="top-k size of the drift overlap")
-    p.add_argument("--prune-threshold", type=FRACTION, default=TASK_PRUNE_CONFIG["threshold"],
-                   help="a token whose top-k overlap is below this is a drift event")
-    p.add_argument("--prune-w-drop", type=FRACTION, default=TASK_PRUNE_CONFIG["w_drop"],
-                   help="weight a rollout loses per drift event; at weight 0 it stops")
-    p.add_argument("--prune-w-base", type=_number(float, 0.0), default=TASK_PRUNE_CONFIG["w_base"],
-                   help="multiplier = w_base + weight, so the tokens of a drifting rollout keep this much")
-    p.add_argument("--prune-warmup", type=NON_NEGATIVE_INT, default=TASK_PRUNE_CONFIG["warmup"],
-                   help="completion tokens never counted as drift events")
-    p.add_argument("--teacher", type=Path, help="Hugging Face teacher checkpoint directory (default: the cached synthetic teacher)")
-    p.add_argument("--student", type=Path, help="Hugging Face student checkpoint directory, same tokenizer (default: the cached synthetic student)")
+    p.add_argument("--prune-preset", choices=sorted(PRUNE_PRESETS), default="task",
+                   help="Prune-OPD settings the --prune-* options start from: 'task' = tuned for the synthetic task, "
+                        "'paper' = the Prune-OPD authors' settings for real LLM rollouts (examples/README.md)")
+    p.add_argument("--prune-k", type=POSITIVE_INT, default=None, help=f"top-k size of the drift overlap {_from_prune_preset('k')}")
+    p.add_argument("--prune-threshold", type=FRACTION, default=None,
+                   help=f"a token whose top-k overlap is below this is a drift event {_from_prune_preset('threshold')}")
+    p.add_argument("--prune-w-drop", type=FRACTION, default=None,
+                   help=f"weight a rollout loses per drift event; at weight 0 it stops {_from_prune_preset('w_drop')}")
+    p.add_argument("--prune-w-base", type=_number(float, 0.0), default=None,
+                   help=f"multiplier = w_base + weight, so the tokens of a drifting rollout keep this much "
+                        f"{_from_prune_preset('w_base')}")
+    p.add_argument("--prune-warmup", type=NON_NEGATIVE_INT, default=None,
+                   help=f"completion tokens never counted as drift events {_from_prune_preset('warmup')}")
+    p.add_argument("--teacher", help="teacher: a Hugging Face model id (e.g. Qwen/Qwen2.5-7B-Instruct, downloaded once into "
+                                     "the Hugging Face cache) or a local checkpoint directory (default: the cached synthetic teacher)")
+    p.add_argument("--student", help="student: a model id or a local directory, with the teacher's tokenizer "
+                                     "(default: the cached synthetic student)")
+    p.add_argument("--dtype", type=lambda text: DTYPE_ALIASES.get(text, text), choices=sorted(DTYPES), default=None,
+                   help="weights of both models (bf16, fp16, fp32 also accepted) (default: bfloat16 for --teacher/--student "
+                        "on CUDA, else float32)")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="with --teacher/--student and --data, feed the prompts as they are instead of as a user turn "
+                        "of the tokenizer's chat template")
     p.add_argument("--data", type=Path, help="JSONL with 'prompt' and 'answer' per line; the last --eval-size lines are held out "
                                               "(default: the synthetic task)")
     p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
@@ -216,6 +244,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.tensorboard is not None and not tensorboard_available():
         p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
+    for name, value in PRUNE_PRESETS[args.prune_preset].items():
+        if getattr(args, f"prune_{name}") is None:
+            setattr(args, f"prune_{name}", value)
+    if args.dtype is None:
+        # bf16 halves the memory and time of a real checkpoint on a GPU; the toy models were trained in
+        # fp32 and are too small for it to matter, and CPUs gain little from bf16 matmuls.
+        args.dtype = "bfloat16" if args.teacher is not None and device.type == "cuda" else "float32"
     return args
 
 
@@ -254,8 +289,8 @@ class Setup:
 def build_setup(args, preset: Preset) -> Setup:
     eval_size = args.eval_size or preset.eval_size
     if args.teacher is not None:
-        teacher, tokenizer = models.load_checkpoint(args.teacher)
-        student, student_tokenizer = models.load_checkpoint(args.student)
+        teacher, tokenizer = models.load_checkpoint(args.teacher, DTYPES[args.dtype])
+        student, student_tokenizer = models.load_checkpoint(args.student, DTYPES[args.dtype])
         models.check_same_tokenizer(student_tokenizer, tokenizer, args.student, args.teacher)
         seconds = {}
     else:
@@ -272,6 +307,9 @@ def build_setup(args, preset: Preset) -> Setup:
         if len(problems) <= eval_size:
             raise ValueError(f"{args.data} has {len(problems)} problems; need more than --eval-size={eval_size} "
                              f"(the last {eval_size} are held out)")
+        if uses_chat_template(args, tokenizer):
+            formatted = models.format_prompts(tokenizer, [p.prompt for p in problems])
+            problems = [dataclasses.replace(p, prompt=text) for p, text in zip(problems, formatted)]
         train, held_out = problems[:-eval_size], problems[-eval_size:]
         max_new = args.max_new_tokens or 64
     else:
@@ -280,9 +318,15 @@ def build_setup(args, preset: Preset) -> Setup:
                              "with problems in their own format")
         train, held_out = None, make_problems(eval_size, 10_000 + args.seed, preset.task)
         max_new = args.max_new_tokens or preset.task.max_completion_tokens
-    teacher.requires_grad_(False).eval().to(args.device)
-    student.to(args.device)
+    teacher.requires_grad_(False).eval().to(args.device, DTYPES[args.dtype])
+    student.to(args.device, DTYPES[args.dtype])
     return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds)
+
+
+def uses_chat_template(args, tokenizer) -> bool:
+    """Real checkpoints on --data prompts, unless --no-chat-template; the synthetic task has no chat."""
+    return (args.teacher is not None and args.data is not None and not args.no_chat_template
+            and bool(getattr(tokenizer, "chat_template", None)))
 
 
 class PromptStream:
@@ -407,7 +451,14 @@ def run_signature(args) -> dict:
     """What must not change between a run and its resumption."""
     keys = ("method", "preset", "device", "steps", "batch_size", "lr", "temperature", "seed", "teacher", "student", "data",
             "prune_k", "prune_threshold", "prune_w_drop", "prune_w_base", "prune_warmup", "max_new_tokens")
-    return {k: str(getattr(args, k)) for k in keys}
+    signature = {k: str(getattr(args, k)) for k in keys}
+    # Only where they differ from what a run did before these options existed, so older
+    # checkpoints still resume.
+    if args.dtype != "float32":
+        signature["dtype"] = args.dtype
+    if args.no_chat_template:
+        signature["no_chat_template"] = "True"
+    return signature
 
 
 def read_metrics(path: Path, upto_step: int) -> list[dict]:
@@ -542,7 +593,8 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
         teacher_acc = models.accuracy(teacher, tokenizer, setup.eval_problems, setup.max_new_tokens)
         log({"step": 0, "wall_time": 0.0, "accuracy": acc, "teacher_accuracy": teacher_acc,
              **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
-             "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline})
+             "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline,
+             "dtype": args.dtype, "chat_template": uses_chat_template(args, tokenizer)})
     student.train()
     bar = tqdm(total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet)
     last_acc = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), float("nan"))
