@@ -105,12 +105,15 @@ def train_dp(args, rank, world, device):
         optimizer.zero_grad()
         loss.backward()  # DDP averages the gradient over the ranks
         optimizer.step()
-        with torch.no_grad():
-            kl = opd_ext.token_stats(s.detach(), t, tokens).reverse_kl[m].mean()
-        dist.all_reduce(kl)
+        with torch.no_grad():  # the mean reverse KL over every rank's tokens: sums and counts reduced
+            kl = opd_ext.token_stats(s.detach(), t, tokens).reverse_kl[m].sum()
+            totals = torch.stack([kl, loss.detach()])
+        dist.all_reduce(totals)
         if rank == 0:
-            print(f"[dp] step {step}: surrogate {loss.item():+.4f}  reverse KL {kl.item() / world:.4f}  "
-                  f"tokens {num_items.item() * world:.0f}  {time.perf_counter() - start:.2f}s", flush=True)
+            # Each rank's loss is W x its tokens' share: their mean is one process's loss on all.
+            print(f"[dp] step {step}: surrogate {totals[1].item() / world:+.4f}  reverse KL "
+                  f"{totals[0].item() / (num_items.item() * world):.4f}  tokens {num_items.item() * world:.0f}  "
+                  f"{time.perf_counter() - start:.2f}s", flush=True)
 
 
 def train_tp(args, rank, world, device):
@@ -172,7 +175,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--check", action="store_true", help="tp: compare each loss with the unsharded one")
+    p.add_argument("--check", action="store_true",
+                   help="tp mode: compare each loss with the unsharded one (dp needs no check: "
+                        "tests/test_distributed.py compares DDP with one process)")
     args = p.parse_args(argv)
     if "RANK" not in os.environ:
         p.error("start it with torchrun, e.g. torchrun --nproc_per_node=2 examples/distributed_opd.py")

@@ -42,6 +42,9 @@ def global_num_items(mask: Masks, group: Optional[dist.ProcessGroup] = None) -> 
     If your framework *sums* gradients over ranks instead of averaging them, pass the global count
     itself, ``global_num_items(mask) * W``.
     """
+    if not isinstance(mask, (torch.Tensor, list, tuple)):
+        raise TypeError(f"mask must be a bool tensor [...] or a list of them (the micro-batches of one "
+                        f"step), got {type(mask).__name__}")
     masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
     if not masks:
         raise ValueError("global_num_items needs at least one mask")

@@ -478,6 +478,7 @@ def test_readme_api_snippet_runs_as_written():
     student = models.new_model(preset.student, tokenizer, preset.task, seed=0)
     teacher = models.new_model(preset.teacher, tokenizer, preset.task, seed=1).requires_grad_(False)
     prompts = [p.prompt for p in task.make_problems(3, 0, preset.task)]
+    prompts[1] = " ".join(prompts[1].split()[2:])  # a shorter prompt: left padding in the batch
     input_ids, attention_mask = models.encode_prompts(tokenizer, prompts)
 
     class Names(dict):
@@ -489,8 +490,11 @@ def test_readme_api_snippet_runs_as_written():
             logprobs = self["teacher_logits"].log_softmax(-1)
             outputs = []
             for b, sequence in enumerate(self["rollout"].sequences.tolist()):
-                entries = [None] * self["P"]
-                for j, token in enumerate(sequence[self["P"]:]):
+                # The server gets the sequence without its left padding.
+                prompt_length = int(self["attention_mask"][b].sum())
+                sequence = sequence[self["P"] - prompt_length:]
+                entries = [None] * prompt_length
+                for j, token in enumerate(sequence[prompt_length:]):
                     top = logprobs[b, j].topk(5)
                     entry = {int(i): SimpleNamespace(logprob=float(v), rank=r + 1)
                              for r, (v, i) in enumerate(zip(top.values, top.indices))}
@@ -504,6 +508,11 @@ def test_readme_api_snippet_runs_as_written():
     exec(compile(snippet, "README.md#API", "exec"), {}, names)
     assert torch.isfinite(names["loss"]) and names["stop"].shape == (3,)
     assert names["student_logits"].shape[:2] == names["tokens"].shape
+    # The served rows line up with the completions, also for the left-padded (shorter) prompts.
+    assert len(set(names["prompt_lengths"])) > 1, "the prompts should differ in length"
+    served = names["served"]
+    assert torch.equal(served.tokens[served.mask], names["tokens"][served.mask])
+    assert served.mask.sum() >= names["mask"].sum() * 0.5
 
 
 def _measured_ranges(text, pattern):
