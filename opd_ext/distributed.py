@@ -5,6 +5,11 @@ the data-parallel group. A loss normalised by the local token count then weighs 
 with few tokens more than one on a rank with many; normalised by the global count it divides the
 gradient by the world size W. :func:`global_num_items` gives the one normaliser under which the
 averaged gradient equals the gradient of a single process on the whole batch.
+
+Tensor (vocab) parallelism shards the lm_head over the vocabulary: the ``vocab_parallel_*``
+functions take each rank's ``[..., V_r]`` shard of the logits and return what the single-device
+functions return on the whole rows, exchanging O(rows x (6 + k)) floats instead of O(rows x V);
+DTensor logits placed ``Shard(-1)`` reach them from the ordinary functions.
 """
 from __future__ import annotations
 
@@ -13,9 +18,33 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from opd_ext._validation import check_mask
+from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
+from opd_ext._extension import ops
+from opd_ext._validation import (
+    check_choice,
+    check_k,
+    check_logit_pair,
+    check_mask,
+    check_temperature,
+    check_tokens,
+    is_dtensor,
+    token_range_error,
+)
+from opd_ext.losses import (
+    BASELINES,
+    DEFAULT_TOPK,
+    KL_DIRECTIONS,
+    TokenStats,
+    TokenStatsWithForwardKL,
+    _advantage_coef,
+    _loss_stats,
+    _scale_and_weights,
+    _PolicyGradientSurrogate,
+    _ReverseKLObjective,
+)
 
-__all__ = ["global_num_items"]
+__all__ = ["VocabShard", "from_dtensors", "global_num_items", "is_dtensor", "vocab_parallel_reverse_kl_loss",
+           "vocab_parallel_token_stats", "vocab_parallel_topk_overlap", "vocab_parallel_vopd_loss", "vocab_shard"]
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -71,33 +100,6 @@ def global_num_items(mask: Masks, group: Optional[dist.ProcessGroup] = None) -> 
 # of those O(rows x (state + k)) floats gives every rank the same merged statistics, never O(V). The
 # sampled token's logits come from the rank that owns it. The backward is local: each rank writes
 # the gradient of its own columns from the merged lse / KL with the existing fused backward ops.
-
-from opd_ext import _meta  # noqa: E402,F401  (registers the fake kernels)
-from opd_ext._extension import ops  # noqa: E402
-from opd_ext._validation import (  # noqa: E402
-    is_dtensor,
-    check_choice,
-    check_k,
-    check_logit_pair,
-    check_temperature,
-    check_tokens,
-    token_range_error,
-)
-from opd_ext.losses import (  # noqa: E402
-    BASELINES,
-    DEFAULT_TOPK,
-    KL_DIRECTIONS,
-    TokenStats,
-    TokenStatsWithForwardKL,
-    _advantage_coef,
-    _loss_stats,
-    _scale_and_weights,
-    _PolicyGradientSurrogate,
-    _ReverseKLObjective,
-)
-
-__all__ += ["from_dtensors", "is_dtensor", "vocab_parallel_reverse_kl_loss", "vocab_parallel_token_stats", "vocab_parallel_topk_overlap",
-            "vocab_parallel_vopd_loss", "VocabShard"]
 
 # Ids travel as float32 beside the values: exact below 2^24.
 _MAX_EXACT_ID = 2**24
