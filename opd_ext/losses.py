@@ -91,7 +91,6 @@ class LossStats(NamedTuple):
     baseline: Optional[torch.Tensor]  # b_t (-KL for "full" / "topk", 0 for "none"); vOPD only
     weights: torch.Tensor  # w_t (1 when omitted), before any normalisation
     mask: torch.Tensor  # bool, the positions that count
-    overlap: Optional[torch.Tensor] = None  # top-k overlap, where a loss computes it (none does yet)
 
     @property
     def reward(self) -> Optional[torch.Tensor]:
@@ -116,7 +115,7 @@ class LossStats(NamedTuple):
     def means(self) -> dict:
         """``{name: mean}`` for every computed field and the reward (``weights`` and ``mask``
         excluded), the keys a trainer logs, e.g. ``{"reverse_kl": tensor(0.31), ...}``."""
-        names = ("student_logprob", "teacher_logprob", "reward", "reverse_kl", "advantage", "baseline", "overlap")
+        names = ("student_logprob", "teacher_logprob", "reward", "reverse_kl", "advantage", "baseline")
         return {name: m for name in names if (m := self.mean(name)) is not None}
 
     student_logprob_mean = property(lambda self: self.mean("student_logprob"))
@@ -125,7 +124,6 @@ class LossStats(NamedTuple):
     reverse_kl_mean = property(lambda self: self.mean("reverse_kl"))
     advantage_mean = property(lambda self: self.mean("advantage"))
     baseline_mean = property(lambda self: self.mean("baseline"))
-    overlap_mean = property(lambda self: self.mean("overlap"))
 
 
 def _loss_stats(valid: torch.Tensor, weights: torch.Tensor, *, student_logprob=None, teacher_logprob=None,
