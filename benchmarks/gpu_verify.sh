@@ -13,8 +13,8 @@
 # the per-op CSVs/PNGs, JUnit XML). The summary table is printed last.
 #
 # Environment knobs:
-#   VERIFY_BUDGET_S   wall-clock budget for the whole script (default 570 with a GPU: the device tool
-#                     stops a command at 600 s; 1800 without). Each step gets min(its cap, what is
+#   VERIFY_BUDGET_S   wall-clock budget for the whole script (default 570 with a GPU, to fit remote
+#                     runners that stop a command at 600 s; 1800 without). Each step gets min(its cap, what is
 #                     left - a reserve for the report), so the summary is always written.
 #   VERIFY_STEPS      comma list of the steps above (default: all).
 #   VERIFY_INSTALL    pip (default with a GPU: pip install -e . into the current python) |
@@ -81,7 +81,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 &&
   "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   HAVE_GPU=1
 fi
-# The device tool stops a command at 600 s; a CPU-only machine has no such limit but may be slow.
+# GPU runners often stop a command at 600 s; a CPU-only machine has no such limit but may be slow.
 BUDGET=${VERIFY_BUDGET_S:-$([[ $HAVE_GPU == 1 ]] && echo 570 || echo 1800)}
 say "gpu_verify: repo $REPO, python $PYTHON, GPU visible: $HAVE_GPU, budget ${BUDGET}s, steps ${STEPS:1:-1}"
 

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
 from opd_ext._extension import ops
 from opd_ext._validation import (
-    check_choice,
     check_k,
     check_logit_pair,
     check_mask,
@@ -31,16 +30,14 @@ from opd_ext._validation import (
     token_range_error,
 )
 from opd_ext.losses import (
-    BASELINES,
     DEFAULT_TOPK,
-    KL_DIRECTIONS,
     TokenStats,
     TokenStatsWithForwardKL,
-    _advantage_coef,
+    _check_vopd_options,
     _loss_stats,
-    _scale_and_weights,
-    _PolicyGradientSurrogate,
+    _policy_gradient_loss,
     _ReverseKLObjective,
+    _scale_and_weights,
 )
 
 __all__ = ["VocabShard", "from_dtensors", "global_num_items", "is_dtensor", "vocab_parallel_reverse_kl_loss",
@@ -352,11 +349,7 @@ def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch
     ``baseline="topk"`` (1.2 kB per token at the default k = 100).
     """
     shard = _setup(student_logits, teacher_logits, group, vocab_start, vocab)
-    check_choice("baseline", baseline, BASELINES)
-    check_choice("kl", kl, KL_DIRECTIONS)
-    if kl == "forward" and baseline != "full":
-        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
-                         f'baseline="full", got baseline={baseline!r}')
+    _check_vopd_options(baseline, kl)
     temperature = check_temperature(temperature)
     topk = check_k(topk, shard.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
     scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
@@ -364,14 +357,9 @@ def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch
     tokens = torch.where(valid, tokens, 0)
     m = _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, group, shard)
     value = {"full": m.forward if kl == "forward" else m.reverse, "topk": m.topk_kl}.get(baseline)
-    coef = _advantage_coef(scale, valid, m.logp_t, m.logp_s, 0.0 if value is None else value)
     local, _ = _local_ids(tokens, shard)
-    loss = _PolicyGradientSurrogate.apply(student_logits, local, m.logp_s, m.lse_s, coef, temperature,
-                                          reduction == "none")
-    if not return_stats:
-        return loss
-    return loss, _loss_stats(valid, w, student_logprob=m.logp_s, teacher_logprob=m.logp_t, reverse_kl=m.reverse,
-                             baseline_kl=value, policy_gradient=True)
+    return _policy_gradient_loss(student_logits, local, m.logp_s, m.lse_s, m.logp_t, value, m.reverse, scale, valid,
+                                 w, temperature, reduction, return_stats)
 
 
 def vocab_parallel_reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None,

@@ -51,7 +51,7 @@ from opd_ext._validation import (
     is_supported_dtype_pair,
     token_range_error,
 )
-from opd_ext.losses import (BASELINES, DEFAULT_TOPK, KL_DIRECTIONS, _advantage_coef, _loss_stats, _masked_sum,
+from opd_ext.losses import (DEFAULT_TOPK, _advantage_coef, _check_vopd_options, _loss_stats, _masked_sum,
                             _scale_and_weights, token_stats_op)
 
 # "none" would need each row's gradient scaled by its own incoming gradient, but the rows' lm_head
@@ -139,11 +139,7 @@ def fused_linear_vopd_loss(
     view that costs nothing: ``teacher_weight[:V]`` (and ``teacher_bias[:V]``), or
     ``teacher_logits[..., :V]`` (read chunk by chunk, never copied whole).
     """
-    check_choice("baseline", baseline, BASELINES)
-    check_choice("kl", kl, KL_DIRECTIONS)
-    if kl == "forward" and baseline != "full":
-        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
-                         f'baseline="full", got baseline={baseline!r}')
+    _check_vopd_options(baseline, kl)
     problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                        teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
                        chunk_size, reduction)

@@ -327,6 +327,29 @@ def _advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_val
     return torch.where(valid, -scale * advantage, 0.0)
 
 
+def _check_vopd_options(baseline: str, kl: str) -> None:
+    """The baseline / KL-direction pair of every vOPD loss (dense, fused-linear, vocab-parallel)."""
+    check_choice("baseline", baseline, BASELINES)
+    check_choice("kl", kl, KL_DIRECTIONS)
+    if kl == "forward" and baseline != "full":
+        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
+                         f'baseline="full", got baseline={baseline!r}')
+
+
+def _policy_gradient_loss(student_logits, tokens, student_logprob, student_lse, teacher_logprob, baseline_kl,
+                          reverse_kl, scale, valid, weights, temperature, reduction, return_stats):
+    """The vOPD surrogate from a forward's per-position statistics (``baseline_kl`` None: no
+    baseline), and its :class:`LossStats` with ``return_stats``; shared by every vOPD loss."""
+    coef = _advantage_coef(scale, valid, teacher_logprob, student_logprob,
+                           0.0 if baseline_kl is None else baseline_kl)
+    loss = _PolicyGradientSurrogate.apply(student_logits, tokens, student_logprob, student_lse, coef, temperature,
+                                          reduction == "none")
+    if not return_stats:
+        return loss
+    return loss, _loss_stats(valid, weights, student_logprob=student_logprob, teacher_logprob=teacher_logprob,
+                             reverse_kl=reverse_kl, baseline_kl=baseline_kl, policy_gradient=True)
+
+
 # ---- public losses --------------------------------------------------------------------------------
 
 
@@ -374,11 +397,7 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
                                weights=weights, temperature=temperature, baseline=baseline, topk=topk, kl=kl,
                                num_items=num_items, reduction=reduction, return_stats=return_stats)
     check_logit_pair(student_logits, teacher_logits)
-    check_choice("baseline", baseline, BASELINES)
-    check_choice("kl", kl, KL_DIRECTIONS)
-    if kl == "forward" and baseline != "full":
-        raise ValueError(f'kl="forward" selects the full-vocabulary forward-KL baseline; it needs '
-                         f'baseline="full", got baseline={baseline!r}')
+    _check_vopd_options(baseline, kl)
     temperature = check_temperature(temperature)
     topk = check_k(topk, student_logits.shape[-1], "topk", DEFAULT_TOPK) if baseline == "topk" else 0
     scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
@@ -387,13 +406,8 @@ def vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens
     logp_s, logp_t, reverse, forward, topk_kl, lse_s, _ = token_stats_op(
         student_logits.detach(), teacher_logits.detach(), tokens, temperature, topk)
     value = {"full": forward if kl == "forward" else reverse, "topk": topk_kl}.get(baseline)
-    coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
-    loss = _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature,
-                                          reduction == "none")
-    if not return_stats:
-        return loss
-    return loss, _loss_stats(valid, w, student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=reverse,
-                             baseline_kl=value, policy_gradient=True)
+    return _policy_gradient_loss(student_logits, tokens, logp_s, lse_s, logp_t, value, reverse, scale, valid, w,
+                                 temperature, reduction, return_stats)
 
 
 def reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None, weights=None,
@@ -565,14 +579,8 @@ def vopd_loss_sparse_teacher(student_logits: torch.Tensor, tokens: torch.Tensor,
     if baseline == "topk":
         with torch.no_grad():
             value = _support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, support, temperature)
-    logp_t = teacher_token_logprob.detach().float()
-    coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
-    loss = _PolicyGradientSurrogate.apply(student_logits, tokens, logp_s, lse_s, coef, temperature,
-                                          reduction == "none")
-    if not return_stats:
-        return loss
-    return loss, _loss_stats(valid, w, student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=value,
-                             baseline_kl=value, policy_gradient=True)
+    return _policy_gradient_loss(student_logits, tokens, logp_s, lse_s, teacher_token_logprob.detach().float(),
+                                 value, value, scale, valid, w, temperature, reduction, return_stats)
 
 
 def reverse_kl_loss_sparse_teacher(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,

@@ -26,18 +26,27 @@ __all__ = [
 ]
 
 
-def _checked_common(temperature, reduction, choices=losses.REDUCTIONS):
-    # Checked once here so that a misconfigured loss fails when built, not at the first batch.
-    check_choice("reduction", reduction, choices)
-    return check_temperature(temperature)
-
-
 class _Loss(torch.nn.Module):
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+    """Holds the options every loss takes (temperature, reduction, return_stats) and the loss's own
+    (``options``), checked once here so a misconfigured loss fails when built, not at the first
+    batch; :meth:`_options` gives them back as the function's keyword arguments."""
+
+    def __init__(self, temperature: float, reduction: str, return_stats: bool, reductions=losses.REDUCTIONS,
+                 **options):
+        super().__init__()
+        check_choice("reduction", reduction, reductions)
+        self.temperature = check_temperature(temperature)
+        self.reduction, self.return_stats = reduction, return_stats
+        self._option_names = tuple(options)
+        for name, value in options.items():
+            setattr(self, name, value)
 
     def _options(self) -> dict:
-        raise NotImplementedError
+        names = (*self._option_names, "temperature", "reduction", "return_stats")
+        return {name: getattr(self, name) for name in names}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
 
 
 class VOPDLoss(_Loss):
@@ -62,16 +71,8 @@ class VOPDLoss(_Loss):
 
     def __init__(self, baseline: str = "full", topk: int = losses.DEFAULT_TOPK, temperature: float = 1.0,
                  kl: str = "reverse", reduction: str = "mean", return_stats: bool = False):
-        super().__init__()
-        check_choice("baseline", baseline, losses.BASELINES)
-        check_choice("kl", kl, losses.KL_DIRECTIONS)
-        self.temperature = _checked_common(temperature, reduction)
-        self.baseline, self.topk, self.kl = baseline, topk, kl
-        self.reduction, self.return_stats = reduction, return_stats
-
-    def _options(self):
-        return dict(baseline=self.baseline, topk=self.topk, temperature=self.temperature, kl=self.kl,
-                    reduction=self.reduction, return_stats=self.return_stats)
+        losses._check_vopd_options(baseline, kl)
+        super().__init__(temperature, reduction, return_stats, baseline=baseline, topk=topk, kl=kl)
 
     def forward(self, student_logits, teacher_logits, tokens, mask=None, weights=None, num_items=None):
         return losses.vopd_loss(student_logits, teacher_logits, tokens, mask=mask, weights=weights,
@@ -84,12 +85,7 @@ class ReverseKLLoss(_Loss):
     num_items=None)``. Shapes, results and errors as the function's."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False):
-        super().__init__()
-        self.temperature = _checked_common(temperature, reduction)
-        self.reduction, self.return_stats = reduction, return_stats
-
-    def _options(self):
-        return dict(temperature=self.temperature, reduction=self.reduction, return_stats=self.return_stats)
+        super().__init__(temperature, reduction, return_stats)
 
     def forward(self, student_logits, teacher_logits, mask=None, weights=None, num_items=None):
         return losses.reverse_kl_loss(student_logits, teacher_logits, mask=mask, weights=weights,
@@ -104,14 +100,8 @@ class VOPDLossSparseTeacher(_Loss):
 
     def __init__(self, baseline: str = "topk", temperature: float = 1.0, reduction: str = "mean",
                  return_stats: bool = False):
-        super().__init__()
         check_choice("baseline", baseline, losses.SPARSE_TEACHER_BASELINES)
-        self.temperature = _checked_common(temperature, reduction)
-        self.baseline, self.reduction, self.return_stats = baseline, reduction, return_stats
-
-    def _options(self):
-        return dict(baseline=self.baseline, temperature=self.temperature, reduction=self.reduction,
-                    return_stats=self.return_stats)
+        super().__init__(temperature, reduction, return_stats, baseline=baseline)
 
     def forward(self, student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprob,
                 teacher_topk_mask=None, mask=None, weights=None, num_items=None):
@@ -127,12 +117,7 @@ class ReverseKLLossSparseTeacher(_Loss):
     num_items=None)``. Shapes, results and errors as the function's."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False):
-        super().__init__()
-        self.temperature = _checked_common(temperature, reduction)
-        self.reduction, self.return_stats = reduction, return_stats
-
-    def _options(self):
-        return dict(temperature=self.temperature, reduction=self.reduction, return_stats=self.return_stats)
+        super().__init__(temperature, reduction, return_stats)
 
     def forward(self, student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask=None, mask=None,
                 weights=None, num_items=None):
@@ -158,17 +143,10 @@ class FusedLinearVOPDLoss(_Loss):
     def __init__(self, baseline: str = "full", topk: int = losses.DEFAULT_TOPK, temperature: float = 1.0,
                  kl: str = "reverse", reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
-        super().__init__()
-        check_choice("baseline", baseline, losses.BASELINES)
-        check_choice("kl", kl, losses.KL_DIRECTIONS)
+        losses._check_vopd_options(baseline, kl)
         _check_fused_reduction(reduction)
-        self.temperature = _checked_common(temperature, reduction, fused_linear.FUSED_REDUCTIONS)
-        self.baseline, self.topk, self.kl = baseline, topk, kl
-        self.reduction, self.return_stats, self.chunk_size = reduction, return_stats, chunk_size
-
-    def _options(self):
-        return dict(baseline=self.baseline, topk=self.topk, temperature=self.temperature, kl=self.kl,
-                    reduction=self.reduction, return_stats=self.return_stats, chunk_size=self.chunk_size)
+        super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS, baseline=baseline,
+                         topk=topk, kl=kl, chunk_size=chunk_size)
 
     def forward(self, student_hidden, student_weight, tokens, teacher_logits=None, teacher_hidden=None,
                 teacher_weight=None, teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):
@@ -185,14 +163,9 @@ class FusedLinearReverseKLLoss(_Loss):
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
-        super().__init__()
         _check_fused_reduction(reduction)
-        self.temperature = _checked_common(temperature, reduction, fused_linear.FUSED_REDUCTIONS)
-        self.reduction, self.return_stats, self.chunk_size = reduction, return_stats, chunk_size
-
-    def _options(self):
-        return dict(temperature=self.temperature, reduction=self.reduction, return_stats=self.return_stats,
-                    chunk_size=self.chunk_size)
+        super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS,
+                         chunk_size=chunk_size)
 
     def forward(self, student_hidden, student_weight, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
                 teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):

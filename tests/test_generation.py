@@ -34,6 +34,17 @@ MAX_NEW = 24
 CONFIG = PruneConfig(k=8, w_drop=0.25)
 
 
+def _perturbed(model, seed, perturb):
+    """``model`` with seeded noise of scale ``perturb`` added to every parameter (0: unchanged), so
+    a student and its teacher differ by a controlled amount."""
+    if perturb:
+        generator = torch.Generator().manual_seed(seed + 1000)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * perturb)
+    return model
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny matmuls: a second thread only adds synchronisation (and this machine is shared).
@@ -54,13 +65,7 @@ def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: floa
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=2,
         eos_token_id=None, pad_token_id=PAD)
-    model = model_class(config).eval()
-    if perturb:
-        generator = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * perturb)
-    return model.to(device=device, dtype=dtype)
+    return _perturbed(model_class(config).eval(), seed, perturb).to(device=device, dtype=dtype)
 
 
 def model_pair(dtype=torch.float64, device="cpu", teacher_vocab: int = VOCAB, teacher_dtype=None, arch="llama"):
@@ -415,13 +420,7 @@ def family_lm(family: str, seed: int, perturb: float = 0.0):
     model_class = getattr(transformers, model_class)
     config = model_class.config_class(**{**TINY, **extra})
     torch.manual_seed(seed)
-    model = model_class(config).eval()
-    if perturb:
-        generator = torch.Generator().manual_seed(seed + 1000)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * perturb)
-    model = model.to(dtype)
+    model = _perturbed(model_class(config).eval(), seed, perturb).to(dtype)
     return WithCache(model, make_cache) if make_cache else model
 
 

@@ -41,6 +41,18 @@ void check_token_range(const char* op, const at::Tensor& ids, int64_t vocab, int
   if (lo < lowest_allowed || hi >= vocab) check_token_values(op, ids.cpu(), vocab, lowest_allowed);
 }
 
+// One token_stats pass (the outputs params names; token_stats and pair_softmax_state) with the
+// workspace its plan needs, allocated beside the student rows `s`.
+template <typename S, typename T>
+void launch_token_stats_pass(const char* op, const opd::cuda::TokenStatsParams<S, T>& params, const at::Tensor& s) {
+  size_t bytes = 0;
+  check_cuda(opd::cuda::token_stats_workspace_size<S, T>(params.rows, params.vocab, params.topk, &bytes), op);
+  at::Tensor workspace = cuda_binding::workspace(bytes, s);
+  check_cuda(opd::cuda::launch_token_stats(params, cuda_binding::workspace_ptr(workspace), bytes,
+                                           cuda_binding::current_stream()),
+             op);
+}
+
 at::Tensor per_row_output(const at::Tensor& logits) {
   return cuda_binding::empty(logits.sizes().slice(0, logits.dim() - 1), logits.options().dtype(at::kFloat));
 }
@@ -82,12 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                                    .teacher_lse = teacher_lse.mutable_data_ptr<float>(),
                                                    .topk_reverse_kl =
                                                        topk > 0 ? topk_reverse_kl.mutable_data_ptr<float>() : nullptr};
-    size_t bytes = 0;
-    check_cuda(opd::cuda::token_stats_workspace_size<S, T>(rows, vocab, params.topk, &bytes), op);
-    at::Tensor workspace = cuda_binding::workspace(bytes, s);
-    check_cuda(opd::cuda::launch_token_stats(params, cuda_binding::workspace_ptr(workspace), bytes,
-                                             cuda_binding::current_stream()),
-               op);
+    launch_token_stats_pass(op, params, s);
   });
   check_token_range(op, in.tokens, vocab);
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
@@ -124,12 +131,7 @@ at::Tensor pair_softmax_state_cuda(const at::Tensor& student_logits, const at::T
                                                    .teacher_lse = nullptr,
                                                    .topk_reverse_kl = nullptr,
                                                    .pair_state = state.mutable_data_ptr<float>()};
-    size_t bytes = 0;
-    check_cuda(opd::cuda::token_stats_workspace_size<S, T>(rows, vocab, 0, &bytes), op);
-    at::Tensor workspace = cuda_binding::workspace(bytes, s);
-    check_cuda(opd::cuda::launch_token_stats(params, cuda_binding::workspace_ptr(workspace), bytes,
-                                             cuda_binding::current_stream()),
-               op);
+    launch_token_stats_pass(op, params, s);
   });
   return state;
 }
