@@ -253,29 +253,79 @@ def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
     from examples.opd import reproduce
 
     docs = tmp_path / "docs"
-    reproduce.main(["--preset", "tiny", "--steps", "2", "--quiet", "--runs", str(tmp_path / "runs"), "--cache", str(cache),
-                    "--docs", str(docs), "--variance-batches", "2", "--variance-batch-size", "2", "--drift-rollouts", "4"])
+    reproduce.main(["--preset", "counting-tiny", "--steps", "2", "--seeds", "0", "1", "--quiet", "--runs", str(tmp_path / "runs"),
+                    "--cache", str(cache), "--docs", str(docs), "--variance-batches", "2", "--variance-batch-size", "2",
+                    "--drift-rollouts", "8"])
     report = (docs / "reproduction.md").read_text()
     for method in reproduce.METHOD_ORDER:
         assert f"| {method} | " in report
-    assert "## Gradient variance" in report and "## Drift evidence" in report
+    assert "## The PruneConfig sweep" in report and "## Gradient variance" in report and "## Drift evidence" in report
     result = json.loads((docs / "reproduction.json").read_text())
-    assert [r["method"] for r in result["rows"]] == list(reproduce.METHOD_ORDER)
+    assert [r["method"] for r in result["methods"]] == list(reproduce.METHOD_ORDER)
+    assert all([s["seed"] for s in r["seeds"]] == [0, 1] for r in result["methods"])
+    assert len(result["sweep"]) == len({r["k"] for r in result["sweep"]}) * len(reproduce.SWEEP_THRESHOLDS) * len(reproduce.SWEEP_W_DROPS)
+    if result["chosen"] is not None:   # the runs used the chosen config
+        assert result["prune_config"]["k"] == result["chosen"]["k"]
+        assert result["prune_config"]["w_drop"] == result["chosen"]["w_drop"]
     assert set(result["variance"]) >= {"none", "full", "topk"}
     for png in ("reproduction_accuracy.png", "reproduction_accuracy_tokens.png", "reproduction_drift.png"):
         assert (docs / png).stat().st_size > 0
 
 
-@pytest.mark.parametrize("start, target, expected", [
-    (0.2475, 0.57, [0.3, 0.4, 0.5, 0.57]),   # round levels at least half a step above the start, then the target
-    (0.25, 0.42, [0.3, 0.42]),
-    (0.3, 0.42, [0.42]),                      # 0.4 sits too close to the target to add anything
-    (0.435, 0.435, []),                       # nothing was gained: no levels
-])
-def test_accuracy_levels(start, target, expected):
+def test_prune_sweep_picks_the_config_that_stops_loops_after_their_mistake():
     from examples.opd import reproduce
 
-    assert reproduce.accuracy_levels(start, target) == pytest.approx(expected)
+    # 4 rows of 40 tokens. Rows 0-1 are correct: top-1 agreement everywhere but one isolated token of
+    # row 0. Rows 2-3 make a mistake at token 10, then disagree every 5th token (a loop closing).
+    T = 40
+    top1 = torch.ones(4, T)
+    top1[0, 20] = 0.0
+    for row in (2, 3):
+        top1[row, 14::5] = 0.0
+    batches = [{"overlaps": {1: top1, 16: torch.full((4, T), 0.2)}, "mask": torch.ones(4, T, dtype=torch.bool),
+                "lengths": torch.tensor([T, T, T, T]), "first_error": torch.tensor([T, T, 10, 10])}]
+    sweep = reproduce.prune_sweep(batches, group=4)
+    by_key = {(r["k"], r["threshold"], r["w_drop"]): r for r in sweep}
+    assert by_key[(1, 0.5, 1.0)]["false_stops"] == 0.5           # one event stops the correct row 0
+    assert by_key[(16, 0.25, 1.0)]["early_stops"] == 1.0          # top-16 tails flag every token
+    chosen = reproduce.choose_prune_config(sweep)
+    assert (chosen["k"], chosen["w_drop"]) == (1, 0.5)            # the second disagreement stops a loop
+    assert chosen["false_stops"] == 0 and chosen["early_stops"] == 0
+    # Rows 2-3 stop at their 2nd event (token 19): 20 of 40 tokens each; the batch still decodes to 40.
+    assert chosen["tokens_saved"] == pytest.approx(2 * 20 / (4 * T))
+    assert chosen["decode_steps_saved"] == 0.0
+
+
+def test_counting_task_problems_loops_and_mistakes():
+    import random
+    from examples.opd.counting import CountingTask
+
+    config = CountingTask()
+    tokenizer = task.build_tokenizer(config)
+    assert 1000 <= len(tokenizer) <= 1010
+    rng = random.Random(0)
+    loops = 0
+    for problem in task.make_problems(300, 1, config):
+        words = problem.completion.split()
+        assert config.is_correct(problem.completion, problem) and config.first_error(problem, words) is None
+        assert config.min_span + 1 <= len(words) <= config.max_span + 1 and int(words[-1]) % 100 == 0
+        assert tokenizer.pad_token_id not in tokenizer.encode(problem.prompt + " " + problem.completion, add_special_tokens=False)
+        looping = config.looping_completion(rng, problem, 0.2)
+        if looping is None:
+            continue
+        loops += 1
+        looped = looping.split()
+        assert len(looped) == config.max_new_tokens and not config.is_correct(looping, problem)
+        error = config.first_error(problem, looped)
+        assert looped[:error] == words[:error] and looped[error - 1].endswith("9")
+        assert int(looped[error]) == int(looped[error - 1]) - 9                    # the failed carry
+        assert looped[error: error + 10] == looped[error + 10: error + 20]         # then the same decade again
+    assert 0.5 * 300 < loops < 300
+    assert config.first_error(problem, words[:-1]) == len(words) - 1              # stopping early is a mistake
+
+    # Loops are trained without EOS: they end at the length cap, not on their own.
+    _, _, labels = models.encode_supervised(tokenizer, [problem, problem], unfinished={1})
+    assert (labels[0] == tokenizer.eos_token_id).sum() == 1 and (labels[1] == tokenizer.eos_token_id).sum() == 0
 
 
 def test_bad_device_is_an_argparse_error(capsys):

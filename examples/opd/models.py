@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from examples.opd.task import (Problem, TaskConfig, build_tokenizer, inject_mistakes, is_correct, make_problem,
-                               make_problems, vocabulary)
+from examples.opd.task import Problem, TaskConfig, build_tokenizer, inject_mistakes, is_correct, make_problems
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,10 @@ class SupervisedSchedule:
     # still on the steep part of its learning curve; one trained to the end of the cosine lost accuracy
     # to any fresh optimizer at a rate that could teach it anything (docs/reproduction_notes.md).
     decay: bool = True
+    # Per decade carry, the probability that a training completion fails to carry and loops until
+    # the length cap (counting.CountingTask.looping_completion): the student's failure mode on the
+    # counting task, which the teacher, trained at 0, never shows.
+    loop_rate: float = 0.0
 
 
 # ---- batching ---------------------------------------------------------------------------------
@@ -81,17 +84,20 @@ def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
     return input_ids.to(device), attention_mask.to(device)
 
 
-def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[int]] | None = None):
+def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[int]] | None = None,
+                      unfinished: set[int] = frozenset()):
     """Right-padded BOS + prompt + completion + EOS; labels only on the completion (and EOS).
 
     `unlabeled[i]` lists completion word indices of problem i that get no loss (injected mistakes:
     the model reads them but is never taught to write them). The tokenizer is word level, so word i
-    of a completion is its token i.
+    of a completion is its token i. Problems whose index is in `unfinished` get no EOS (a loop cut
+    at the length cap has not ended).
     """
     rows, label_rows = [], []
     for i, p in enumerate(problems):
         prompt = [tokenizer.bos_token_id] + tokenizer.encode(p.prompt, add_special_tokens=False)
-        completion = tokenizer.encode(p.completion, add_special_tokens=False) + [tokenizer.eos_token_id]
+        completion = tokenizer.encode(p.completion, add_special_tokens=False)
+        completion += [] if i in unfinished else [tokenizer.eos_token_id]
         labels = list(completion)
         for j in (unlabeled[i] if unlabeled else ()):
             labels[j] = -100
@@ -117,9 +123,9 @@ def warmup_cosine(step: int, schedule: SupervisedSchedule) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSchedule, seed: int, desc: str,
+def train_supervised(model, tokenizer, task, schedule: SupervisedSchedule, seed: int, desc: str,
                      progress: bool = True):
-    """Next-token cross-entropy on freshly drawn problems (an endless stream: no overfitting)."""
+    """Next-token cross-entropy on freshly drawn problems of `task` (an endless stream: no overfitting)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -128,16 +134,21 @@ def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSch
     device = next(model.parameters()).device
     bar = tqdm(range(schedule.steps), desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
     for _ in bar:
-        batch, unlabeled = [], []
-        for _ in range(schedule.batch_size):
-            problem, wrong = make_problem(rng, task), []
+        batch, unlabeled, unfinished = [], [], set()
+        for row in range(schedule.batch_size):
+            problem, wrong = task.make_problem(rng), []
             # (no draw at fraction 0: the clean schedule's problem stream, and so its cached models, stay as they were)
             if schedule.mistake_fraction > 0 and rng.random() < schedule.mistake_fraction:
                 text, wrong = inject_mistakes(rng, problem.completion, task)
                 problem = dataclasses.replace(problem, completion=text)
+            if schedule.loop_rate > 0:
+                looping = task.looping_completion(rng, problem, schedule.loop_rate)
+                if looping is not None:
+                    problem = dataclasses.replace(problem, completion=looping)
+                    unfinished.add(row)
             batch.append(problem)
             unlabeled.append(wrong)
-        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch, unlabeled))
+        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch, unlabeled, unfinished))
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -149,7 +160,7 @@ def train_supervised(model, tokenizer, task: TaskConfig, schedule: SupervisedSch
     return model
 
 
-def new_model(size: ModelSize, tokenizer, task: TaskConfig, seed: int):
+def new_model(size: ModelSize, tokenizer, task, seed: int):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -159,7 +170,7 @@ def new_model(size: ModelSize, tokenizer, task: TaskConfig, seed: int):
 
 # Schedule fields added after models were first cached: left out of the key at their default, so
 # those caches stay valid.
-_KEYED_ONLY_WHEN_SET = {"mistake_fraction": 0.0, "decay": True}
+_KEYED_ONLY_WHEN_SET = {"mistake_fraction": 0.0, "decay": True, "loop_rate": 0.0}
 
 
 def cache_key(*parts) -> str:
@@ -172,7 +183,7 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: SupervisedSchedule, task: TaskConfig,
+def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: SupervisedSchedule, task,
                   seed: int, device="cpu", progress: bool = True):
     """A model trained by `train_supervised`, cached under cache_dir/<role>-<hash of everything>.
 
@@ -184,7 +195,7 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
 
     # The vocabulary and a few sample problems stand in for the task's code: editing the grammar
     # or the word lists changes the key even when TaskConfig does not.
-    fingerprint = [vocabulary(task), [p.to_json() for p in make_problems(4, 0, task)]]
+    fingerprint = [task.vocabulary(), [p.to_json() for p in make_problems(4, 0, task)]]
     path = Path(cache_dir) / f"{role}-{cache_key(size, schedule, task, seed, fingerprint)}"
     if (path / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(path).eval(), build_tokenizer(task), path, 0.0
@@ -284,23 +295,32 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -
 # ---- evaluation --------------------------------------------------------------------------------
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128,
+                         temperature: float | None = None, seed: int = 0) -> list[str]:
+    """Greedy completions, or sampled ones at `temperature` from a fixed seed (the same draws at every
+    evaluation, so two evaluations differ by the model, not by the dice)."""
     texts = []
-    for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size],
-                                                   device=next(model.parameters()).device)
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        texts += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size], device=device)
+            sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if temperature else dict(do_sample=False)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            )
+            texts += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
     return texts
 
 
-def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int) -> float:
-    """Fraction of problems whose greedy completion ends with the right answer."""
+def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, task=None,
+             temperature: float | None = None) -> float:
+    """Fraction of problems solved: greedy, or one sample each at `temperature` (pass@1 as reasoning
+    models are evaluated). `task.is_correct` decides; without a task, the last number must be the answer."""
     was_training = model.training
     model.eval()
-    texts = generate_greedy(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
+    texts = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens, temperature=temperature)
     model.train(was_training)
-    return sum(is_correct(t, p.answer) for t, p in zip(texts, problems)) / len(problems)
+    check = task.is_correct if task is not None else (lambda text, p: is_correct(text, p.answer))
+    return sum(check(t, p) for t, p in zip(texts, problems)) / len(problems)

@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 
 def accuracy_vs_time(runs: dict[str, list[dict]], path: Path, *, target: float | None = None,
-                     teacher: float | None = None, x: str = "wall_time"):
+                     teacher: float | None = None, x: str = "wall_time", ylabel: str = "held-out accuracy (greedy)"):
     """One line per method: held-out accuracy at each evaluation against cumulative OPD seconds
     (x="wall_time") or tokens generated (x="tokens_generated_total"), with the target and the
     teacher's accuracy on the same problems as horizontal lines. Returns the (closed) figure."""
@@ -26,7 +26,7 @@ def accuracy_vs_time(runs: dict[str, list[dict]], path: Path, *, target: float |
         ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.2f}")
     ax.set_xlabel({"wall_time": "OPD wall time (s, evaluation excluded)",
                    "tokens_generated_total": "student tokens generated"}.get(x, x))
-    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -57,6 +57,25 @@ class TaskConfig:
     def max_completion_tokens(self) -> int:
         return 6 * self.max_steps + 2 + 1
 
+    name = "arithmetic"
+    longest_answer = max_completion_tokens
+
+    # The interface train.py and models.py use for any built-in task (examples/opd/counting.py too).
+    def vocabulary(self) -> list[str]:
+        return vocabulary(self)
+
+    def make_problem(self, rng: random.Random) -> "Problem":
+        return make_problem(rng, self)
+
+    def is_correct(self, completion_text: str, problem: "Problem") -> bool:
+        return is_correct(completion_text, problem.answer)
+
+    def first_error(self, problem: "Problem", completion_words: list[str]) -> int | None:
+        return first_error(problem.prompt, completion_words)
+
+    def looping_completion(self, rng: random.Random, problem: "Problem", rate: float) -> str | None:
+        raise ValueError("the arithmetic task has no looping failure mode (SupervisedSchedule.loop_rate must be 0)")
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -79,7 +98,7 @@ def build_tokenizer(config: TaskConfig):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {word: i for i, word in enumerate(vocabulary(config))}
+    vocab = {word: i for i, word in enumerate(config.vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
@@ -129,9 +148,10 @@ def inject_mistakes(rng: random.Random, completion: str, config: TaskConfig, max
     return " ".join(words), picked
 
 
-def make_problems(n: int, seed: int, config: TaskConfig) -> list[Problem]:
+def make_problems(n: int, seed: int, config) -> list[Problem]:
+    """n problems of a task (TaskConfig or counting.CountingTask) from a seeded stream."""
     rng = random.Random(seed)
-    return [make_problem(rng, config) for _ in range(n)]
+    return [config.make_problem(rng) for _ in range(n)]
 
 
 def first_error(prompt: str, completion_words: list[str]) -> int | None:

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 import opd_ext
 from opd_ext.generation import generate_with_pruning
 from examples.opd import models, plots
-from examples.opd.task import Problem, TaskConfig, build_tokenizer, is_correct, load_jsonl, make_problems
+from examples.opd.counting import CountingTask
+from examples.opd.task import Problem, TaskConfig, build_tokenizer, load_jsonl, make_problems
 
 # --method: (Prune-OPD on, vOPD baseline). Plain OPD is the sampled-token reward alone.
 METHODS = {
@@ -57,7 +58,13 @@ TASK_PRUNE_CONFIG = dict(k=2, threshold=0.25, w_drop=1.0, w_base=0.5, warmup=0)
 # 100k+ tokens and long rollouts a top-16 overlap under 0.7 does mark drift, and w_drop 0.01 only
 # stops a rollout after 100 such tokens.
 PAPER_PRUNE_CONFIG = {name: getattr(opd_ext.PruneConfig(), name) for name in TASK_PRUNE_CONFIG}
-PRUNE_PRESETS = {"task": TASK_PRUNE_CONFIG, "paper": PAPER_PRUNE_CONFIG}
+# The counting task's settings, chosen by the sweep in examples/opd/reproduce.py (docs/reproduction.md):
+# the models agree on the top-1 token of every on-track position and disagree where a loop closes
+# on itself (once per loop cycle), while their top-16 tails are unrelated orderings of a thousand
+# numbers (overlap about 0.2 on and off track alike). So a drift event is a top-1 disagreement and
+# a rollout stops at its second one.
+COUNTING_PRUNE_CONFIG = dict(k=1, threshold=0.5, w_drop=0.5, w_base=0.5, warmup=0)
+PRUNE_PRESETS = {"task": None, "paper": PAPER_PRUNE_CONFIG}   # "task": the --preset's own (Preset.prune)
 
 # --dtype names, with the short spellings people type.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,6 +101,10 @@ class Preset:
     lr: float
     eval_every: int
     eval_size: int
+    # None: greedy held-out accuracy; a temperature: one sample per problem (pass@1), for a task whose
+    # student fails by chance (a loop entered with some probability) rather than on particular problems.
+    eval_temperature: float | None = None
+    prune: dict = dataclasses.field(default_factory=lambda: dict(TASK_PRUNE_CONFIG))   # --prune-preset task
 
 
 PRESETS = {
@@ -113,6 +124,26 @@ PRESETS = {
         teacher_schedule=models.SupervisedSchedule(steps=30, batch_size=16, lr=3e-3, warmup=5),
         student_schedule=models.SupervisedSchedule(steps=10, batch_size=16, lr=3e-3, warmup=5),
         steps=4, batch_size=4, lr=1e-3, eval_every=2, eval_size=16,
+    ),
+    # The drift task (examples/opd/counting.py): rollouts up to 256 tokens, a 1007-token vocabulary and a
+    # student warm-started on loops. The reproduction's task; see docs/reproduction.md.
+    "counting": Preset(
+        task=CountingTask(),
+        teacher=models.ModelSize(hidden=128, layers=2, heads=4, ffn=256),
+        student=models.ModelSize(hidden=96, layers=2, heads=4, ffn=192),
+        teacher_schedule=models.SupervisedSchedule(steps=500, batch_size=32, lr=3e-3),
+        student_schedule=models.SupervisedSchedule(steps=400, batch_size=32, lr=3e-3, loop_rate=0.04),
+        steps=40, batch_size=32, lr=3e-4, eval_every=5, eval_size=256, eval_temperature=1.0,
+        prune=dict(COUNTING_PRUNE_CONFIG),
+    ),
+    "counting-tiny": Preset(
+        task=CountingTask(min_span=5, max_span=20, max_new_tokens=40),
+        teacher=models.ModelSize(hidden=32, layers=1, heads=2, ffn=64),
+        student=models.ModelSize(hidden=16, layers=1, heads=2, ffn=32),
+        teacher_schedule=models.SupervisedSchedule(steps=20, batch_size=8, lr=3e-3, warmup=5),
+        student_schedule=models.SupervisedSchedule(steps=10, batch_size=8, lr=3e-3, warmup=5, loop_rate=0.3),
+        steps=3, batch_size=4, lr=1e-3, eval_every=2, eval_size=8, eval_temperature=1.0,
+        prune=dict(COUNTING_PRUNE_CONFIG),
     ),
 }
 
@@ -172,8 +203,8 @@ def _from_preset(field: str) -> str:
 
 
 def _from_prune_preset(name: str) -> str:
-    values = ", ".join(f"{config[name]} for {preset}" for preset, config in PRUNE_PRESETS.items())
-    return f"(default: from --prune-preset: {values})"
+    task = ", ".join(f"{preset.prune[name]} for --preset {key}" for key, preset in PRESETS.items() if "tiny" not in key)
+    return f"(default: from --prune-preset: task = {task}; paper = {PAPER_PRUNE_CONFIG[name]})"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -244,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     if args.tensorboard is not None and not tensorboard_available():
         p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
-    for name, value in PRUNE_PRESETS[args.prune_preset].items():
+    for name, value in (PRUNE_PRESETS[args.prune_preset] or PRESETS[args.preset].prune).items():
         if getattr(args, f"prune_{name}") is None:
             setattr(args, f"prune_{name}", value)
     if args.dtype is None:
@@ -284,6 +315,15 @@ class Setup:
     eval_problems: list[Problem]
     max_new_tokens: int
     setup_seconds: dict
+    task: object = None                    # whose is_correct() grades completions (--data: the last number)
+    eval_temperature: float | None = None  # None: greedy evaluation
+
+    def is_correct(self, completion_text: str, problem: Problem) -> bool:
+        return self.task.is_correct(completion_text, problem)
+
+    def accuracy(self, model) -> float:
+        return models.accuracy(model, self.tokenizer, self.eval_problems, self.max_new_tokens, task=self.task,
+                               temperature=self.eval_temperature)
 
 
 def build_setup(args, preset: Preset) -> Setup:
@@ -320,7 +360,9 @@ def build_setup(args, preset: Preset) -> Setup:
         max_new = args.max_new_tokens or preset.task.max_completion_tokens
     teacher.requires_grad_(False).eval().to(args.device, DTYPES[args.dtype])
     student.to(args.device, DTYPES[args.dtype])
-    return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds)
+    grader = preset.task if args.data is None else TaskConfig()
+    return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds, task=grader,
+                 eval_temperature=preset.eval_temperature if args.data is None else None)
 
 
 def uses_chat_template(args, tokenizer) -> bool:
@@ -338,8 +380,7 @@ class PromptStream:
 
     def next_batch(self, n: int) -> list[Problem]:
         if self.problems is None:
-            from examples.opd.task import make_problem
-            return [make_problem(self.rng, self.task) for _ in range(n)]
+            return [self.task.make_problem(self.rng) for _ in range(n)]
         return [self.rng.choice(self.problems) for _ in range(n)]
 
 
@@ -374,7 +415,7 @@ def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, 
     return loss, rollout
 
 
-def rollout_metrics(rollout, tokenizer, problems) -> dict:
+def rollout_metrics(rollout, tokenizer, problems, setup) -> dict:
     mask = rollout.completion_mask
     n = mask.sum().clamp(min=1)
 
@@ -394,7 +435,7 @@ def rollout_metrics(rollout, tokenizer, problems) -> dict:
         "tokens_saved": rollout.tokens_saved,
         "teacher_tokens": rollout.teacher_tokens,
         "pruned_fraction": sum(r not in ("eos", "max_length") for r in reasons) / len(reasons),
-        "rollout_accuracy": sum(is_correct(t, p.answer) for t, p in zip(texts, problems)) / len(problems),
+        "rollout_accuracy": sum(setup.is_correct(t, p) for t, p in zip(texts, problems)) / len(problems),
     }
 
 
@@ -536,6 +577,11 @@ class quiet_libraries:
             self.hf_logging.enable_progress_bar()
 
 
+def accuracy_label(eval_temperature) -> str:
+    return ("held-out accuracy (greedy)" if eval_temperature is None
+            else f"held-out accuracy (one sample at T={eval_temperature:g})")
+
+
 def first_reaching(metrics: list[dict], level: float):
     """The first evaluated row whose held-out accuracy is at least `level`, or None."""
     return next((m for m in metrics if m.get("accuracy", -1.0) >= level), None)
@@ -566,7 +612,7 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
     write_jsonl(profiles_path, profiles)
 
     def evaluate() -> float:
-        return models.accuracy(student, tokenizer, setup.eval_problems, setup.max_new_tokens)
+        return setup.accuracy(student)
 
     def checkpoint():
         save_checkpoint(ckpt_path, {
@@ -590,7 +636,7 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
     if step == 0 and not metrics:
         acc = evaluate()
         # The ceiling the student is distilled towards, on the same held-out problems (one greedy pass).
-        teacher_acc = models.accuracy(teacher, tokenizer, setup.eval_problems, setup.max_new_tokens)
+        teacher_acc = setup.accuracy(teacher)
         log({"step": 0, "wall_time": 0.0, "accuracy": acc, "teacher_accuracy": teacher_acc,
              **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
              "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline,
@@ -616,7 +662,7 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
             step += 1
 
             row = {"step": step, "wall_time": train_seconds, "step_time": step_seconds, "loss": float(loss.detach()),
-                   "grad_norm": grad_norm, **rollout_metrics(rollout, tokenizer, problems)}
+                   "grad_norm": grad_norm, **rollout_metrics(rollout, tokenizer, problems, setup)}
             for key in totals:
                 totals[key] += row[key]
                 row[f"{key}_total"] = totals[key]
@@ -648,7 +694,8 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
     tokenizer.save_pretrained(out / "student")
     teacher_acc = metrics[0].get("teacher_accuracy")
     if not args.no_plots:
-        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png", target=args.target, teacher=teacher_acc)
+        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png", target=args.target, teacher=teacher_acc,
+                               ylabel=accuracy_label(preset.eval_temperature if args.data is None else None))
         plots.drift_profiles(profiles, out / "drift.png", k=config.k,
                              title=f"{args.method}: top-{config.k} overlap and multiplier along rollouts")
     first = metrics[0]["accuracy"]
