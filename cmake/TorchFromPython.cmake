@@ -66,7 +66,7 @@ function(_opd_cuda_unavailable reason)
 endfunction()
 
 if(_want_cuda STREQUAL "OFF" OR _want_cuda STREQUAL "0")
-  message(STATUS "opd_ext: CUDA kernels disabled by OPD_EXT_CUDA=0")
+  message(STATUS "opd_ext: CUDA kernels disabled by OPD_EXT_CUDA=${OPD_EXT_CUDA}")
 elseif(OPD_TORCH_CUDA_VERSION STREQUAL "")
   _opd_cuda_unavailable("torch ${OPD_TORCH_VERSION} is a CPU-only build")
 else()

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import threading
 
 import torch
+
 
 def _source_checkout_note() -> str:
     """Said when the package being imported is the sources' opd_ext/ folder (e.g. `python -m
@@ -17,15 +19,55 @@ def _source_checkout_note() -> str:
             "run from another directory, or install in place with `pip install --no-build-isolation -e .`")
 
 
+def _release(version: str) -> str:
+    """"2.14.1+cu130" -> "2.14.1", the release as the package index names it."""
+    return version.split("+", 1)[0]
+
+
+def _torch_pinned_by_install() -> str | None:
+    """The torch release the installed opd_ext was compiled against, read from its package metadata
+    (a built opd_ext requires torch==<that release>): known even when the extension cannot load."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("opd_ext") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        match = re.fullmatch(r"torch\s*==\s*([^\s;,]+)", requirement.strip())
+        if match:
+            return match.group(1)
+    return None
+
+
+def _torch_mismatch(built: str) -> str:
+    return (f"opd_ext was compiled against torch {built}, but this is torch {torch.__version__}. A compiled "
+            "extension only works with the torch release it was built against: install "
+            f"torch=={_release(built)}, or rebuild opd_ext against this torch from its sources with\n"
+            "    pip install --no-build-isolation .        (-e . in a development checkout)")
+
+
 try:
     from opd_ext import _C  # noqa: F401  (importing registers torch.ops.opd_ext.*)
 except ImportError as exc:  # pragma: no cover - only hit on a broken install
-    raise ImportError(
-        "opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
-        f"({torch.__version__}). Rebuild it in this environment with\n"
-        "    pip install --no-build-isolation -e .\n"
-        f"Original error: {exc}{_source_checkout_note()}"
-    ) from exc
+    built = _torch_pinned_by_install()
+    if built is not None and _release(built) != _release(torch.__version__):
+        reason = _torch_mismatch(built)
+    elif torch.version.cuda is None and "cuda" in str(exc).lower():
+        reason = (f"this opd_ext has CUDA kernels and needs a CUDA build of torch, but torch "
+                  f"{torch.__version__} is CPU-only. Install a CUDA torch, or rebuild opd_ext against this "
+                  "one with\n    pip install --no-build-isolation .        (-e . in a development checkout)")
+    else:
+        reason = ("opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
+                  f"({torch.__version__}). Rebuild it in this environment with\n"
+                  "    pip install --no-build-isolation -e .")
+    raise ImportError(f"{reason}\nOriginal error: {exc}{_source_checkout_note()}") from exc
+
+# Loading can succeed against another torch when the symbols it uses happen to exist there, while
+# the class layouts compiled into it differ: refuse another minor release outright.
+_built_against = _C.build_config()["torch_version"]
+if _release(_built_against).split(".")[:2] != _release(torch.__version__).split(".")[:2]:
+    raise ImportError(_torch_mismatch(_built_against) + _source_checkout_note())
 
 ops = torch.ops.opd_ext
 
@@ -94,5 +136,7 @@ def build_info() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "simt_emulator": simt_available(),
+        # abi3: the same binary loads in every CPython >= this version (with the same torch).
+        "python_limited_api": config.get("py_limited_api") or None,
         "extension_path": os.path.abspath(_C.__file__),
     }

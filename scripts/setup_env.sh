@@ -1,7 +1,22 @@
-# Sourced by scripts/test.sh and scripts/example.sh: creates the virtual environment on first use,
-# installs requirements-dev.txt when it changed, (re)builds opd_ext into it (incremental: only
-# changed sources recompile) and activates it. OPD_VENV overrides the location (default .venv).
+# Sourced as `source scripts/setup_env.sh example|test` by scripts/example.sh and scripts/test.sh:
+# creates the virtual environment on first use, installs what that script needs when it changed
+# (requirements.txt for the example, requirements-dev.txt for the tests), builds opd_ext into it
+# (incremental: only changed sources recompile) and activates it. OPD_VENV overrides the location
+# (default .venv).
+#
+# What is compiled: the tests need everything (CPU kernels, the CUDA kernels whenever nvcc is
+# found, the SIMT emulator); the example only the CPU kernels, plus the CUDA kernels when a GPU is
+# present. Builds with and without CUDA kernels live in separate CMake folders (build/<wheel tag>
+# and build/<wheel tag>-cpu), so going back and forth between the scripts recompiles nothing, and
+# the example keeps an installed build that already has what it needs (e.g. the tests' full build)
+# instead of installing a smaller one. OPD_EXT_CUDA and OPD_EXT_SIMT (see README "Install") still
+# override either script's choice.
 set -euo pipefail
+_opd_purpose=${1:-}
+if [[ "$_opd_purpose" != example && "$_opd_purpose" != test ]]; then
+  echo "usage: source scripts/setup_env.sh example|test" >&2
+  return 2
+fi
 OPD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OPD_VENV=${OPD_VENV:-$OPD_ROOT/.venv}
 
@@ -12,14 +27,105 @@ fi
 # shellcheck disable=SC1091
 source "$OPD_VENV/bin/activate"
 
-requirements_hash=$(sha256sum "$OPD_ROOT/requirements-dev.txt" | cut -d' ' -f1)
-if [[ "$(cat "$OPD_VENV/.opd_requirements" 2>/dev/null)" != "$requirements_hash" ]]; then
-  echo "==> installing requirements-dev.txt (torch is large: a few minutes the first time)"
+# ---- requirements: requirements-dev.txt includes requirements.txt, so installing it covers both.
+_opd_hash() { (cd "$OPD_ROOT" && cat "$@") | sha256sum | cut -d' ' -f1; }
+_opd_stamp=$OPD_VENV/.opd_requirements
+_opd_stamp_line() {  # "<file> <hash of what it pulls in>"
+  if [[ "$1" == requirements-dev.txt ]]; then
+    echo "requirements-dev.txt $(_opd_hash requirements.txt requirements-dev.txt)"
+  else
+    echo "requirements.txt $(_opd_hash requirements.txt)"
+  fi
+}
+_opd_requirements=requirements.txt
+if [[ "$_opd_purpose" == test ]]; then
+  _opd_requirements=requirements-dev.txt
+fi
+if ! grep -qxF "$(_opd_stamp_line "$_opd_requirements")" "$_opd_stamp" 2>/dev/null; then
+  echo "==> installing $_opd_requirements (torch is large: 2-3 minutes the first time)"
   python -m pip install -q --upgrade pip
-  python -m pip install -q -r "$OPD_ROOT/requirements-dev.txt"
-  echo "$requirements_hash" >"$OPD_VENV/.opd_requirements"
+  python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"
+  # A line for requirements-dev.txt hashes requirements.txt too, so after installing either file
+  # no other line can still be valid.
+  {
+    _opd_stamp_line "$_opd_requirements"
+    if [[ "$_opd_requirements" == requirements-dev.txt ]]; then
+      _opd_stamp_line requirements.txt
+    fi
+  } >"$_opd_stamp"
 fi
 
-echo "==> building opd_ext (CPU kernels; CUDA kernels too when nvcc is found)"
-( cd "$OPD_ROOT" && python -m pip install -q --no-build-isolation --no-deps -e . )
-python -m opd_ext info | sed 's/^/    /'
+# ---- what to build -----------------------------------------------------------------------------
+# $OPD_VENV/.opd_build says what the last build installed here has: "<CUDA kernels 0|1> <emulator 0|1>".
+_opd_built=$OPD_VENV/.opd_build
+_opd_off() { [[ "${1^^}" == 0 || "${1^^}" == OFF ]]; }
+if [[ "$_opd_purpose" == test ]]; then
+  _opd_cuda=AUTO
+  _opd_simt=AUTO
+  _opd_why="the tests need everything"
+else
+  _opd_cuda=OFF
+  _opd_why="no GPU found, so the example needs no more"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    _opd_cuda=AUTO
+    _opd_why="a GPU is present"
+  fi
+  _opd_simt=OFF
+  # A build here that has what the example needs (the tests' full build, say) is kept and brought
+  # up to date with its own settings, which recompiles only what changed since.
+  _opd_installed=$(cat "$_opd_built" 2>/dev/null || true)
+  if [[ "$_opd_installed" == "1 "* || ( "$_opd_installed" == "0 "* && "$_opd_cuda" == OFF ) ]]; then
+    _opd_why="the build installed here has what the example needs: kept"
+    if [[ "$_opd_installed" == "1 "* ]]; then _opd_cuda=AUTO; fi
+    if [[ "$_opd_installed" == *" 1" ]]; then _opd_simt=AUTO; fi
+  fi
+fi
+export OPD_EXT_CUDA=${OPD_EXT_CUDA:-$_opd_cuda}
+export OPD_EXT_SIMT=${OPD_EXT_SIMT:-$_opd_simt}
+
+_opd_pip_args=()
+if _opd_off "$OPD_EXT_CUDA"; then
+  _opd_pip_args+=(-C "build-dir=build/{wheel_tag}-cpu")
+  _opd_what="CPU kernels"
+  _opd_time=2
+else
+  _opd_what="CPU + CUDA kernels (CUDA if nvcc is found)"
+  _opd_time=5
+fi
+if ! _opd_off "$OPD_EXT_SIMT"; then
+  _opd_what+=", SIMT emulator (if Boost.Context is found)"
+  _opd_time=$((_opd_time + 2))
+fi
+
+# The full log goes to a file; the terminal gets CMake's opd_ext lines and ninja's progress.
+_opd_log=$OPD_VENV/opd_ext-build.log
+echo "==> building opd_ext: $_opd_what"
+echo "    $_opd_why; from scratch about $_opd_time minutes on 2 cores, later only what changed"
+echo "    recompiles. Full log: $_opd_log"
+set +e
+(cd "$OPD_ROOT" && python -m pip install -v --no-build-isolation --no-deps -e . "${_opd_pip_args[@]}") 2>&1 |
+  tee "$_opd_log" |
+  { grep --line-buffered -E '^ *(-- opd_ext:|\[[0-9]+/[0-9]+\] )' | sed -u -E 's/^ */    /'; true; }
+_opd_status=${PIPESTATUS[0]}
+set -e
+if (( _opd_status != 0 )); then
+  echo "error: building opd_ext failed; the end of $_opd_log:" >&2
+  tail -n 60 "$_opd_log" >&2
+  return "$_opd_status"
+fi
+# Tests that build opd_ext again (tests/test_wheel.py) reuse this build through this folder and
+# OPD_EXT_CUDA / OPD_EXT_SIMT, so they recompile nothing.
+OPD_EXT_BUILD_DIR=$(sed -n 's/^ *-- Build files have been written to: //p' "$_opd_log" | tail -n 1)
+export OPD_EXT_BUILD_DIR
+python - "$_opd_built" <<'EOF' | sed 's/^/    /'
+import sys
+
+import opd_ext
+from opd_ext.__main__ import main
+
+main(["info"])
+info = opd_ext.build_info()
+with open(sys.argv[1], "w") as f:
+    f.write(f"{int(info['cuda_kernels_compiled'])} {int(info['simt_emulator'])}\n")
+EOF
+unset -f _opd_hash _opd_stamp_line _opd_off

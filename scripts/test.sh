@@ -20,7 +20,7 @@ if (( ${#missing[@]} )) && [[ -z "${OPD_SKIP_CPP_TESTS:-}" ]]; then
   fi
 fi
 
-source "$OPD_ROOT/scripts/setup_env.sh"
+source "$OPD_ROOT/scripts/setup_env.sh" test
 cd "$OPD_ROOT"
 
 if [[ -z "${OPD_SKIP_CPP_TESTS:-}" ]]; then

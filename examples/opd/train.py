@@ -47,7 +47,7 @@ METHODS = {
     "prune+vopd": (True, "full"),
 }
 
-# Prune-OPD settings for the reference task, chosen from the drift evidence in docs/reproduction.md
+# Prune-OPD settings for the reference task, chosen from the drift evidence in docs/reproduction_arithmetic.md
 # (see docs/reproduction_notes.md). At k >= 4 the top-k overlap is as high after the student's first
 # mistake as before it (mostly tail tokens in a different order); the one precise signal is two
 # top-2 sets with nothing in common: 0.5% of on-track tokens vs 4% of after-mistake ones. So a
@@ -59,11 +59,11 @@ TASK_PRUNE_CONFIG = dict(k=2, threshold=0.25, w_drop=1.0, w_base=0.5, warmup=0)
 # stops a rollout after 100 such tokens.
 PAPER_PRUNE_CONFIG = {name: getattr(opd_ext.PruneConfig(), name) for name in TASK_PRUNE_CONFIG}
 # The counting task's settings, chosen by the sweep in examples/opd/reproduce.py (docs/reproduction.md):
-# the models agree on the top-1 token of every on-track position and disagree where a loop closes
-# on itself (once per loop cycle), while their top-16 tails are unrelated orderings of a thousand
-# numbers (overlap about 0.2 on and off track alike). So a drift event is a top-1 disagreement and
-# a rollout stops at its second one.
-COUNTING_PRUNE_CONFIG = dict(k=1, threshold=0.5, w_drop=0.5, w_base=0.5, warmup=0)
+# the models agree on the top-1 token of every on-track position (no on-track token flagged) and
+# disagree where a rollout leaves the count, while their top-16 tails are unrelated orderings of a
+# thousand numbers (overlap about 0.2 on and off track alike). So a rollout stops at its first top-1
+# disagreement (k=1: the overlap is 0 or 1, any threshold in (0, 1] is the same rule).
+COUNTING_PRUNE_CONFIG = dict(k=1, threshold=0.5, w_drop=1.0, w_base=0.5, warmup=0)
 PRUNE_PRESETS = {"task": None, "paper": PAPER_PRUNE_CONFIG}   # "task": the --preset's own (Preset.prune)
 
 # --dtype names, with the short spellings people type.
