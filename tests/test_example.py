@@ -256,11 +256,12 @@ def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
     reproduce.main(["--preset", "counting-tiny", "--steps", "2", "--seeds", "0", "1", "--quiet", "--runs", str(tmp_path / "runs"),
                     "--cache", str(cache), "--docs", str(docs), "--variance-batches", "2", "--variance-batch-size", "2",
                     "--drift-rollouts", "8"])
-    report = (docs / "reproduction.md").read_text()
+    assert reproduce.report_name("counting") == "reproduction" and reproduce.report_name("default") == "reproduction_arithmetic"
+    report = (docs / "reproduction_counting-tiny.md").read_text()
     for method in reproduce.METHOD_ORDER:
         assert f"| {method} | " in report
     assert "## The PruneConfig sweep" in report and "## Gradient variance" in report and "## Drift evidence" in report
-    result = json.loads((docs / "reproduction.json").read_text())
+    result = json.loads((docs / "reproduction_counting-tiny.json").read_text())
     assert [r["method"] for r in result["methods"]] == list(reproduce.METHOD_ORDER)
     assert all([s["seed"] for s in r["seeds"]] == [0, 1] for r in result["methods"])
     assert len(result["sweep"]) == len({r["k"] for r in result["sweep"]}) * len(reproduce.SWEEP_THRESHOLDS) * len(reproduce.SWEEP_W_DROPS)
@@ -268,8 +269,9 @@ def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
         assert result["prune_config"]["k"] == result["chosen"]["k"]
         assert result["prune_config"]["w_drop"] == result["chosen"]["w_drop"]
     assert set(result["variance"]) >= {"none", "full", "topk"}
-    for png in ("reproduction_accuracy.png", "reproduction_accuracy_tokens.png", "reproduction_drift.png"):
-        assert (docs / png).stat().st_size > 0
+    for png in ("accuracy.png", "accuracy_tokens.png", "drift.png"):
+        assert (docs / f"reproduction_counting-tiny_{png}").stat().st_size > 0
+    assert "Teacher accuracy on the same evaluation" in report
 
 
 def test_prune_sweep_picks_the_config_that_stops_loops_after_their_mistake():

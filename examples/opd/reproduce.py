@@ -33,22 +33,39 @@ METHOD_ORDER = ("opd", "vopd", "prune", "prune+vopd")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(train.PRESETS), default="counting",
-                   help="the task: 'counting' (long rollouts, a student that loops) or 'default' (short arithmetic)")
-    p.add_argument("--steps", type=int, default=None, help="OPD steps per method (default from the preset)")
+                   help="the task: 'counting' (long rollouts, a student that loops), 'default' (train_opd.py's default: "
+                        "the short arithmetic task); 'tiny' and 'counting-tiny' are smoke tests (seconds, results "
+                        "meaningless)")
+    p.add_argument("--steps", type=int, default=None, help="OPD steps per method (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one teacher, warm-started student and prompt stream per seed")
     p.add_argument("--jobs", type=int, choices=(1, 2), default=1,
                    help="training runs at a time (2: the compared pairs side by side, one per core)")
     p.add_argument("--no-sweep", action="store_true", help="use the preset's PruneConfig instead of the sweep's choice")
-    p.add_argument("--runs", type=Path, default=Path("runs/reproduction"), help="where the runs go (one folder per seed)")
-    p.add_argument("--cache", type=Path, default=Path("runs/cache"))
-    p.add_argument("--docs", type=Path, default=Path("docs"), help="where the table and plots go")
+    p.add_argument("--runs", type=Path, default=None,
+                   help="where the runs go, one folder per seed (default: runs/reproduction/<preset>)")
+    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="pre-trained teachers and warm-started students")
+    p.add_argument("--docs", type=Path, default=Path("docs"),
+                   help="where the report (<name>.md, .json) and plots go, <name> = "
+                        + ", ".join(f"{v} for {k}" for k, v in REPORT_NAMES.items()) + ", reproduction_<preset> otherwise; "
+                        "the default overwrites the repository's own")
     p.add_argument("--variance-batches", type=int, default=16, help="independent rollout batches for the gradient variance")
-    p.add_argument("--variance-batch-size", type=int, default=16)
+    p.add_argument("--variance-batch-size", type=int, default=16, help="prompts per batch for the gradient variance")
     p.add_argument("--drift-rollouts", type=int, default=256, help="rollouts for the drift evidence and the sweep")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = Path("runs/reproduction") / args.preset
+    return args
+
+
+# The report's file name per preset (plots: <name>_accuracy.png, ...): the drift task's is the main one.
+REPORT_NAMES = {"counting": "reproduction", "default": "reproduction_arithmetic"}
+
+
+def report_name(preset: str) -> str:
+    return REPORT_NAMES.get(preset, f"reproduction_{preset}")
 
 
 # ---- gradient variance -------------------------------------------------------------------------
@@ -292,7 +309,7 @@ def _spread(values, spec, scale=1.0, suffix=""):
 
 
 def markdown_report(rows, variance, drift, sweep, chosen, command, preset_name, preset, steps, prune_config,
-                    machine, per_seed) -> str:
+                    machine, per_seed, name: str) -> str:
     seeds = sorted(per_seed)
     eval_kind = ("greedy" if preset.eval_temperature is None
                  else f"one sample per problem at temperature {preset.eval_temperature:g} (pass@1)")
@@ -306,7 +323,10 @@ def markdown_report(rows, variance, drift, sweep, chosen, command, preset_name, 
         f"of them. Held-out accuracy: {eval_kind}, on {preset.eval_size} problems, the same draws at every evaluation. "
         f"Wall time is OPD time only (rollouts + update; evaluation and pre-training excluded), measured with the "
         f"methods of a seed running side by side, so they share the machine's load.",
-        f"Prune-OPD config (from the sweep below): `{prune_config}`.",
+        "Teacher accuracy on the same evaluation: " + ", ".join(
+            f"{per_seed[seed]['opd'][0].get('teacher_accuracy', float('nan')):.3f} (seed {seed})" for seed in seeds) + ".",
+        f"Prune-OPD config (from the sweep below): `{prune_config}`"
+        + (" (k = 1: the overlap is 0 or 1, so every threshold in (0, 1] is this rule)." if prune_config["k"] == 1 else "."),
         "",
         "Each seed's target is the accuracy every method of that seed reached (the lowest of the four best "
         "evaluations). Savings are against plain OPD of the same seed; final accuracy is the mean of the last two "
@@ -387,9 +407,9 @@ def markdown_report(rows, variance, drift, sweep, chosen, command, preset_name, 
         for row in drift["by_k"]:
             lines.append(f"| {row['k']} | {row['mean_on_track']:.3f} | {row['mean_after_error']:.3f} | " + " | ".join(
                 f"{100 * f['on_track']:.1f}% / {100 * f['after_error']:.1f}%" for f in row["flagged"]) + " |")
-    lines += ["", f"Seed {seeds[0]}:", "", "![accuracy vs wall time](reproduction_accuracy.png)", "",
-              "![accuracy vs tokens generated](reproduction_accuracy_tokens.png)", "",
-              "![drift along rollouts](reproduction_drift.png)", ""]
+    lines += ["", f"Seed {seeds[0]}:", "", f"![accuracy vs wall time]({name}_accuracy.png)", "",
+              f"![accuracy vs tokens generated]({name}_accuracy_tokens.png)", "",
+              f"![drift along rollouts]({name}_drift.png)", ""]
     return "\n".join(lines)
 
 
@@ -460,18 +480,19 @@ def main(argv=None) -> None:
     teacher = first["prune+vopd"][0].get("teacher_accuracy")   # the same teacher and problems for every method
     target = seed_target(first)
     ylabel = train.accuracy_label(preset.eval_temperature)
-    plots.accuracy_vs_time(first, args.docs / "reproduction_accuracy.png", target=target, teacher=teacher, ylabel=ylabel)
-    plots.accuracy_vs_time(first, args.docs / "reproduction_accuracy_tokens.png", target=target, teacher=teacher,
+    name = report_name(args.preset)
+    plots.accuracy_vs_time(first, args.docs / f"{name}_accuracy.png", target=target, teacher=teacher, ylabel=ylabel)
+    plots.accuracy_vs_time(first, args.docs / f"{name}_accuracy_tokens.png", target=target, teacher=teacher,
                            x="tokens_generated_total", ylabel=ylabel)
     profiles = train.read_metrics(args.runs / f"seed{seeds[0]}" / "prune_vopd" / "rollouts.jsonl", steps)
     prune_config = json.loads(json.dumps(first["prune"][0]["prune_config"]))
-    plots.drift_profiles(profiles, args.docs / "reproduction_drift.png", k=prune_config["k"],
+    plots.drift_profiles(profiles, args.docs / f"{name}_drift.png", k=prune_config["k"],
                          title=f"prune+vopd: top-{prune_config['k']} overlap, multiplier and live rollouts by position")
     machine = f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s) per run, {args.jobs} run(s) at a time"
     report = markdown_report(rows, variance, drift, sweep, chosen, command, args.preset, preset, steps, prune_config,
-                             machine, per_seed)
-    (args.docs / "reproduction.md").write_text(report)
-    (args.docs / "reproduction.json").write_text(json.dumps(
+                             machine, per_seed, name)
+    (args.docs / f"{name}.md").write_text(report)
+    (args.docs / f"{name}.json").write_text(json.dumps(
         {"preset": args.preset, "steps": steps, "seeds": seeds, "prune_config": prune_config, "methods": rows,
          "sweep": sweep, "chosen": chosen, "variance": variance, "drift": drift}, indent=1))
     print(report)

@@ -52,7 +52,7 @@ METHODS = {
 # mistake as before it (mostly tail tokens in a different order); the one precise signal is two
 # top-2 sets with nothing in common: 0.5% of on-track tokens vs 4% of after-mistake ones. So a
 # rollout stops at its first disjoint top-2 (k=2, threshold 0.25, w_drop 1); the authors' k=16 and
-# threshold 0.7 flag 100% of tokens on this task and would stop every rollout at its first token.
+# threshold 0.7 flag 100% of tokens on this task: every token down-weighted alike (no drift information).
 TASK_PRUNE_CONFIG = dict(k=2, threshold=0.25, w_drop=1.0, w_base=0.5, warmup=0)
 # The Prune-OPD authors' settings (PruneConfig's defaults), for real LLMs: with vocabularies of
 # 100k+ tokens and long rollouts a top-16 overlap under 0.7 does mark drift, and w_drop 0.01 only
