@@ -51,16 +51,14 @@ from opd_ext._validation import (
     is_supported_dtype_pair,
     token_range_error,
 )
-from opd_ext.losses import (DEFAULT_TOPK, _advantage_coef, _check_vopd_options, _loss_stats, _masked_sum,
+from opd_ext.losses import (DEFAULT_TOPK, _advantage_coef, _check_vopd_options, _loss_stats, _masked_terms,
                             _scale_and_weights, token_stats_op)
 
-# "none" would need each row's gradient scaled by its own incoming gradient, but the rows' lm_head
-# gradients are summed during the forward pass, before that gradient exists.
-FUSED_REDUCTIONS = ("mean", "sum")
-NO_PER_POSITION_REDUCTION = (
-    "reduction='none' is not available for the fused-linear losses: they compute the gradients in the forward "
-    "pass, before per-position gradients exist. Use 'mean' or 'sum' (return_stats=True gives per-position "
-    "values), or opd_ext.vopd_loss / opd_ext.reverse_kl_loss on the logits")
+# "mean" / "sum" compute the gradients during the forward pass. "none" cannot: each row's gradient
+# must be scaled by its own incoming gradient, and the rows' lm_head gradients are sums over rows, so
+# its backward recomputes the chunks' logits with the rows' weights times those gradients (one more
+# pass over the logits, no [N, V] buffer).
+FUSED_REDUCTIONS = ("mean", "sum", "none")
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -118,17 +116,19 @@ def fused_linear_vopd_loss(
         student_bias: optional ``[V]`` (not with a module as ``student_weight``: it has its own).
         mask, weights, temperature, baseline, topk, kl, num_items: as in ``opd_ext.vopd_loss``.
         chunk_size: rows per chunk; default :func:`default_chunk_size`.
-        reduction: ``"mean"`` (default) | ``"sum"``. ``"none"`` raises a ValueError: the gradients are
-            computed in the forward pass, before a per-position gradient could weigh them (use
-            ``return_stats`` for per-position values, or ``opd_ext.vopd_loss`` on the logits).
+        reduction: ``"mean"`` (default) | ``"sum"`` | ``"none"`` (float32 ``[N]`` / ``[B, T]`` per-position
+            values, 0 where masked). With ``"mean"`` / ``"sum"`` the gradients are computed during the
+            forward pass; with ``"none"`` the backward computes them from its per-position incoming
+            gradient, which costs a second pass over the chunks' logits.
         return_stats: also return an ``opd_ext.LossStats`` of ``[N]`` / ``[B, T]`` tensors, gathered
             from the chunks (masked rows, never computed, hold 0).
 
     Returns:
-        The loss, or ``(loss, LossStats)`` with ``return_stats``. The loss is a float32 scalar, differentiable w.r.t. ``student_hidden``, ``student_weight`` and
+        The loss, or ``(loss, LossStats)`` with ``return_stats``. The loss is float32 (a scalar unless
+        ``reduction="none"``), differentiable w.r.t. ``student_hidden``, ``student_weight`` and
         ``student_bias`` (with a module: its weight, bias and LoRA ``lora_A`` / ``lora_B`` weights).
-        The gradients are computed during the forward pass, so a forward under ``torch.no_grad()``
-        skips them.
+        With ``"mean"`` / ``"sum"`` the gradients are computed during the forward pass, so a forward
+        under ``torch.no_grad()`` skips them.
 
     Raises:
         TypeError / ValueError: as :func:`linear_head` for a module that is not an lm_head the loss
@@ -152,10 +152,10 @@ def fused_linear_vopd_loss(
         stats = (logp_s, logp_t, reverse_kl) + (() if value is None else (value,))
         # d loss / d log p(y): the surrogate is linear in log p(y), as in opd_ext.vopd_loss.
         coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
-        loss = _masked_sum(coef, logp_s)
+        terms = _masked_terms(coef, logp_s)
         if not need_grad:
-            return loss, None, stats
-        return loss, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature), stats
+            return terms, None, stats
+        return terms, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature), stats
 
     if not return_stats:
         return problem.run(chunk_loss)
@@ -194,10 +194,10 @@ def fused_linear_reverse_kl_loss(
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         _, _, reverse_kl, _, _, lse_s, lse_t = ops.token_stats(
             student_logits, teacher_logits, tokens, problem.temperature, 0)
-        loss = _masked_sum(scale, reverse_kl)
+        terms = _masked_terms(scale, reverse_kl)
         if not need_grad:
-            return loss, None, (reverse_kl,)
-        return loss, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
+            return terms, None, (reverse_kl,)
+        return terms, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
                                              reverse_kl, problem.temperature), (reverse_kl,)
 
     if not return_stats:
@@ -208,7 +208,8 @@ def fused_linear_reverse_kl_loss(
 
 # A chunk's loss: (student_logits [c, V], teacher_logits [c, V], tokens [c], scale [c] = w / norm,
 # valid [c] (all True: masked rows are never chunked), need_grad)
-# -> (float32 scalar, d loss / d student_logits [c, V] in the logits' dtype, or None,
+# -> (float32 [c] per-row loss terms (the loss is their sum), d Σ terms / d student_logits [c, V] in
+#     the logits' dtype, or None,
 #     per-row float32 statistics [c] (a fixed number per loss, gathered only when asked for)).
 ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
                      tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, ...]]]
@@ -220,9 +221,8 @@ class _Problem:
     def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                  teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size,
                  reduction="mean"):
-        if reduction == "none":
-            raise ValueError(NO_PER_POSITION_REDUCTION)
         check_choice("reduction", reduction, FUSED_REDUCTIONS)
+        self.per_position = reduction == "none"
         student_weight, student_bias, self.adapters = _resolve_head("student", student_weight, student_bias)
         teacher_weight, teacher_bias, teacher_adapters = _resolve_head("teacher", teacher_weight, teacher_bias)
         check_linear_head("student", student_hidden, student_weight, student_bias)
@@ -331,49 +331,79 @@ class _Problem:
         return _loss_stats(self.valid.reshape(self.lead), self.weights, policy_gradient=policy_gradient, **rows)
 
 
+def _chunk_pass(hidden, weight, bias, adapter_tensors, problem: _Problem, chunk_loss: ChunkLoss, needs,
+                num_stats: int, scale: torch.Tensor, per_row: bool):
+    """One pass over the row chunks: the loss (a float32 scalar, or per-row terms [rows] with
+    ``per_row``), ``num_stats`` per-row statistics, and the gradients ``needs`` asks for (hidden,
+    weight, bias, then each adapter's A and B; None where not needed) of Σ scale-weighted terms."""
+    need_hidden, need_weight, need_bias = needs[:3]
+    adapters = _AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
+    # Rows outside the mask are never visited and keep a zero gradient.
+    new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
+    grad_hidden = new_grad_hidden(hidden) if need_hidden else None
+    grad_weight = _WeightGradSum(weight) if need_weight else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+    device = hidden.device
+    loss = (torch.zeros(problem.rows, dtype=torch.float32, device=device) if per_row
+            else torch.zeros((), dtype=torch.float32, device=device))
+    # Masked rows are never visited: their statistics (and per-row terms) stay 0.
+    stats = [torch.zeros(problem.rows, dtype=torch.float32, device=device) for _ in range(num_stats)]
+    for rows in problem.row_chunks():
+        chunk_hidden = hidden[rows]
+        if problem.zero_masked_rows:  # a NaN state would reach grad_weight as 0 * NaN
+            chunk_hidden = torch.where(problem.valid[rows, None], chunk_hidden, 0)
+        # The logits stay a temporary: a name would keep them alive into the next chunk.
+        terms, grad_logits, chunk_stats = chunk_loss(
+            adapters.add_to_logits(chunk_hidden, F.linear(chunk_hidden, weight, bias)),
+            problem.teacher_logits(rows),
+            problem.tokens[rows], scale[rows], problem.valid[rows], any(needs))
+        if per_row:
+            loss[rows] = terms
+        else:
+            loss += terms.sum()
+        for out, value in zip(stats, chunk_stats):
+            out[rows] = value
+        if grad_logits is None:
+            continue
+        adapter_grad_hidden = adapters.backward(grad_logits, need_hidden) if adapters.adapters else None
+        if need_hidden:
+            chunk_grad_hidden = grad_logits @ weight
+            if adapter_grad_hidden is not None:
+                chunk_grad_hidden = (chunk_grad_hidden + adapter_grad_hidden).to(hidden.dtype)
+            grad_hidden[rows] = chunk_grad_hidden
+        if need_weight:
+            grad_weight.add_matmul_(grad_logits.t(), chunk_hidden)
+        if need_bias:
+            grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        del grad_logits
+    # Held in the parameters' dtype until backward; the float32 sums are freed here.
+    grad_weight = grad_weight.result() if need_weight else None
+    grad_bias = grad_bias.to(bias.dtype) if need_bias else None
+    return loss, stats, [grad_hidden, grad_weight, grad_bias, *adapters.results()]
+
+
 class _FusedLinearLoss(torch.autograd.Function):
+    """Reductions "mean" / "sum": the gradients are formed in the forward pass and scaled by the
+    incoming (scalar) gradient in the backward. "none": the forward computes per-row values only and
+    the backward runs the chunks again, each row weighted by its own incoming gradient."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, num_stats,
                 *adapter_tensors):
-        need_hidden, need_weight, need_bias = needs[:3]
-        adapters = _AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
-        # Rows outside the mask are never visited and keep a zero gradient.
-        new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
-        grad_hidden = new_grad_hidden(hidden) if need_hidden else None
-        grad_weight = _WeightGradSum(weight) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        # Masked rows are never visited: their statistics stay 0.
-        stats = [torch.zeros(problem.rows, dtype=torch.float32, device=hidden.device) for _ in range(num_stats)]
-        for rows in problem.row_chunks():
-            chunk_hidden = hidden[rows]
-            if problem.zero_masked_rows:  # a NaN state would reach grad_weight as 0 * NaN
-                chunk_hidden = torch.where(problem.valid[rows, None], chunk_hidden, 0)
-            # The logits stay a temporary: a name would keep them alive into the next chunk.
-            chunk_loss_value, grad_logits, chunk_stats = chunk_loss(
-                adapters.add_to_logits(chunk_hidden, F.linear(chunk_hidden, weight, bias)),
-                problem.teacher_logits(rows),
-                problem.tokens[rows], problem.scale[rows], problem.valid[rows], any(needs))
-            loss += chunk_loss_value
-            for out, value in zip(stats, chunk_stats):
-                out[rows] = value
-            if grad_logits is None:
-                continue
-            adapter_grad_hidden = adapters.backward(grad_logits, need_hidden) if adapters.adapters else None
-            if need_hidden:
-                chunk_grad_hidden = grad_logits @ weight
-                if adapter_grad_hidden is not None:
-                    chunk_grad_hidden = (chunk_grad_hidden + adapter_grad_hidden).to(hidden.dtype)
-                grad_hidden[rows] = chunk_grad_hidden
-            if need_weight:
-                grad_weight.add_matmul_(grad_logits.t(), chunk_hidden)
-            if need_bias:
-                grad_bias += grad_logits.sum(0, dtype=torch.float32)
-            del grad_logits
-        # Held in the parameters' dtype until backward; the float32 sums are freed here.
-        grad_weight = grad_weight.result() if need_weight else None
-        grad_bias = grad_bias.to(bias.dtype) if need_bias else None
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, *adapters.results())
+        ctx.problem, ctx.chunk_loss, ctx.needs = problem, chunk_loss, needs
+        grads_now = needs if not problem.per_position else (False,) * len(needs)
+        if problem.per_position:
+            # The backward recomputes the logits: LoRA dropout must draw the same masks again.
+            ctx.rng_devices = [hidden.device] if hidden.device.type == "cuda" else []
+            ctx.rng_state = torch.get_rng_state()
+            ctx.device_rng_state = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
+        loss, stats, grads = _chunk_pass(hidden, weight, bias, adapter_tensors, problem, chunk_loss, grads_now,
+                                         num_stats, problem.scale, problem.per_position)
+        if problem.per_position:
+            ctx.save_for_backward(hidden, weight, bias, *adapter_tensors)
+            loss = loss.reshape(problem.lead)
+        else:
+            ctx.save_for_backward(*grads)
         if not stats:
             return loss
         ctx.mark_non_differentiable(*stats)
@@ -381,9 +411,19 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, *grad_stats):
-        grad_hidden, grad_weight, grad_bias, *grad_adapters = ctx.saved_tensors
-        scaled = [None if g is None else g * grad_output.to(g.dtype)
-                  for g in (grad_hidden, grad_weight, grad_bias, *grad_adapters)]
+        problem = ctx.problem
+        if problem.per_position:
+            hidden, weight, bias, *adapter_tensors = ctx.saved_tensors
+            scale = problem.scale * grad_output.reshape(-1).float()
+            with torch.random.fork_rng(devices=ctx.rng_devices):
+                torch.set_rng_state(ctx.rng_state)
+                for device, state in zip(ctx.rng_devices, ctx.device_rng_state):
+                    torch.cuda.set_rng_state(state, device)
+                _, _, grads = _chunk_pass(hidden, weight, bias, adapter_tensors, problem, ctx.chunk_loss, ctx.needs,
+                                          0, scale, False)
+            return *grads[:3], None, None, None, None, *grads[3:]
+        grads = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
         return *scaled[:3], None, None, None, None, *scaled[3:]
 
 

@@ -130,8 +130,8 @@ class FusedLinearVOPDLoss(_Loss):
     """:func:`opd_ext.fused_linear_vopd_loss` as a module.
 
     ``FusedLinearVOPDLoss(baseline="full", topk=100, temperature=1.0, kl="reverse", reduction="mean",
-    return_stats=False, chunk_size=None)``; ``reduction`` is ``"mean"`` or ``"sum"`` (``"none"``
-    raises a ValueError at construction: the gradients are formed in the forward pass).
+    return_stats=False, chunk_size=None)``; ``reduction="none"`` gives per-position values and
+    computes the gradients in the backward (a second pass over the logits).
 
     ``forward(student_hidden [..., H], student_weight, tokens [...], teacher_logits=None,
     teacher_hidden=None, teacher_weight=None, teacher_bias=None, student_bias=None, mask=None,
@@ -144,7 +144,6 @@ class FusedLinearVOPDLoss(_Loss):
                  kl: str = "reverse", reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
         losses._check_vopd_options(baseline, kl)
-        _check_fused_reduction(reduction)
         super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS, baseline=baseline,
                          topk=topk, kl=kl, chunk_size=chunk_size)
 
@@ -159,11 +158,10 @@ class FusedLinearVOPDLoss(_Loss):
 class FusedLinearReverseKLLoss(_Loss):
     """:func:`opd_ext.fused_linear_reverse_kl_loss` as a module: ``FusedLinearReverseKLLoss(
     temperature=1.0, reduction="mean", return_stats=False, chunk_size=None)``; ``forward`` as
-    :class:`FusedLinearVOPDLoss`'s without ``tokens``. ``reduction="none"`` raises a ValueError."""
+    :class:`FusedLinearVOPDLoss`'s without ``tokens``."""
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
-        _check_fused_reduction(reduction)
         super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS,
                          chunk_size=chunk_size)
 
@@ -174,7 +172,3 @@ class FusedLinearReverseKLLoss(_Loss):
             teacher_weight=teacher_weight, teacher_bias=teacher_bias, student_bias=student_bias, mask=mask,
             weights=weights, num_items=num_items, **self._options())
 
-
-def _check_fused_reduction(reduction) -> None:
-    if reduction == "none":
-        raise ValueError(fused_linear.NO_PER_POSITION_REDUCTION)

@@ -216,14 +216,70 @@ def test_fused_linear_sum_and_stats_match_the_logits_path(variant):
     torch.testing.assert_close(results["sum", "fused"][0][0], results["mean", "fused"][0][0] * norm, **TOL)
 
 
-def test_fused_linear_reduction_none_raises_clearly():
+@pytest.mark.parametrize("variant", [dict(baseline="full"), dict(baseline="topk", topk=4), dict(baseline="none"),
+                                     None], ids=["full", "topk", "none", "reverse_kl"])
+def test_fused_linear_reduction_none_matches_the_logits_path(variant):
+    # Per-position values, and gradients under a per-position incoming gradient (of either sign:
+    # the backward weighs each row by its own), equal the logits path's; masked rows hold 0.
     hidden, head, teacher = _fused_inputs()
-    tokens = torch.zeros(LEAD, dtype=torch.long)
-    with pytest.raises(ValueError, match="reduction='none' is not available for the fused-linear losses"):
-        opd_ext.fused_linear_vopd_loss(hidden, head, tokens, teacher_logits=teacher, reduction="none")
-    with pytest.raises(ValueError, match="reduction='none' is not available"):
-        opd_ext.FusedLinearReverseKLLoss(reduction="none")
-    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum'; got 'avg'"):
+    _, _, tokens, mask, weights = _inputs()
+    upstream = torch.randn(LEAD, generator=torch.Generator().manual_seed(5))
+    kw = dict(mask=mask, weights=weights, temperature=0.8, reduction="none", return_stats=True)
+    results = {}
+    for path in ("fused", "logits"):
+        head.zero_grad()
+        h = hidden.clone().requires_grad_()
+        if path == "fused":
+            out = (opd_ext.fused_linear_reverse_kl_loss(h, head, teacher_logits=teacher, chunk_size=4, **kw)
+                   if variant is None else
+                   opd_ext.fused_linear_vopd_loss(h, head, tokens, teacher_logits=teacher, chunk_size=4, **kw, **variant))
+        else:
+            out = (opd_ext.reverse_kl_loss(head(h), teacher, **kw) if variant is None else
+                   opd_ext.vopd_loss(head(h), teacher, tokens, **kw, **variant))
+        (out[0] * upstream).sum().backward()
+        results[path] = out[0].detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()
+    assert results["fused"][0].shape == LEAD and (results["fused"][0][~mask] == 0).all()
+    for got, want in zip(results["fused"], results["logits"]):
+        torch.testing.assert_close(got, want, **TOL)
+    module = opd_ext.FusedLinearReverseKLLoss(reduction="none") if variant is None else opd_ext.FusedLinearVOPDLoss(
+        reduction="none", **variant)
+    args = (hidden, head) if variant is None else (hidden, head, tokens)
+    function = opd_ext.fused_linear_reverse_kl_loss if variant is None else opd_ext.fused_linear_vopd_loss
+    torch.testing.assert_close(module(*args, teacher_logits=teacher, mask=mask, weights=weights),
+                               function(*args, teacher_logits=teacher, mask=mask, weights=weights, reduction="none",
+                                        **(variant or {})), **TOL)
+
+
+def test_fused_linear_reduction_none_recomputes_lora_dropout_masks():
+    # The backward forms the logits again: a LoRA head in training mode must draw the same dropout
+    # masks, so "none" with an all-ones incoming gradient gives exactly "sum"'s gradients.
+    peft = pytest.importorskip("peft")
+    head = torch.nn.Linear(HIDDEN, VOCAB)
+    model = torch.nn.Sequential()
+    model.add_module("lm_head", head)
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["lm_head"], r=2, lora_alpha=4,
+                                                       lora_dropout=0.5))
+    lora = model.base_model.model.lm_head
+    for b in lora.lora_B.values():
+        torch.nn.init.normal_(b.weight, 0.0, 0.5)
+    lora.train()
+    hidden, _, teacher = _fused_inputs()
+    _, _, tokens, mask, _ = _inputs()
+    params = [p for p in lora.parameters() if p.requires_grad]
+    grads = {}
+    for reduction in ("sum", "none"):
+        torch.manual_seed(11)
+        loss = opd_ext.fused_linear_vopd_loss(hidden, lora, tokens, teacher_logits=teacher, mask=mask,
+                                              reduction=reduction, chunk_size=4)
+        grads[reduction] = loss.sum(), torch.autograd.grad(loss.sum(), params)
+    torch.testing.assert_close(grads["none"][0], grads["sum"][0], **TOL)
+    for got, want in zip(grads["none"][1], grads["sum"][1]):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_fused_linear_bad_reduction_is_named():
+    hidden, head, teacher = _fused_inputs()
+    with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', 'none'; got 'avg'"):
         opd_ext.fused_linear_reverse_kl_loss(hidden, head, teacher_logits=teacher, reduction="avg")
 
 
