@@ -40,11 +40,13 @@ def _torch_pinned_by_install() -> str | None:
     return None
 
 
+_REBUILD = "\n    pip install --no-build-isolation .        (-e . in a development checkout)"
+
+
 def _torch_mismatch(built: str) -> str:
     return (f"opd_ext was compiled against torch {built}, but this is torch {torch.__version__}. A compiled "
             "extension only works with the torch release it was built against: install "
-            f"torch=={_release(built)}, or rebuild opd_ext against this torch from its sources with\n"
-            "    pip install --no-build-isolation .        (-e . in a development checkout)")
+            f"torch=={_release(built)}, or rebuild opd_ext against this torch from its sources with{_REBUILD}")
 
 
 try:
@@ -56,7 +58,7 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
     elif torch.version.cuda is None and "cuda" in str(exc).lower():
         reason = (f"this opd_ext has CUDA kernels and needs a CUDA build of torch, but torch "
                   f"{torch.__version__} is CPU-only. Install a CUDA torch, or rebuild opd_ext against this "
-                  "one with\n    pip install --no-build-isolation .        (-e . in a development checkout)")
+                  f"one with{_REBUILD}")
     else:
         reason = ("opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
                   f"({torch.__version__}). Rebuild it in this environment with\n"

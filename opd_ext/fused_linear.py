@@ -51,14 +51,8 @@ from opd_ext._validation import (
     is_supported_dtype_pair,
     token_range_error,
 )
-from opd_ext.losses import (DEFAULT_TOPK, _advantage_coef, _check_vopd_options, _loss_stats, _masked_terms,
-                            _scale_and_weights, token_stats_op)
-
-# "mean" / "sum" compute the gradients during the forward pass. "none" cannot: each row's gradient
-# must be scaled by its own incoming gradient, and the rows' lm_head gradients are sums over rows, so
-# its backward recomputes the chunks' logits with the rows' weights times those gradients (one more
-# pass over the logits, no [N, V] buffer).
-FUSED_REDUCTIONS = ("mean", "sum", "none")
+from opd_ext.losses import (DEFAULT_TOPK, REDUCTIONS, _advantage_coef, _check_vopd_options, _loss_stats,
+                            _masked_terms, _scale_and_weights, token_stats_op)
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -221,7 +215,7 @@ class _Problem:
     def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                  teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size,
                  reduction="mean"):
-        check_choice("reduction", reduction, FUSED_REDUCTIONS)
+        check_choice("reduction", reduction, REDUCTIONS)
         self.per_position = reduction == "none"
         student_weight, student_bias, self.adapters = _resolve_head("student", student_weight, student_bias)
         teacher_weight, teacher_bias, teacher_adapters = _resolve_head("teacher", teacher_weight, teacher_bias)
@@ -384,8 +378,10 @@ def _chunk_pass(hidden, weight, bias, adapter_tensors, problem: _Problem, chunk_
 
 class _FusedLinearLoss(torch.autograd.Function):
     """Reductions "mean" / "sum": the gradients are formed in the forward pass and scaled by the
-    incoming (scalar) gradient in the backward. "none": the forward computes per-row values only and
-    the backward runs the chunks again, each row weighted by its own incoming gradient."""
+    incoming (scalar) gradient in the backward. "none" cannot do that: each row's gradient must be
+    scaled by its own incoming gradient, and the lm_head gradients are sums over rows. So its forward
+    computes per-row values only and its backward runs the chunks again, each row weighted by its own
+    incoming gradient (one more pass over the logits, no [N, V] buffer)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, num_stats,

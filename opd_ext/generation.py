@@ -266,6 +266,12 @@ def _forward_parameters(model):
     return inspect.signature(_wrapper_chain(model)[-1].forward).parameters
 
 
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """int64 positions counting only real tokens: left padding must not shift a row's positions (as
+    ``generate()`` numbers them)."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _check_decoder_only(model, name: str) -> None:
     config = getattr(_wrapper_chain(model)[-1], "config", None)
     if getattr(config, "is_encoder_decoder", False):
@@ -390,7 +396,7 @@ class _CachedDecoder:
         _check_ids_fit(self.model, self.name, input_ids, "input_ids")
         self.cache = None
         self.attention_mask = attention_mask
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = _position_ids(attention_mask)
         logits = self._run(input_ids, positions, **self._keep_last)
         self.next_position = positions[:, -1] + 1
         _row_selection(self.cache, self.name)  # a cache that cannot drop rows fails before any token is sampled
@@ -616,7 +622,7 @@ def _completion_logits(model, name: str, sequences: torch.Tensor, attention_mask
     """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens (one forward, no cache)."""
     _check_decoder_only(model, name)
     _check_ids_fit(model, name, sequences, "sequences")
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    positions = _position_ids(attention_mask)
     # Only the completion needs logits; prompts are often much longer than completions.
     keep = {"logits_to_keep": steps + 1} if "logits_to_keep" in _forward_parameters(model) else {}
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False,

@@ -31,10 +31,9 @@ class _Loss(torch.nn.Module):
     (``options``), checked once here so a misconfigured loss fails when built, not at the first
     batch; :meth:`_options` gives them back as the function's keyword arguments."""
 
-    def __init__(self, temperature: float, reduction: str, return_stats: bool, reductions=losses.REDUCTIONS,
-                 **options):
+    def __init__(self, temperature: float, reduction: str, return_stats: bool, **options):
         super().__init__()
-        check_choice("reduction", reduction, reductions)
+        check_choice("reduction", reduction, losses.REDUCTIONS)
         self.temperature = check_temperature(temperature)
         self.reduction, self.return_stats = reduction, return_stats
         self._option_names = tuple(options)
@@ -144,8 +143,8 @@ class FusedLinearVOPDLoss(_Loss):
                  kl: str = "reverse", reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
         losses._check_vopd_options(baseline, kl)
-        super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS, baseline=baseline,
-                         topk=topk, kl=kl, chunk_size=chunk_size)
+        super().__init__(temperature, reduction, return_stats, baseline=baseline, topk=topk, kl=kl,
+                         chunk_size=chunk_size)
 
     def forward(self, student_hidden, student_weight, tokens, teacher_logits=None, teacher_hidden=None,
                 teacher_weight=None, teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):
@@ -162,8 +161,7 @@ class FusedLinearReverseKLLoss(_Loss):
 
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False,
                  chunk_size: Optional[int] = None):
-        super().__init__(temperature, reduction, return_stats, fused_linear.FUSED_REDUCTIONS,
-                         chunk_size=chunk_size)
+        super().__init__(temperature, reduction, return_stats, chunk_size=chunk_size)
 
     def forward(self, student_hidden, student_weight, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
                 teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from examples.opd.task import Problem, TaskConfig, build_tokenizer, inject_mistakes, is_correct, make_problems
+from examples.opd.task import Problem, build_tokenizer, inject_mistakes, make_problems
 
 
 @dataclass(frozen=True)
@@ -314,13 +314,12 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     return texts
 
 
-def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, task=None,
+def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, task,
              temperature: float | None = None) -> float:
-    """Fraction of problems solved: greedy, or one sample each at `temperature` (pass@1 as reasoning
-    models are evaluated). `task.is_correct` decides; without a task, the last number must be the answer."""
+    """Fraction of problems solved (`task.is_correct` decides): greedy, or one sample each at
+    `temperature` (pass@1 as reasoning models are evaluated)."""
     was_training = model.training
     model.eval()
     texts = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens, temperature=temperature)
     model.train(was_training)
-    check = task.is_correct if task is not None else (lambda text, p: is_correct(text, p.answer))
-    return sum(check(t, p) for t, p in zip(texts, problems)) / len(problems)
+    return sum(task.is_correct(t, p) for t, p in zip(texts, problems)) / len(problems)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 import opd_ext
 from opd_ext.generation import generate_with_pruning
-from examples.opd import models, plots, task, train
+from examples.opd import models, plots, train
 
 METHOD_ORDER = ("opd", "vopd", "prune", "prune+vopd")
 
@@ -234,10 +233,9 @@ def choose_prune_config(sweep: list[dict]) -> dict | None:
 # ---- summaries ---------------------------------------------------------------------------------
 
 def first_reaching(metrics: list[dict], target: float, key: str):
-    for m in metrics:
-        if "accuracy" in m and m["accuracy"] >= target - 1e-9:
-            return m.get(key, 0.0)
-    return None
+    """`key` of the first evaluation at or above `target` (within float noise), or None."""
+    row = train.first_reaching(metrics, target - 1e-9)
+    return None if row is None else row.get(key, 0.0)
 
 
 def summarize(runs: dict[str, list[dict]], target: float) -> list[dict]:
@@ -280,23 +278,20 @@ def seed_target(runs: dict[str, list[dict]]) -> float:
 def aggregate(per_seed: dict[int, dict[str, list[dict]]]) -> list[dict]:
     """Per method, over seeds: time and tokens to each seed's common target, final accuracy, and the
     relative saving against plain OPD of the same seed (whose models, prompts and dice it shares)."""
-    rows = []
-    for method in METHOD_ORDER:
-        seeds = []
-        for seed, runs in per_seed.items():
-            if method not in runs:
-                continue
-            target = seed_target(runs)
-            row = summarize({method: runs[method]}, target)[0]
+    by_method = {method: [] for method in METHOD_ORDER}
+    for seed, runs in per_seed.items():
+        target = seed_target(runs)
+        summaries = {row["method"]: row for row in summarize(runs, target)}
+        for method, row in summaries.items():
             row.update(seed=seed, target=target, final_accuracy=final_accuracy(runs[method]))
-            base = summarize({"opd": runs["opd"]}, target)[0] if "opd" in runs else None
+        base = summaries.get("opd")
+        for method, row in summaries.items():
             for key, name in (("time_to_target_s", "time_saving"), ("tokens_to_target", "tokens_saving")):
                 row[name] = (
                     None if base is None or row[key] is None or not base[key] else 1 - row[key] / base[key])
-            row["accuracy_vs_opd"] = row["final_accuracy"] - final_accuracy(runs["opd"]) if "opd" in runs else None
-            seeds.append(row)
-        rows.append({"method": method, "seeds": seeds})
-    return rows
+            row["accuracy_vs_opd"] = None if base is None else row["final_accuracy"] - base["final_accuracy"]
+            by_method[method].append(row)
+    return [{"method": method, "seeds": seeds} for method, seeds in by_method.items()]
 
 
 def _spread(values, spec, scale=1.0, suffix=""):

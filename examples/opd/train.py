@@ -25,7 +25,6 @@ import math
 import os
 import random
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -526,7 +525,7 @@ def train(args) -> Path:
     args.steps, args.batch_size, args.lr = steps, batch_size, args.lr or preset.lr
     _, baseline = METHODS[args.method]
     config = prune_config(args)
-    metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
+    metrics_path, ckpt_path = out / "metrics.jsonl", out / "checkpoint.pt"
 
     if args.fresh:
         remove_run_outputs(out)

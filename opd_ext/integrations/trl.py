@@ -66,7 +66,7 @@ from accelerate.utils import is_peft_model
 
 from opd_ext._validation import align_vocab, check_choice
 from opd_ext.fused_linear import fused_linear_vopd_loss
-from opd_ext.generation import Rollout, generate_with_pruning, score_rollouts
+from opd_ext.generation import Rollout, _forward_parameters, _position_ids, generate_with_pruning, score_rollouts
 from opd_ext.losses import BASELINES, DEFAULT_TOPK, vopd_loss
 from opd_ext.ops import topk_overlap
 from opd_ext.prune import DynamicWindow, PruneConfig, StopReason
@@ -212,22 +212,6 @@ def _eval_mode(*models):
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
-
-
-def _forward_keys(model) -> set:
-    """Arguments the innermost Hugging Face model's forward takes (wrappers take ``**kwargs``)."""
-    while True:
-        if is_peft_model(model):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module  # DDP, DeepSpeed engine, FSDP1
-        else:
-            return set(inspect.signature(model.forward).parameters)
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    # As generate() and the Prune-OPD loop number tokens: left padding does not shift the positions.
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def _fit(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -480,10 +464,10 @@ class OPDTrainer(DistillationTrainer):
 
     def _completion_logits(self, model, input_ids, attention_mask, steps: int) -> torch.Tensor:
         """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens."""
-        keys = _forward_keys(model)
+        keys = _forward_parameters(model)  # the innermost model's: wrappers take **kwargs
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in keys:
-            kwargs["position_ids"] = _positions(attention_mask)
+            kwargs["position_ids"] = _position_ids(attention_mask)
         if "logits_to_keep" in keys:
             kwargs["logits_to_keep"] = steps + 1
         return model(**kwargs).logits[:, -steps - 1:-1]
@@ -497,7 +481,7 @@ class OPDTrainer(DistillationTrainer):
         backbone = model.base_model
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in inspect.signature(backbone.forward).parameters:
-            kwargs["position_ids"] = _positions(attention_mask)
+            kwargs["position_ids"] = _position_ids(attention_mask)
         return backbone(**kwargs).last_hidden_state[:, -steps - 1:-1]
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
