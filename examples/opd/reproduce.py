@@ -1,7 +1,7 @@
 """The papers' claims at small scale: all four methods on several seeds, one table and plots.
 
     python examples/reproduce_opd.py --jobs 2          # the counting task, seeds 0 1 2: docs/reproduction.md + PNGs
-    python examples/reproduce_opd.py --preset default --seeds 0   # the short arithmetic task
+    python examples/reproduce_opd.py --preset arithmetic --seeds 0   # the short arithmetic task
 
 First a sweep picks the PruneConfig: every (k, threshold, w_drop) of a grid is applied post hoc to
 the same unpruned rollouts of the warm-started student, whose mistakes the task's checker locates.
@@ -32,9 +32,9 @@ METHOD_ORDER = ("opd", "vopd", "prune", "prune+vopd")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(train.PRESETS), default="counting",
-                   help="the task: 'counting' (long rollouts, a student that loops), 'default' (train_opd.py's default: "
-                        "the short arithmetic task); 'tiny' and 'counting-tiny' are smoke tests (seconds, results "
-                        "meaningless)")
+                   help="the task: 'counting' (long rollouts, a student that loops), 'arithmetic' (the short "
+                        "arithmetic task), 'default' (the Quickstart's smaller arithmetic run); 'tiny' and "
+                        "'counting-tiny' are smoke tests (seconds, results meaningless)")
     p.add_argument("--steps", type=int, default=None, help="OPD steps per method (default: the preset's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one teacher, warm-started student and prompt stream per seed")
@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 # The report's file name per preset (plots: <name>_accuracy.png, ...): the drift task's is the main one.
-REPORT_NAMES = {"counting": "reproduction", "default": "reproduction_arithmetic"}
+REPORT_NAMES = {"counting": "reproduction", "arithmetic": "reproduction_arithmetic"}
 
 
 def report_name(preset: str) -> str:

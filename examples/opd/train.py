@@ -88,7 +88,7 @@ def learning_rate_factor(step: int, total_steps: int) -> float:
 
 @dataclass(frozen=True)
 class Preset:
-    """Model sizes and schedules. `default` fits the 10-minute budget on 2 CPU cores; `tiny` is for tests."""
+    """Model sizes and schedules. `default` is the Quickstart run; `tiny` and `counting-tiny` are for tests."""
 
     task: TaskConfig
     teacher: models.ModelSize
@@ -104,10 +104,26 @@ class Preset:
     # student fails by chance (a loop entered with some probability) rather than on particular problems.
     eval_temperature: float | None = None
     prune: dict = dataclasses.field(default_factory=lambda: dict(TASK_PRUNE_CONFIG))   # --prune-preset task
+    target: float = 0.5          # --target: the accuracy line on accuracy.png
 
 
 PRESETS = {
+    # The Quickstart run: sized to finish in about two minutes on 2 CPU cores. One- and two-step
+    # problems over the numbers 0..39 keep rollouts at 15 tokens or fewer, short enough for a
+    # 0.35M-parameter teacher to learn in 500 steps.
     "default": Preset(
+        task=TaskConfig(max_value=39, min_steps=1, max_steps=2),
+        teacher=models.ModelSize(hidden=128, layers=2, heads=4, ffn=256),
+        student=models.ModelSize(hidden=96, layers=2, heads=4, ffn=192),
+        # At 5e-3 one teacher seed in three was still below 0.7 after 500 steps; at 3e-3 all three were above 0.9.
+        teacher_schedule=models.SupervisedSchedule(steps=500, batch_size=64, lr=3e-3),
+        # Stopped at about a third of the teacher's accuracy, on the steep part of its learning curve.
+        student_schedule=models.SupervisedSchedule(steps=180, batch_size=64, lr=5e-3, decay=False),
+        steps=120, batch_size=128, lr=2e-3, eval_every=20, eval_size=300, target=0.4,
+    ),
+    # The longer arithmetic run (two- and three-step problems over 0..59, 250 steps, about 8 minutes
+    # of training on 2 cores) behind docs/reproduction_arithmetic.md.
+    "arithmetic": Preset(
         task=TaskConfig(),
         teacher=models.ModelSize(hidden=160, layers=3, heads=4, ffn=320),
         student=models.ModelSize(hidden=128, layers=2, heads=4, ffn=256),
@@ -226,13 +242,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"steps between held-out evaluations {_from_preset('eval_every')}")
     p.add_argument("--eval-size", type=POSITIVE_INT, default=None,
                    help=f"held-out problems for greedy accuracy {_from_preset('eval_size')}")
-    p.add_argument("--target", type=FRACTION, default=0.5,
-                   help="held-out accuracy drawn on accuracy.png; the last line says when it was first reached")
+    p.add_argument("--target", type=FRACTION, default=None,
+                   help=f"held-out accuracy drawn on accuracy.png; the last line says when it was first reached "
+                        f"{_from_preset('target')}")
     p.add_argument("--save-every", type=POSITIVE_INT, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models' pre-training, the prompts and the sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=POSITIVE_INT, default=1,
-                   help="torch CPU threads; 1 is fastest for these tiny models on a shared machine")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None,
+                   help="torch CPU threads (default: torch's, one per core); 1 is fastest for these tiny models "
+                        "on a machine busy with other work")
     p.add_argument("--prune-preset", choices=sorted(PRUNE_PRESETS), default="task",
                    help="Prune-OPD settings the --prune-* options start from: 'task' = tuned for the synthetic task, "
                         "'paper' = the Prune-OPD authors' settings for real LLM rollouts (examples/README.md)")
@@ -516,8 +534,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 # ---- the run ---------------------------------------------------------------------------------------
 
 def train(args) -> Path:
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
+    args.target = preset.target if args.target is None else args.target
     out = args.out or Path("runs") / args.method.replace("+", "_")
     steps = args.steps or preset.steps
     batch_size = args.batch_size or preset.batch_size
