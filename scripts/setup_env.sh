@@ -42,7 +42,7 @@ if [[ "$_opd_purpose" == test ]]; then
   _opd_requirements=requirements-dev.txt
 fi
 if ! grep -qxF "$(_opd_stamp_line "$_opd_requirements")" "$_opd_stamp" 2>/dev/null; then
-  echo "==> installing $_opd_requirements (torch is large: 2-3 minutes the first time)"
+  echo "==> installing $_opd_requirements (torch is large: about 2 minutes the first time)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"
   # A line for requirements-dev.txt hashes requirements.txt too, so after installing either file
