@@ -10,7 +10,8 @@
 # and build/<wheel tag>-cpu), so going back and forth between the scripts recompiles nothing, and
 # the example keeps an installed build that already has what it needs (e.g. the tests' full build)
 # instead of installing a smaller one. OPD_EXT_CUDA and OPD_EXT_SIMT (see README "Install") still
-# override either script's choice.
+# override either script's choice. OPD_QUIET=1 (example.sh sets it for --quiet) prints nothing but
+# errors.
 set -euo pipefail
 _opd_purpose=${1:-}
 if [[ "$_opd_purpose" != example && "$_opd_purpose" != test ]]; then
@@ -18,10 +19,12 @@ if [[ "$_opd_purpose" != example && "$_opd_purpose" != test ]]; then
   return 2
 fi
 OPD_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+_opd_quiet=${OPD_QUIET:-0}
+_opd_say() { if [[ "$_opd_quiet" != 1 ]]; then echo "$@"; fi; }
 OPD_VENV=${OPD_VENV:-$OPD_ROOT/.venv}
 
 if [[ ! -x "$OPD_VENV/bin/python" ]]; then
-  echo "==> creating virtual environment $OPD_VENV"
+  _opd_say "==> creating virtual environment $OPD_VENV"
   python3 -m venv "$OPD_VENV"
 fi
 # shellcheck disable=SC1091
@@ -42,9 +45,16 @@ if [[ "$_opd_purpose" == test ]]; then
   _opd_requirements=requirements-dev.txt
 fi
 if ! grep -qxF "$(_opd_stamp_line "$_opd_requirements")" "$_opd_stamp" 2>/dev/null; then
-  echo "==> installing $_opd_requirements (torch is large: about 2 minutes the first time)"
-  python -m pip install -q --upgrade pip
-  python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"
+  _opd_say "==> installing $_opd_requirements (torch is large: about 2 minutes the first time)"
+  # Quiet: pip's notices go to a log, shown only if the install fails.
+  _opd_pip_log=/dev/stderr
+  if [[ "$_opd_quiet" == 1 ]]; then _opd_pip_log=$OPD_VENV/opd_ext-install.log; : >"$_opd_pip_log"; fi
+  if ! { python -m pip install -q --upgrade pip &&
+         python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"; } 2>>"$_opd_pip_log"; then
+    if [[ "$_opd_quiet" == 1 ]]; then cat "$_opd_pip_log" >&2; fi
+    echo "error: installing $_opd_requirements failed" >&2
+    return 1
+  fi
   # A line for requirements-dev.txt hashes requirements.txt too, so after installing either file
   # no other line can still be valid.
   {
@@ -87,25 +97,27 @@ _opd_pip_args=()
 if _opd_off "$OPD_EXT_CUDA"; then
   _opd_pip_args+=(-C "build-dir=build/{wheel_tag}-cpu")
   _opd_what="CPU kernels"
-  _opd_time=2
+  _opd_seconds=40
 else
   _opd_what="CPU + CUDA kernels (CUDA if nvcc is found)"
-  _opd_time=5
+  _opd_seconds=300
 fi
 if ! _opd_off "$OPD_EXT_SIMT"; then
   _opd_what+=", SIMT emulator (if Boost.Context is found)"
-  _opd_time=$((_opd_time + 2))
+  _opd_seconds=$((_opd_seconds + 120))
 fi
+if (( _opd_seconds < 90 )); then _opd_time="$_opd_seconds s"; else _opd_time="$(( (_opd_seconds + 30) / 60 )) minutes"; fi
 
 # The full log goes to a file; the terminal gets CMake's opd_ext lines and ninja's progress.
 _opd_log=$OPD_VENV/opd_ext-build.log
-echo "==> building opd_ext: $_opd_what"
-echo "    $_opd_why; from scratch about $_opd_time minutes on 2 cores, later only what changed"
-echo "    recompiles. Full log: $_opd_log"
+_opd_say "==> building opd_ext: $_opd_what"
+_opd_say "    $_opd_why; from scratch about $_opd_time on 2 cores, later only what changed"
+_opd_say "    recompiles. Full log: $_opd_log"
 set +e
 (cd "$OPD_ROOT" && python -m pip install -v --no-build-isolation --no-deps -e . "${_opd_pip_args[@]}") 2>&1 |
   tee "$_opd_log" |
-  { grep --line-buffered -E '^ *(-- opd_ext:|\[[0-9]+/[0-9]+\] )' | sed -u -E 's/^ */    /'; true; }
+  { if [[ "$_opd_quiet" == 1 ]]; then cat >/dev/null; else
+      grep --line-buffered -E '^ *(-- opd_ext:|\[[0-9]+/[0-9]+\] )' | sed -u -E 's/^ */    /'; fi; true; }
 _opd_status=${PIPESTATUS[0]}
 set -e
 if (( _opd_status != 0 )); then
@@ -117,7 +129,7 @@ fi
 # OPD_EXT_CUDA / OPD_EXT_SIMT, so they recompile nothing.
 OPD_EXT_BUILD_DIR=$(sed -n 's/^ *-- Build files have been written to: //p' "$_opd_log" | tail -n 1)
 export OPD_EXT_BUILD_DIR
-python - "$_opd_built" <<'EOF' | sed 's/^/    /'
+python - "$_opd_built" <<'EOF' | if [[ "$_opd_quiet" == 1 ]]; then cat >/dev/null; else sed 's/^/    /'; fi
 import sys
 
 import opd_ext
@@ -128,4 +140,4 @@ info = opd_ext.build_info()
 with open(sys.argv[1], "w") as f:
     f.write(f"{int(info['cuda_kernels_compiled'])} {int(info['simt_emulator'])}\n")
 EOF
-unset -f _opd_hash _opd_stamp_line _opd_off
+unset -f _opd_hash _opd_stamp_line _opd_off _opd_say

@@ -339,6 +339,24 @@ def test_bad_device_is_an_argparse_error(capsys):
         assert info.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_missing_data_and_checkpoints_are_argparse_errors(tmp_path, capsys):
+    for argv, message in (
+            (["--data", str(tmp_path / "missing.jsonl")], "--data"),
+            (["--teacher", str(tmp_path / "no_teacher"), "--student", str(tmp_path)], "--teacher"),
+            (["--teacher", str(tmp_path), "--student", "./no/such/student"], "--student")):
+        with pytest.raises(SystemExit) as info:
+            train.parse_args(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and "Traceback" not in err, err
+    # A hub id is left to the hub client (and its one-line error when it cannot be fetched).
+    assert train.parse_args(["--teacher", "Qwen/Qwen2.5-0.5B", "--student", "Qwen/Qwen2.5-0.5B"]).teacher
+
+
+def test_prune_k_above_the_vocabulary_is_a_one_line_error(tmp_path, cache):
+    with pytest.raises(SystemExit, match=r"--prune-k 5000: larger than the models' vocabulary"):
+        run(tmp_path, cache, "--steps", "1", "--prune-k", "5000")
+
+
 def test_distributed_example_runs_on_two_cpu_processes():
     """examples/distributed_opd.py under torchrun (gloo): both modes train, and the vocab-parallel
     loss equals the unsharded one."""
@@ -367,7 +385,8 @@ def test_finished_run_says_so_and_fresh_starts_over(tmp_path, cache, capsys):
 
     again = run(tmp_path, cache, "--steps", "1")
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "already" in lines[0] and "--fresh" in lines[0], lines
+    assert len(lines) == 2 and "already" in lines[0] and "--fresh" in lines[0], lines
+    assert lines[1].startswith("prune+vopd: held-out accuracy") and "in 1 steps" in lines[1], lines
     assert again == first                                   # nothing retrained, nothing appended
 
     calls = {"n": 0}
@@ -464,7 +483,7 @@ def test_plots_show_teacher_target_k_and_pruned_rows(tmp_path, cache):
     fig = plots.drift_profiles(both, tmp_path / "d.png", k=2)
     assert all(ax.get_ylabel() for ax in fig.axes)
     assert "top-2" in fig.axes[0].get_ylabel() and "top-2" in fig.axes[0].get_title()
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert any("ended normally" in t for t in legend) and any("Prune-OPD" in t for t in legend), legend
     styles = {line.get_linestyle() for line in fig.axes[0].get_lines() if line.get_xdata().size}
     assert {"-", "--"} <= styles
@@ -547,10 +566,10 @@ def test_readme_api_snippet_runs_as_written():
                 sequence = sequence[self["P"] - prompt_length:]
                 entries = [None] * prompt_length
                 for j, token in enumerate(sequence[prompt_length:]):
-                    top = logprobs[b, j].topk(5)
+                    top = logprobs[b, j].topk(20)   # the k the snippet passes
                     entry = {int(i): SimpleNamespace(logprob=float(v), rank=r + 1)
                              for r, (v, i) in enumerate(zip(top.values, top.indices))}
-                    entry.setdefault(token, SimpleNamespace(logprob=float(logprobs[b, j, token]), rank=6))
+                    entry.setdefault(token, SimpleNamespace(logprob=float(logprobs[b, j, token]), rank=21))
                     entries.append(entry)
                 outputs.append(SimpleNamespace(prompt_token_ids=sequence, prompt_logprobs=entries))
             return outputs

@@ -217,6 +217,10 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(str(name)))
+
+
 def _hub_offline() -> bool:
     """HF_HUB_OFFLINE as the hub reads it, but looked up now: huggingface_hub freezes it at import."""
     import huggingface_hub.constants
@@ -240,7 +244,7 @@ def load_checkpoint(name: str | Path, dtype: torch.dtype = torch.float32):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         source, offline = str(path), False
-    elif _HUB_ID.match(str(name)):
+    elif looks_like_hub_id(name):
         source, offline = str(name), _hub_offline()
     else:
         raise FileNotFoundError(f"{name} is neither a local checkpoint directory nor a Hugging Face model id")

@@ -8,7 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a training machine
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def accuracy_vs_time(runs: dict[str, list[dict]], path: Path, *, target: float | None = None,
@@ -41,7 +42,7 @@ GROUP_STYLES = {"_finished": ("-", "ended normally (EOS / length cap)"), "_prune
 
 def drift_profiles(profiles: list[dict], path: Path, *, title: str = "", k: int | None = None, max_curves: int = 4):
     """Per completion position: mean top-k overlap, mean reward multiplier and the fraction of
-    rollouts still generating, for a few steps spread over training (early = light, late = dark);
+    rollouts still generating, for a few steps spread over training (early = dark, late = light);
     overlap and multiplier drawn apart for rows that ended normally (solid) and pruned rows (dashed).
     Returns the (closed) figure, or None without profiles."""
     if not profiles:
@@ -71,15 +72,18 @@ def drift_profiles(profiles: list[dict], path: Path, *, title: str = "", k: int 
                                 (f"mean {k_text} overlap", "mean multiplier (w_base + weight)",
                                  "fraction of rollouts")):
         ax.set_xlabel("completion position")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     style_handles = [Line2D([], [], color="grey", linestyle=GROUP_STYLES[g][0], label=GROUP_STYLES[g][1])
                      for g in GROUP_STYLES if g in used_styles]
-    axes[0].legend(handles=step_handles + style_handles, fontsize=7)
+    # Below the panels, where it hides no curve.
+    fig.legend(handles=step_handles + style_handles, fontsize=8, loc="lower center",
+               ncol=len(step_handles) + len(style_handles), frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig

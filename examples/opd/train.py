@@ -241,7 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
                    help=f"steps between held-out evaluations {_from_preset('eval_every')}")
     p.add_argument("--eval-size", type=POSITIVE_INT, default=None,
-                   help=f"held-out problems for greedy accuracy {_from_preset('eval_size')}")
+                   help=f"held-out problems for the accuracy (greedy; pass@1 for the counting presets) "
+                        f"{_from_preset('eval_size')}")
     p.add_argument("--target", type=FRACTION, default=None,
                    help=f"held-out accuracy drawn on accuracy.png; the last line says when it was first reached "
                         f"{_from_preset('target')}")
@@ -290,6 +291,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    if args.data is not None and not args.data.is_file():
+        p.error(f"--data {args.data}: no such file")
+    for option in ("teacher", "student"):
+        name = getattr(args, option)
+        if name is not None and not Path(name).expanduser().exists() and not models.looks_like_hub_id(name):
+            p.error(f"--{option} {name}: neither a local checkpoint directory nor a Hugging Face model id")
     if args.tensorboard is not None and not tensorboard_available():
         p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     for name, value in (PRUNE_PRESETS[args.prune_preset] or PRESETS[args.preset].prune).items():
@@ -560,6 +567,9 @@ def train(args) -> Path:
         # Nothing left to train: say so instead of quietly redoing the ending of the earlier run.
         print(f"{out} already holds this finished run ({state['step']}/{steps} steps; results in {metrics_path}); "
               f"add --fresh to delete it and train again, or pass another --out")
+        metrics = read_metrics(metrics_path, state["step"])
+        if metrics:
+            print(result_line(args.method, metrics, args.target, out))
         return out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -609,6 +619,9 @@ def first_reaching(metrics: list[dict], level: float):
 def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, state) -> Path:
     setup = build_setup(args, preset)
     student, teacher, tokenizer = setup.student, setup.teacher, setup.tokenizer
+    vocab = min(student.config.vocab_size, teacher.config.vocab_size)
+    if config.k > vocab:
+        raise SystemExit(f"--prune-k {config.k}: larger than the models' vocabulary ({vocab} tokens)")
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0, betas=(0.9, 0.98))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, steps))
     stream = PromptStream(setup, preset.task, seed=args.seed)
@@ -717,15 +730,22 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
                                ylabel=accuracy_label(preset.eval_temperature if args.data is None else None))
         plots.drift_profiles(profiles, out / "drift.png", k=config.k,
                              title=f"{args.method}: top-{config.k} overlap and multiplier along rollouts")
-    first = metrics[0]["accuracy"]
-    reached = first_reaching(metrics, args.target)
-    target_note = (f"target {args.target:.2f} reached at step {reached['step']} ({reached['wall_time']:.0f} s)"
-                   if reached is not None else f"target {args.target:.2f} not reached")
-    teacher_note = f" (teacher {teacher_acc:.3f})" if teacher_acc is not None else ""
-    print(f"{args.method}: held-out accuracy {first:.3f} -> {last_acc:.3f}{teacher_note} in {steps} steps, "
-          f"{train_seconds:.0f} s of OPD, {target_note}; {totals['tokens_generated']} tokens generated, "
-          f"{totals['tokens_saved']} saved by pruning. Outputs in {out}")
+    print(result_line(args.method, metrics, args.target, out))
     return out
+
+
+def result_line(method: str, metrics: list[dict], target: float, out: Path) -> str:
+    """The run's one-line summary, from its metrics (also for a finished run found again)."""
+    first, last = metrics[0], metrics[-1]
+    last_acc = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), float("nan"))
+    reached = first_reaching(metrics, target)
+    target_note = (f"target {target:.2f} reached at step {reached['step']} ({reached['wall_time']:.0f} s)"
+                   if reached is not None else f"target {target:.2f} not reached")
+    teacher_acc = first.get("teacher_accuracy")
+    teacher_note = f" (teacher {teacher_acc:.3f})" if teacher_acc is not None else ""
+    return (f"{method}: held-out accuracy {first['accuracy']:.3f} -> {last_acc:.3f}{teacher_note} in {last['step']} "
+            f"steps, {last['wall_time']:.0f} s of OPD, {target_note}; {last['tokens_generated_total']} tokens "
+            f"generated, {last['tokens_saved_total']} saved by pruning. Outputs in {out}")
 
 
 def main(argv=None) -> None:
