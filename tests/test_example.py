@@ -104,6 +104,19 @@ def test_resume_refuses_a_different_run(tmp_path, cache):
         run(tmp_path, cache, "--steps", "2", "--method", "opd")
 
 
+def test_saved_tokenizer_starts_plain_calls_with_bos_as_training_did(tmp_path):
+    from transformers import AutoTokenizer
+
+    config = train.PRESETS["default"].task
+    tokenizer = task.build_tokenizer(config)
+    tokenizer.save_pretrained(tmp_path)
+    problem = task.make_problems(1, 0, config)[0]
+    trained_on = models.encode_supervised(tokenizer, [problem])[0][0].tolist()
+    plain = AutoTokenizer.from_pretrained(tmp_path)(problem.prompt).input_ids
+    assert plain[0] == tokenizer.bos_token_id and trained_on[:len(plain)] == plain
+    assert tokenizer.encode(problem.prompt, add_special_tokens=False) == plain[1:]
+
+
 def test_real_checkpoint_path(tmp_path, cache):
     preset = train.PRESETS["tiny"]
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"

@@ -94,13 +94,20 @@ def vocabulary(config: TaskConfig) -> list[str]:
 
 
 def build_tokenizer(config: TaskConfig):
-    """A word-level `PreTrainedTokenizerFast`: whitespace split, one id per word, no unknowns."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A word-level `PreTrainedTokenizerFast`: whitespace split, one id per word, no unknowns.
+
+    Like a Llama tokenizer, `tokenizer(text)` starts with BOS, as every training sequence does, so the
+    saved models see their training layout from a plain call too (the example's own encoders pass
+    `add_special_tokens=False` and add BOS themselves).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate(config.vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                        special_tokens=[(BOS, vocab[BOS])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
     )
