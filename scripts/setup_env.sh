@@ -46,15 +46,13 @@ if [[ "$_opd_purpose" == test ]]; then
 fi
 if ! grep -qxF "$(_opd_stamp_line "$_opd_requirements")" "$_opd_stamp" 2>/dev/null; then
   _opd_say "==> installing $_opd_requirements (torch is large: about 2 minutes the first time)"
-  # Quiet: pip's notices go to a log, shown only if the install fails.
-  _opd_pip_log=/dev/stderr
-  if [[ "$_opd_quiet" == 1 ]]; then _opd_pip_log=$OPD_VENV/opd_ext-install.log; : >"$_opd_pip_log"; fi
-  if ! { python -m pip install -q --upgrade pip &&
-         python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"; } 2>>"$_opd_pip_log"; then
-    if [[ "$_opd_quiet" == 1 ]]; then cat "$_opd_pip_log" >&2; fi
-    echo "error: installing $_opd_requirements failed" >&2
-    return 1
-  fi
+  _opd_install() { python -m pip install -q --upgrade pip && python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"; }
+  if [[ "$_opd_quiet" == 1 ]]; then
+    # pip's notices go to a log, shown only if the install fails.
+    _opd_install 2>"$OPD_VENV/opd_ext-install.log" || { cat "$OPD_VENV/opd_ext-install.log" >&2; false; }
+  else
+    _opd_install
+  fi || { echo "error: installing $_opd_requirements failed" >&2; return 1; }
   # A line for requirements-dev.txt hashes requirements.txt too, so after installing either file
   # no other line can still be valid.
   {
@@ -140,4 +138,4 @@ info = opd_ext.build_info()
 with open(sys.argv[1], "w") as f:
     f.write(f"{int(info['cuda_kernels_compiled'])} {int(info['simt_emulator'])}\n")
 EOF
-unset -f _opd_hash _opd_stamp_line _opd_off _opd_say
+unset -f _opd_hash _opd_stamp_line _opd_off _opd_say _opd_install

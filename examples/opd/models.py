@@ -217,8 +217,11 @@ def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: Supervi
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(str(name)))
+def checkpoint_name_problem(name: str | Path) -> str | None:
+    """Why `name` can name no checkpoint (neither an existing path nor a hub id), or None if it can."""
+    if Path(name).expanduser().exists() or _HUB_ID.match(str(name)):
+        return None
+    return f"{name} is neither a local checkpoint directory nor a Hugging Face model id"
 
 
 def _hub_offline() -> bool:
@@ -244,10 +247,10 @@ def load_checkpoint(name: str | Path, dtype: torch.dtype = torch.float32):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
         source, offline = str(path), False
-    elif looks_like_hub_id(name):
+    elif (problem := checkpoint_name_problem(name)) is None:
         source, offline = str(name), _hub_offline()
     else:
-        raise FileNotFoundError(f"{name} is neither a local checkpoint directory nor a Hugging Face model id")
+        raise FileNotFoundError(problem)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline).eval()

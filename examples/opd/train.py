@@ -294,9 +294,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data is not None and not args.data.is_file():
         p.error(f"--data {args.data}: no such file")
     for option in ("teacher", "student"):
-        name = getattr(args, option)
-        if name is not None and not Path(name).expanduser().exists() and not models.looks_like_hub_id(name):
-            p.error(f"--{option} {name}: neither a local checkpoint directory nor a Hugging Face model id")
+        problem = None if getattr(args, option) is None else models.checkpoint_name_problem(getattr(args, option))
+        if problem is not None:
+            p.error(f"--{option}: {problem}")
     if args.tensorboard is not None and not tensorboard_available():
         p.error("--tensorboard needs the tensorboard package, which is not installed: pip install tensorboard")
     for name, value in (PRUNE_PRESETS[args.prune_preset] or PRESETS[args.preset].prune).items():
