@@ -8,12 +8,14 @@ fraction of the float32 throughput). These functions are what a TRL / verl user 
 apply to the finite random logits of the benchmarks. ``--baselines reference`` (where a script
 supports it) times the float64 reference as well.
 """
+
 from __future__ import annotations
 
 import torch
 
-import harness  # noqa: F401  (puts the repository on the path for in-place builds)
 from opd_ext import reference
+
+import harness  # noqa: F401  (puts the repository on the path for in-place builds)
 
 
 def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,8 +33,9 @@ def token_stats(student_logits, teacher_logits, tokens, temperature: float = 1.0
     return log_p.gather(-1, index).squeeze(-1), log_q.gather(-1, index).squeeze(-1), _reverse_kl(log_p, log_q)
 
 
-def vopd_loss(student_logits, teacher_logits, tokens, *, baseline: str = "full", topk: int = 100,
-              temperature: float = 1.0):
+def vopd_loss(
+    student_logits, teacher_logits, tokens, *, baseline: str = "full", topk: int = 100, temperature: float = 1.0
+):
     log_p = _log_softmax(student_logits, temperature)
     log_q = _log_softmax(teacher_logits.detach(), temperature)
     index = tokens.unsqueeze(-1)
@@ -42,8 +45,10 @@ def vopd_loss(student_logits, teacher_logits, tokens, *, baseline: str = "full",
         value = -_reverse_kl(log_p, log_q)
     elif baseline == "topk":
         ids = student_logits.detach().topk(topk, dim=-1).indices
-        value = -_reverse_kl(_log_softmax(student_logits.detach().gather(-1, ids), temperature),
-                             _log_softmax(teacher_logits.gather(-1, ids), temperature))
+        value = -_reverse_kl(
+            _log_softmax(student_logits.detach().gather(-1, ids), temperature),
+            _log_softmax(teacher_logits.gather(-1, ids), temperature),
+        )
     else:
         value = torch.zeros_like(reward)
     advantage = (reward - value).detach()

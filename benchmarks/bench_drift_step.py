@@ -9,6 +9,7 @@ is the student plus small noise, so overlaps stay above the threshold and rows k
 most steps of a real rollout do; every ``RESTART_EVERY`` steps a fresh monitor / state is made
 outside the timed region, so the history stays rollout-sized.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,19 +49,32 @@ def build(case: Case, device, requested) -> Workload:
     config = opd_ext.PruneConfig()
     student = harness.random_logits(case.shape, case.dtype, device, seed=0)
     teacher = student + harness.random_logits(case.shape, case.dtype, device, seed=1, scale=0.1)
-    impls = {harness.SUBJECT: _Restarting(
-        lambda: opd_ext.DriftMonitor(batch, config, device=device),
-        lambda monitor: monitor.step(student, teacher)).impl()}
+    impls = {
+        harness.SUBJECT: _Restarting(
+            lambda: opd_ext.DriftMonitor(batch, config, device=device), lambda monitor: monitor.step(student, teacher)
+        ).impl()
+    }
     fresh_state = lambda: DriftState.fresh(batch, device, None)  # noqa: E731
     for name in requested:
-        step = {"eager": baselines.drift_step}.get(name) if name != "compile" else harness.compiled(baselines.drift_step)
+        step = (
+            {"eager": baselines.drift_step}.get(name) if name != "compile" else harness.compiled(baselines.drift_step)
+        )
         if step is not None:
-            impls[name] = _Restarting(fresh_state, lambda state, step=step: step(
-                state, student, teacher, config.k, config.kernel_args())).impl()
+            impls[name] = _Restarting(
+                fresh_state, lambda state, step=step: step(state, student, teacher, config.k, config.kernel_args())
+            ).impl()
     return Workload(impls, floor_bytes=harness.logit_bytes(student, teacher))
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main(op="drift_step", script=__file__, description=__doc__,
-                          api=["DriftMonitor", "PruneConfig"], kernels=["drift_step"],
-                          cases=cases, build=build))
+    sys.exit(
+        harness.main(
+            op="drift_step",
+            script=__file__,
+            description=__doc__,
+            api=["DriftMonitor", "PruneConfig"],
+            kernels=["drift_step"],
+            cases=cases,
+            build=build,
+        )
+    )

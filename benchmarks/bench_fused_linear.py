@@ -19,6 +19,7 @@ ones predicts a peak above --max-gb or above the memory this shared machine has 
 
     python benchmarks/bench_fused_linear.py --rows 512 1024 2048 4096
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,6 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # ---- small self-contained memory/timing helper (swap for benchmarks/harness.py once it exists) ----
 
+
 def _status_mib(field: str) -> float:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) / 1024
@@ -50,8 +52,13 @@ def measure_step(step) -> dict:
     start = time.perf_counter()
     result = step()
     seconds = time.perf_counter() - start
-    return dict(seconds=seconds, rss_inputs_mib=rss_before, peak_total_mib=_status_mib("VmHWM"),
-                step_peak_mib=_status_mib("VmHWM") - rss_before, result=result)
+    return dict(
+        seconds=seconds,
+        rss_inputs_mib=rss_before,
+        peak_total_mib=_status_mib("VmHWM"),
+        step_peak_mib=_status_mib("VmHWM") - rss_before,
+        result=result,
+    )
 
 
 def available_mib() -> float:
@@ -59,6 +66,7 @@ def available_mib() -> float:
 
 
 # ---- the three methods ---------------------------------------------------------------------------
+
 
 def eager_vopd_loss(student_logits, teacher_logits, tokens):
     import torch.nn.functional as F
@@ -91,8 +99,9 @@ def run_worker(args) -> dict:
     def step(rows):
         hid, tok, t_hid = hidden[rows], tokens[rows], teacher_hidden[rows]
         if args.method.startswith("fused"):
-            loss = opd_ext.fused_linear_vopd_loss(hid, weight, tok, teacher_hidden=t_hid,
-                                                  teacher_weight=teacher_weight, chunk_size=args.chunk_size)
+            loss = opd_ext.fused_linear_vopd_loss(
+                hid, weight, tok, teacher_hidden=t_hid, teacher_weight=teacher_weight, chunk_size=args.chunk_size
+            )
         else:
             with torch.no_grad():
                 teacher_logits = F.linear(t_hid, teacher_weight)
@@ -113,6 +122,7 @@ def run_worker(args) -> dict:
 
 # ---- driver --------------------------------------------------------------------------------------
 
+
 def predict_mib(history: list[tuple[int, float]], n: int) -> float | None:
     """Linear extrapolation in N from the two largest smaller sizes (every [N, V] buffer is linear in N)."""
     if len(history) < 2:
@@ -124,9 +134,11 @@ def predict_mib(history: list[tuple[int, float]], n: int) -> float | None:
 def summary_lines(rows: list[dict]) -> list[str]:
     """fused vs eager per N: step peak, total peak and time; '~' marks an extrapolated eager value."""
     by_key = {(r["method"], r["n"]): r for r in rows}
-    lines = ["| fused method | N | eager step peak (MiB) | fused step peak (MiB) | fused / eager step | "
-             "fused / eager total | eager s | fused s | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| fused method | N | eager step peak (MiB) | fused step peak (MiB) | fused / eager step | "
+        "fused / eager total | eager s | fused s | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     fused_methods = sorted({r["method"] for r in rows if r["method"].startswith("fused")})
     for n, method in ((n, m) for m in fused_methods for n in sorted({r["n"] for r in rows})):
         eager, fused = by_key.get(("eager", n)), by_key.get((method, n))
@@ -142,7 +154,8 @@ def summary_lines(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {method} | {n} | {mark}{eager_step:.0f} | {fused['step_peak_mib']:.0f} | "
             f"{mark}{fused['step_peak_mib'] / eager_step:.1%} | {mark}{fused['peak_total_mib'] / eager_total:.1%} | "
-            f"{eager['seconds']} | {fused['seconds']} | {speed} |")
+            f"{eager['seconds']} | {fused['seconds']} | {speed} |"
+        )
     return lines
 
 
@@ -159,8 +172,13 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--methods", nargs="+", default=["eager", "materialised", "fused"], type=parse_method,
-                        help="eager, materialised, fused (default chunk rule) or fused:ROWS (ROWS per chunk)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["eager", "materialised", "fused"],
+        type=parse_method,
+        help="eager, materialised, fused (default chunk rule) or fused:ROWS (ROWS per chunk)",
+    )
     parser.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--max-gb", type=float, default=14.0, help="skip a run predicted to peak above this")
     parser.add_argument("--out", default=str(RESULTS / "fused_linear_cpu"), help="writes OUT.csv and OUT.md")
@@ -181,19 +199,46 @@ def main(argv=None) -> int:
         history: list[tuple[int, float]] = []  # (N, step peak MiB)
         inputs_mib = 0.0
         for n in sorted(args.rows):
-            row = dict(method=method, n=n, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
-                       chunk_size=method.partition(":")[2], seconds="", rss_inputs_mib="", step_peak_mib="",
-                       peak_total_mib="", predicted_step_mib="", loss="", status="measured")
+            row = dict(
+                method=method,
+                n=n,
+                hidden=args.hidden,
+                vocab=args.vocab,
+                dtype=args.dtype,
+                chunk_size=method.partition(":")[2],
+                seconds="",
+                rss_inputs_mib="",
+                step_peak_mib="",
+                peak_total_mib="",
+                predicted_step_mib="",
+                loss="",
+                status="measured",
+            )
             predicted = predict_mib(history, n)
             limit = min(args.max_gb * 1024, available_mib() - 3 * 1024)  # leave the others 3 GiB
             if predicted is not None:
                 row["predicted_step_mib"] = round(predicted, 1)
             if predicted is not None and predicted + inputs_mib > limit:
-                row["status"] = (f"skipped: predicted total peak {(predicted + inputs_mib) / 1024:.1f} GiB "
-                                 f"> limit {limit / 1024:.1f} GiB")
+                row["status"] = (
+                    f"skipped: predicted total peak {(predicted + inputs_mib) / 1024:.1f} GiB "
+                    f"> limit {limit / 1024:.1f} GiB"
+                )
             else:
-                cmd = [sys.executable, __file__, "--worker", "--method", method, "--n", str(n),
-                       "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--method",
+                    method,
+                    "--n",
+                    str(n),
+                    "--hidden",
+                    str(args.hidden),
+                    "--vocab",
+                    str(args.vocab),
+                    "--dtype",
+                    args.dtype,
+                ]
                 if method.startswith("fused:"):
                     cmd += ["--chunk-size", method.partition(":")[2]]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -214,8 +259,10 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
-               f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads)"
+    )
     lines = [
         "# Fused-linear vOPD loss: peak memory and time on CPU",
         "",
@@ -228,10 +275,16 @@ def main(argv=None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['n']} | {r['seconds']} | {r['rss_inputs_mib']} | {r['step_peak_mib']} "
-                     f"| {r['peak_total_mib']} | {r['loss']} | {r['status']} |")
-    lines += ["", "Fused vs eager ('~': eager too large for this machine, its step peak extrapolated "
-              "linearly in N from the two largest measured sizes):", ""] + summary_lines(rows)
+        lines.append(
+            f"| {r['method']} | {r['n']} | {r['seconds']} | {r['rss_inputs_mib']} | {r['step_peak_mib']} "
+            f"| {r['peak_total_mib']} | {r['loss']} | {r['status']} |"
+        )
+    lines += [
+        "",
+        "Fused vs eager ('~': eager too large for this machine, its step peak extrapolated "
+        "linearly in N from the two largest measured sizes):",
+        "",
+    ] + summary_lines(rows)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return 0
 

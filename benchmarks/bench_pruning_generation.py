@@ -17,6 +17,7 @@ Reported per run: wall time, student token rows decoded, teacher forwards, teach
 
     python benchmarks/bench_pruning_generation.py --out benchmarks/results/pruning_generation_cpu.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,10 +40,19 @@ def build_models(args):
 
     def llama(rope_theta: float):
         torch.manual_seed(args.seed)  # same weights for both models
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=4096, rope_theta=rope_theta, initializer_range=args.init,
-                             pad_token_id=0, eos_token_id=None)
+        config = LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            rope_theta=rope_theta,
+            initializer_range=args.init,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
         return LlamaForCausalLM(config).eval()
 
     return llama(10000.0), llama(args.teacher_rope_theta)
@@ -72,20 +82,43 @@ def run(mode: str, config: PruneConfig, student, teacher, prompts, args) -> dict
     start = time.perf_counter()
     if mode == "hf":
         torch.manual_seed(args.seed)
-        rollout = generate_hf_with_pruning(student, teacher, prompts, config=config, do_sample=True, top_k=0,
-                                           temperature=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=0)
+        rollout = generate_hf_with_pruning(
+            student,
+            teacher,
+            prompts,
+            config=config,
+            do_sample=True,
+            top_k=0,
+            temperature=1.0,
+            max_new_tokens=args.max_new_tokens,
+            pad_token_id=0,
+        )
     else:
-        rollout = generate_with_pruning(student, teacher, prompts, config=config, max_new_tokens=args.max_new_tokens,
-                                        chunk_size=args.chunk_size if mode == "chunked" else 1, pad_token_id=0,
-                                        generator=torch.Generator().manual_seed(args.seed))
+        rollout = generate_with_pruning(
+            student,
+            teacher,
+            prompts,
+            config=config,
+            max_new_tokens=args.max_new_tokens,
+            chunk_size=args.chunk_size if mode == "chunked" else 1,
+            pad_token_id=0,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     seconds = time.perf_counter() - start
     timer.close()
     stopped = int((rollout.lengths < args.max_new_tokens).sum())
-    return dict(mode=mode if mode != "chunked" else f"chunked C={args.chunk_size}", seconds=seconds,
-                student_tokens=rollout.tokens_generated, teacher_forwards=rollout.teacher_forwards,
-                teacher_tokens=rollout.teacher_tokens, teacher_seconds=timer.seconds, kept=rollout.tokens_kept,
-                stopped=stopped, mean_overlap=float(rollout.overlaps[rollout.completion_mask].mean()),
-                rollout=rollout)
+    return dict(
+        mode=mode if mode != "chunked" else f"chunked C={args.chunk_size}",
+        seconds=seconds,
+        student_tokens=rollout.tokens_generated,
+        teacher_forwards=rollout.teacher_forwards,
+        teacher_tokens=rollout.teacher_tokens,
+        teacher_seconds=timer.seconds,
+        kept=rollout.tokens_kept,
+        stopped=stopped,
+        mean_overlap=float(rollout.overlaps[rollout.completion_mask].mean()),
+        rollout=rollout,
+    )
 
 
 def overlap_profile(rollout, buckets: int = 8) -> list[float]:
@@ -119,8 +152,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     student, teacher = build_models(args)
-    prompts = torch.randint(3, args.vocab, (args.batch, args.prompt_len),
-                            generator=torch.Generator().manual_seed(args.seed + 1))
+    prompts = torch.randint(
+        3, args.vocab, (args.batch, args.prompt_len), generator=torch.Generator().manual_seed(args.seed + 1)
+    )
     configs = {"plain": PruneConfig.disabled(), "prune": PruneConfig(w_drop=args.w_drop)}
     modes = args.modes.split(",")
     warmup = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
@@ -139,10 +173,13 @@ def main(argv=None) -> int:
                 best["teacher_seconds"] = min(best["teacher_seconds"], result["teacher_seconds"])
     results = list(results.values())
     for result in results:
-        print(f"{result['mode']:>12} {result['config']:>6}: {result['seconds']:6.1f} s, student tokens "
-              f"{result['student_tokens']}, teacher forwards {result['teacher_forwards']}, teacher tokens "
-              f"{result['teacher_tokens']} ({result['teacher_seconds']:.1f} s), kept {result['kept']}, "
-              f"stopped {result['stopped']}/{args.batch}", flush=True)
+        print(
+            f"{result['mode']:>12} {result['config']:>6}: {result['seconds']:6.1f} s, student tokens "
+            f"{result['student_tokens']}, teacher forwards {result['teacher_forwards']}, teacher tokens "
+            f"{result['teacher_tokens']} ({result['teacher_seconds']:.1f} s), kept {result['kept']}, "
+            f"stopped {result['stopped']}/{args.batch}",
+            flush=True,
+        )
 
     report = render(results, args, sys.argv if argv is None else ["benchmarks/bench_pruning_generation.py", *argv])
     print(report)
@@ -154,8 +191,9 @@ def main(argv=None) -> int:
 
 def render(results, args, argv) -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     import transformers
@@ -174,7 +212,8 @@ def render(results, args, argv) -> str:
         f"Setting: {args.batch} prompts x {args.prompt_len} tokens, up to {args.max_new_tokens} new tokens, "
         f"sampling at temperature 1. Student: Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab} "
         f"(random init, range {args.init}). Teacher: the same weights with RoPE base {args.teacher_rope_theta:g} "
-        f"instead of 10000, so the two attend differently, the more so over longer distances (overlap profile below). `prune` = "
+        f"instead of 10000, so the two attend differently, the more so over longer distances (overlap profile "
+        f"below). `prune` = "
         f"`PruneConfig(w_drop={args.w_drop})` (k=16, threshold 0.7, w_base 0.5: a row stops after "
         f"{round(1 / args.w_drop)} drift events); `plain` = `PruneConfig.disabled()`.",
         "",
@@ -186,15 +225,20 @@ def render(results, args, argv) -> str:
         base = plain.get(r["mode"])
         rel_t = f"{r['teacher_tokens'] / base['teacher_tokens']:.2f}x" if base else "-"
         rel_s = f"{r['student_tokens'] / base['student_tokens']:.2f}x" if base else "-"
-        lines.append(f"| {r['mode']} | {r['config']} | {r['seconds']:.1f} | {r['student_tokens']} | "
-                     f"{r['teacher_forwards']} | {r['teacher_tokens']} | {r['teacher_seconds']:.1f} | {r['kept']} | "
-                     f"{r['stopped']}/{args.batch} | {rel_t} | {rel_s} |")
+        lines.append(
+            f"| {r['mode']} | {r['config']} | {r['seconds']:.1f} | {r['student_tokens']} | "
+            f"{r['teacher_forwards']} | {r['teacher_tokens']} | {r['teacher_seconds']:.1f} | {r['kept']} | "
+            f"{r['stopped']}/{args.batch} | {rel_t} | {rel_s} |"
+        )
     reference = next((r for r in results if r["config"] == "plain"), None)
     if reference is not None:
         profile = overlap_profile(reference["rollout"])
         width = reference["rollout"].overlaps.shape[1] // len(profile)
-        lines += ["", f"Mean top-16 overlap along the unpruned rollouts ({reference['mode']}, buckets of {width} "
-                      f"tokens): " + ", ".join(f"{x:.2f}" for x in profile)]
+        lines += [
+            "",
+            f"Mean top-16 overlap along the unpruned rollouts ({reference['mode']}, buckets of {width} "
+            f"tokens): " + ", ".join(f"{x:.2f}" for x in profile),
+        ]
     lines += [
         "",
         "Reading: `student tokens` counts decoded token rows (the lockstep and chunked loops drop stopped rows; "

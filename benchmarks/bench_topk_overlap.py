@@ -7,16 +7,15 @@ Besides the reference (a stable full sort, exact on ties) it times ``torch.topk`
 verl's ``overlap_ratio`` metric does: faster than the reference but not tie-exact, so it is a
 speed yardstick only.
 """
+
 from __future__ import annotations
 
 import sys
 
-import torch
+from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
 
 import harness
 from harness import Case, Impl, Workload
-
-from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
 
 
 def cases(args) -> list[Case]:
@@ -48,5 +47,15 @@ def extra_args(parser):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main(op="topk_overlap", script=__file__, description=__doc__, api=["topk_overlap"],
-                          kernels=["topk_overlap"], cases=cases, build=build, extra_args=extra_args))
+    sys.exit(
+        harness.main(
+            op="topk_overlap",
+            script=__file__,
+            description=__doc__,
+            api=["topk_overlap"],
+            kernels=["topk_overlap"],
+            cases=cases,
+            build=build,
+            extra_args=extra_args,
+        )
+    )

@@ -9,20 +9,24 @@ docs/spec.md §5 goal on GPU: the forward at >= 80% of the copy bandwidth.
 Yardsticks (benchmarks/baselines.py): "eager" = the same math in float32 PyTorch ops, "compile" =
 torch.compile of it; "reference" (opt-in) = the float64 opd_ext.reference.
 """
+
 from __future__ import annotations
 
 import sys
+
+from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
 
 import baselines
 import harness
 from harness import Case, Impl, Workload
 
-from opd_ext import reference  # noqa: E402  (harness puts the repo on the path when run as a script)
-
 
 def cases(args) -> list[Case]:
-    return [case for baseline in args.baseline.split(",")
-            for case in harness.training_cases(args, passes=["fwd", "fwd+bwd"], params={"baseline": baseline})]
+    return [
+        case
+        for baseline in args.baseline.split(",")
+        for case in harness.training_cases(args, passes=["fwd", "fwd+bwd"], params={"baseline": baseline})
+    ]
 
 
 def build(case: Case, device, requested) -> Workload:
@@ -42,9 +46,19 @@ def build(case: Case, device, requested) -> Workload:
         return after(loss) if after else loss
 
     impls = {harness.SUBJECT: Impl(subject, clear_grad)}
-    impls.update(harness.baseline_impls(requested, baselines.vopd_loss, student, teacher, tokens,
-                                        reference_fn=reference.vopd_loss, setup=clear_grad, after=after,
-                                        **kwargs))
+    impls.update(
+        harness.baseline_impls(
+            requested,
+            baselines.vopd_loss,
+            student,
+            teacher,
+            tokens,
+            reference_fn=reference.vopd_loss,
+            setup=clear_grad,
+            after=after,
+            **kwargs,
+        )
+    )
     floor = harness.logit_bytes(student, teacher) + (harness.logit_bytes(student) if backward else 0)
     return Workload(impls, floor_bytes=floor)
 
@@ -54,7 +68,15 @@ def extra_args(parser):
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main(op="vopd_loss", script=__file__, description=__doc__,
-                          api=["vopd_loss"],
-                          kernels=["token_stats", "policy_gradient_backward"],
-                          cases=cases, build=build, extra_args=extra_args))
+    sys.exit(
+        harness.main(
+            op="vopd_loss",
+            script=__file__,
+            description=__doc__,
+            api=["vopd_loss"],
+            kernels=["token_stats", "policy_gradient_backward"],
+            cases=cases,
+            build=build,
+            extra_args=extra_args,
+        )
+    )

@@ -19,6 +19,7 @@ What it does:
 
 These are static estimates: the kernels have not yet been run on a GPU for this report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,9 +97,22 @@ def parse_ptxas(text: str) -> dict[str, dict]:
     props_for: str | None = None
     for line in text.splitlines():
         if m := _ENTRY_RE.search(line):
-            current = kernels.setdefault(m.group(1), {
-                "arch": m.group(2), "registers": None, "stack_frame": 0, "spill_stores": 0, "spill_loads": 0,
-                "barriers": 0, "smem": 0, "cumulative_stack": 0, "cmem0": 0, "lmem": 0, "callees": {}})
+            current = kernels.setdefault(
+                m.group(1),
+                {
+                    "arch": m.group(2),
+                    "registers": None,
+                    "stack_frame": 0,
+                    "spill_stores": 0,
+                    "spill_loads": 0,
+                    "barriers": 0,
+                    "smem": 0,
+                    "cumulative_stack": 0,
+                    "cmem0": 0,
+                    "lmem": 0,
+                    "callees": {},
+                },
+            )
             current["_name"] = m.group(1)
             props_for = None
         elif m := _PROPS_RE.search(line):
@@ -121,6 +135,7 @@ def parse_ptxas(text: str) -> dict[str, dict]:
 
 
 # ---- SASS ----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Instr:
@@ -205,7 +220,7 @@ class Loop:
     first: int  # index of head in the function's instruction list
     last: int  # index of tail
 
-    def contains(self, other: "Loop") -> bool:
+    def contains(self, other: Loop) -> bool:
         inside = self.first <= other.first and other.last <= self.last
         return inside and (self.first, self.last) != (other.first, other.last)
 
@@ -227,7 +242,7 @@ def find_loops(instrs: list[Instr], min_load_bytes: int = 8) -> list[Loop]:
     loops = []
     for head, last in tails.items():
         first = index[head]
-        if any(is_global_load(x) and access_bytes(x.opcode) >= min_load_bytes for x in instrs[first:last + 1]):
+        if any(is_global_load(x) and access_bytes(x.opcode) >= min_load_bytes for x in instrs[first : last + 1]):
             loops.append(Loop(head, instrs[last].addr, first, last))
     inner = [lp for lp in loops if not any(lp.contains(o) for o in loops)]
     return sorted(inner, key=lambda lp: lp.head)
@@ -275,8 +290,10 @@ def hot_path(instrs: list[Instr], loop: Loop) -> LoopPath:
 
     def relax(src: int, dst: int) -> None:
         ins = instrs[dst]
-        score = (best[src - first][0] + (access_bytes(ins.opcode) if is_global_load(ins) else 0),
-                 best[src - first][1] - 1)
+        score = (
+            best[src - first][0] + (access_bytes(ins.opcode) if is_global_load(ins) else 0),
+            best[src - first][1] - 1,
+        )
         if best[dst - first] is None or score > best[dst - first]:
             best[dst - first] = score
             prev[dst - first] = src
@@ -304,6 +321,7 @@ def hot_path(instrs: list[Instr], loop: Loop) -> LoopPath:
 
 
 # ---- names -----------------------------------------------------------------------------------------
+
 
 def demangle(names: list[str], tool: str) -> dict[str, str]:
     if not names:
@@ -374,6 +392,7 @@ def dtype_bytes(dtypes: list[str]) -> int:
 
 # ---- analysis ------------------------------------------------------------------------------------
 
+
 def analyse_loop(instrs: list[Instr], loop: Loop, dtypes: list[str]) -> dict:
     path = hot_path(instrs, loop)
     n = len(path.instructions)
@@ -389,7 +408,7 @@ def analyse_loop(instrs: list[Instr], loop: Loop, dtypes: list[str]) -> dict:
         "mufu": path.count(lambda x: x.base == "MUFU"),
         "calls": path.count(lambda x: x.base == "CALL"),
         "barriers": path.count(lambda x: x.base == "BAR"),
-        "local_memory_in_range": sum(1 for x in instrs[loop.first:loop.last + 1] if x.base in ("LDL", "STL")),
+        "local_memory_in_range": sum(1 for x in instrs[loop.first : loop.last + 1] if x.base in ("LDL", "STL")),
         "local_memory_on_path": path.count(lambda x: x.base in ("LDL", "STL")),
         "elements": None,
         "note": "",
@@ -481,6 +500,7 @@ def _sort_key(k: dict) -> tuple:
 
 # ---- tools and compilation -------------------------------------------------------------------------
 
+
 def _candidates(tool: str, env_var: str | None) -> list[str]:
     found = []
     if env_var and os.environ.get(env_var):
@@ -517,16 +537,22 @@ def _triton_bin(tool: str) -> tuple[str, ...]:
 def find_tools() -> dict[str, str]:
     nvcc = find_tool("nvcc", "CUDACXX")
     if nvcc is None:
-        raise ReportError("nvcc not found: install the CUDA toolkit or set CUDACXX / CUDA_HOME "
-                          "(searched CUDACXX, CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin)")
-    cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", (os.path.join(os.path.dirname(nvcc), "cuobjdump"),
-                                                     *_triton_bin("cuobjdump")))
+        raise ReportError(
+            "nvcc not found: install the CUDA toolkit or set CUDACXX / CUDA_HOME "
+            "(searched CUDACXX, CUDA_HOME/bin, CUDA_PATH/bin, PATH, /usr/local/cuda/bin)"
+        )
+    cuobjdump = find_tool(
+        "cuobjdump", "CUOBJDUMP", (os.path.join(os.path.dirname(nvcc), "cuobjdump"), *_triton_bin("cuobjdump"))
+    )
     if cuobjdump is None:
-        raise ReportError("cuobjdump not found: install the CUDA toolkit's cuobjdump (e.g. the "
-                          "cuda-cuobjdump package) or set CUOBJDUMP=/path/to/cuobjdump (a triton wheel's "
-                          "triton/backends/nvidia/bin/cuobjdump also works)")
-    demangler = (find_tool("cu++filt", None, (os.path.join(os.path.dirname(nvcc), "cu++filt"),))
-                 or shutil.which("c++filt"))
+        raise ReportError(
+            "cuobjdump not found: install the CUDA toolkit's cuobjdump (e.g. the "
+            "cuda-cuobjdump package) or set CUOBJDUMP=/path/to/cuobjdump (a triton wheel's "
+            "triton/backends/nvidia/bin/cuobjdump also works)"
+        )
+    demangler = find_tool("cu++filt", None, (os.path.join(os.path.dirname(nvcc), "cu++filt"),)) or shutil.which(
+        "c++filt"
+    )
     if demangler is None:
         raise ReportError("neither cu++filt (CUDA toolkit) nor c++filt (binutils) found to demangle kernel names")
     # $CMAKE, else the interpreter's own cmake (pip's, as the pip build uses: the project needs a
@@ -553,10 +579,20 @@ def tool_version(path: str) -> str:
 def configure(tools: dict[str, str], build: Path, arch: str) -> dict[str, dict]:
     """CMake configure (CUDA on, sm_<arch> only); returns compile_commands.json entries by source."""
     build.mkdir(parents=True, exist_ok=True)
-    cmd = [tools["cmake"], "-S", str(REPO), "-B", str(build), "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
-           "-DOPD_EXT_BUILD_TESTS=OFF", "-DOPD_EXT_SIMT=OFF", "--no-warn-unused-cli",
-           f"-DCMAKE_CUDA_ARCHITECTURES={arch}-real", f"-DCMAKE_CUDA_COMPILER={tools['nvcc']}",
-           f"-DPython_EXECUTABLE={sys.executable}"]
+    cmd = [
+        tools["cmake"],
+        "-S",
+        str(REPO),
+        "-B",
+        str(build),
+        "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
+        "-DOPD_EXT_BUILD_TESTS=OFF",
+        "-DOPD_EXT_SIMT=OFF",
+        "--no-warn-unused-cli",
+        f"-DCMAKE_CUDA_ARCHITECTURES={arch}-real",
+        f"-DCMAKE_CUDA_COMPILER={tools['nvcc']}",
+        f"-DPython_EXECUTABLE={sys.executable}",
+    ]
     if shutil.which("ninja"):
         if not (build / "CMakeCache.txt").exists() or "Ninja" in (build / "CMakeCache.txt").read_text():
             cmd += ["-G", "Ninja"]
@@ -565,8 +601,9 @@ def configure(tools: dict[str, str], build: Path, arch: str) -> dict[str, dict]:
     print(f"configuring with CMake in {build} (sm_{arch}) ...", flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
-        raise ReportError("CMake configure failed (torch must import in this interpreter):\n"
-                          + (p.stdout + p.stderr)[-4000:])
+        raise ReportError(
+            "CMake configure failed (torch must import in this interpreter):\n" + (p.stdout + p.stderr)[-4000:]
+        )
     entries = json.loads((build / "compile_commands.json").read_text())
     return {os.path.realpath(e["file"]): e for e in entries}
 
@@ -574,7 +611,7 @@ def configure(tools: dict[str, str], build: Path, arch: str) -> dict[str, dict]:
 def cubin_command(entry: dict, cubin: Path) -> list[str]:
     args = entry["arguments"] if "arguments" in entry else shlex.split(entry["command"])
     out, skip = [], 0
-    for i, a in enumerate(args):
+    for a in args:
         if skip:
             skip -= 1
             continue
@@ -602,8 +639,9 @@ def _inputs_digest(cmd: list[str], source: Path, nvcc_version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def compile_source(entry: dict, source: Path, cache: Path, nvcc_version: str, force: bool,
-                   label: str) -> tuple[Path, str]:
+def compile_source(
+    entry: dict, source: Path, cache: Path, nvcc_version: str, force: bool, label: str
+) -> tuple[Path, str]:
     """(cubin, ptxas log) of one .cu, compiled or reused from the cache."""
     stem = source.stem
     probe = cubin_command(entry, cache / "x.cubin")
@@ -617,8 +655,9 @@ def compile_source(entry: dict, source: Path, cache: Path, nvcc_version: str, fo
     cmd = cubin_command(entry, cubin)
     print(f"{label} {source.relative_to(REPO)}: compiling (nvcc -cubin -Xptxas -v) ...", flush=True)
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=entry.get("directory", str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=entry.get("directory", str(REPO)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
     reader.start()
@@ -631,8 +670,9 @@ def compile_source(entry: dict, source: Path, cache: Path, nvcc_version: str, fo
     reader.join()
     text = "".join(output)
     if proc.returncode != 0:
-        raise ReportError(f"nvcc failed on {source.relative_to(REPO)} (exit {proc.returncode}):\n"
-                          f"{shlex.join(cmd)}\n{text[-6000:]}")
+        raise ReportError(
+            f"nvcc failed on {source.relative_to(REPO)} (exit {proc.returncode}):\n{shlex.join(cmd)}\n{text[-6000:]}"
+        )
     log.write_text(text)
     print(f"    done in {time.monotonic() - start:.0f} s", flush=True)
     return cubin, text
@@ -655,13 +695,17 @@ def source_state() -> dict:
             return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return ""
+
     # What the CUDA compilation reads: the bindings, the headers they include, the build.
     paths = ("csrc/cuda", "csrc/include", ":(glob)csrc/*.h", "CMakeLists.txt", "cmake")
-    return {"commit": git("log", "-1", "--format=%h", "--", *paths),
-            "dirty": bool(git("status", "--porcelain", "--", *paths))}
+    return {
+        "commit": git("log", "-1", "--format=%h", "--", *paths),
+        "dirty": bool(git("status", "--porcelain", "--", *paths)),
+    }
 
 
 # ---- report ------------------------------------------------------------------------------------------
+
 
 def _fmt_rate(r: float) -> str:
     return f"{r / 1e9:,.0f}"
@@ -689,8 +733,7 @@ def markdown(report: dict) -> str:
         f"nvcc {report['tools']['nvcc_version']}, cuobjdump {report['tools']['cuobjdump_version']}, "
         f"with the CMake build's flags for sm_{arch}. Machine-readable: `gpu_cost_sm{arch}.json`.",
         "",
-        "These numbers are **static estimates** from the compiler output; none of them has been measured "
-        "on a GPU.",
+        "These numbers are **static estimates** from the compiler output; none of them has been measured on a GPU.",
         "",
         "## Method and assumptions",
         "",
@@ -718,8 +761,8 @@ def markdown(report: dict) -> str:
         "**Memory floor**: HBM bandwidth / bytes per element. The bound is the smallest of the three; "
         "`% of floor` = that rate / the memory floor; `issue at floor` = the share of issue slots the "
         "loop needs to run at the memory floor (> 100 %: issue-bound).",
-        "* GPUs: " + "; ".join(f"{name}: {v['sms']} SMs, {v['clock_ghz']} GHz, {v['hbm_tbps']} TB/s HBM"
-                              for name, v in g.items())
+        "* GPUs: "
+        + "; ".join(f"{name}: {v['sms']} SMs, {v['clock_ghz']} GHz, {v['hbm_tbps']} TB/s HBM" for name, v in g.items())
         + ". Rates in G elements/s.",
         "* Not modelled: the scalar head/tail of a row, reductions, merges and launch overhead (they "
         "matter for short rows), L2 effects, occupancy limits on latency hiding.",
@@ -728,48 +771,80 @@ def markdown(report: dict) -> str:
         "",
     ]
     gpu_names = list(g)
-    header = ["kernel", "dtypes", "regs", "spill st/ld (B)", "loop (SASS)", "instr/iter (range)", "elem/iter",
-              "instr/elem", "MUFU/elem", "B/elem"]
+    header = [
+        "kernel",
+        "dtypes",
+        "regs",
+        "spill st/ld (B)",
+        "loop (SASS)",
+        "instr/iter (range)",
+        "elem/iter",
+        "instr/elem",
+        "MUFU/elem",
+        "B/elem",
+    ]
     for name in gpu_names:
         header += [f"{name}: bound, % of floor", f"{name} G elem/s", f"{name} issue at floor"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for k, lp, tag in _hot_loop_rows(kernels):
         r = k["resources"] or {}
-        cells = [f"`{k['kernel']}`{tag}", k["dtypes"] or "-", str(r.get("registers", "?")),
-                 f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}", f"{lp['range'][0]}–{lp['range'][1]}"]
+        cells = [
+            f"`{k['kernel']}`{tag}",
+            k["dtypes"] or "-",
+            str(r.get("registers", "?")),
+            f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}",
+            f"{lp['range'][0]}–{lp['range'][1]}",
+        ]
         if lp.get("elements"):
-            cells += [f"{lp['path_instructions']} ({lp['range_instructions']})", str(lp["elements"]),
-                      f"{lp['instructions_per_element']:.1f}", f"{lp['mufu_per_element']:.2f}",
-                      f"{lp['bytes_per_element']:g}"]
+            cells += [
+                f"{lp['path_instructions']} ({lp['range_instructions']})",
+                str(lp["elements"]),
+                f"{lp['instructions_per_element']:.1f}",
+                f"{lp['mufu_per_element']:.2f}",
+                f"{lp['bytes_per_element']:g}",
+            ]
             for name in gpu_names:
                 b = lp["bounds"][name]
-                cells += [f"{b['bound']} {100 * b['fraction_of_floor']:.0f} %", _fmt_rate(b["rate"]),
-                          f"{100 * b['issue_use_at_floor']:.0f} %"]
+                cells += [
+                    f"{b['bound']} {100 * b['fraction_of_floor']:.0f} %",
+                    _fmt_rate(b["rate"]),
+                    f"{100 * b['issue_use_at_floor']:.0f} %",
+                ]
         else:
             cells += [f"{lp.get('path_instructions', '?')} ({lp.get('range_instructions', '?')})", "?", "?", "?", "?"]
             cells += ["?"] * (3 * len(gpu_names))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Loads and stores on each hot path (per thread and iteration):", ""]
-    lines += ["| kernel | dtypes | loop | LDG | STG | CALL | BAR | local memory (range) |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| kernel | dtypes | loop | LDG | STG | CALL | BAR | local memory (range) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for k, lp, tag in _hot_loop_rows(kernels):
-        lines.append(f"| `{k['kernel']}`{tag} | {k['dtypes'] or '-'} | {lp['range'][0]}–{lp['range'][1]} | "
-                     f"{lp.get('loads', '')} | {lp.get('stores') or '-'} | {lp.get('calls', 0)} | "
-                     f"{lp.get('barriers', 0)} | {lp.get('local_memory_in_range', 0)} |")
+        lines.append(
+            f"| `{k['kernel']}`{tag} | {k['dtypes'] or '-'} | {lp['range'][0]}–{lp['range'][1]} | "
+            f"{lp.get('loads', '')} | {lp.get('stores') or '-'} | {lp.get('calls', 0)} | "
+            f"{lp.get('barriers', 0)} | {lp.get('local_memory_in_range', 0)} |"
+        )
 
-    lines += ["", "## Resources of every kernel (ptxas -v)", "",
-              "| kernel | dtypes | source | registers | stack (B) | spill stores (B) | spill loads (B) | smem (B) "
-              "| barriers | LDL/STL in SASS | hot loop instr/elem |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Resources of every kernel (ptxas -v)",
+        "",
+        "| kernel | dtypes | source | registers | stack (B) | spill stores (B) | spill loads (B) | smem (B) "
+        "| barriers | LDL/STL in SASS | hot loop instr/elem |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k in kernels:
         r = k["resources"] or {}
         ipe = [k["loops"][i].get("instructions_per_element") for i in k["hot_loops"]]
         ipe_txt = " / ".join(f"{x:.1f}" for x in ipe if x is not None) or "— (no vector streaming loop)"
-        lines.append(f"| `{k['kernel']}` | {k['dtypes'] or '-'} | {Path(k['source']).name} | "
-                     f"{r.get('registers', '?')} | "
-                     f"{r.get('stack_frame', '?')} | {r.get('spill_stores', '?')} | {r.get('spill_loads', '?')} | "
-                     f"{r.get('smem', '?')} | {r.get('barriers', '?')} | {k['local_memory_instructions']} | "
-                     f"{ipe_txt} |")
+        lines.append(
+            f"| `{k['kernel']}` | {k['dtypes'] or '-'} | {Path(k['source']).name} | "
+            f"{r.get('registers', '?')} | "
+            f"{r.get('stack_frame', '?')} | {r.get('spill_stores', '?')} | {r.get('spill_loads', '?')} | "
+            f"{r.get('smem', '?')} | {r.get('barriers', '?')} | {k['local_memory_instructions']} | "
+            f"{ipe_txt} |"
+        )
     lines += ["", "## Findings", ""] + [f"* {f}" for f in findings(report)] + [""]
     return "\n".join(lines)
 
@@ -786,54 +861,90 @@ def findings(report: dict) -> list[str]:
     out = []
     kernels = report["kernels"]
     rows = _hot_loop_rows(kernels)
-    spilled = [k for k in kernels
-               if (k["resources"] or {}).get("spill_stores") or (k["resources"] or {}).get("spill_loads")]
+    spilled = [
+        k for k in kernels if (k["resources"] or {}).get("spill_stores") or (k["resources"] or {}).get("spill_loads")
+    ]
     if spilled:
-        out.append("Spills (stores/loads, bytes per thread): " + ", ".join(
-            f"`{k['kernel']}` {k['resources']['spill_stores']}/{k['resources']['spill_loads']}" for k in spilled) + ".")
+        out.append(
+            "Spills (stores/loads, bytes per thread): "
+            + ", ".join(
+                f"`{k['kernel']}` {k['resources']['spill_stores']}/{k['resources']['spill_loads']}" for k in spilled
+            )
+            + "."
+        )
     else:
         out.append("No kernel spills.")
     hot_local = [(k, lp, tag) for k, lp, tag in rows if lp.get("local_memory_in_range")]
     if hot_local:
-        out.append("Local-memory instructions (LDL/STL) inside a hot loop: " + _grouped(
-            hot_local,
-            lambda lp: f"{lp['local_memory_in_range']} in range, {lp['local_memory_on_path']} on the path") + ".")
+        out.append(
+            "Local-memory instructions (LDL/STL) inside a hot loop: "
+            + _grouped(
+                hot_local,
+                lambda lp: f"{lp['local_memory_in_range']} in range, {lp['local_memory_on_path']} on the path",
+            )
+            + "."
+        )
     elif spilled:
         out.append("No hot loop has an LDL/STL in its range: the spills are outside the streaming loops.")
     if any(tag for _, _, tag in rows):
-        out.append("(A), (B): one kernel with several streaming loops of equal loads per iteration, e.g. a "
-                   "runtime choice between two per-element visitors; MUFU/elem tells them apart.")
+        out.append(
+            "(A), (B): one kernel with several streaming loops of equal loads per iteration, e.g. a "
+            "runtime choice between two per-element visitors; MUFU/elem tells them apart."
+        )
     for gpu in GPUS:
         slow = [(k, lp, tag) for k, lp, tag in rows if lp.get("bounds") and lp["bounds"][gpu]["bound"] != "memory"]
         if slow:
-            out.append(f"Not memory-bound on the {gpu} (bound, % of the floor): " + _grouped(
-                slow,
-                lambda lp: f"{lp['bounds'][gpu]['bound']} {100 * lp['bounds'][gpu]['fraction_of_floor']:.0f} %") + ".")
+            out.append(
+                f"Not memory-bound on the {gpu} (bound, % of the floor): "
+                + _grouped(
+                    slow,
+                    lambda lp, gpu=gpu: (
+                        f"{lp['bounds'][gpu]['bound']} {100 * lp['bounds'][gpu]['fraction_of_floor']:.0f} %"
+                    ),
+                )
+                + "."
+            )
         else:
             out.append(f"Every hot loop is memory-bound on the {gpu} under these assumptions.")
-    tight = [(k, lp, tag) for k, lp, tag in rows
-             if lp.get("bounds") and all(b["bound"] == "memory" for b in lp["bounds"].values())
-             and max(b["issue_use_at_floor"] for b in lp["bounds"].values()) > 0.7]
+    tight = [
+        (k, lp, tag)
+        for k, lp, tag in rows
+        if lp.get("bounds")
+        and all(b["bound"] == "memory" for b in lp["bounds"].values())
+        and max(b["issue_use_at_floor"] for b in lp["bounds"].values()) > 0.7
+    ]
     if tight:
-        out.append("Memory-bound, but needing > 70 % of the issue slots at the H200 floor (little headroom "
-                   "for stalls): " + _grouped(
-                       tight,
-                       lambda lp: f"{100 * max(b['issue_use_at_floor'] for b in lp['bounds'].values()):.0f} %") + ".")
+        out.append(
+            "Memory-bound, but needing > 70 % of the issue slots at the H200 floor (little headroom "
+            "for stalls): "
+            + _grouped(tight, lambda lp: f"{100 * max(b['issue_use_at_floor'] for b in lp['bounds'].values()):.0f} %")
+            + "."
+        )
     missing = list(dict.fromkeys(generic_name(k["kernel"]) for k in kernels if not k["hot_loops"]))
     if missing:
-        out.append("No vector streaming loop (merges, scans: resources only): "
-                   + ", ".join(f"`{m}`" for m in missing) + ".")
+        out.append(
+            "No vector streaming loop (merges, scans: resources only): " + ", ".join(f"`{m}`" for m in missing) + "."
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
-                        help="where gpu_cost_sm<arch>.md / .json go (default: benchmarks/results)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results",
+        help="where gpu_cost_sm<arch>.md / .json go (default: benchmarks/results)",
+    )
     parser.add_argument("--arch", default="90", help="SM architecture to compile for (default 90)")
-    parser.add_argument("--build-dir", type=Path, default=REPO / "build" / "gpu_cost_report",
-                        help="CMake tree and cubin cache (default: build/gpu_cost_report)")
+    parser.add_argument(
+        "--build-dir",
+        type=Path,
+        default=REPO / "build" / "gpu_cost_report",
+        help="CMake tree and cubin cache (default: build/gpu_cost_report)",
+    )
     parser.add_argument("--force", action="store_true", help="recompile even when the inputs are unchanged")
     args = parser.parse_args(argv)
     try:
@@ -842,8 +953,10 @@ def main(argv: list[str] | None = None) -> int:
         if not sources:
             raise ReportError("no csrc/cuda/*.cu found")
         nvcc_version = tool_version(tools["nvcc"])
-        print(f"nvcc {nvcc_version}: {tools['nvcc']}\ncuobjdump: {tools['cuobjdump']}\n"
-              f"demangler: {tools['demangler']}", flush=True)
+        print(
+            f"nvcc {nvcc_version}: {tools['nvcc']}\ncuobjdump: {tools['cuobjdump']}\ndemangler: {tools['demangler']}",
+            flush=True,
+        )
         build = args.build_dir / f"sm{args.arch}"
         entries = configure(tools, build / "cmake", args.arch)
         cache = build / "cubin"
@@ -869,8 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         "static_estimate": "not yet run on a GPU",
         "sources": source_state(),
         "tools": {"nvcc_version": nvcc_version, "cuobjdump_version": tool_version(tools["cuobjdump"])},
-        "machine_model": {"schedulers_per_sm": SCHEDULERS_PER_SM, "warp_lanes": WARP_LANES,
-                          "mufu_lanes_per_sm": MUFU_LANES_PER_SM, "gpus": GPUS},
+        "machine_model": {
+            "schedulers_per_sm": SCHEDULERS_PER_SM,
+            "warp_lanes": WARP_LANES,
+            "mufu_lanes_per_sm": MUFU_LANES_PER_SM,
+            "gpus": GPUS,
+        },
         "kernels": kernels,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -881,9 +998,11 @@ def main(argv: list[str] | None = None) -> int:
     for k, lp, tag in _hot_loop_rows(kernels):
         if lp.get("elements"):
             b = lp["bounds"]["H100 SXM"]
-            print(f"  {k['kernel'] + tag:60s} {k['dtypes']:10s} loop {lp['range'][0]}-{lp['range'][1]}  "
-                  f"{lp['instructions_per_element']:5.1f} instr/elem  "
-                  f"H100 {b['bound']}-bound, {100 * b['fraction_of_floor']:.0f} % of floor")
+            print(
+                f"  {k['kernel'] + tag:60s} {k['dtypes']:10s} loop {lp['range'][0]}-{lp['range'][1]}  "
+                f"{lp['instructions_per_element']:5.1f} instr/elem  "
+                f"H100 {b['bound']}-bound, {100 * b['fraction_of_floor']:.0f} % of floor"
+            )
     return 0
 
 

@@ -23,6 +23,7 @@ Definitions (docs/spec.md §5):
   of 64 KiB or more so freed temporaries cannot hide in already-resident heap pages.
   ``torch.compile`` is not measured there (each subprocess would recompile).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -64,10 +66,33 @@ TRAIN_TOKENS = (2048, 8192)
 VOCABS = (32000, 151936)
 
 CSV_FIELDS = [
-    "timestamp", "op", "pass", "impl", "status", "device", "device_name", "dtype", "shape", "params",
-    "floor_bytes", "time_ms", "time_ms_p20", "time_ms_p80", "samples", "gbps", "pct_of_ceiling",
-    "ceiling_gbps", "opd_ext_speedup", "peak_mem_mb", "peak_mem_method", "torch", "cuda", "opd_ext",
-    "git_commit", "cpu_threads", "load_avg_1m",
+    "timestamp",
+    "op",
+    "pass",
+    "impl",
+    "status",
+    "device",
+    "device_name",
+    "dtype",
+    "shape",
+    "params",
+    "floor_bytes",
+    "time_ms",
+    "time_ms_p20",
+    "time_ms_p80",
+    "samples",
+    "gbps",
+    "pct_of_ceiling",
+    "ceiling_gbps",
+    "opd_ext_speedup",
+    "peak_mem_mb",
+    "peak_mem_method",
+    "torch",
+    "cuda",
+    "opd_ext",
+    "git_commit",
+    "cpu_threads",
+    "load_avg_1m",
 ]
 
 
@@ -90,11 +115,12 @@ class Case:
         return f"{dims} {DTYPE_NAMES[self.dtype]}{extra} {self.pass_}"
 
     def to_json(self) -> str:
-        return json.dumps({"shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype],
-                           "params": self.params, "pass": self.pass_})
+        return json.dumps(
+            {"shape": list(self.shape), "dtype": DTYPE_NAMES[self.dtype], "params": self.params, "pass": self.pass_}
+        )
 
     @staticmethod
-    def from_json(text: str) -> "Case":
+    def from_json(text: str) -> Case:
         d = json.loads(text)
         return Case(tuple(d["shape"]), DTYPES[d["dtype"]], d["params"], d["pass"])
 
@@ -124,18 +150,23 @@ def pick_shapes(args, *, quick, cpu, cuda) -> list[tuple[int, ...]]:
 def decode_shapes(args) -> list[tuple[int, ...]]:
     """[B, V] decode-step shapes: every one of docs/spec.md §5 on GPU; on CPU only B * V <= 64 * 32000,
     since the sort-based reference takes seconds per call beyond (tens of seconds on a loaded machine)."""
-    return pick_shapes(args, quick=[(1, 32000), (8, 32000)],
-                       cpu=[(b, v) for v in VOCABS for b in DECODE_BATCHES if b * v <= 64 * 32000],
-                       cuda=[(b, v) for v in VOCABS for b in DECODE_BATCHES])
+    return pick_shapes(
+        args,
+        quick=[(1, 32000), (8, 32000)],
+        cpu=[(b, v) for v in VOCABS for b in DECODE_BATCHES if b * v <= 64 * 32000],
+        cuda=[(b, v) for v in VOCABS for b in DECODE_BATCHES],
+    )
 
 
 def training_cases(args, passes: Sequence[str], params: dict | None = None) -> list[Case]:
     """[N, V] training shapes (docs/spec.md §5): every one on GPU, N=2048 on CPU (the reduced CPU
     set), one small shape with --quick."""
-    shapes = pick_shapes(args, quick=[(128, 32000)], cpu=[(2048, v) for v in VOCABS],
-                         cuda=[(n, v) for v in VOCABS for n in TRAIN_TOKENS])
-    return [Case(shape, dtype, dict(params or {}), pass_) for pass_ in passes for dtype in args.dtypes
-            for shape in shapes]
+    shapes = pick_shapes(
+        args, quick=[(128, 32000)], cpu=[(2048, v) for v in VOCABS], cuda=[(n, v) for v in VOCABS for n in TRAIN_TOKENS]
+    )
+    return [
+        Case(shape, dtype, dict(params or {}), pass_) for pass_ in passes for dtype in args.dtypes for shape in shapes
+    ]
 
 
 def logit_bytes(*tensors: torch.Tensor) -> int:
@@ -154,15 +185,22 @@ def random_tokens(shape, vocab: int, device, *, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, device=device, dtype=torch.int64, generator=gen)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn: Callable) -> Callable:
     """``torch.compile`` of a reference function, one wrapper per function so every size of a run
     shares Dynamo's cache (automatic dynamic shapes after the second size, few recompiles)."""
     return torch.compile(fn)
 
 
-def baseline_impls(baselines: Sequence[str], eager_fn: Callable, *args, reference_fn: Callable | None = None,
-                   setup=None, after=None, **kwargs) -> dict[str, Impl]:
+def baseline_impls(
+    baselines: Sequence[str],
+    eager_fn: Callable,
+    *args,
+    reference_fn: Callable | None = None,
+    setup=None,
+    after=None,
+    **kwargs,
+) -> dict[str, Impl]:
     """The requested baselines of one op, called on fixed arguments: "eager" (``eager_fn``, a
     float32 PyTorch formulation, see baselines.py), "compile" (``torch.compile`` of it) and
     "reference" (``reference_fn``, the float64 ground truth). ``after`` consumes the result
@@ -189,11 +227,16 @@ def git_commit() -> str:
     if os.environ.get("OPD_GIT_COMMIT"):
         return os.environ["OPD_GIT_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, check=True,
-                             capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, check=True, capture_output=True, text=True
+        ).stdout.strip()
         # Results being written are not source changes.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -256,8 +299,15 @@ class _L2Flusher:
             self.buffer.zero_()
 
 
-def time_interleaved(impls: dict[str, Impl], device: torch.device, *, rounds: int, warmup: int,
-                     round_budget_s: float, max_inner: int = 50) -> dict[str, list[list[float]]]:
+def time_interleaved(
+    impls: dict[str, Impl],
+    device: torch.device,
+    *,
+    rounds: int,
+    warmup: int,
+    round_budget_s: float,
+    max_inner: int = 50,
+) -> dict[str, list[list[float]]]:
     """Seconds per call, as ``samples[name][round] = [t, ...]``.
 
     Each round calls every implementation ``inner[name]`` times in turn; ``inner`` is sized from
@@ -313,7 +363,7 @@ def paired_speedup(baseline: list[list[float]], subject: list[list[float]]) -> f
     return statistics.median(statistics.median(b) / statistics.median(s) for b, s in zip(baseline, subject))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def copy_ceiling_gbps(device_type: str) -> float:
     """Measured copy bandwidth in GB/s, counting bytes read + bytes written."""
     device = torch.device(device_type)
@@ -364,16 +414,26 @@ def _rss_peak_bytes_in_this_process(impl: Impl) -> int:
 
 
 def _cpu_peak_bytes_subprocess(script: Path, case: Case, impl_name: str) -> int | None:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=os.pathsep.join(
-        filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--peak-memory-child", case.to_json(),
-                           impl_name],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        MALLOC_MMAP_THRESHOLD_="65536",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--peak-memory-child", case.to_json(), impl_name],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("PEAK_BYTES "):
             return int(line.split()[1])
-    print(f"    peak memory of {impl_name} not measured: child exited {proc.returncode}: "
-          f"{proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+    print(
+        f"    peak memory of {impl_name} not measured: child exited {proc.returncode}: "
+        f"{proc.stderr.strip().splitlines()[-1:]}",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -406,18 +466,32 @@ def missing_ops(device: torch.device, api: Sequence[str], kernels: Sequence[str]
 def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentParser], None] | None):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: small cases, eager baseline only, no peak memory (well under a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small cases, eager baseline only, no peak memory (well under a minute)",
+    )
     p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
     p.add_argument("--shapes", default=None, help="comma list of logits shapes, e.g. 8x32000,1x151936")
-    p.add_argument("--baselines", default=None,
-                   help="comma list among eager, compile (torch.compile of eager) and reference (the float64 "
-                        "ground truth, slow and memory-hungry); default eager,compile; --quick: eager")
+    p.add_argument(
+        "--baselines",
+        default=None,
+        help="comma list among eager, compile (torch.compile of eager) and reference (the float64 "
+        "ground truth, slow and memory-hungry); default eager,compile; --quick: eager",
+    )
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 3)")
-    p.add_argument("--round-budget", type=float, default=None,
-                   help="seconds per round shared by the implementations (default GPU 0.2, CPU 1.0, quick 0.2)")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
-                   help="measure peak memory (default: on, except with --quick)")
+    p.add_argument(
+        "--round-budget",
+        type=float,
+        default=None,
+        help="seconds per round shared by the implementations (default GPU 0.2, CPU 1.0, quick 0.2)",
+    )
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure peak memory (default: on, except with --quick)",
+    )
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--peak-memory-child", nargs=2, metavar=("CASE_JSON", "IMPL"), help=argparse.SUPPRESS)
@@ -440,17 +514,25 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
     return args
 
 
-def main(*, op: str, script: str, description: str, api: Sequence[str], kernels: Sequence[str],
-         cases: Callable[[argparse.Namespace], list[Case]],
-         build: Callable[[Case, torch.device, Sequence[str]], Workload],
-         extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
-         argv: Sequence[str] | None = None) -> int:
+def main(
+    *,
+    op: str,
+    script: str,
+    description: str,
+    api: Sequence[str],
+    kernels: Sequence[str],
+    cases: Callable[[argparse.Namespace], list[Case]],
+    build: Callable[[Case, torch.device, Sequence[str]], Workload],
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> int:
     """Run one op's benchmark; returns a process exit code.
 
     ``build(case, device, requested)`` returns the implementations for one case: SUBJECT plus
-    those of the ``--baselines`` names (eager, compile, reference) it supports, or others of its own. ``api`` lists the opd_ext attributes and
-    ``kernels`` the dispatcher ops the benchmark needs; when one is missing the run is skipped with
-    a line saying so (exit 0), so a partial build still benchmarks what it has.
+    those of the ``--baselines`` names (eager, compile, reference) it supports, or others of its
+    own. ``api`` lists the opd_ext attributes and ``kernels`` the dispatcher ops the benchmark
+    needs; when one is missing the run is skipped with a line saying so (exit 0), so a partial
+    build still benchmarks what it has.
     """
     args = parse_args(argv, description, extra_args)
     device = args.device
@@ -474,9 +556,11 @@ def main(*, op: str, script: str, description: str, api: Sequence[str], kernels:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     meta = run_metadata(device)
     ceiling = copy_ceiling_gbps(device.type)
-    print(f"# {op} on {meta['device_name']} ({device.type}, {meta['cpu_threads']} CPU threads), "
-          f"torch {meta['torch']}, opd_ext {meta['opd_ext']} @ {meta['git_commit']}; "
-          f"copy ceiling {ceiling:.1f} GB/s (read+write); baselines: {', '.join(args.baselines)}")
+    print(
+        f"# {op} on {meta['device_name']} ({device.type}, {meta['cpu_threads']} CPU threads), "
+        f"torch {meta['torch']}, opd_ext {meta['opd_ext']} @ {meta['git_commit']}; "
+        f"copy ceiling {ceiling:.1f} GB/s (read+write); baselines: {', '.join(args.baselines)}"
+    )
     suffix = "-quick" if args.quick else ""
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = args.out_dir / f"{op}-{device.type}{suffix}.csv"
@@ -496,9 +580,15 @@ def main(*, op: str, script: str, description: str, api: Sequence[str], kernels:
 
 
 def _run_case(op, case, build, device, args, meta, ceiling, script) -> list[dict]:
-    base = {"timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "op": op,
-            "pass": case.pass_, "dtype": DTYPE_NAMES[case.dtype], "shape": "x".join(map(str, case.shape)),
-            "params": " ".join(f"{k}={v}" for k, v in case.params.items()), **meta}
+    base = {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "op": op,
+        "pass": case.pass_,
+        "dtype": DTYPE_NAMES[case.dtype],
+        "shape": "x".join(map(str, case.shape)),
+        "params": " ".join(f"{k}={v}" for k, v in case.params.items()),
+        **meta,
+    }
     try:
         workload = build(case, device, args.baselines)
     except torch.OutOfMemoryError:
@@ -518,21 +608,29 @@ def _run_case(op, case, build, device, args, meta, ceiling, script) -> list[dict
             failed[name] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    samples = time_interleaved(impls, device, rounds=args.rounds, warmup=2, round_budget_s=args.round_budget) \
-        if impls else {}
+    samples = (
+        time_interleaved(impls, device, rounds=args.rounds, warmup=2, round_budget_s=args.round_budget) if impls else {}
+    )
     rows = []
     for name in workload.impls:
-        row = dict(base, impl=name, floor_bytes=workload.floor_bytes, ceiling_gbps=f"{ceiling:.1f}",
-                   load_avg_1m=load_average())
+        row = dict(
+            base, impl=name, floor_bytes=workload.floor_bytes, ceiling_gbps=f"{ceiling:.1f}", load_avg_1m=load_average()
+        )
         if name in failed:
             rows.append(dict(row, status=failed[name]))
             continue
         flat = [t for r in samples[name] for t in r]
         median = statistics.median(flat)
         gbps = workload.floor_bytes / median / 1e9
-        row.update(status="ok", time_ms=f"{median * 1e3:.4g}", time_ms_p20=f"{_quantile(flat, 0.2) * 1e3:.4g}",
-                   time_ms_p80=f"{_quantile(flat, 0.8) * 1e3:.4g}", samples=len(flat), gbps=f"{gbps:.4g}",
-                   pct_of_ceiling=f"{100 * gbps / ceiling:.3g}")
+        row.update(
+            status="ok",
+            time_ms=f"{median * 1e3:.4g}",
+            time_ms_p20=f"{_quantile(flat, 0.2) * 1e3:.4g}",
+            time_ms_p80=f"{_quantile(flat, 0.8) * 1e3:.4g}",
+            samples=len(flat),
+            gbps=f"{gbps:.4g}",
+            pct_of_ceiling=f"{100 * gbps / ceiling:.3g}",
+        )
         if SUBJECT in samples:
             row["opd_ext_speedup"] = f"{paired_speedup(samples[name], samples[SUBJECT]):.3g}"
         rows.append(row)
@@ -605,16 +703,20 @@ def plot_gbps(rows: list[dict], path: Path, ax=None) -> Path | None:
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return None
-    labels = list(dict.fromkeys(f"{r['shape']} {r['dtype']}" + (f"\n{r['pass']}" if r['pass'] != "fwd" else "")
-                                for r in ok))
+    labels = list(
+        dict.fromkeys(f"{r['shape']} {r['dtype']}" + (f"\n{r['pass']}" if r["pass"] != "fwd" else "") for r in ok)
+    )
     impls = list(dict.fromkeys(r["impl"] for r in ok))
     own_figure = ax is None
     if own_figure:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) + 2), 4.2))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        values = {f"{r['shape']} {r['dtype']}" + (f"\n{r['pass']}" if r['pass'] != "fwd" else ""): float(r["gbps"])
-                  for r in ok if r["impl"] == impl}
+        values = {
+            f"{r['shape']} {r['dtype']}" + (f"\n{r['pass']}" if r["pass"] != "fwd" else ""): float(r["gbps"])
+            for r in ok
+            if r["impl"] == impl
+        }
         xs = [j + (i - (len(impls) - 1) / 2) * width for j, lab in enumerate(labels) if lab in values]
         ax.bar(xs, [values[lab] for lab in labels if lab in values], width, label=impl)
     ceiling = float(ok[0]["ceiling_gbps"])
@@ -636,5 +738,7 @@ def plot_gbps(rows: list[dict], path: Path, ax=None) -> Path | None:
 if __name__ == "__main__":
     # `python benchmarks/harness.py [cpu|cuda]`: just the copy-bandwidth ceiling.
     _device = sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"copy ceiling on {device_name(torch.device(_device))} ({_device}): "
-          f"{copy_ceiling_gbps(_device):.1f} GB/s (bytes read + written)")
+    print(
+        f"copy ceiling on {device_name(torch.device(_device))} ({_device}): "
+        f"{copy_ceiling_gbps(_device):.1f} GB/s (bytes read + written)"
+    )

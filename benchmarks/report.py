@@ -6,6 +6,7 @@
 In an existing markdown file only the part between the BEGIN/END markers is replaced, so the
 hand-written notes around the table stay.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,14 @@ def markdown(rows: list[dict]) -> str:
     for (op, device), cases in groups.items():
         first = next(iter(next(iter(cases.values())).values()))
         baselines = list(dict.fromkeys(i for impls in cases.values() for i in impls if i != harness.SUBJECT))
-        lines += [f"### {op} on {device}: {first['device_name']}", "",
-                  f"torch {first['torch']}, CUDA {first['cuda'] or '-'}, opd_ext {first['opd_ext']} @ "
-                  f"{first['git_commit']}, {first['cpu_threads']} CPU threads, copy ceiling "
-                  f"{first['ceiling_gbps']} GB/s, {first['timestamp']}", ""]
+        lines += [
+            f"### {op} on {device}: {first['device_name']}",
+            "",
+            f"torch {first['torch']}, CUDA {first['cuda'] or '-'}, opd_ext {first['opd_ext']} @ "
+            f"{first['git_commit']}, {first['cpu_threads']} CPU threads, copy ceiling "
+            f"{first['ceiling_gbps']} GB/s, {first['timestamp']}",
+            "",
+        ]
         header = ["shape", "dtype", "pass", "params", "opd_ext ms", "GB/s", "% ceiling"]
         header += [f"× {b}" for b in baselines] + ["peak MiB opd_ext"] + [f"peak MiB {b}" for b in baselines]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -51,9 +56,15 @@ def markdown(rows: list[dict]) -> str:
             subject = impls.get(harness.SUBJECT, {})
             any_row = next(iter(impls.values()))
             ok = subject.get("status") == "ok"
-            cells = [any_row["shape"], any_row["dtype"], any_row["pass"], any_row["params"] or "-",
-                     subject.get("time_ms", "") if ok else subject.get("status", "missing"),
-                     subject.get("gbps", "") if ok else "", subject.get("pct_of_ceiling", "") if ok else ""]
+            cells = [
+                any_row["shape"],
+                any_row["dtype"],
+                any_row["pass"],
+                any_row["params"] or "-",
+                subject.get("time_ms", "") if ok else subject.get("status", "missing"),
+                subject.get("gbps", "") if ok else "",
+                subject.get("pct_of_ceiling", "") if ok else "",
+            ]
             for b in baselines:
                 row = impls.get(b, {})
                 cells.append(row.get("opd_ext_speedup", "") if row.get("status") == "ok" else row.get("status", ""))
@@ -74,7 +85,7 @@ def write_markdown(path: Path, table: str) -> None:
     block = f"{BEGIN}\n{table}\n{END}"
     text = path.read_text() if path.exists() else ""
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = (text + "\n" if text else "") + block + "\n"
     path.write_text(text)
@@ -97,7 +108,7 @@ def plot_all(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(nrows, cols, figsize=(8 * cols, 4.5 * nrows), squeeze=False)
     for ax, (op, device) in zip(axes.flat, panels):
         harness.plot_gbps([r for r in rows if r["op"] == op and r["device"] == device], path, ax=ax)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -10,6 +10,7 @@ sanitizer report in the log can be attributed; ops missing from the build print 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so each tensor is its own allocation and memcheck sees
 out-of-bounds accesses that the caching allocator would otherwise hide inside a larger block.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ import harness  # noqa: F401  (puts the repository on the path for in-place buil
 
 VOCABS = (7, 129, 1000, 4099)
 ROWS = 3
-PAIRS = ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-         (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
+PAIRS = (
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32),
+    (torch.float32, torch.bfloat16),
+)
 
 
 def _pairs(vocab, device, requires_grad=False):

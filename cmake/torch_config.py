@@ -4,6 +4,7 @@ Querying torch directly (instead of find_package(Torch)) avoids Caffe2's CUDA di
 fails on partial toolkits where nvrtc/cublas live in pip's nvidia/* packages rather than in
 /usr/local/cuda.
 """
+
 import glob
 import os
 import sys

@@ -5,6 +5,7 @@ compiled extension links against one torch's C++ ABI, so a wheel that accepted a
 install fine and then fail to import; pinning the release lets pip say so (or install that torch).
 The source distribution keeps the open range: it compiles against whatever torch is present.
 """
+
 from __future__ import annotations
 
 

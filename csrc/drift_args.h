@@ -13,9 +13,8 @@
 
 namespace opd_ext {
 
-inline opd::DriftConfig drift_config(const char* op, double ema_beta, double threshold, int64_t warmup,
-                                     double w_drop, double decay, double w_base, int64_t patience,
-                                     double min_weight) {
+inline opd::DriftConfig drift_config(const char* op, double ema_beta, double threshold, int64_t warmup, double w_drop,
+                                     double decay, double w_base, int64_t patience, double min_weight) {
   TORCH_CHECK(ema_beta >= 0.0 && ema_beta < 1.0, op, ": ema_beta=", ema_beta, " must be in [0, 1)");
   TORCH_CHECK(warmup >= 0 && warmup <= INT32_MAX, op, ": warmup=", warmup, " must be in [0, 2^31)");
   TORCH_CHECK(patience >= 0 && patience <= INT32_MAX, op, ": patience=", patience, " must be in [0, 2^31)");
@@ -36,26 +35,26 @@ inline opd::DriftConfig drift_config(const char* op, double ema_beta, double thr
 // Checks the state tensors ([B] each, contiguous, one device, the dtypes of the schema comment in
 // csrc/ops.cpp) and returns raw views. Returns B.
 inline int64_t check_drift_state(const char* op, const at::Device& device, const at::Tensor& ema,
-                                 const at::Tensor& weight, const at::Tensor& drift_run,
-                                 const at::Tensor& drift_events, const at::Tensor& length,
-                                 const at::Tensor& stop_reason, const at::Tensor& budget) {
+                                 const at::Tensor& weight, const at::Tensor& drift_run, const at::Tensor& drift_events,
+                                 const at::Tensor& length, const at::Tensor& stop_reason, const at::Tensor& budget) {
   const int64_t batch = ema.numel();
   const struct {
     const char* name;
     const at::Tensor& tensor;
     at::ScalarType dtype;
-  } fields[] = {{"ema", ema, at::kFloat},          {"weight", weight, at::kFloat},
+  } fields[] = {{"ema", ema, at::kFloat},           {"weight", weight, at::kFloat},
                 {"drift_run", drift_run, at::kInt}, {"drift_events", drift_events, at::kInt},
                 {"length", length, at::kInt},       {"stop_reason", stop_reason, at::kChar},
                 {"budget", budget, at::kInt}};
   for (const auto& f : fields) {
     TORCH_CHECK(f.tensor.dim() == 1 && f.tensor.size(0) == batch, op, ": state tensor ", f.name,
                 " must have shape [B=", batch, "], got ", f.tensor.sizes());
-    TORCH_CHECK(f.tensor.scalar_type() == f.dtype, op, ": state tensor ", f.name, " must be ", f.dtype,
-                ", got ", f.tensor.scalar_type());
+    TORCH_CHECK(f.tensor.scalar_type() == f.dtype, op, ": state tensor ", f.name, " must be ", f.dtype, ", got ",
+                f.tensor.scalar_type());
     TORCH_CHECK(f.tensor.device() == device, op, ": state tensor ", f.name, " is on ", f.tensor.device(),
                 " but the inputs are on ", device);
-    TORCH_CHECK(f.tensor.is_contiguous(), op, ": state tensor ", f.name, " must be contiguous (it is updated in place)");
+    TORCH_CHECK(f.tensor.is_contiguous(), op, ": state tensor ", f.name,
+                " must be contiguous (it is updated in place)");
   }
   return batch;
 }
@@ -63,9 +62,9 @@ inline int64_t check_drift_state(const char* op, const at::Device& device, const
 inline opd::DriftStateArrays drift_arrays(at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run,
                                           at::Tensor& drift_events, at::Tensor& length, at::Tensor& stop_reason,
                                           const at::Tensor& budget) {
-  return {ema.mutable_data_ptr<float>(),     weight.mutable_data_ptr<float>(),
+  return {ema.mutable_data_ptr<float>(),         weight.mutable_data_ptr<float>(),
           drift_run.mutable_data_ptr<int32_t>(), drift_events.mutable_data_ptr<int32_t>(),
-          length.mutable_data_ptr<int32_t>(), stop_reason.mutable_data_ptr<int8_t>(),
+          length.mutable_data_ptr<int32_t>(),    stop_reason.mutable_data_ptr<int8_t>(),
           budget.const_data_ptr<int32_t>()};
 }
 
@@ -88,14 +87,14 @@ inline DriftScanInputs check_drift_scan_inputs(const at::Tensor& overlaps, const
   constexpr const char* op = "drift_scan";
   TORCH_CHECK(overlaps.dim() == 2 && overlaps.scalar_type() == at::kFloat, op,
               ": overlaps must be float32 [B, T], got ", overlaps.scalar_type(), " ", overlaps.sizes());
-  const int64_t batch = check_drift_state(op, overlaps.device(), ema, weight, drift_run, drift_events, length,
-                                          stop_reason, budget);
+  const int64_t batch =
+      check_drift_state(op, overlaps.device(), ema, weight, drift_run, drift_events, length, stop_reason, budget);
   TORCH_CHECK(overlaps.size(0) == batch, op, ": overlaps has ", overlaps.size(0), " rows but the state has B=", batch);
   at::Tensor valid;
   if (mask.has_value()) {
     TORCH_CHECK(mask->sizes() == overlaps.sizes() && mask->scalar_type() == at::kBool, op,
-                ": mask must be bool with the shape of overlaps ", overlaps.sizes(), ", got ", mask->scalar_type(),
-                " ", mask->sizes());
+                ": mask must be bool with the shape of overlaps ", overlaps.sizes(), ", got ", mask->scalar_type(), " ",
+                mask->sizes());
     TORCH_CHECK(mask->device() == overlaps.device(), op, ": mask is on ", mask->device(), " but overlaps on ",
                 overlaps.device());
     valid = mask->contiguous();
@@ -115,15 +114,12 @@ struct DriftStepInputs {
   at::Tensor token_ids;  // contiguous int64 [A]; undefined without tokens
 };
 
-inline DriftStepInputs check_drift_step_inputs(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                                               const std::optional<at::Tensor>& tokens,
-                                               const std::optional<at::Tensor>& rows, const at::Tensor& ema,
-                                               const at::Tensor& weight, const at::Tensor& drift_run,
-                                               const at::Tensor& drift_events, const at::Tensor& length,
-                                               const at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
-                                               double temperature, double ema_beta, double threshold,
-                                               int64_t warmup, double w_drop, double decay, double w_base,
-                                               int64_t patience, double min_weight) {
+inline DriftStepInputs check_drift_step_inputs(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& tokens,
+    const std::optional<at::Tensor>& rows, const at::Tensor& ema, const at::Tensor& weight, const at::Tensor& drift_run,
+    const at::Tensor& drift_events, const at::Tensor& length, const at::Tensor& stop_reason, const at::Tensor& budget,
+    int64_t k, double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop, double decay,
+    double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_step";
   check_logit_pair(op, student_logits, teacher_logits);
   TORCH_CHECK(student_logits.dim() == 2, op, ": student_logits must be [A, V], got ", student_logits.sizes());
@@ -133,8 +129,8 @@ inline DriftStepInputs check_drift_step_inputs(const at::Tensor& student_logits,
   TORCH_CHECK(k >= 1 && k <= in.vocab, op, ": k=", k, " must be in [1, V=", in.vocab, "]");
   TORCH_CHECK(temperature > 0.0, op, ": temperature=", temperature, " must be > 0");
   in.config = drift_config(op, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
-  in.batch = check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events, length,
-                               stop_reason, budget);
+  in.batch =
+      check_drift_state(op, student_logits.device(), ema, weight, drift_run, drift_events, length, stop_reason, budget);
   if (rows.has_value()) {
     TORCH_CHECK(rows->dim() == 1 && rows->size(0) == in.active && rows->scalar_type() == at::kLong, op,
                 ": rows must be int64 [A=", in.active, "], got ", rows->scalar_type(), " ", rows->sizes());
@@ -163,8 +159,9 @@ inline DriftStepOutputs allocate_drift_step_outputs(const at::TensorOptions& log
                                                     bool with_tokens) {
   const auto f32 = logits_options.dtype(at::kFloat);
   const int64_t stats_size = with_tokens ? active : 0;
-  return {at::empty({active}, f32), at::empty({active}, f32), at::empty({active}, logits_options.dtype(at::kBool)),
-          at::empty({stats_size}, f32), at::empty({stats_size}, f32), at::empty({stats_size}, f32)};
+  return {
+      at::empty({active}, f32),     at::empty({active}, f32),     at::empty({active}, logits_options.dtype(at::kBool)),
+      at::empty({stats_size}, f32), at::empty({stats_size}, f32), at::empty({stats_size}, f32)};
 }
 
 }  // namespace opd_ext

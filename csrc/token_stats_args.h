@@ -27,8 +27,8 @@ inline void check_student_logits(const char* op, const at::Tensor& logits) { che
 // Returned contiguous.
 inline at::Tensor per_row(const char* op, const char* name, const at::Tensor& t, const at::Tensor& logits,
                           at::ScalarType dtype) {
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "float32",
-              ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype == at::kLong ? "int64" : "float32", ", got ",
+              t.scalar_type());
   TORCH_CHECK(t.device() == logits.device(), op, ": ", name, " on ", t.device(), " but student_logits on ",
               logits.device());
   TORCH_CHECK(t.sizes() == logits.sizes().slice(0, logits.dim() - 1), op, ": ", name, " ", t.sizes(),
@@ -45,8 +45,8 @@ inline void check_token_values(const char* op, const at::Tensor& ids, int64_t vo
     TORCH_CHECK(data[r] >= lowest && data[r] < vocab, op, ": tokens must be in [", lowest, ", V=", vocab, "), got ",
                 data[r], " at flat position ", r,
                 data[r] < lowest ? "; positions that do not count (e.g. ignore_index -100) must be excluded with "
-                              "mask=, e.g. mask=(tokens != -100): any id is allowed where mask is False"
-                            : "");
+                                   "mask=, e.g. mask=(tokens != -100): any id is allowed where mask is False"
+                                 : "");
   }
 }
 
@@ -61,8 +61,7 @@ inline TokenStatsInputs check_token_stats_inputs(const at::Tensor& student_logit
   check_logit_pair(op, student_logits, teacher_logits);
   const float inv_temperature = inverse_temperature(op, temperature);
   const int64_t vocab = student_logits.size(-1);
-  TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab,
-              "] (0: no top-k baseline)");
+  TORCH_CHECK(topk >= 0 && topk <= vocab, op, ": topk=", topk, " must be in [0, V=", vocab, "] (0: no top-k baseline)");
   return {inv_temperature, per_row(op, "tokens", tokens, student_logits, at::kLong)};
 }
 
@@ -105,12 +104,9 @@ struct ReverseKlBackwardInputs {
   at::Tensor coef, student_lse, teacher_lse, reverse_kl;  // contiguous [...]
 };
 
-inline ReverseKlBackwardInputs check_reverse_kl_backward_inputs(const at::Tensor& coef,
-                                                                const at::Tensor& student_logits,
-                                                                const at::Tensor& teacher_logits,
-                                                                const at::Tensor& student_lse,
-                                                                const at::Tensor& teacher_lse,
-                                                                const at::Tensor& reverse_kl, double temperature) {
+inline ReverseKlBackwardInputs check_reverse_kl_backward_inputs(
+    const at::Tensor& coef, const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const at::Tensor& student_lse, const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
   constexpr const char* op = "reverse_kl_backward";
   check_logit_pair(op, student_logits, teacher_logits);
   const float inv_temperature = inverse_temperature(op, temperature);

@@ -35,8 +35,8 @@ decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teac
       if (teacher == ScalarType::Half) return fn.template operator()<float, c10::Half>();
     }
   }
-  TORCH_CHECK(false, op, ": unsupported dtypes student_logits=", student, ", teacher_logits=",
-              teacher, "; supported: float32/bfloat16/float16 pairs of one dtype, or float32 on one "
+  TORCH_CHECK(false, op, ": unsupported dtypes student_logits=", student, ", teacher_logits=", teacher,
+              "; supported: float32/bfloat16/float16 pairs of one dtype, or float32 on one "
               "side with bfloat16/float16 on the other. Cast one side to match.");
 }
 
@@ -57,16 +57,15 @@ decltype(auto) dispatch_logit_pair(c10::ScalarType student, c10::ScalarType teac
 template <typename Fn>
 decltype(auto) dispatch_symmetric_logit_pair(const at::Tensor& student, const at::Tensor& teacher, const char* op,
                                              Fn&& fn) {
-  const bool exchange = student.scalar_type() == c10::ScalarType::Float &&
-                        (teacher.scalar_type() == c10::ScalarType::BFloat16 ||
-                         teacher.scalar_type() == c10::ScalarType::Half);
+  const bool exchange =
+      student.scalar_type() == c10::ScalarType::Float &&
+      (teacher.scalar_type() == c10::ScalarType::BFloat16 || teacher.scalar_type() == c10::ScalarType::Half);
   const at::Tensor& first = exchange ? teacher : student;
   const at::Tensor& second = exchange ? student : teacher;
   // Exchanged dtypes are always a supported pair, so an error names the caller's own order.
-  return detail::dispatch_logit_pair<false>(first.scalar_type(), second.scalar_type(), op,
-                                            [&]<typename A, typename B>() {
-                                              return fn.template operator()<A, B>(first, second);
-                                            });
+  return detail::dispatch_logit_pair<false>(
+      first.scalar_type(), second.scalar_type(), op,
+      [&]<typename A, typename B>() { return fn.template operator()<A, B>(first, second); });
 }
 
 // The one-dtype counterpart of dispatch_logit_pair, for ops that read the student alone.
@@ -85,8 +84,8 @@ decltype(auto) dispatch_student_logits(c10::ScalarType dtype, const char* op, Fn
 // first, these protect direct torch.ops calls.
 inline void check_logit_pair(const char* op, const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK(student.dim() >= 1, op, ": student_logits must have a vocabulary dimension");
-  TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": student_logits ", student.sizes(),
-              " and teacher_logits ", teacher.sizes(), " must have the same shape");
+  TORCH_CHECK(student.sizes() == teacher.sizes(), op, ": student_logits ", student.sizes(), " and teacher_logits ",
+              teacher.sizes(), " must have the same shape");
   TORCH_CHECK(student.device() == teacher.device(), op, ": student_logits on ", student.device(),
               " but teacher_logits on ", teacher.device());
   TORCH_CHECK(student.size(-1) > 0, op, ": the vocabulary dimension is empty");

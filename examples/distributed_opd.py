@@ -16,6 +16,7 @@ of its own shard. --check compares the loss with the unsharded one on rank 0.
 The models are tiny and random (built from a config, nothing downloads): the point is the wiring,
 which is the same at any size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,16 @@ VOCAB = 1000
 
 def tiny_model(seed: int, hidden: int) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -44,10 +52,16 @@ def rollouts(student, prompts: torch.Tensor, new_tokens: int, seed: int):
     """Sample completions from the student (on-policy); returns sequences and the completion mask."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        sequences = student.generate(prompts, do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     pad_token_id=0, attention_mask=torch.ones_like(prompts))
+        sequences = student.generate(
+            prompts,
+            do_sample=True,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+            attention_mask=torch.ones_like(prompts),
+        )
     mask = torch.zeros_like(sequences, dtype=torch.bool)
-    mask[:, prompts.shape[1]:] = True
+    mask[:, prompts.shape[1] :] = True
     return sequences, mask
 
 
@@ -79,7 +93,7 @@ class ColumnParallelHead(torch.nn.Module):
         super().__init__()
         widths = [len(c) for c in torch.arange(weight.shape[0]).tensor_split(world)]  # uneven allowed
         self.start, self.vocab, self.group = sum(widths[:rank]), weight.shape[0], group
-        self.weight = torch.nn.Parameter(weight[self.start:self.start + widths[rank]].detach().clone())
+        self.weight = torch.nn.Parameter(weight[self.start : self.start + widths[rank]].detach().clone())
 
     def forward(self, hidden):
         return torch.nn.functional.linear(_CopyToTensorParallel.apply(hidden, self.group), self.weight)
@@ -88,14 +102,16 @@ class ColumnParallelHead(torch.nn.Module):
 def train_dp(args, rank, world, device):
     student = tiny_model(0, args.hidden).to(device)
     teacher = tiny_model(1, 2 * args.hidden).to(device).eval().requires_grad_(False)
-    ddp = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None
+    )
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=args.lr)
     for step in range(args.steps):
         start = time.perf_counter()
         prompts = torch.randint(1, VOCAB, (args.batch_size, 8), device=device)
         sequences, mask = rollouts(student, prompts, args.new_tokens, seed=1000 * step + rank)
         # Rows end at different lengths in real runs: drop a few tokens per rank so counts differ.
-        mask[: rank + 1, -(rank + 1):] = False
+        mask[: rank + 1, -(rank + 1) :] = False
         with torch.no_grad():
             teacher_logits = teacher(sequences).logits
         s, tokens, m = shifted(ddp(sequences).logits, sequences, mask)
@@ -111,9 +127,12 @@ def train_dp(args, rank, world, device):
         dist.all_reduce(totals)
         if rank == 0:
             # Each rank's loss is W x its tokens' share: their mean is one process's loss on all.
-            print(f"[dp] step {step}: surrogate {totals[1].item() / world:+.4f}  reverse KL "
-                  f"{totals[0].item() / (num_items.item() * world):.4f}  tokens {num_items.item() * world:.0f}  "
-                  f"{time.perf_counter() - start:.2f}s", flush=True)
+            print(
+                f"[dp] step {step}: surrogate {totals[1].item() / world:+.4f}  reverse KL "
+                f"{totals[0].item() / (num_items.item() * world):.4f}  tokens {num_items.item() * world:.0f}  "
+                f"{time.perf_counter() - start:.2f}s",
+                flush=True,
+            )
 
 
 def train_tp(args, rank, world, device):
@@ -134,8 +153,9 @@ def train_tp(args, rank, world, device):
         student_shard = head(student.model(sequences).last_hidden_state)  # [B, T, V_r]
         s, tokens, m = shifted(student_shard, sequences, mask)
         t, _, _ = shifted(teacher_shard, sequences, mask)
-        loss = vocab_parallel_vopd_loss(s, t, tokens, mask=m, baseline="topk", topk=16,
-                                        vocab_start=head.start, vocab=head.vocab)
+        loss = vocab_parallel_vopd_loss(
+            s, t, tokens, mask=m, baseline="topk", topk=16, vocab_start=head.start, vocab=head.vocab
+        )
         optimizer.zero_grad()
         loss.backward()  # each rank: its shard of the head; the trunk's gradient is all-reduced
         optimizer.step()
@@ -154,10 +174,14 @@ def check_against_unsharded(s, t, tokens, mask, loss, rank, world):
     dist.all_gather(shards, s.contiguous())
     dist.all_gather(t_shards, t.contiguous())
     if rank == 0:
-        want = opd_ext.vopd_loss(torch.cat(shards, -1), torch.cat(t_shards, -1), tokens, mask=mask, baseline="topk",
-                                 topk=16)
-        print(f"     unsharded loss {want.item():+.6f}, vocab-parallel {loss.item():+.6f}, "
-              f"|diff| {abs(want.item() - loss.item()):.1e}", flush=True)
+        want = opd_ext.vopd_loss(
+            torch.cat(shards, -1), torch.cat(t_shards, -1), tokens, mask=mask, baseline="topk", topk=16
+        )
+        print(
+            f"     unsharded loss {want.item():+.6f}, vocab-parallel {loss.item():+.6f}, "
+            f"|diff| {abs(want.item() - loss.item()):.1e}",
+            flush=True,
+        )
 
 
 def _widths(local: int, world: int) -> list[int]:
@@ -167,17 +191,21 @@ def _widths(local: int, world: int) -> list[int]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--mode", choices=["dp", "tp", "both"], default="both")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4, help="rollouts per rank (dp) or per group (tp)")
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--check", action="store_true",
-                   help="tp mode: compare each loss with the unsharded one (dp needs no check: "
-                        "tests/test_distributed.py compares DDP with one process)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="tp mode: compare each loss with the unsharded one (dp needs no check: "
+        "tests/test_distributed.py compares DDP with one process)",
+    )
     args = p.parse_args(argv)
     if "RANK" not in os.environ:
         p.error("start it with torchrun, e.g. torchrun --nproc_per_node=2 examples/distributed_opd.py")

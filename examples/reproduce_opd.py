@@ -1,7 +1,8 @@
 """Entry point of the reproduction: the four OPD variants side by side, table + plots in docs/
 
-    python examples/reproduce_opd.py [--steps N] [--docs DIR] [--help]
+python examples/reproduce_opd.py [--steps N] [--docs DIR] [--help]
 """
+
 import sys
 from pathlib import Path
 

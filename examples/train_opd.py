@@ -1,7 +1,8 @@
 """Entry point of the reference run: on-policy distillation with vOPD + Prune-OPD.
 
-    python examples/train_opd.py [--method opd|vopd|prune|prune+vopd] [--help]
+python examples/train_opd.py [--method opd|vopd|prune|prune+vopd] [--help]
 """
+
 import sys
 from pathlib import Path
 

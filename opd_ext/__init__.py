@@ -1,23 +1,15 @@
 """opd_ext: fused kernels for on-policy distillation (vOPD losses, top-k overlap, Prune-OPD)."""
+
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from opd_ext._extension import build_info, cuda_kernels_available
-from opd_ext._validation import align_vocab
-from opd_ext.ops import topk_overlap
-from opd_ext.losses import (
-    LossStats,
-    TokenStats,
-    TokenStatsWithForwardKL,
-    reverse_kl_loss,
-    reverse_kl_loss_sparse_teacher,
-    teacher_support,
-    token_stats,
-    vopd_loss,
-    vopd_loss_sparse_teacher,
+from opd_ext import (
+    ops,  # noqa: F401  (the op layer: registers the fake kernels once, before any op runs)
+    reference,
 )
+from opd_ext._extension import build_info, cuda_kernels_available
+from opd_ext._version import __version__
 from opd_ext.fused_linear import fused_linear_reverse_kl_loss, fused_linear_vopd_loss
+from opd_ext.losses import align_vocab, reverse_kl_loss, token_stats, topk_overlap, vopd_loss
 from opd_ext.modules import (
     FusedLinearReverseKLLoss,
     FusedLinearVOPDLoss,
@@ -26,8 +18,9 @@ from opd_ext.modules import (
     VOPDLoss,
     VOPDLossSparseTeacher,
 )
+from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
-from opd_ext import reference
+from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, teacher_support, vopd_loss_sparse_teacher
 
 __all__ = [
     "__version__",
@@ -37,7 +30,8 @@ __all__ = [
     # kernels
     "align_vocab",
     "topk_overlap",
-    # token statistics and losses (opd_ext/losses.py, opd_ext/fused_linear.py)
+    # token statistics and losses (opd_ext/losses.py, sparse_teacher.py, fused_linear.py; shared core
+    # in opd_ext/objective.py)
     "LossStats",
     "TokenStats",
     "TokenStatsWithForwardKL",
@@ -66,9 +60,9 @@ __all__ = [
 
 
 # Imported on first use: opd_ext.generation pulls in transformers, which the kernels and losses do
-# not need; opd_ext.distributed is for multi-process runs only; opd_ext.served only for teachers
-# behind vLLM / SGLang.
-_LAZY_SUBMODULES = ("distributed", "generation", "served")
+# not need; opd_ext.served is only for teachers behind vLLM / SGLang. (opd_ext.distributed is
+# imported with the losses: DTensor logits take its path.)
+_LAZY_SUBMODULES = ("generation", "served")
 
 
 def __getattr__(name):

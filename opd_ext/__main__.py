@@ -1,4 +1,5 @@
 """``python -m opd_ext info``: print how this installation was built."""
+
 import argparse
 import json
 import sys

@@ -1,4 +1,5 @@
 """Loads the compiled kernels and reports how they were built."""
+
 from __future__ import annotations
 
 import os
@@ -8,6 +9,8 @@ import threading
 
 import torch
 
+from opd_ext._version import __version__
+
 
 def _source_checkout_note() -> str:
     """Said when the package being imported is the sources' opd_ext/ folder (e.g. `python -m
@@ -15,12 +18,14 @@ def _source_checkout_note() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     if not os.path.exists(os.path.join(here, os.pardir, "pyproject.toml")):
         return ""
-    return (f"\nopd_ext is being imported from the source folder {here}, which shadows an installed copy: "
-            "run from another directory, or install in place with `pip install --no-build-isolation -e .`")
+    return (
+        f"\nopd_ext is being imported from the source folder {here}, which shadows an installed copy: "
+        "run from another directory, or install in place with `pip install --no-build-isolation -e .`"
+    )
 
 
 def _release(version: str) -> str:
-    """"2.14.1+cu130" -> "2.14.1", the release as the package index names it."""
+    """ "2.14.1+cu130" -> "2.14.1", the release as the package index names it."""
     return version.split("+", 1)[0]
 
 
@@ -44,9 +49,11 @@ _REBUILD = "\n    pip install --no-build-isolation .        (-e . in a developme
 
 
 def _torch_mismatch(built: str) -> str:
-    return (f"opd_ext was compiled against torch {built}, but this is torch {torch.__version__}. A compiled "
-            "extension only works with the torch release it was built against: install "
-            f"torch=={_release(built)}, or rebuild opd_ext against this torch from its sources with{_REBUILD}")
+    return (
+        f"opd_ext was compiled against torch {built}, but this is torch {torch.__version__}. A compiled "
+        "extension only works with the torch release it was built against: install "
+        f"torch=={_release(built)}, or rebuild opd_ext against this torch from its sources with{_REBUILD}"
+    )
 
 
 try:
@@ -56,13 +63,17 @@ except ImportError as exc:  # pragma: no cover - only hit on a broken install
     if built is not None and _release(built) != _release(torch.__version__):
         reason = _torch_mismatch(built)
     elif torch.version.cuda is None and "cuda" in str(exc).lower():
-        reason = (f"this opd_ext has CUDA kernels and needs a CUDA build of torch, but torch "
-                  f"{torch.__version__} is CPU-only. Install a CUDA torch, or rebuild opd_ext against this "
-                  f"one with{_REBUILD}")
+        reason = (
+            f"this opd_ext has CUDA kernels and needs a CUDA build of torch, but torch "
+            f"{torch.__version__} is CPU-only. Install a CUDA torch, or rebuild opd_ext against this "
+            f"one with{_REBUILD}"
+        )
     else:
-        reason = ("opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
-                  f"({torch.__version__}). Rebuild it in this environment with\n"
-                  "    pip install --no-build-isolation -e .")
+        reason = (
+            "opd_ext's compiled extension (opd_ext._C) is missing or does not match this torch "
+            f"({torch.__version__}). Rebuild it in this environment with\n"
+            "    pip install --no-build-isolation -e ."
+        )
     raise ImportError(f"{reason}\nOriginal error: {exc}{_source_checkout_note()}") from exc
 
 # Loading can succeed against another torch when the symbols it uses happen to exist there, while
@@ -71,7 +82,14 @@ _built_against = _C.build_config()["torch_version"]
 if _release(_built_against).split(".")[:2] != _release(torch.__version__).split(".")[:2]:
     raise ImportError(_torch_mismatch(_built_against) + _source_checkout_note())
 
-ops = torch.ops.opd_ext
+
+def kernel_limits() -> dict:
+    """Constants of the compiled kernels that the Python layer must agree with, read from the
+    headers that define them (csrc/module.cpp): ``max_streaming_topk`` (the largest k the CUDA
+    kernels' streaming top-k keeps, csrc/include/opd/cuda/limits.h) and ``drift_stop_reasons``
+    (name -> code of ``opd::DriftStopReason``, csrc/include/opd/drift.h)."""
+    return _C.kernel_limits()
+
 
 # Set inside opd_ext.testing.emulated_cuda() (per thread, like the dispatch mode that routes the
 # ops): CPU tensors then run the CUDA kernels (emulated), so the Python API takes the same code
@@ -119,8 +137,6 @@ def simt_available() -> bool:
 
 def build_info() -> dict:
     """Versions and capabilities of this installation (also: ``python -m opd_ext info``)."""
-    from opd_ext import __version__
-
     config = _C.build_config()
     archs = _describe_archs(config["cuda_archs"])
     return {

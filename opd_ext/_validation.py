@@ -3,12 +3,15 @@
 Errors name the argument and say what was expected, so a user can fix the call without reading
 our source.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Optional
 
 import torch
+
+from opd_ext import _extension
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -26,9 +29,12 @@ def check_device(device, name: str = "device") -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"{name}={device!r} is not a device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        why = ("this torch build has no CUDA" if torch.version.cuda is None
-               else f"torch {torch.__version__} finds no usable NVIDIA GPU or driver")
-        raise RuntimeError(f"{name}={str(device)!r}, but CUDA is not available here ({why}); use device=\"cpu\"")
+        why = (
+            "this torch build has no CUDA"
+            if torch.version.cuda is None
+            else f"torch {torch.__version__} finds no usable NVIDIA GPU or driver"
+        )
+        raise RuntimeError(f'{name}={str(device)!r}, but CUDA is not available here ({why}); use device="cpu"')
     return device
 
 
@@ -36,13 +42,12 @@ def check_kernels_for(name: str, tensor: torch.Tensor) -> None:
     """CUDA tensors need a build with the CUDA kernels; say so instead of the dispatcher's
     "Could not run 'opd_ext::...' with arguments from the 'CUDA' backend" traceback."""
     if tensor.is_cuda:
-        from opd_ext._extension import cuda_kernels_available
-
-        if not cuda_kernels_available():
+        if not _extension.cuda_kernels_available():
             raise RuntimeError(
                 f"{name} is on {tensor.device}, but this opd_ext build has no CUDA kernels (nvcc was not found "
                 f"when it was built); rebuild with the CUDA toolkit on PATH (pip install --no-build-isolation "
-                f"-e .), or move the tensors to the CPU")
+                f"-e .), or move the tensors to the CPU"
+            )
 
 
 def is_dtensor(*tensors) -> bool:
@@ -59,7 +64,8 @@ def check_logits(name: str, logits) -> None:
             f"{name} is a DTensor: this function takes plain tensors. Logits sharded over the vocabulary "
             f"(Shard(-1)) go to opd_ext.topk_overlap / token_stats / vopd_loss / reverse_kl_loss as DTensors, "
             f"or to opd_ext.distributed.vocab_parallel_* with x.to_local() and the mesh dimension's group; "
-            f"otherwise pass x.full_tensor()")
+            f"otherwise pass x.full_tensor()"
+        )
     check_kernels_for(name, logits)
     if logits.dim() < 1:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
@@ -74,13 +80,16 @@ def is_supported_dtype_pair(student: torch.dtype, teacher: torch.dtype) -> bool:
     for both, or float32 on one side with bfloat16/float16 on the other."""
     if student == teacher:
         return True
-    return ((student in _LOW_PRECISION and teacher == torch.float32)
-            or (student == torch.float32 and teacher in _LOW_PRECISION))
+    return (student in _LOW_PRECISION and teacher == torch.float32) or (
+        student == torch.float32 and teacher in _LOW_PRECISION
+    )
 
 
 # How errors describe the pairs is_supported_dtype_pair accepts.
-SUPPORTED_DTYPE_PAIRS = ("one dtype for both, or float32 on one side with bfloat16/float16 on the other "
-                         "(e.g. a bf16 student with an fp32 teacher, or an fp32 student with a bf16 teacher)")
+SUPPORTED_DTYPE_PAIRS = (
+    "one dtype for both, or float32 on one side with bfloat16/float16 on the other "
+    "(e.g. a bf16 student with an fp32 teacher, or an fp32 student with a bf16 teacher)"
+)
 
 
 def check_logit_pair(student_logits, teacher_logits) -> None:
@@ -122,7 +131,7 @@ def check_k(k, vocab: int, name: str = "k", default: Optional[int] = None) -> in
     return k
 
 
-# ---- token statistics and losses (opd_ext/losses.py) ---------------------------------------------
+# ---- token statistics and losses -----------------------------------------------------------------
 
 _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -142,8 +151,9 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str,
-                     reference: str = "student_logits") -> None:
+def check_row_tensor(
+    name: str, tensor, logits: torch.Tensor, dtypes, what: str, reference: str = "student_logits"
+) -> None:
     """``tensor`` holds one value per position of ``student_logits`` [..., V] (or of another
     ``reference`` [..., X], e.g. student_hidden): shape [...], same device."""
     if not isinstance(tensor, torch.Tensor):
@@ -161,8 +171,10 @@ def check_row_tensor(name: str, tensor, logits: torch.Tensor, dtypes, what: str,
 
 
 # Said with every out-of-range negative token id (csrc/token_stats_args.h says the same).
-IGNORE_INDEX_HINT = ("positions that do not count (e.g. ignore_index -100) must be excluded with mask=, e.g. "
-                     "mask=(tokens != -100): any id is allowed where mask is False")
+IGNORE_INDEX_HINT = (
+    "positions that do not count (e.g. ignore_index -100) must be excluded with mask=, e.g. "
+    "mask=(tokens != -100): any id is allowed where mask is False"
+)
 
 
 def token_range_error(vocab: int, low: int, high: int, where: str = "") -> ValueError:
@@ -177,14 +189,20 @@ def check_tokens(tokens, logits: torch.Tensor, reference: str = "student_logits"
 
 
 def check_mask(mask, logits: torch.Tensor, reference: str = "student_logits") -> None:
-    check_row_tensor("mask", mask, logits, _INTEGER_DTYPES,
-                     "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights",
-                     reference)
+    check_row_tensor(
+        "mask",
+        mask,
+        logits,
+        _INTEGER_DTYPES,
+        "bool (or 0/1 integers), True at positions that count; per-token float factors go in weights",
+        reference,
+    )
 
 
 def check_weights(weights, logits: torch.Tensor, reference: str = "student_logits") -> None:
-    check_row_tensor("weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight",
-                     reference)
+    check_row_tensor(
+        "weights", weights, logits, LOGIT_DTYPES + (torch.float64,), "a floating per-token weight", reference
+    )
 
 
 def check_num_items(num_items):
@@ -195,19 +213,22 @@ def check_num_items(num_items):
         return None
     if isinstance(num_items, torch.Tensor):
         if num_items.numel() != 1 or num_items.is_complex() or num_items.dtype == torch.bool:
-            raise ValueError(f"num_items must be a non-negative number or a one-element real tensor, got "
-                             f"{_describe(num_items)}")
+            raise ValueError(
+                f"num_items must be a non-negative number or a one-element real tensor, got {_describe(num_items)}"
+            )
         return num_items.reshape(())
     if isinstance(num_items, bool) or not isinstance(num_items, (int, float)):
-        raise TypeError(f"num_items must be a non-negative number of tokens or a one-element tensor, got "
-                        f"{type(num_items).__name__}")
+        raise TypeError(
+            f"num_items must be a non-negative number of tokens or a one-element tensor, got {type(num_items).__name__}"
+        )
     if not 0 <= num_items < math.inf:  # comparisons, not math.isfinite: symbolic under torch.compile
         raise ValueError(f"num_items must be a non-negative finite number of tokens, got {num_items!r}")
     return num_items
 
 
-def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor,
-                       teacher_topk_mask=None, valid=None) -> int:
+def check_teacher_topk(
+    teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor, teacher_topk_mask=None, valid=None
+) -> int:
     """A served teacher's top-k: ids int64 [..., k] and log-probs [..., k] (and an optional bool
     slot mask [..., k]); ids in [0, V) wherever they are read: slots not masked out and not padded
     with a -inf log-prob, at valid positions (``valid`` [...]). Returns k."""
@@ -258,21 +279,16 @@ def check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits: 
 
 
 def check_teacher_token_logprob(teacher_token_logprob, logits: torch.Tensor) -> None:
-    check_row_tensor("teacher_token_logprob", teacher_token_logprob, logits, LOGIT_DTYPES + (torch.float64,),
-                     "the teacher's floating log-prob of each sampled token")
+    check_row_tensor(
+        "teacher_token_logprob",
+        teacher_token_logprob,
+        logits,
+        LOGIT_DTYPES + (torch.float64,),
+        "the teacher's floating log-prob of each sampled token",
+    )
 
 
-def align_vocab(student_logits: torch.Tensor, teacher_logits: torch.Tensor):
-    """Slice two logit tensors to their shared vocabulary prefix (views, no copy).
-
-    Use when student and teacher share a tokenizer but pad their embedding tables to different
-    sizes (Qwen2.5: 151936 vs 152064). The extra rows are padding that no token id reaches.
-    """
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    return student_logits[..., :vocab], teacher_logits[..., :vocab]
-
-
-# ---- fused-linear losses (opd_ext/fused_linear.py): hidden states + lm_head weight ---------------
+# ---- fused-linear losses: hidden states + lm_head weight -------------------------------------------
 
 
 def check_linear_head(side: str, hidden, weight, bias) -> None:
@@ -316,8 +332,11 @@ def check_head_vocab(student_vocab: int, teacher_name: str, teacher_vocab: int) 
         return
     shared = min(student_vocab, teacher_vocab)
     if teacher_vocab > student_vocab:
-        fix = (f"teacher_weight[:{shared}] (and teacher_bias[:{shared}])" if teacher_name == "teacher_weight"
-               else f"teacher_logits[..., :{shared}]")
+        fix = (
+            f"teacher_weight[:{shared}] (and teacher_bias[:{shared}])"
+            if teacher_name == "teacher_weight"
+            else f"teacher_logits[..., :{shared}]"
+        )
     else:
         fix = f"student_weight[:{shared}] (and student_bias[:{shared}])"
     raise ValueError(

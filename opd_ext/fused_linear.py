@@ -17,26 +17,22 @@ whose logits are then also formed one chunk at a time.
 
 LoRA on the lm_head: pass the module, not its weight. ``student_weight`` (and ``teacher_weight``) may be
 the lm_head module itself: an ``nn.Linear``, a PEFT LoRA layer or a PEFT ``modules_to_save`` wrapper
-(:func:`linear_head` says what is accepted and what it resolves to). A LoRA layer's base weight alone
-would silently drop its adapters: the loss would score different logits and the adapters would get
-no gradient. Given the module, each chunk adds the adapters' low-rank term to its logits
-(``scale · (dropout(x) @ A.T) @ B.T``, as PEFT's forward does) and the adapters' gradients are summed
-per chunk, so the memory stays O(chunk·V + N·H + V·H) with O(V·r + r·H) for the adapters, and no
-merged ``[V, H]`` weight or its gradient is formed. Adapter kinds whose forward is not that sum
-(DoRA, lora_bias, other PEFT tuners) raise a TypeError that says how to proceed::
+(:mod:`opd_ext.lm_head` says what is accepted and what it resolves to). The memory then stays
+O(chunk·V + N·H + V·H) with O(V·r + r·H) for the adapters::
 
     loss = opd_ext.fused_linear_vopd_loss(hidden, peft_model.get_output_embeddings(), tokens,
                                           teacher_hidden=t_hidden, teacher_weight=teacher.lm_head.weight)
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from opd_ext._extension import ops
+from opd_ext import ops
 from opd_ext._validation import (
     SUPPORTED_DTYPE_PAIRS,
     check_choice,
@@ -51,8 +47,26 @@ from opd_ext._validation import (
     is_supported_dtype_pair,
     token_range_error,
 )
-from opd_ext.losses import (DEFAULT_TOPK, REDUCTIONS, _advantage_coef, _check_vopd_options, _loss_stats,
-                            _masked_terms, _scale_and_weights, token_stats_op)
+from opd_ext.lm_head import AdapterTerms, LinearHead, LoraAdapter, linear_head, resolve_head
+from opd_ext.objective import (
+    DEFAULT_TOPK,
+    REDUCTIONS,
+    advantage_coef,
+    baseline_kl,
+    check_vopd_options,
+    loss_scale,
+    loss_stats,
+    masked_terms,
+)
+
+__all__ = [
+    "LinearHead",
+    "LoraAdapter",
+    "default_chunk_size",
+    "fused_linear_reverse_kl_loss",
+    "fused_linear_vopd_loss",
+    "linear_head",
+]
 
 # Default chunk: as many rows as keep one chunk of float32-sized logits within this budget. A chunk
 # holds about three [rows, V] buffers at once (student logits, teacher logits, logit gradient), so at
@@ -133,29 +147,54 @@ def fused_linear_vopd_loss(
     view that costs nothing: ``teacher_weight[:V]`` (and ``teacher_bias[:V]``), or
     ``teacher_logits[..., :V]`` (read chunk by chunk, never copied whole).
     """
-    _check_vopd_options(baseline, kl)
-    problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                       teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items,
-                       chunk_size, reduction)
+    check_vopd_options(baseline, kl)
+    problem = _Problem(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        tokens,
+        mask,
+        weights,
+        temperature,
+        num_items,
+        chunk_size,
+        reduction,
+    )
     topk = check_k(topk, problem.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
-        logp_s, logp_t, reverse_kl, forward_kl, topk_kl, lse_s, _ = token_stats_op(
-            student_logits, teacher_logits, tokens, problem.temperature, topk)
-        value = {"full": forward_kl if kl == "forward" else reverse_kl, "topk": topk_kl}.get(baseline)
-        stats = (logp_s, logp_t, reverse_kl) + (() if value is None else (value,))
+        stats = ops.token_stats(student_logits, teacher_logits, tokens, problem.temperature, topk)
+        value = baseline_kl(
+            baseline,
+            kl,
+            reverse_kl=stats.reverse_kl,
+            forward_kl=stats.forward_kl,
+            topk_reverse_kl=stats.topk_reverse_kl,
+        )
+        logp_s, logp_t, lse_s = stats.student_logprob, stats.teacher_logprob, stats.student_lse
+        row_stats = (logp_s, logp_t, stats.reverse_kl) + (() if value is None else (value,))
         # d loss / d log p(y): the surrogate is linear in log p(y), as in opd_ext.vopd_loss.
-        coef = _advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
-        terms = _masked_terms(coef, logp_s)
+        coef = advantage_coef(scale, valid, logp_t, logp_s, 0.0 if value is None else value)
+        terms = masked_terms(coef, logp_s)
         if not need_grad:
-            return terms, None, stats
-        return terms, ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature), stats
+            return terms, None, row_stats
+        grad = ops.policy_gradient_backward(coef, student_logits, tokens, lse_s, problem.temperature)
+        return terms, grad, row_stats
 
     if not return_stats:
         return problem.run(chunk_loss)
     loss, logp_s, logp_t, reverse_kl, *value = problem.run(chunk_loss, 4 if baseline != "none" else 3)
-    return loss, problem.stats(student_logprob=logp_s, teacher_logprob=logp_t, reverse_kl=reverse_kl,
-                               baseline_kl=value[0] if value else None, policy_gradient=True)
+    return loss, problem.stats(
+        student_logprob=logp_s,
+        teacher_logprob=logp_t,
+        reverse_kl=reverse_kl,
+        baseline_kl=value[0] if value else None,
+        policy_gradient=True,
+    )
 
 
 def fused_linear_reverse_kl_loss(
@@ -181,18 +220,36 @@ def fused_linear_reverse_kl_loss(
     Arguments, ``reduction`` and ``return_stats`` (``reverse_kl`` only) as in
     :func:`fused_linear_vopd_loss` (no tokens: the loss is dense over the vocabulary).
     """
-    problem = _Problem(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                       teacher_weight, teacher_bias, None, mask, weights, temperature, num_items,
-                       chunk_size, reduction)
+    problem = _Problem(
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        None,
+        mask,
+        weights,
+        temperature,
+        num_items,
+        chunk_size,
+        reduction,
+    )
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
-        _, _, reverse_kl, _, _, lse_s, lse_t = ops.token_stats(
-            student_logits, teacher_logits, tokens, problem.temperature, 0)
-        terms = _masked_terms(scale, reverse_kl)
+        stats = ops.token_stats(student_logits, teacher_logits, tokens, problem.temperature)
+        reverse_kl, lse_s, lse_t = stats.reverse_kl, stats.student_lse, stats.teacher_lse
+        terms = masked_terms(scale, reverse_kl)
         if not need_grad:
             return terms, None, (reverse_kl,)
-        return terms, ops.reverse_kl_backward(scale, student_logits, teacher_logits, lse_s, lse_t,
-                                             reverse_kl, problem.temperature), (reverse_kl,)
+        return (
+            terms,
+            ops.reverse_kl_backward(
+                scale, student_logits, teacher_logits, lse_s, lse_t, reverse_kl, problem.temperature
+            ),
+            (reverse_kl,),
+        )
 
     if not return_stats:
         return problem.run(chunk_loss)
@@ -205,20 +262,36 @@ def fused_linear_reverse_kl_loss(
 # -> (float32 [c] per-row loss terms (the loss is their sum), d Σ terms / d student_logits [c, V] in
 #     the logits' dtype, or None,
 #     per-row float32 statistics [c] (a fixed number per loss, gathered only when asked for)).
-ChunkLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
-                     tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, ...]]]
+ChunkLoss = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool],
+    tuple[torch.Tensor, Optional[torch.Tensor], tuple[torch.Tensor, ...]],
+]
 
 
 class _Problem:
     """Validated, row-flattened inputs of one fused-linear loss call."""
 
-    def __init__(self, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
-                 teacher_weight, teacher_bias, tokens, mask, weights, temperature, num_items, chunk_size,
-                 reduction="mean"):
+    def __init__(
+        self,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_logits,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
+        tokens,
+        mask,
+        weights,
+        temperature,
+        num_items,
+        chunk_size,
+        reduction="mean",
+    ):
         check_choice("reduction", reduction, REDUCTIONS)
         self.per_position = reduction == "none"
-        student_weight, student_bias, self.adapters = _resolve_head("student", student_weight, student_bias)
-        teacher_weight, teacher_bias, teacher_adapters = _resolve_head("teacher", teacher_weight, teacher_bias)
+        student_weight, student_bias, self.adapters = resolve_head("student", student_weight, student_bias)
+        teacher_weight, teacher_bias, teacher_adapters = resolve_head("teacher", teacher_weight, teacher_bias)
         check_linear_head("student", student_hidden, student_weight, student_bias)
         lead = tuple(student_hidden.shape[:-1])
         self.lead = lead
@@ -229,8 +302,10 @@ class _Problem:
         self.rows = self.hidden.shape[0]
 
         if (teacher_logits is None) == (teacher_weight is None and teacher_hidden is None):
-            raise ValueError("give the teacher either as teacher_logits [..., V] or as teacher_hidden "
-                             "[..., H_t] + teacher_weight [V, H_t], exactly one of the two")
+            raise ValueError(
+                "give the teacher either as teacher_logits [..., V] or as teacher_hidden "
+                "[..., H_t] + teacher_weight [V, H_t], exactly one of the two"
+            )
         if teacher_logits is not None:
             check_logits("teacher_logits", teacher_logits)
             _check_lead("teacher_logits", teacher_logits.shape[:-1], lead)
@@ -248,16 +323,19 @@ class _Problem:
             t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
             t_weight = teacher_weight.detach()
             t_bias = None if teacher_bias is None else teacher_bias.detach()
-            t_adapters = _AdapterTerms(tuple(LoraAdapter(ad.a.detach(), ad.b.detach(), ad.scale, ad.dropout)
-                                             for ad in teacher_adapters))
+            t_adapters = AdapterTerms(
+                tuple(LoraAdapter(ad.a.detach(), ad.b.detach(), ad.scale, ad.dropout) for ad in teacher_adapters)
+            )
             self.teacher_logits = lambda rows: t_adapters.add_to_logits(
-                t_hidden[rows], F.linear(t_hidden[rows], t_weight, t_bias), save=False)
+                t_hidden[rows], F.linear(t_hidden[rows], t_weight, t_bias), save=False
+            )
         if teacher_device != device:
             raise ValueError(f"the teacher is on {teacher_device} but student_hidden is on {device}; use one device")
         if not is_supported_dtype_pair(dtype, teacher_dtype):
             raise TypeError(
                 f"unsupported dtype mix: student {dtype}, teacher {teacher_dtype}. Supported: "
-                f"{SUPPORTED_DTYPE_PAIRS}; cast the teacher")
+                f"{SUPPORTED_DTYPE_PAIRS}; cast the teacher"
+            )
 
         self.temperature = check_temperature(temperature)
         if mask is not None:
@@ -266,8 +344,9 @@ class _Problem:
             check_weights(weights, student_hidden, "student_hidden")
         # The losses' own normalisation (w / norm, 0 where masked); it reads only the leading
         # shape and device of its first argument.
-        scale, valid, w = _scale_and_weights(student_hidden, mask, None if weights is None else weights.detach(),
-                                             num_items, reduction)
+        scale, valid, w = loss_scale(
+            student_hidden, mask, None if weights is None else weights.detach(), num_items, reduction
+        )
         self.scale, self.valid, self.weights = scale.reshape(-1), valid.reshape(-1), w
         # Only valid rows are computed: masked rows cost nothing and their tokens (often -100)
         # and states (possibly NaN) never reach the kernels. Under torch.compile the number of
@@ -285,8 +364,11 @@ class _Problem:
             # Checked here, not by the kernels: they would report a position inside a chunk. A
             # compiled graph cannot branch on the data; there the kernels' own check raises.
             chosen = self.tokens if self.selected is None else self.tokens[self.selected]
-            if (not torch.compiler.is_compiling() and chosen.numel()
-                    and bool(((chosen < 0) | (chosen >= self.vocab)).any())):
+            if (
+                not torch.compiler.is_compiling()
+                and chosen.numel()
+                and bool(((chosen < 0) | (chosen >= self.vocab)).any())
+            ):
                 bad = chosen[(chosen < 0) | (chosen >= self.vocab)]
                 raise token_range_error(self.vocab, bad.min().item(), bad.max().item(), " at unmasked positions")
 
@@ -313,33 +395,49 @@ class _Problem:
         """The loss; with ``num_stats``, ``(loss, *the chunks' first num_stats statistics as [rows])``."""
         grad_enabled = torch.is_grad_enabled()
         adapter_tensors = [t for ad in self.adapters for t in (ad.a, ad.b)]
-        needs = tuple(grad_enabled and t is not None and t.requires_grad
-                      for t in (self.hidden, self.weight, self.bias, *adapter_tensors))
+        needs = tuple(
+            grad_enabled and t is not None and t.requires_grad
+            for t in (self.hidden, self.weight, self.bias, *adapter_tensors)
+        )
         # The adapters' tensors are inputs too, so that autograd hands their gradients back.
-        return _FusedLinearLoss.apply(self.hidden, self.weight, self.bias, self, chunk_loss, needs, num_stats,
-                                      *adapter_tensors)
+        return _FusedLinearLoss.apply(
+            self.hidden, self.weight, self.bias, self, chunk_loss, needs, num_stats, *adapter_tensors
+        )
 
     def stats(self, policy_gradient: bool = False, **rows):
         """``LossStats`` from [rows] statistics, in the leading shape of ``student_hidden``."""
         rows = {name: None if x is None else x.reshape(self.lead) for name, x in rows.items()}
-        return _loss_stats(self.valid.reshape(self.lead), self.weights, policy_gradient=policy_gradient, **rows)
+        return loss_stats(self.valid.reshape(self.lead), self.weights, policy_gradient=policy_gradient, **rows)
 
 
-def _chunk_pass(hidden, weight, bias, adapter_tensors, problem: _Problem, chunk_loss: ChunkLoss, needs,
-                num_stats: int, scale: torch.Tensor, per_row: bool):
+def _chunk_pass(
+    hidden,
+    weight,
+    bias,
+    adapter_tensors,
+    problem: _Problem,
+    chunk_loss: ChunkLoss,
+    needs,
+    num_stats: int,
+    scale: torch.Tensor,
+    per_row: bool,
+):
     """One pass over the row chunks: the loss (a float32 scalar, or per-row terms [rows] with
     ``per_row``), ``num_stats`` per-row statistics, and the gradients ``needs`` asks for (hidden,
     weight, bias, then each adapter's A and B; None where not needed) of Σ scale-weighted terms."""
     need_hidden, need_weight, need_bias = needs[:3]
-    adapters = _AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
+    adapters = AdapterTerms(problem.adapters, list(zip(needs[3::2], needs[4::2])))
     # Rows outside the mask are never visited and keep a zero gradient.
     new_grad_hidden = torch.empty_like if problem.selected is None else torch.zeros_like
     grad_hidden = new_grad_hidden(hidden) if need_hidden else None
     grad_weight = _WeightGradSum(weight) if need_weight else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
     device = hidden.device
-    loss = (torch.zeros(problem.rows, dtype=torch.float32, device=device) if per_row
-            else torch.zeros((), dtype=torch.float32, device=device))
+    loss = (
+        torch.zeros(problem.rows, dtype=torch.float32, device=device)
+        if per_row
+        else torch.zeros((), dtype=torch.float32, device=device)
+    )
     # Masked rows are never visited: their statistics (and per-row terms) stay 0.
     stats = [torch.zeros(problem.rows, dtype=torch.float32, device=device) for _ in range(num_stats)]
     for rows in problem.row_chunks():
@@ -350,7 +448,11 @@ def _chunk_pass(hidden, weight, bias, adapter_tensors, problem: _Problem, chunk_
         terms, grad_logits, chunk_stats = chunk_loss(
             adapters.add_to_logits(chunk_hidden, F.linear(chunk_hidden, weight, bias)),
             problem.teacher_logits(rows),
-            problem.tokens[rows], scale[rows], problem.valid[rows], any(needs))
+            problem.tokens[rows],
+            scale[rows],
+            problem.valid[rows],
+            any(needs),
+        )
         if per_row:
             loss[rows] = terms
         else:
@@ -384,8 +486,9 @@ class _FusedLinearLoss(torch.autograd.Function):
     incoming gradient (one more pass over the logits, no [N, V] buffer)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, num_stats,
-                *adapter_tensors):
+    def forward(
+        ctx, hidden, weight, bias, problem: _Problem, chunk_loss: ChunkLoss, needs, num_stats, *adapter_tensors
+    ):
         ctx.problem, ctx.chunk_loss, ctx.needs = problem, chunk_loss, needs
         grads_now = needs if not problem.per_position else (False,) * len(needs)
         if problem.per_position:
@@ -393,8 +496,18 @@ class _FusedLinearLoss(torch.autograd.Function):
             ctx.rng_devices = [hidden.device] if hidden.device.type == "cuda" else []
             ctx.rng_state = torch.get_rng_state()
             ctx.device_rng_state = [torch.cuda.get_rng_state(d) for d in ctx.rng_devices]
-        loss, stats, grads = _chunk_pass(hidden, weight, bias, adapter_tensors, problem, chunk_loss, grads_now,
-                                         num_stats, problem.scale, problem.per_position)
+        loss, stats, grads = _chunk_pass(
+            hidden,
+            weight,
+            bias,
+            adapter_tensors,
+            problem,
+            chunk_loss,
+            grads_now,
+            num_stats,
+            problem.scale,
+            problem.per_position,
+        )
         if problem.per_position:
             ctx.save_for_backward(hidden, weight, bias, *adapter_tensors)
             loss = loss.reshape(problem.lead)
@@ -415,8 +528,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                 torch.set_rng_state(ctx.rng_state)
                 for device, state in zip(ctx.rng_devices, ctx.device_rng_state):
                     torch.cuda.set_rng_state(state, device)
-                _, _, grads = _chunk_pass(hidden, weight, bias, adapter_tensors, problem, ctx.chunk_loss, ctx.needs,
-                                          0, scale, False)
+                _, _, grads = _chunk_pass(
+                    hidden, weight, bias, adapter_tensors, problem, ctx.chunk_loss, ctx.needs, 0, scale, False
+                )
             return *grads[:3], None, None, None, None, *grads[3:]
         grads = ctx.saved_tensors
         scaled = [None if g is None else g * grad_output.to(g.dtype) for g in grads]
@@ -451,7 +565,7 @@ class _WeightGradSum:
         """``self += a @ b`` for ``a`` [V, c] and ``b`` [c, H] in the weight's dtype."""
         start = 0
         for block in self.blocks:
-            a_rows = a[start:start + block.shape[0]]
+            a_rows = a[start : start + block.shape[0]]
             start += block.shape[0]
             if block.dtype == a.dtype:
                 block.addmm_(a_rows, b)
@@ -476,203 +590,3 @@ class _WeightGradSum:
 def _check_lead(name: str, shape, lead: tuple) -> None:
     if tuple(shape) != lead:
         raise ValueError(f"{name} must have the leading shape of student_hidden {lead}, got {tuple(shape)}")
-
-
-
-# ---- lm_head modules and LoRA adapters ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoraAdapter:
-    """One LoRA adapter of an lm_head: ``logits += scale · (dropout(x) @ a.T) @ b.T``.
-
-    ``a`` is ``lora_A.weight`` ``[r, H]``, ``b`` is ``lora_B.weight`` ``[V, r]``, both of one floating
-    dtype (PEFT keeps them in float32 beside a bf16 base by default; the hidden states are cast to
-    it, as PEFT's forward does). ``dropout`` is the probability applied to the adapter's input, 0 in
-    eval mode.
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float
-    dropout: float = 0.0
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """An lm_head as the fused-linear losses compute it:
-    ``logits = x @ weight.T + bias + Σ_adapters scale · (dropout(x) @ a.T) @ b.T``."""
-
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor] = None
-    adapters: tuple[LoraAdapter, ...] = ()
-
-
-def linear_head(module) -> LinearHead:
-    """The weight, bias and active LoRA adapters of an lm_head module.
-
-    The fused-linear losses call this themselves when ``student_weight`` / ``teacher_weight`` is a
-    module; call it to inspect what they will compute. Accepted:
-
-    * ``torch.nn.Linear`` (``weight`` ``[V, H]``, optional ``bias`` ``[V]``);
-    * a PEFT LoRA layer wrapping one (``peft.tuners.lora.Linear``, found by its ``base_layer`` and
-      ``lora_A`` attributes; peft is not imported): every active, unmerged adapter becomes a
-      :class:`LoraAdapter` with the layer's scaling and, in training mode, its dropout. Disabled
-      adapters are left out; merged ones are already part of the base weight, as in PEFT's forward;
-    * a PEFT ``modules_to_save`` wrapper: the copy the active adapter trains (the original when
-      adapters are disabled);
-    * a :class:`LinearHead`, returned as is.
-
-    Raises:
-        TypeError: any other module, or a PEFT layer whose forward is not the sum above: DoRA and
-            the other LoRA variants, ``lora_bias=True``, ``fan_in_fan_out``, other PEFT tuners and
-            wrappers (e.g. trainable tokens). Merge such adapters first
-            (``model.merge_and_unload()``, or ``merge_adapter()`` and a frozen head), or compute the
-            logits with the module and use ``opd_ext.vopd_loss`` / ``opd_ext.reverse_kl_loss``.
-        ValueError: adapter shapes that do not match the base weight.
-    """
-    if isinstance(module, LinearHead):
-        return module
-    if isinstance(module, torch.Tensor):
-        raise TypeError("linear_head takes the lm_head module (e.g. model.lm_head), not its weight tensor")
-    name = type(module).__name__
-    unsupported = (f"the fused-linear losses cannot compute the lm_head {name}: merge its adapters into the "
-                   f"weight first (peft: model.merge_and_unload()), or compute the logits with the module and "
-                   f"use opd_ext.vopd_loss / opd_ext.reverse_kl_loss")
-    if hasattr(module, "original_module"):  # PEFT's auxiliary training wrappers
-        copies = getattr(module, "modules_to_save", None)
-        if not isinstance(copies, torch.nn.ModuleDict):
-            raise TypeError(f"{unsupported} ({name} changes the head's weight in a way they do not model)")
-        active = list(module.active_adapters)
-        if module.disable_adapters or not active or active[0] not in copies:
-            return linear_head(module.original_module)
-        return linear_head(copies[active[0]])
-    if hasattr(module, "base_layer"):  # a PEFT tuner layer
-        if not hasattr(module, "lora_A"):
-            raise TypeError(f"{unsupported} (only LoRA adapters are computed in the fused losses)")
-        return _lora_head(module, unsupported)
-    if isinstance(module, torch.nn.Linear):
-        return LinearHead(module.weight, module.bias)
-    raise TypeError(f"expected the lm_head as a torch.nn.Linear, a PEFT LoRA layer or an "
-                    f"opd_ext.fused_linear.LinearHead, got {name}")
-
-
-def _lora_head(layer, unsupported: str) -> LinearHead:
-    base = linear_head(layer.base_layer)
-    if layer.merged:
-        if layer.disable_adapters:
-            # PEFT's forward would unmerge (changing the weights) before running the base layer.
-            raise TypeError(f"{unsupported} (its adapters are merged but disabled: call unmerge_adapter() first)")
-        return base
-    if layer.disable_adapters:
-        return base
-    if getattr(layer, "fan_in_fan_out", False):
-        raise TypeError(f"{unsupported} (fan_in_fan_out: the base weight is stored [H, V])")
-    variants = getattr(layer, "lora_variant", {}) or {}
-    adapters = []
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A:
-            continue
-        if adapter in variants or getattr(layer, "use_dora", {}).get(adapter, False):
-            raise TypeError(f"{unsupported} (adapter {adapter!r} is a LoRA variant such as DoRA)")
-        lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-        dropout = layer.lora_dropout[adapter]
-        if not (isinstance(lora_a, torch.nn.Linear) and isinstance(lora_b, torch.nn.Linear)) or lora_a.bias is not None:
-            raise TypeError(f"{unsupported} (adapter {adapter!r} is not a pair of bias-free linear maps)")
-        if lora_b.bias is not None:
-            raise TypeError(f"{unsupported} (adapter {adapter!r} has lora_bias)")
-        if not isinstance(dropout, (torch.nn.Dropout, torch.nn.Identity)):
-            raise TypeError(f"{unsupported} (adapter {adapter!r} has a {type(dropout).__name__} on its input)")
-        p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        a, b = lora_a.weight, lora_b.weight
-        vocab, hidden = base.weight.shape
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != hidden or b.shape != (vocab, a.shape[0]):
-            raise ValueError(f"LoRA adapter {adapter!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do "
-                             f"not fit the base weight [V={vocab}, H={hidden}] (need [r, H] and [V, r])")
-        adapters.append(LoraAdapter(a, b, float(layer.scaling[adapter]), p))
-    return LinearHead(base.weight, base.bias, base.adapters + tuple(adapters))
-
-
-def _resolve_head(side: str, weight, bias):
-    """``{side}_weight`` as a tensor or an lm_head module -> (weight, bias, adapters)."""
-    if weight is None or isinstance(weight, torch.Tensor):
-        return weight, bias, ()
-    head = linear_head(weight)
-    if bias is not None:
-        raise ValueError(f"{side}_bias was given but {side}_weight is a module ({type(weight).__name__}), "
-                         f"which carries its own bias; pass one or the other")
-    for adapter in head.adapters:
-        for name, tensor in (("lora_A", adapter.a), ("lora_B", adapter.b)):
-            if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"{side} LoRA {name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-            if tensor.device != head.weight.device:
-                raise ValueError(f"{side} LoRA {name} is on {tensor.device} but the lm_head weight is on "
-                                 f"{head.weight.device}; use one device")
-    return head.weight, head.bias, head.adapters
-
-
-class _AdapterTerms:
-    """The LoRA adapters' part of one chunk: their logit terms, and from the chunk's logit-gradient
-    their share of grad_hidden and the sums of their own gradients. Memory: up to two more [c, V]
-    buffers in the adapters' dtype while a chunk's logits and logit-gradient pass through them, the
-    [c, r] and [c, H] inputs each adapter keeps for the chunk's backward, and float32 sums of A
-    [r, H] and B [V, r]."""
-
-    def __init__(self, adapters: tuple[LoraAdapter, ...], needs=None):
-        self.adapters = adapters
-        needs = needs or [(False, False)] * len(adapters)
-        self.grad_a = [torch.zeros_like(ad.a, dtype=torch.float32) if need_a else None
-                       for ad, (need_a, _) in zip(adapters, needs)]
-        self.grad_b = [torch.zeros_like(ad.b, dtype=torch.float32) if need_b else None
-                       for ad, (_, need_b) in zip(adapters, needs)]
-        self.saved = []
-
-    def add_to_logits(self, x: torch.Tensor, logits: torch.Tensor, save: bool = True) -> torch.Tensor:
-        """``logits`` [c, V] plus every adapter's term for the rows ``x`` [c, H], rounded once to the
-        logits' dtype (PEFT adds float32 adapter terms to the base output, then casts back). With
-        ``save``, keeps what :meth:`backward` needs for this chunk."""
-        if not self.adapters:  # no side effect to trace under torch.compile
-            return logits
-        self.saved = []
-        out = logits
-        for ad in self.adapters:
-            x_in, keep = x.to(ad.a.dtype), None
-            if ad.dropout > 0:
-                # Inverted dropout, kept as a scaled mask: the chunk's backward needs it.
-                keep = torch.empty_like(x_in).bernoulli_(1.0 - ad.dropout).div_(1.0 - ad.dropout)
-                x_in = x_in * keep
-            # F.linear, as PEFT's lora_A / lora_B modules run: the same products, bit for bit.
-            u = F.linear(x_in, ad.a)  # [c, r]
-            delta = F.linear(u, ad.b).mul_(ad.scale)
-            # In place into whichever of the two [c, V] buffers has the promoted dtype.
-            out = delta.add_(out) if torch.promote_types(out.dtype, delta.dtype) == delta.dtype else out.add_(delta)
-            if save:
-                self.saved.append((x_in, u, keep))
-        return out.to(logits.dtype)
-
-    def backward(self, grad_logits: torch.Tensor, need_hidden: bool) -> Optional[torch.Tensor]:
-        """Adds the chunk's A and B gradients to the sums; returns the adapters' part of the rows'
-        grad_hidden (float32 or the adapters' dtype) when ``need_hidden``."""
-        grad_x = None
-        for i, (ad, (x_in, u, keep)) in enumerate(zip(self.adapters, self.saved)):
-            g = grad_logits.to(ad.b.dtype)
-            g_u = (g @ ad.b) * ad.scale  # d loss / d u [c, r]
-            if self.grad_b[i] is not None:
-                self.grad_b[i] += (g.t() @ u).float() * ad.scale
-            if self.grad_a[i] is not None:
-                self.grad_a[i] += (g_u.t() @ x_in).float()
-            if need_hidden:
-                term = g_u @ ad.a
-                if keep is not None:
-                    term = term * keep
-                grad_x = term if grad_x is None else grad_x + term
-        if self.adapters:
-            self.saved = []
-        return grad_x
-
-    def results(self) -> list[Optional[torch.Tensor]]:
-        """[grad A_0, grad B_0, grad A_1, ...] in the adapters' dtypes (None where not needed)."""
-        out = []
-        for ad, ga, gb in zip(self.adapters, self.grad_a, self.grad_b):
-            out += [None if ga is None else ga.to(ad.a.dtype), None if gb is None else gb.to(ad.b.dtype)]
-        return out

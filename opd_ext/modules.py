@@ -2,19 +2,22 @@
 ``LigerFusedLinearJSD`` / TRL's trainers do).
 
 Each module stores the loss options (baseline, temperature, reduction, ...) at construction and
-calls the function of the same name in :mod:`opd_ext.losses` / :mod:`opd_ext.fused_linear` with
+calls the function of the same name in :mod:`opd_ext.losses`, :mod:`opd_ext.sparse_teacher` or
+:mod:`opd_ext.fused_linear` with
 the per-batch tensors; results, gradients and errors are exactly the function's. The modules hold
 no parameters or buffers: the fused-linear ones take the lm_head (module or weight) per call, so a
 loss object never registers, moves or saves the model's head.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from opd_ext import fused_linear, losses
+from opd_ext import fused_linear, losses, sparse_teacher
 from opd_ext._validation import check_choice, check_temperature
+from opd_ext.objective import DEFAULT_TOPK, SPARSE_TEACHER_BASELINES, check_reduction, check_vopd_options
 
 __all__ = [
     "FusedLinearReverseKLLoss",
@@ -33,7 +36,7 @@ class _Loss(torch.nn.Module):
 
     def __init__(self, temperature: float, reduction: str, return_stats: bool, **options):
         super().__init__()
-        check_choice("reduction", reduction, losses.REDUCTIONS)
+        check_reduction(reduction)
         self.temperature = check_temperature(temperature)
         self.reduction, self.return_stats = reduction, return_stats
         self._option_names = tuple(options)
@@ -68,14 +71,22 @@ class VOPDLoss(_Loss):
         :func:`opd_ext.vopd_loss`.
     """
 
-    def __init__(self, baseline: str = "full", topk: int = losses.DEFAULT_TOPK, temperature: float = 1.0,
-                 kl: str = "reverse", reduction: str = "mean", return_stats: bool = False):
-        losses._check_vopd_options(baseline, kl)
+    def __init__(
+        self,
+        baseline: str = "full",
+        topk: int = DEFAULT_TOPK,
+        temperature: float = 1.0,
+        kl: str = "reverse",
+        reduction: str = "mean",
+        return_stats: bool = False,
+    ):
+        check_vopd_options(baseline, kl)
         super().__init__(temperature, reduction, return_stats, baseline=baseline, topk=topk, kl=kl)
 
     def forward(self, student_logits, teacher_logits, tokens, mask=None, weights=None, num_items=None):
-        return losses.vopd_loss(student_logits, teacher_logits, tokens, mask=mask, weights=weights,
-                                num_items=num_items, **self._options())
+        return losses.vopd_loss(
+            student_logits, teacher_logits, tokens, mask=mask, weights=weights, num_items=num_items, **self._options()
+        )
 
 
 class ReverseKLLoss(_Loss):
@@ -87,8 +98,9 @@ class ReverseKLLoss(_Loss):
         super().__init__(temperature, reduction, return_stats)
 
     def forward(self, student_logits, teacher_logits, mask=None, weights=None, num_items=None):
-        return losses.reverse_kl_loss(student_logits, teacher_logits, mask=mask, weights=weights,
-                                      num_items=num_items, **self._options())
+        return losses.reverse_kl_loss(
+            student_logits, teacher_logits, mask=mask, weights=weights, num_items=num_items, **self._options()
+        )
 
 
 class VOPDLossSparseTeacher(_Loss):
@@ -97,16 +109,36 @@ class VOPDLossSparseTeacher(_Loss):
     teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprob, teacher_topk_mask=None, mask=None,
     weights=None, num_items=None)``. Shapes, results and errors as the function's."""
 
-    def __init__(self, baseline: str = "topk", temperature: float = 1.0, reduction: str = "mean",
-                 return_stats: bool = False):
-        check_choice("baseline", baseline, losses.SPARSE_TEACHER_BASELINES)
+    def __init__(
+        self, baseline: str = "topk", temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False
+    ):
+        check_choice("baseline", baseline, SPARSE_TEACHER_BASELINES)
         super().__init__(temperature, reduction, return_stats, baseline=baseline)
 
-    def forward(self, student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprob,
-                teacher_topk_mask=None, mask=None, weights=None, num_items=None):
-        return losses.vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs,
-                                               teacher_token_logprob, teacher_topk_mask=teacher_topk_mask,
-                                               mask=mask, weights=weights, num_items=num_items, **self._options())
+    def forward(
+        self,
+        student_logits,
+        tokens,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        teacher_token_logprob,
+        teacher_topk_mask=None,
+        mask=None,
+        weights=None,
+        num_items=None,
+    ):
+        return sparse_teacher.vopd_loss_sparse_teacher(
+            student_logits,
+            tokens,
+            teacher_topk_ids,
+            teacher_topk_logprobs,
+            teacher_token_logprob,
+            teacher_topk_mask=teacher_topk_mask,
+            mask=mask,
+            weights=weights,
+            num_items=num_items,
+            **self._options(),
+        )
 
 
 class ReverseKLLossSparseTeacher(_Loss):
@@ -118,11 +150,26 @@ class ReverseKLLossSparseTeacher(_Loss):
     def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False):
         super().__init__(temperature, reduction, return_stats)
 
-    def forward(self, student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask=None, mask=None,
-                weights=None, num_items=None):
-        return losses.reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs,
-                                                     teacher_topk_mask=teacher_topk_mask, mask=mask, weights=weights,
-                                                     num_items=num_items, **self._options())
+    def forward(
+        self,
+        student_logits,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        teacher_topk_mask=None,
+        mask=None,
+        weights=None,
+        num_items=None,
+    ):
+        return sparse_teacher.reverse_kl_loss_sparse_teacher(
+            student_logits,
+            teacher_topk_ids,
+            teacher_topk_logprobs,
+            teacher_topk_mask=teacher_topk_mask,
+            mask=mask,
+            weights=weights,
+            num_items=num_items,
+            **self._options(),
+        )
 
 
 class FusedLinearVOPDLoss(_Loss):
@@ -139,19 +186,49 @@ class FusedLinearVOPDLoss(_Loss):
     parameters. Results and errors as the function's.
     """
 
-    def __init__(self, baseline: str = "full", topk: int = losses.DEFAULT_TOPK, temperature: float = 1.0,
-                 kl: str = "reverse", reduction: str = "mean", return_stats: bool = False,
-                 chunk_size: Optional[int] = None):
-        losses._check_vopd_options(baseline, kl)
-        super().__init__(temperature, reduction, return_stats, baseline=baseline, topk=topk, kl=kl,
-                         chunk_size=chunk_size)
+    def __init__(
+        self,
+        baseline: str = "full",
+        topk: int = DEFAULT_TOPK,
+        temperature: float = 1.0,
+        kl: str = "reverse",
+        reduction: str = "mean",
+        return_stats: bool = False,
+        chunk_size: Optional[int] = None,
+    ):
+        check_vopd_options(baseline, kl)
+        super().__init__(
+            temperature, reduction, return_stats, baseline=baseline, topk=topk, kl=kl, chunk_size=chunk_size
+        )
 
-    def forward(self, student_hidden, student_weight, tokens, teacher_logits=None, teacher_hidden=None,
-                teacher_weight=None, teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        tokens,
+        teacher_logits=None,
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        student_bias=None,
+        mask=None,
+        weights=None,
+        num_items=None,
+    ):
         return fused_linear.fused_linear_vopd_loss(
-            student_hidden, student_weight, tokens, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_weight, teacher_bias=teacher_bias, student_bias=student_bias, mask=mask,
-            weights=weights, num_items=num_items, **self._options())
+            student_hidden,
+            student_weight,
+            tokens,
+            teacher_logits=teacher_logits,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            student_bias=student_bias,
+            mask=mask,
+            weights=weights,
+            num_items=num_items,
+            **self._options(),
+        )
 
 
 class FusedLinearReverseKLLoss(_Loss):
@@ -159,14 +236,38 @@ class FusedLinearReverseKLLoss(_Loss):
     temperature=1.0, reduction="mean", return_stats=False, chunk_size=None)``; ``forward`` as
     :class:`FusedLinearVOPDLoss`'s without ``tokens``."""
 
-    def __init__(self, temperature: float = 1.0, reduction: str = "mean", return_stats: bool = False,
-                 chunk_size: Optional[int] = None):
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        return_stats: bool = False,
+        chunk_size: Optional[int] = None,
+    ):
         super().__init__(temperature, reduction, return_stats, chunk_size=chunk_size)
 
-    def forward(self, student_hidden, student_weight, teacher_logits=None, teacher_hidden=None, teacher_weight=None,
-                teacher_bias=None, student_bias=None, mask=None, weights=None, num_items=None):
+    def forward(
+        self,
+        student_hidden,
+        student_weight,
+        teacher_logits=None,
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        student_bias=None,
+        mask=None,
+        weights=None,
+        num_items=None,
+    ):
         return fused_linear.fused_linear_reverse_kl_loss(
-            student_hidden, student_weight, teacher_logits=teacher_logits, teacher_hidden=teacher_hidden,
-            teacher_weight=teacher_weight, teacher_bias=teacher_bias, student_bias=student_bias, mask=mask,
-            weights=weights, num_items=num_items, **self._options())
-
+            student_hidden,
+            student_weight,
+            teacher_logits=teacher_logits,
+            teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight,
+            teacher_bias=teacher_bias,
+            student_bias=student_bias,
+            mask=mask,
+            weights=weights,
+            num_items=num_items,
+            **self._options(),
+        )

@@ -16,6 +16,7 @@ Typical decode loop::
         active = active[~stop]           # and drop the same rows from both models' KV caches
     loss = opd_ext.vopd_loss(..., weights=monitor.multipliers, mask=monitor.mask)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,26 +25,40 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
-from opd_ext import reference
-from opd_ext._extension import cuda_kernels_available, ops, runs_cuda_kernels
-from opd_ext._validation import check_device, check_k, check_logit_pair, token_range_error
-from opd_ext.ops import CUDA_MAX_TOPK
+from opd_ext import ops
+from opd_ext._validation import (
+    check_device,
+    check_k,
+    check_kernels_for,
+    check_logit_pair,
+    check_temperature,
+    token_range_error,
+)
+from opd_ext.distributed import vocab_parallel_token_stats, vocab_parallel_topk_overlap
 
 __all__ = ["PruneConfig", "DriftMonitor", "DynamicWindow", "StopReason", "DriftScan", "drift_scan"]
 
 
 class StopReason:
-    """Codes of :attr:`DriftMonitor.stop_reasons` (int8), shared with ``csrc/include/opd/drift.h``."""
+    """Codes of :attr:`DriftMonitor.stop_reasons` (int8): ``opd::DriftStopReason`` of
+    ``csrc/include/opd/drift.h``, which the kernels write (a test ties the two)."""
 
-    RUNNING = reference.DRIFT_RUNNING
-    WEIGHT_EXHAUSTED = reference.DRIFT_WEIGHT_EXHAUSTED  # weight fell to min_weight
-    PATIENCE = reference.DRIFT_PATIENCE  # `patience` consecutive drift events
-    BUDGET = reference.DRIFT_BUDGET  # length reached the budget (window length L)
-    FINISHED = reference.DRIFT_FINISHED  # stopped by the caller (EOS, max_new_tokens): finish()
+    RUNNING = 0
+    WEIGHT_EXHAUSTED = 1  # weight fell to min_weight
+    PATIENCE = 2  # `patience` consecutive drift events
+    BUDGET = 3  # length reached the budget (window length L)
+    FINISHED = 4  # stopped by the caller (EOS, max_new_tokens): finish()
 
-    NAMES = {RUNNING: "running", WEIGHT_EXHAUSTED: "weight_exhausted", PATIENCE: "patience", BUDGET: "budget",
-             FINISHED: "finished"}
+    #: The reasons a drift-free run would not have had: the rollouts Prune-OPD cut short.
+    PRUNED = (WEIGHT_EXHAUSTED, PATIENCE, BUDGET)
+
+    NAMES = {
+        RUNNING: "running",
+        WEIGHT_EXHAUSTED: "weight_exhausted",
+        PATIENCE: "patience",
+        BUDGET: "budget",
+        FINISHED: "finished",
+    }
 
 
 # The budget of a sequence without a length cap (the budget is an int32 in the kernels).
@@ -117,7 +132,7 @@ class PruneConfig:
         self.validate()
 
     @classmethod
-    def disabled(cls, k: int = 16) -> "PruneConfig":
+    def disabled(cls, k: int = 16) -> PruneConfig:
         """Plain OPD: overlaps are still tracked, but every multiplier is 1 and nothing stops."""
         return cls(k=k, w_drop=0.0, w_base=0.0, min_weight=None, patience=None, window=None)
 
@@ -125,7 +140,7 @@ class PruneConfig:
     def is_disabled(self) -> bool:
         return self.w_drop == 0.0 and self.decay is None and self.w_base == 0.0 and self.patience is None
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         """Raise on a setting outside its range; returns self."""
 
         def need(ok: bool, name: str, expected: str):
@@ -159,15 +174,24 @@ class PruneConfig:
         need(0.0 <= self.w_drop <= 1.0, "w_drop", "0 <= w_drop <= 1 (the weight lost per drift event)")
         need(self.decay is None or 0.0 < self.decay <= 1.0, "decay", "None (linear schedule) or 0 < decay <= 1")
         need(self.w_base >= 0.0, "w_base", "w_base >= 0")
-        need(self.min_weight is None or 0.0 <= self.min_weight < 1.0, "min_weight",
-             "None (never stop on the weight) or 0 <= min_weight < 1")
+        need(
+            self.min_weight is None or 0.0 <= self.min_weight < 1.0,
+            "min_weight",
+            "None (never stop on the weight) or 0 <= min_weight < 1",
+        )
         need(self.patience is None or self.patience >= 1, "patience", "None or an int >= 1")
         need(self.window_min >= 1, "window_min", "an int >= 1")
-        need(self.window_max is None or self.window_max >= self.window_min, "window_max",
-             f"None or an int >= window_min={self.window_min}")
-        need(self.window is None or (self.window >= self.window_min
-                                     and (self.window_max is None or self.window <= self.window_max)),
-             "window", f"None or an int in [window_min={self.window_min}, window_max={self.window_max}]")
+        need(
+            self.window_max is None or self.window_max >= self.window_min,
+            "window_max",
+            f"None or an int >= window_min={self.window_min}",
+        )
+        need(
+            self.window is None
+            or (self.window >= self.window_min and (self.window_max is None or self.window <= self.window_max)),
+            "window",
+            f"None or an int in [window_min={self.window_min}, window_max={self.window_max}]",
+        )
         need(self.window_step >= 1, "window_step", "an int >= 1")
         need(self.window_margin >= 0, "window_margin", "an int >= 0")
         need(0.0 < self.window_hit_ratio <= 1.0, "window_hit_ratio", "a batch fraction in (0, 1]")
@@ -253,7 +277,7 @@ class DriftState(NamedTuple):
     budget: torch.Tensor  # int32, length cap (NO_BUDGET = none)
 
     @classmethod
-    def fresh(cls, batch_size: int, device, budget) -> "DriftState":
+    def fresh(cls, batch_size: int, device, budget) -> DriftState:
         def full(value, dtype):
             return torch.full((batch_size,), value, dtype=dtype, device=device)
 
@@ -269,16 +293,24 @@ class DriftState(NamedTuple):
             if budget is not None and (not _is_int(budget) or budget < 1):
                 raise ValueError(f"budget must be None (no cap) or an int >= 1, got {budget!r}")
             budget_tensor = full(NO_BUDGET if budget is None else min(budget, NO_BUDGET), torch.int32)
-        return cls(full(0.0, torch.float32), full(1.0, torch.float32), full(0, torch.int32),
-                   full(0, torch.int32), full(0, torch.int32), full(StopReason.RUNNING, torch.int8),
-                   budget_tensor)
+        return cls(
+            full(0.0, torch.float32),
+            full(1.0, torch.float32),
+            full(0, torch.int32),
+            full(0, torch.int32),
+            full(0, torch.int32),
+            full(StopReason.RUNNING, torch.int8),
+            budget_tensor,
+        )
 
     def mutable(self) -> tuple:
         return self[:6]
 
 
-_EAGER_ONLY = ("DriftMonitor keeps per-step Python state and runs eagerly; call it outside the compiled "
-               "region, or use opd_ext.drift_scan / torch.ops.opd_ext.drift_step inside it")
+_EAGER_ONLY = (
+    "DriftMonitor keeps per-step Python state and runs eagerly; call it outside the compiled "
+    "region, or use opd_ext.drift_scan / torch.ops.opd_ext.drift_step inside it"
+)
 
 
 class DriftMonitor:
@@ -318,8 +350,17 @@ class DriftMonitor:
     down-weighted and eventually stopped; other rows are unaffected.
     """
 
-    def __init__(self, batch_size: int, config: Optional[PruneConfig] = None, *, device="cpu", budget=None,
-                 group=None, vocab_start: Optional[int] = None, vocab: Optional[int] = None):
+    def __init__(
+        self,
+        batch_size: int,
+        config: Optional[PruneConfig] = None,
+        *,
+        device="cpu",
+        budget=None,
+        group=None,
+        vocab_start: Optional[int] = None,
+        vocab: Optional[int] = None,
+    ):
         if not _is_int(batch_size) or batch_size < 0:
             raise ValueError(f"batch_size must be an int >= 0, got {batch_size!r}")
         self.config = (config if config is not None else PruneConfig()).validate()
@@ -346,8 +387,12 @@ class DriftMonitor:
                 new[:, : old.shape[1]] = old
             return new
 
-        for name, dtype in (("overlaps", torch.float32), ("weights", torch.float32),
-                            ("multipliers", torch.float32), ("mask", torch.bool)):
+        for name, dtype in (
+            ("overlaps", torch.float32),
+            ("weights", torch.float32),
+            ("multipliers", torch.float32),
+            ("mask", torch.bool),
+        ):
             self._history[name] = widen(self._history.get(name), dtype)
         for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
             if self._history.get(name) is not None:
@@ -360,8 +405,15 @@ class DriftMonitor:
     # observe run eagerly between graphs (an error with fullgraph=True); the drift ops themselves
     # (opd_ext.drift_scan, torch.ops.opd_ext.drift_step) trace.
     @torch.compiler.disable(reason=_EAGER_ONLY)
-    def step(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens=None, *,
-             rows: Optional[torch.Tensor] = None, temperature: float = 1.0) -> torch.Tensor:
+    def step(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        tokens=None,
+        *,
+        rows: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         """Consume one generated token per row; returns the stop mask.
 
         Args:
@@ -380,21 +432,32 @@ class DriftMonitor:
             return self._step_vocab_parallel(student_logits, teacher_logits, tokens, rows, temperature)
         check_logit_pair(student_logits, teacher_logits)
         if student_logits.dim() != 2:
-            raise ValueError(f"student_logits must be [A, V] (one next-token row per sequence), got "
-                             f"shape {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"student_logits must be [A, V] (one next-token row per sequence), got "
+                f"shape {tuple(student_logits.shape)}"
+            )
         if student_logits.device != self.device:
-            raise ValueError(f"student_logits is on {student_logits.device} but the DriftMonitor state is on "
-                             f"{self.device}; create it with device={student_logits.device!s}")
+            raise ValueError(
+                f"student_logits is on {student_logits.device} but the DriftMonitor state is on "
+                f"{self.device}; create it with device={student_logits.device!s}"
+            )
         num_rows, vocab = student_logits.shape
         check_k(self.config.k, vocab, "PruneConfig.k")
         rows = self._check_rows(rows, num_rows, tokens, vocab)
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        temperature = check_temperature(temperature)
 
         positions = self.state.length.index_select(0, rows).long()  # each row's own token index
         was_running = self.state.stop_reason.index_select(0, rows) == StopReason.RUNNING
-        out = _drift_step(student_logits, teacher_logits, tokens, rows, self.state, self.config,
-                          float(temperature))
+        out = ops.drift_step(
+            student_logits,
+            teacher_logits,
+            tokens,
+            rows,
+            *self.state,
+            self.config.k,
+            temperature,
+            **self.config.kernel_args(),
+        )
         self.num_steps += 1
         if self.num_steps > self._capacity:
             self._grow(2 * self._capacity)
@@ -421,17 +484,19 @@ class DriftMonitor:
     def _step_vocab_parallel(self, student_logits, teacher_logits, tokens, rows, temperature) -> torch.Tensor:
         """step() on vocabulary shards: the overlap and the token statistics from the merged
         shards (exactly the unsharded overlap), then the drift state machine on them."""
-        from opd_ext import distributed
-
         if student_logits.dim() != 2:
-            raise ValueError(f"student_logits must be [A, V_r] (one next-token row per sequence), got "
-                             f"shape {tuple(student_logits.shape)}")
-        overlap = distributed.vocab_parallel_topk_overlap(student_logits, teacher_logits, self.config.k,
-                                                          group=self.group, **self._layout)
+            raise ValueError(
+                f"student_logits must be [A, V_r] (one next-token row per sequence), got "
+                f"shape {tuple(student_logits.shape)}"
+            )
+        overlap = vocab_parallel_topk_overlap(
+            student_logits, teacher_logits, self.config.k, group=self.group, **self._layout
+        )
         stats = None
         if tokens is not None:
-            stats = distributed.vocab_parallel_token_stats(student_logits, teacher_logits, tokens,
-                                                           temperature=temperature, group=self.group, **self._layout)
+            stats = vocab_parallel_token_stats(
+                student_logits, teacher_logits, tokens, temperature=temperature, group=self.group, **self._layout
+            )
         checked = self._check_rows(rows, student_logits.shape[0])
         positions = self.state.length.index_select(0, checked).long()
         was_running = self.state.stop_reason.index_select(0, checked) == StopReason.RUNNING
@@ -446,8 +511,9 @@ class DriftMonitor:
         return self.state.stop_reason.index_select(0, checked) != StopReason.RUNNING
 
     @torch.compiler.disable(reason=_EAGER_ONLY)
-    def observe(self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def observe(
+        self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *, rows: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Consume a chunk of ``C`` tokens per row at once (chunked mode: the teacher scores the
         student's chunk in one forward). Same result as ``C`` calls of :meth:`step`.
 
@@ -468,7 +534,7 @@ class DriftMonitor:
         chunk = DriftState(*(field.index_select(0, rows) for field in self.state))
         was_running = chunk.stop_reason == StopReason.RUNNING
         start = chunk.length.long()
-        multipliers, weights, stop_positions = _drift_scan(overlaps, mask, chunk, self.config)
+        multipliers, weights, stop_positions = ops.drift_scan(overlaps, mask, *chunk, **self.config.kernel_args())
         for full, part in zip(self.state.mutable(), chunk.mutable()):
             full[rows] = part
 
@@ -497,12 +563,16 @@ class DriftMonitor:
         rows = torch.as_tensor(rows, device=self.device)
         if rows.dtype == torch.bool:
             if rows.shape != (self.batch_size,):
-                raise ValueError(f"finish(rows): a bool mask must have shape [B={self.batch_size}], got {tuple(rows.shape)}")
+                raise ValueError(
+                    f"finish(rows): a bool mask must have shape [B={self.batch_size}], got {tuple(rows.shape)}"
+                )
             rows = rows.nonzero().squeeze(-1)
         rows = self._check_rows(rows.long(), rows.numel())
         reason = self.state.stop_reason
         current = reason.index_select(0, rows)
-        reason[rows] = torch.where(current == StopReason.RUNNING, torch.full_like(current, StopReason.FINISHED), current)
+        reason[rows] = torch.where(
+            current == StopReason.RUNNING, torch.full_like(current, StopReason.FINISHED), current
+        )
 
     def _check_rows(self, rows, num_rows: int, tokens=None, vocab: int = 0) -> torch.Tensor:
         """Validates ``rows`` (and the sampled ``tokens``) with one device-to-host read at most;
@@ -510,8 +580,10 @@ class DriftMonitor:
         flags = {}
         if rows is None:
             if num_rows != self.batch_size:
-                raise ValueError(f"got logits for {num_rows} rows but the monitor tracks B={self.batch_size}; "
-                                 f"pass rows=<int64 [A] indices of the active rows> for a subset")
+                raise ValueError(
+                    f"got logits for {num_rows} rows but the monitor tracks B={self.batch_size}; "
+                    f"pass rows=<int64 [A] indices of the active rows> for a subset"
+                )
             rows = torch.arange(self.batch_size, device=self.device)
         else:
             if not isinstance(rows, torch.Tensor) or rows.dtype not in (torch.int64, torch.int32) or rows.dim() != 1:
@@ -535,8 +607,10 @@ class DriftMonitor:
         if flags:
             bad = dict(zip(flags, torch.stack(list(flags.values())).tolist()))
             if bad.get("rows_range"):
-                raise ValueError(f"rows must index the batch: values in [0, {self.batch_size}), got "
-                                 f"[{int(rows.min())}, {int(rows.max())}]")
+                raise ValueError(
+                    f"rows must index the batch: values in [0, {self.batch_size}), got "
+                    f"[{int(rows.min())}, {int(rows.max())}]"
+                )
             if bad.get("rows_distinct"):
                 raise ValueError("rows must be distinct: each sequence gets at most one token per step")
             if bad.get("tokens_range"):
@@ -601,43 +675,6 @@ class DriftMonitor:
         return (~self.stopped).nonzero().squeeze(-1)
 
 
-class _StepOutput(NamedTuple):
-    overlap: torch.Tensor
-    multiplier: torch.Tensor
-    stopped: torch.Tensor
-    student_logprob: torch.Tensor
-    teacher_logprob: torch.Tensor
-    reverse_kl: torch.Tensor
-
-
-def _use_kernels(tensor: torch.Tensor, k: Optional[int] = None) -> bool:
-    if runs_cuda_kernels(tensor):
-        return (not tensor.is_cuda or cuda_kernels_available()) and (k is None or k <= CUDA_MAX_TOPK)
-    return tensor.device.type == "cpu"
-
-
-def _drift_step(student_logits, teacher_logits, tokens, rows, state: DriftState, config: PruneConfig,
-                temperature: float) -> _StepOutput:
-    if _use_kernels(student_logits, config.k):
-        return _StepOutput(*ops.drift_step(student_logits, teacher_logits, tokens, rows, *state, config.k,
-                                           temperature, **config.kernel_args()))
-    # No kernels for this device (a CUDA build without CUDA kernels, or k beyond the CUDA top-k).
-    overlap = reference.topk_overlap(student_logits, teacher_logits, config.k)
-    multiplier, stopped = reference.drift_update(overlap, *state, rows, **config.kernel_args())
-    if tokens is None:
-        empty = overlap.new_empty(0)
-        return _StepOutput(overlap, multiplier, stopped, empty, empty, empty)
-    stats = reference.token_stats(student_logits, teacher_logits, tokens, temperature)
-    return _StepOutput(overlap, multiplier, stopped, stats["student_logprob"].float(),
-                       stats["teacher_logprob"].float(), stats["reverse_kl"].float())
-
-
-def _drift_scan(overlaps, mask, state: DriftState, config: PruneConfig):
-    if _use_kernels(overlaps):
-        return ops.drift_scan(overlaps, mask, *state, **config.kernel_args())
-    return reference.drift_scan(overlaps, mask, *state, **config.kernel_args())
-
-
 class DriftScan(NamedTuple):
     """Result of :func:`drift_scan`. Token-level tensors are ``[B, T]``, 0 where masked or after the stop."""
 
@@ -650,19 +687,25 @@ class DriftScan(NamedTuple):
 
 def _check_overlaps(overlaps, mask):
     if not isinstance(overlaps, torch.Tensor) or overlaps.dim() != 2 or overlaps.dtype != torch.float32:
-        raise ValueError(f"overlaps must be a float32 tensor [B, T] (from opd_ext.topk_overlap), got "
-                         f"{overlaps.dtype if isinstance(overlaps, torch.Tensor) else type(overlaps).__name__} "
-                         f"{tuple(getattr(overlaps, 'shape', ()))}")
+        raise ValueError(
+            f"overlaps must be a float32 tensor [B, T] (from opd_ext.topk_overlap), got "
+            f"{overlaps.dtype if isinstance(overlaps, torch.Tensor) else type(overlaps).__name__} "
+            f"{tuple(getattr(overlaps, 'shape', ()))}"
+        )
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != overlaps.shape:
-            raise ValueError(f"mask must be a bool tensor of the shape of overlaps {tuple(overlaps.shape)}, got "
-                             f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}")
+            raise ValueError(
+                f"mask must be a bool tensor of the shape of overlaps {tuple(overlaps.shape)}, got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} {tuple(getattr(mask, 'shape', ()))}"
+            )
         if mask.device != overlaps.device:
             raise ValueError(f"mask is on {mask.device} but overlaps on {overlaps.device}")
+    check_kernels_for("overlaps", overlaps)
 
 
-def drift_scan(overlaps: torch.Tensor, config: Optional[PruneConfig] = None, *, mask: Optional[torch.Tensor] = None,
-               budget=None) -> DriftScan:
+def drift_scan(
+    overlaps: torch.Tensor, config: Optional[PruneConfig] = None, *, mask: Optional[torch.Tensor] = None, budget=None
+) -> DriftScan:
     """Prune-OPD over whole sequences (post-hoc mode: rollouts from vLLM / SGLang scored in one
     teacher forward). Identical to feeding the tokens one by one to a :class:`DriftMonitor`.
 
@@ -677,5 +720,5 @@ def drift_scan(overlaps: torch.Tensor, config: Optional[PruneConfig] = None, *, 
     config = (config if config is not None else PruneConfig()).validate()
     _check_overlaps(overlaps, mask)
     state = DriftState.fresh(overlaps.shape[0], overlaps.device, budget)
-    multipliers, weights, stop_positions = _drift_scan(overlaps, mask, state, config)
+    multipliers, weights, stop_positions = ops.drift_scan(overlaps, mask, *state, **config.kernel_args())
     return DriftScan(multipliers, weights, stop_positions, state.stop_reason.clone(), state.length.long())

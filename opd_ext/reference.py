@@ -1,7 +1,13 @@
-"""Plain PyTorch definitions of every op (docs/spec.md §1): the ground truth the kernels are tested against.
+"""The test oracle: plain PyTorch definitions of every op (docs/spec.md §1), the ground truth the
+kernels, the torch backend and the losses are tested against.
 
-Readable and memory-hungry by design: these materialise full ``[N, V]`` intermediates.
+Readable and memory-hungry by design: these materialise full ``[N, V]`` intermediates, and nothing
+in the library calls them (the production fallback is :mod:`opd_ext.torch_backend`). The losses'
+math is computed in float64; the Prune-OPD drift state machine is defined by its float32
+arithmetic (csrc/include/opd/drift.h), so :func:`drift_update` mirrors it operation by operation
+and the kernels must match it bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,8 +74,9 @@ def topk_reverse_kl(student_logits, teacher_logits, k: int, temperature: float =
     return kl.masked_fill(has_nan, float("nan"))
 
 
-def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature: float = 1.0,
-                       teacher_topk_mask=None):
+def support_reverse_kl(
+    student_logits, teacher_topk_ids, teacher_topk_logprobs, temperature: float = 1.0, teacher_topk_mask=None
+):
     """KL(p̄‖q̄) over the teacher's support, both renormalised there (served teachers); 0 where the
     support is empty. The support is the set of listed ids: slots with a -inf log-prob or a False
     ``teacher_topk_mask`` leave it, and an id listed twice takes its first slot's log-prob.
@@ -81,12 +88,15 @@ def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, 
         slot_ok = slot_ok & teacher_topk_mask.bool()
     ids = torch.where(slot_ok, teacher_topk_ids, 0)
     lead = student_logits.shape[:-1]
-    dense = torch.full(lead + student_logits.shape[-1:], float("-inf"), dtype=torch.float64,
-                       device=student_logits.device)
+    dense = torch.full(
+        lead + student_logits.shape[-1:], float("-inf"), dtype=torch.float64, device=student_logits.device
+    )
     for slot in reversed(range(ids.shape[-1])):  # earlier slots overwrite later ones: the first wins
-        current = dense.gather(-1, ids[..., slot:slot + 1])
-        value = torch.where(slot_ok[..., slot:slot + 1], teacher_topk_logprobs[..., slot:slot + 1].double(), current)
-        dense = dense.scatter(-1, ids[..., slot:slot + 1], value)
+        current = dense.gather(-1, ids[..., slot : slot + 1])
+        value = torch.where(
+            slot_ok[..., slot : slot + 1], teacher_topk_logprobs[..., slot : slot + 1].double(), current
+        )
+        dense = dense.scatter(-1, ids[..., slot : slot + 1], value)
     in_support = dense != float("-inf")
     has_support = in_support.any(-1, keepdim=True)
     s = torch.where(in_support, student_logits.double() / temperature, float("-inf"))
@@ -118,8 +128,19 @@ def _policy_gradient_surrogate(log_p_y, reward, baseline, scale, valid):
     return torch.where(valid, -scale * advantage * log_p_y, 0.0).sum()
 
 
-def vopd_loss(student_logits, teacher_logits, tokens, *, mask=None, weights=None, temperature=1.0,
-              baseline="full", topk=100, kl="reverse", num_items=None) -> torch.Tensor:
+def vopd_loss(
+    student_logits,
+    teacher_logits,
+    tokens,
+    *,
+    mask=None,
+    weights=None,
+    temperature=1.0,
+    baseline="full",
+    topk=100,
+    kl="reverse",
+    num_items=None,
+) -> torch.Tensor:
     """vOPD surrogate (float64), differentiable w.r.t. student_logits."""
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
     student_logits, teacher_logits = _drop_masked(student_logits, mask), _drop_masked(teacher_logits, mask)
@@ -139,18 +160,32 @@ def vopd_loss(student_logits, teacher_logits, tokens, *, mask=None, weights=None
     return _policy_gradient_surrogate(log_p_y, reward, b, scale, valid)
 
 
-def reverse_kl_loss(student_logits, teacher_logits, *, mask=None, weights=None, temperature=1.0,
-                    num_items=None) -> torch.Tensor:
+def reverse_kl_loss(
+    student_logits, teacher_logits, *, mask=None, weights=None, temperature=1.0, num_items=None
+) -> torch.Tensor:
     """Σ w KL(p‖q) / norm (float64), differentiable w.r.t. student_logits."""
-    kl = _kl(_scaled_log_softmax(_drop_masked(student_logits, mask), temperature),
-             _scaled_log_softmax(_drop_masked(teacher_logits.detach(), mask), temperature))
+    kl = _kl(
+        _scaled_log_softmax(_drop_masked(student_logits, mask), temperature),
+        _scaled_log_softmax(_drop_masked(teacher_logits.detach(), mask), temperature),
+    )
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()
 
 
-def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_topk_logprobs,
-                             teacher_token_logprob, *, teacher_topk_mask=None, mask=None, weights=None,
-                             temperature=1.0, baseline="topk", num_items=None) -> torch.Tensor:
+def vopd_loss_sparse_teacher(
+    student_logits,
+    tokens,
+    teacher_topk_ids,
+    teacher_topk_logprobs,
+    teacher_token_logprob,
+    *,
+    teacher_topk_mask=None,
+    mask=None,
+    weights=None,
+    temperature=1.0,
+    baseline="topk",
+    num_items=None,
+) -> torch.Tensor:
     """vOPD surrogate with a served teacher (top-k ids + log-probs + log-prob of the sampled token);
     the top-k baseline runs over the teacher's support."""
     tokens = tokens if mask is None else torch.where(mask.bool(), tokens, 0)
@@ -163,26 +198,37 @@ def vopd_loss_sparse_teacher(student_logits, tokens, teacher_topk_ids, teacher_t
     log_p_y = _scaled_log_softmax(student_logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     reward = teacher_token_logprob.double() - log_p_y
     if baseline == "topk":
-        b = -support_reverse_kl(student_logits.detach(), teacher_topk_ids, teacher_topk_logprobs, temperature,
-                                teacher_topk_mask)
+        b = -support_reverse_kl(
+            student_logits.detach(), teacher_topk_ids, teacher_topk_logprobs, temperature, teacher_topk_mask
+        )
     else:
         b = torch.zeros_like(reward)
     scale, valid = _loss_scale(tokens.shape, mask, weights, num_items, tokens.device)
     return _policy_gradient_surrogate(log_p_y, reward, b, scale, valid)
 
 
-def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_topk_logprobs, *,
-                                   teacher_topk_mask=None, mask=None, weights=None, temperature=1.0,
-                                   num_items=None) -> torch.Tensor:
+def reverse_kl_loss_sparse_teacher(
+    student_logits,
+    teacher_topk_ids,
+    teacher_topk_logprobs,
+    *,
+    teacher_topk_mask=None,
+    mask=None,
+    weights=None,
+    temperature=1.0,
+    num_items=None,
+) -> torch.Tensor:
     """Σ w KL(p̄‖q̄) / norm over the teacher's top-k support, differentiable w.r.t. student_logits."""
     student_logits = _drop_masked(student_logits, mask)
     teacher_topk_logprobs = _drop_masked(teacher_topk_logprobs, mask)
     if mask is not None:  # masked positions may list any id
         teacher_topk_ids = torch.where(mask.bool().unsqueeze(-1), teacher_topk_ids, 0)
-    kl = support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature,
-                            teacher_topk_mask)
+    kl = support_reverse_kl(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs.detach(), temperature, teacher_topk_mask
+    )
     scale, valid = _loss_scale(kl.shape, mask, weights, num_items, kl.device)
     return torch.where(valid, scale * kl, 0.0).sum()
+
 
 # ---- Prune-OPD drift tracking (docs/spec.md §1) -----------------------------------------------------------
 # Mirrors csrc/include/opd/drift.h operation by operation in float32 (every product and sum a
@@ -191,8 +237,26 @@ def reverse_kl_loss_sparse_teacher(student_logits, teacher_topk_ids, teacher_top
 DRIFT_RUNNING, DRIFT_WEIGHT_EXHAUSTED, DRIFT_PATIENCE, DRIFT_BUDGET, DRIFT_FINISHED = range(5)
 
 
-def drift_update(overlap, ema, weight, drift_run, drift_events, length, stop_reason, budget, rows=None,
-                 *, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight):
+def drift_update(
+    overlap,
+    ema,
+    weight,
+    drift_run,
+    drift_events,
+    length,
+    stop_reason,
+    budget,
+    rows=None,
+    *,
+    ema_beta,
+    threshold,
+    warmup,
+    w_drop,
+    decay,
+    w_base,
+    patience,
+    min_weight,
+):
     """One token per selected sequence. Updates the state tensors in place (already-stopped rows
     are left untouched) and returns ``(multiplier, stopped)`` for the selected rows.
 
@@ -233,8 +297,14 @@ def drift_update(overlap, ema, weight, drift_run, drift_events, length, stop_rea
         reason = torch.where(run >= patience, DRIFT_PATIENCE, reason).to(reason.dtype)
     reason = torch.where(new_weight <= f32(min_weight), DRIFT_WEIGHT_EXHAUSTED, reason).to(reason.dtype)
 
-    for state, new in ((ema, new_ema), (weight, new_weight), (drift_run, run), (drift_events, events),
-                       (length, new_length), (stop_reason, reason)):
+    for state, new in (
+        (ema, new_ema),
+        (weight, new_weight),
+        (drift_run, run),
+        (drift_events, events),
+        (length, new_length),
+        (stop_reason, reason),
+    ):
         state[idx] = torch.where(running, new.to(state.dtype), state[idx])
     multiplier = torch.where(running, f32(w_base) + new_weight, f32(0.0))
     return multiplier, stop_reason[idx] != DRIFT_RUNNING
@@ -252,8 +322,9 @@ def drift_scan(overlaps, mask, ema, weight, drift_run, drift_events, length, sto
     for t in range(steps):
         rows = valid[:, t].nonzero().squeeze(-1)
         was_running = stop_reason[rows] == DRIFT_RUNNING
-        multiplier, stopped = drift_update(overlaps[rows, t], ema, weight, drift_run, drift_events, length,
-                                           stop_reason, budget, rows, **config)
+        multiplier, stopped = drift_update(
+            overlaps[rows, t], ema, weight, drift_run, drift_events, length, stop_reason, budget, rows, **config
+        )
         multipliers[rows, t] = multiplier
         weights[rows, t] = torch.where(was_running, weight[rows], 0.0)
         stop_position[rows] = torch.where(was_running & stopped, t, stop_position[rows])

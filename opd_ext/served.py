@@ -1,6 +1,8 @@
 """Teachers behind an inference server (vLLM, SGLang): their prompt log-probs as the tensors the
-sparse-teacher losses take, the top-k overlap against a served top-k (Prune-OPD drift tracking) and
-the per-token statistics for trainers that own their policy-gradient loss.
+sparse-teacher functions take (:mod:`opd_ext.sparse_teacher`: the losses, the top-k overlap against a
+served top-k for Prune-OPD drift tracking, and the per-token statistics for trainers that own their
+policy-gradient loss; the last two are also exported here as :func:`topk_overlap` and
+:func:`sparse_teacher_stats`).
 
 A served teacher scores a rollout as a prompt: send prompt + completion, ask for the top-k
 log-probs of every prompt position and generate one token.
@@ -35,6 +37,7 @@ Then::
 Nothing here imports vllm or sglang: the converters read plain Python objects (dicts, lists,
 tuples, objects with a ``.logprob`` attribute) and their JSON forms.
 """
+
 from __future__ import annotations
 
 import operator
@@ -43,17 +46,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
-from opd_ext._extension import ops
-from opd_ext._validation import (
-    check_device,
-    check_logits,
-    check_mask,
-    check_teacher_token_logprob,
-    check_teacher_topk,
-    check_temperature,
-)
-from opd_ext.losses import _sampled_tokens, _sparse_teacher_support, _support_reverse_kl, teacher_support
+from opd_ext._validation import check_device
+from opd_ext.sparse_teacher import SparseTeacherStats, sparse_teacher_stats, topk_overlap_sparse_teacher
 
 __all__ = [
     "ServedTeacher",
@@ -63,6 +57,10 @@ __all__ = [
     "sparse_teacher_stats",
     "topk_overlap",
 ]
+
+# The statistics of a served teacher live with its losses (opd_ext.sparse_teacher); this module's
+# own names for them are kept, so `opd_ext.served` stays one import for a served teacher.
+topk_overlap = topk_overlap_sparse_teacher
 
 _NEG_INF = float("-inf")
 
@@ -77,20 +75,12 @@ class ServedTeacher(NamedTuple):
 
     tokens: torch.Tensor  # int64 [..., T]: the scored token ids (0 where mask is False)
     topk_ids: torch.Tensor  # int64 [..., T, K]: the teacher's top-k ids (0 in padded slots)
-    topk_logprobs: torch.Tensor  # float32 [..., T, K]: their log-probs, by slot in decreasing order; -inf in padded slots
+    topk_logprobs: (
+        torch.Tensor
+    )  # float32 [..., T, K]: their log-probs, by slot in decreasing order; -inf in padded slots
     token_logprob: torch.Tensor  # float32 [..., T]: the teacher's log-prob of `tokens` (0 where mask is False)
     topk_mask: torch.Tensor  # bool [..., T, K]: slots of the teacher's support
     mask: torch.Tensor  # bool [..., T]: positions the server scored (False at padding and unscored entries)
-
-
-class SparseTeacherStats(NamedTuple):
-    """Per-token statistics of :func:`sparse_teacher_stats`, each float32 ``[...]``, 0 where masked."""
-
-    student_logprob: torch.Tensor  # log p(y) = log softmax(s / τ)[y]
-    teacher_logprob: torch.Tensor  # log q(y), as served
-    reward: torch.Tensor  # r = log q(y) - log p(y)
-    topk_kl: torch.Tensor  # KL(p̄‖q̄) over the teacher's support; the baseline is b = -topk_kl
-    advantage: torch.Tensor  # A = r - b = r + topk_kl
 
 
 # ---- parsing server outputs -----------------------------------------------------------------------
@@ -122,13 +112,15 @@ def _logprob(value, where: str) -> float:
     if isinstance(lp, Mapping):
         lp = lp.get("logprob")
     if lp is None or isinstance(lp, (bool, str, bytes)):
-        raise TypeError(f"{where}: expected a log-prob (a number, or an object with .logprob), got "
-                        f"{type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{where}: expected a log-prob (a number, or an object with .logprob), got {type(value).__name__} {value!r}"
+        )
     try:
         return float(lp)
     except (TypeError, ValueError):
-        raise TypeError(f"{where}: expected a log-prob (a number, or an object with .logprob), got "
-                        f"{type(value).__name__} {value!r}") from None
+        raise TypeError(
+            f"{where}: expected a log-prob (a number, or an object with .logprob), got {type(value).__name__} {value!r}"
+        ) from None
 
 
 def _rank(value) -> Optional[int]:
@@ -156,8 +148,9 @@ def _spans(start, end, lengths, names):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int (or one per sequence), got {type(v).__name__} {v!r}")
         if not 0 <= s <= e <= n:
-            raise ValueError(f"{names(b)} has {n} entries; the span start={s}, end={e} must satisfy "
-                             f"0 <= start <= end <= {n}")
+            raise ValueError(
+                f"{names(b)} has {n} entries; the span start={s}, end={e} must satisfy 0 <= start <= end <= {n}"
+            )
         spans.append((s, e))
     return spans
 
@@ -240,8 +233,9 @@ def _vllm_inputs(prompt_logprobs, prompt_token_ids):
     def from_output(output, ids):
         positions = output.prompt_logprobs
         if positions is None:
-            raise ValueError("the RequestOutput has prompt_logprobs=None: request them with "
-                             "SamplingParams(prompt_logprobs=k)")
+            raise ValueError(
+                "the RequestOutput has prompt_logprobs=None: request them with SamplingParams(prompt_logprobs=k)"
+            )
         ids = getattr(output, "prompt_token_ids", None) if ids is None else ids
         if ids is None:
             raise ValueError("the RequestOutput has no prompt_token_ids; pass prompt_token_ids=")
@@ -250,30 +244,43 @@ def _vllm_inputs(prompt_logprobs, prompt_token_ids):
     if hasattr(prompt_logprobs, "prompt_logprobs"):
         return False, [from_output(prompt_logprobs, prompt_token_ids)]
     if not _is_sequence(prompt_logprobs):
-        raise TypeError(f"prompt_logprobs must be a vLLM RequestOutput, a list of them, or RequestOutput."
-                        f"prompt_logprobs (a list with one None or dict per prompt position), got "
-                        f"{type(prompt_logprobs).__name__}")
+        raise TypeError(
+            f"prompt_logprobs must be a vLLM RequestOutput, a list of them, or RequestOutput."
+            f"prompt_logprobs (a list with one None or dict per prompt position), got "
+            f"{type(prompt_logprobs).__name__}"
+        )
     if len(prompt_logprobs) and all(hasattr(o, "prompt_logprobs") for o in prompt_logprobs):
         ids = _as_list(prompt_token_ids)
         if ids is not None and (not _is_sequence(ids) or len(ids) != len(prompt_logprobs)):
             raise ValueError(f"prompt_token_ids must hold one list per RequestOutput ({len(prompt_logprobs)})")
         return True, [from_output(o, None if ids is None else ids[b]) for b, o in enumerate(prompt_logprobs)]
     if prompt_token_ids is None:
-        raise ValueError("prompt_token_ids is needed with raw prompt_logprobs lists (RequestOutput.prompt_token_ids): "
-                         "entry t of prompt_logprobs scores prompt_token_ids[t]")
+        raise ValueError(
+            "prompt_token_ids is needed with raw prompt_logprobs lists (RequestOutput.prompt_token_ids): "
+            "entry t of prompt_logprobs scores prompt_token_ids[t]"
+        )
     ids = _as_list(prompt_token_ids)
     if not _is_sequence(ids):
         raise TypeError(f"prompt_token_ids must be a list of ids (or one list per sequence), got {type(ids).__name__}")
     if len(ids) and _is_sequence(_as_list(ids[0])):
         if len(ids) != len(prompt_logprobs):
-            raise ValueError(f"prompt_logprobs has {len(prompt_logprobs)} sequences but prompt_token_ids has {len(ids)}")
+            raise ValueError(
+                f"prompt_logprobs has {len(prompt_logprobs)} sequences but prompt_token_ids has {len(ids)}"
+            )
         return True, [(p, _as_list(i)) for p, i in zip(prompt_logprobs, ids)]
     return False, [(prompt_logprobs, ids)]
 
 
-def from_vllm_prompt_logprobs(prompt_logprobs, prompt_token_ids=None, *, start=1, end=None,
-                              k: Optional[int] = None, pad_to: Optional[int] = None,
-                              device="cpu") -> ServedTeacher:
+def from_vllm_prompt_logprobs(
+    prompt_logprobs,
+    prompt_token_ids=None,
+    *,
+    start=1,
+    end=None,
+    k: Optional[int] = None,
+    pad_to: Optional[int] = None,
+    device="cpu",
+) -> ServedTeacher:
     """vLLM's prompt log-probs as a :class:`ServedTeacher`.
 
     vLLM (``SamplingParams(prompt_logprobs=k)``) returns ``RequestOutput.prompt_logprobs``: one entry
@@ -322,8 +329,10 @@ def from_vllm_prompt_logprobs(prompt_logprobs, prompt_token_ids=None, *, start=1
         if not _is_sequence(ids):
             raise TypeError(f"prompt_token_ids for {name(b)} must be a list of ids, got {type(ids).__name__}")
         if len(positions) != len(ids):
-            raise ValueError(f"{name(b)} has {len(positions)} entries but its prompt_token_ids has {len(ids)}: "
-                             f"entry t scores prompt_token_ids[t]")
+            raise ValueError(
+                f"{name(b)} has {len(positions)} entries but its prompt_token_ids has {len(ids)}: "
+                f"entry t scores prompt_token_ids[t]"
+            )
     spans = _spans(start, end, [len(ids) for _, ids in seqs], name)
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
         raise ValueError(f"k must be None or the prompt_logprobs value of the request (an int >= 0), got {k!r}")
@@ -351,8 +360,10 @@ def from_vllm_prompt_logprobs(prompt_logprobs, prompt_token_ids=None, *, start=1
                 if tid == token:
                     token_rank = _rank(value)
             if token not in scores:
-                raise ValueError(f"{where} lacks the scored token {token} (prompt_token_ids[{t}]); vLLM always lists "
-                                 f"it: are prompt_logprobs and prompt_token_ids from the same request?")
+                raise ValueError(
+                    f"{where} lacks the scored token {token} (prompt_token_ids[{t}]); vLLM always lists "
+                    f"it: are prompt_logprobs and prompt_token_ids from the same request?"
+                )
             row.append((where, token, scores[token], token_rank, scores))
         parsed.append(row)
 
@@ -370,8 +381,10 @@ def from_vllm_prompt_logprobs(prompt_logprobs, prompt_token_ids=None, *, start=1
             if len(scores) == k + 1:
                 scores = {i: lp for i, lp in scores.items() if i != token}
             elif len(scores) != k:
-                raise ValueError(f"{where} has {len(scores)} entries; with prompt_logprobs k={k} vLLM lists k (the "
-                                 f"token among the top-k) or k + 1 (the token added)")
+                raise ValueError(
+                    f"{where} has {len(scores)} entries; with prompt_logprobs k={k} vLLM lists k (the "
+                    f"token among the top-k) or k + 1 (the token added)"
+                )
             rows.add(token, token_lp, list(scores), list(scores.values()))
     return rows.pack(batched, pad_to, device)
 
@@ -383,8 +396,10 @@ def _infer_vllm_k(scored) -> int:
     low, high = min(sizes), max(sizes)
     if high - low > 1:
         where = next(p[0] for p in scored if len(p[4]) == high)
-        raise ValueError(f"{where} has {high} entries where others have {low}: vLLM lists k or k + 1 per position; "
-                         f"pass k= (the prompt_logprobs value of the request)")
+        raise ValueError(
+            f"{where} has {high} entries where others have {low}: vLLM lists k or k + 1 per position; "
+            f"pass k= (the prompt_logprobs value of the request)"
+        )
     if high == low + 1:
         return low
     # Every position lists `low` entries: either k = low with the token always among them, or
@@ -392,9 +407,11 @@ def _infer_vllm_k(scored) -> int:
     # token ranked above `low` settles it.
     if any(p[3] is not None and p[3] < low for p in scored):
         return low
-    raise ValueError(f"cannot tell k from prompt_logprobs: every position lists {low} entries, which is k (the "
-                     f"token among the top-k) or k + 1 (the token added); pass k= (the prompt_logprobs value of "
-                     f"the request)")
+    raise ValueError(
+        f"cannot tell k from prompt_logprobs: every position lists {low} entries, which is k (the "
+        f"token among the top-k) or k + 1 (the token added); pass k= (the prompt_logprobs value of "
+        f"the request)"
+    )
 
 
 # ---- SGLang ---------------------------------------------------------------------------------------
@@ -407,28 +424,39 @@ def _sglang_inputs(input_top_logprobs, input_token_logprobs):
         meta = response.get("meta_info", response)
         label = "the response" if b is None else f"response {b}"
         if not isinstance(meta, Mapping) or "input_token_logprobs" not in meta:
-            raise ValueError(f"{label} has no meta_info['input_token_logprobs']: request return_logprob=True, "
-                             f"top_logprobs_num=k and logprob_start_len=0")
+            raise ValueError(
+                f"{label} has no meta_info['input_token_logprobs']: request return_logprob=True, "
+                f"top_logprobs_num=k and logprob_start_len=0"
+            )
         return meta.get("input_top_logprobs"), meta["input_token_logprobs"]
 
     if isinstance(input_top_logprobs, Mapping):
         return False, [from_response(input_top_logprobs, None)]
-    if (_is_sequence(input_top_logprobs) and len(input_top_logprobs) and input_token_logprobs is None
-            and all(isinstance(r, Mapping) for r in input_top_logprobs)):
+    if (
+        _is_sequence(input_top_logprobs)
+        and len(input_top_logprobs)
+        and input_token_logprobs is None
+        and all(isinstance(r, Mapping) for r in input_top_logprobs)
+    ):
         return True, [from_response(r, b) for b, r in enumerate(input_top_logprobs)]
     if input_token_logprobs is None:
-        raise ValueError("input_token_logprobs (meta_info['input_token_logprobs']) is needed with raw "
-                         "input_top_logprobs lists: it holds each position's token and its log-prob")
+        raise ValueError(
+            "input_token_logprobs (meta_info['input_token_logprobs']) is needed with raw "
+            "input_top_logprobs lists: it holds each position's token and its log-prob"
+        )
     tokens = input_token_logprobs
     if not _is_sequence(tokens):
-        raise TypeError(f"input_token_logprobs must be a list of (logprob, token_id, text) (or one list per "
-                        f"sequence), got {type(tokens).__name__}")
+        raise TypeError(
+            f"input_token_logprobs must be a list of (logprob, token_id, text) (or one list per "
+            f"sequence), got {type(tokens).__name__}"
+        )
     # A sequence's entries are (logprob, token_id, text) tuples; a batch's are lists of them.
     batched = len(tokens) > 0 and _is_sequence(tokens[0]) and (len(tokens[0]) == 0 or _is_sequence(tokens[0][0]))
     if not batched:
         return False, [(input_top_logprobs, tokens)]
-    if input_top_logprobs is not None and (not _is_sequence(input_top_logprobs)
-                                           or len(input_top_logprobs) != len(tokens)):
+    if input_top_logprobs is not None and (
+        not _is_sequence(input_top_logprobs) or len(input_top_logprobs) != len(tokens)
+    ):
         raise ValueError(f"input_top_logprobs must hold one list per sequence of input_token_logprobs ({len(tokens)})")
     return True, [(None if input_top_logprobs is None else input_top_logprobs[b], t) for b, t in enumerate(tokens)]
 
@@ -440,8 +468,9 @@ def _sglang_entry(entry, where: str):
     return (None if entry[0] is None else _logprob(entry[0], where)), _token_id(entry[1], f"{where} token id")
 
 
-def from_sglang_input_top_logprobs(input_top_logprobs, input_token_logprobs=None, *, start=1, end=None,
-                                   pad_to: Optional[int] = None, device="cpu") -> ServedTeacher:
+def from_sglang_input_top_logprobs(
+    input_top_logprobs, input_token_logprobs=None, *, start=1, end=None, pad_to: Optional[int] = None, device="cpu"
+) -> ServedTeacher:
     """SGLang's input (prompt) log-probs as a :class:`ServedTeacher`.
 
     SGLang (``return_logprob=True, top_logprobs_num=k``) returns in ``meta_info``:
@@ -490,11 +519,14 @@ def from_sglang_input_top_logprobs(input_top_logprobs, input_token_logprobs=None
         if not _is_sequence(tokens):
             raise TypeError(f"{name(b)} must be a list of (logprob, token_id, text), got {type(tokens).__name__}")
         if top is not None and not _is_sequence(top):
-            raise TypeError(f"{name(b, 'input_top_logprobs')} must be a list (one entry per position), got "
-                            f"{type(top).__name__}")
+            raise TypeError(
+                f"{name(b, 'input_top_logprobs')} must be a list (one entry per position), got {type(top).__name__}"
+            )
         if top is not None and len(top) and len(top) != len(tokens):
-            raise ValueError(f"{name(b, 'input_top_logprobs')} has {len(top)} entries but {name(b)} has "
-                             f"{len(tokens)}: both list the same input positions")
+            raise ValueError(
+                f"{name(b, 'input_top_logprobs')} has {len(top)} entries but {name(b)} has "
+                f"{len(tokens)}: both list the same input positions"
+            )
     spans = _spans(start, end, [len(tokens) for _, tokens in seqs], name)
 
     rows = _Rows()
@@ -523,154 +555,3 @@ def from_sglang_input_top_logprobs(input_top_logprobs, input_token_logprobs=None
                 lps.append(lp)
             rows.add(token, token_lp, ids, lps)
     return rows.pack(batched, pad_to, device)
-
-
-# ---- drift tracking and statistics against a served top-k -----------------------------------------
-
-# Rows per block when ties at the k-th student logit need each tied id's vocabulary position (an
-# int64 [rows, V] cumulative count): 8 MiB at V = 128k.
-_TIE_BLOCK_ROWS = 8
-
-
-def topk_overlap(student_logits: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                 teacher_topk_mask: Optional[torch.Tensor] = None, *,
-                 teacher_topk_logprobs: Optional[torch.Tensor] = None,
-                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Top-k overlap against a served teacher: ``|TopK(student) ∩ S| / k`` with ``S`` the teacher's
-    support at the position and ``k = |S|``.
-
-    ``S`` is the *set* of teacher ids in valid slots (``teacher_topk_mask``, and a log-prob other
-    than ``-inf`` when ``teacher_topk_logprobs`` is given): an id listed twice counts once, as in
-    :func:`opd_ext.losses.teacher_support`. So ``k`` is the number of distinct valid ids, which
-    may differ between positions, and the student's top-k is taken at that size. With ``S`` the
-    teacher's true top-k this equals :func:`opd_ext.topk_overlap` on the teacher's logits,
-    including its tie rule (ties at the student's k-th logit go to the lower vocabulary index).
-    To match ``PruneConfig.k``, request that many log-probs from the server or pass
-    ``served.topk_ids[..., :k]`` (the converters order slots by decreasing log-prob).
-
-    Pass the result to :func:`opd_ext.drift_scan` (post hoc) or :meth:`opd_ext.DriftMonitor.observe`
-    (chunked decoding), with the same ``mask``.
-
-    Args:
-        student_logits: ``[..., V]`` float32, bfloat16 or float16 (raw: ranks ignore temperature).
-        teacher_topk_ids: int64 ``[..., k]``; ids in ``[0, V)`` in valid slots.
-        teacher_topk_mask: optional bool ``[..., k]``, False at padded slots.
-        teacher_topk_logprobs: optional ``[..., k]``; ``-inf`` marks a padded slot.
-        mask: optional bool ``[...]``, positions that count; the overlap is 0 elsewhere.
-
-    Returns:
-        float32 ``[...]`` in ``[0, 1]``; NaN at a valid position whose support is empty or whose
-        student logits hold NaN. Runs one ``torch.topk`` of size ``max k + 1`` over the student's
-        rows (no fused kernel).
-
-    Raises:
-        ValueError / TypeError naming the argument: shapes, dtypes, devices, ids outside ``[0, V)``.
-    """
-    check_logits("student_logits", student_logits)
-    if not isinstance(teacher_topk_ids, torch.Tensor):
-        raise TypeError(f"teacher_topk_ids must be a torch.Tensor [..., k] of int64 token ids, got "
-                        f"{type(teacher_topk_ids).__name__}")
-    valid = None
-    if mask is not None:
-        check_mask(mask, student_logits)
-        valid = mask.bool()
-    logprobs = teacher_topk_logprobs
-    if logprobs is None:
-        logprobs = torch.zeros((), dtype=torch.float32, device=teacher_topk_ids.device).expand(teacher_topk_ids.shape)
-    check_teacher_topk(teacher_topk_ids, logprobs, student_logits, teacher_topk_mask, valid)
-    support = teacher_support(teacher_topk_ids, logprobs.detach(), teacher_topk_mask)
-    if valid is not None:
-        support = support & valid.unsqueeze(-1)
-
-    if student_logits.dim() == 1:  # one row [V]: row indexing below needs a leading dimension
-        student_logits, support = student_logits.unsqueeze(0), support.unsqueeze(0)
-        teacher_topk_ids = teacher_topk_ids.unsqueeze(0)
-        valid = None if valid is None else valid.unsqueeze(0)
-        squeeze = True
-    else:
-        squeeze = False
-    # The leading dimensions stay as they are: flattening a sliced view (logits[:, :-1]) would copy it.
-    s = student_logits.detach()
-    vocab = s.shape[-1]
-    ids = torch.where(support, teacher_topk_ids, 0)
-    k = support.sum(-1, keepdim=True)
-    k_max = int(k.max()) if k.numel() else 0
-    hits = torch.zeros_like(k)
-    nan_rows = torch.zeros_like(k, dtype=torch.bool)
-    if k_max > 0:
-        # The k-th largest student logit per row (k varies by row) and the (k+1)-th, which says
-        # whether ties at the k-th value reach past the top-k.
-        values = torch.topk(s, min(k_max + 1, vocab), dim=-1, sorted=True).values
-        kth = values.gather(-1, (k - 1).clamp(min=0))
-        after = values.gather(-1, k.clamp(max=values.shape[-1] - 1))
-        spills = (k < vocab) & (after == kth)
-        seats_at_kth = k - (values > kth).sum(-1, keepdim=True)
-        picked = s.gather(-1, ids)
-        tied = support & (picked == kth)
-        inside = (support & (picked > kth)) | (tied & ~spills)
-        # Ties straddling the k-th place go to the lower vocabulary index, as in the fused kernel:
-        # only rows where a teacher id is among such ties need the tied ids' vocabulary positions.
-        rows = (tied & spills).any(-1).nonzero(as_tuple=True)
-        for first in range(0, rows[0].numel(), _TIE_BLOCK_ROWS):
-            at = tuple(r[first:first + _TIE_BLOCK_ROWS] for r in rows)
-            equal = s[at] == kth[at]
-            lower_ties = equal.cumsum(-1) - equal.long()
-            rank = lower_ties.gather(-1, ids[at])
-            inside[at] = inside[at] | (tied[at] & (rank < seats_at_kth[at]))
-        hits = inside.sum(-1, keepdim=True)
-        # torch.topk ranks NaN above every number, so a row holding NaN shows it first.
-        nan_rows = values[..., :1].isnan()
-    overlap = hits.float() / k.float()  # 0 / 0 = NaN where the support is empty
-    overlap = torch.where(nan_rows, float("nan"), overlap).squeeze(-1)
-    if valid is not None:
-        overlap = torch.where(valid, overlap, 0.0)
-    return overlap.squeeze(0) if squeeze else overlap
-
-
-def sparse_teacher_stats(student_logits: torch.Tensor, tokens: torch.Tensor, teacher_topk_ids: torch.Tensor,
-                         teacher_topk_logprobs: torch.Tensor, teacher_token_logprob: torch.Tensor, *,
-                         teacher_topk_mask: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                         temperature: float = 1.0) -> SparseTeacherStats:
-    """The per-token quantities of :func:`opd_ext.vopd_loss_sparse_teacher`, for trainers that own
-    their policy-gradient loss (verl, NeMo-RL): reward ``r = log q(y) - log p(y)``, the top-k
-    baseline ``b = -KL(p̄‖q̄)`` over the teacher's support (both renormalised there, the same
-    computation as the loss's ``baseline="topk"``) and the advantage ``A = r - b``.
-
-    ``-A`` times ``∇ log p(y)``, weighted and normalised, is the loss's gradient: the loss with
-    ``baseline="topk"`` equals ``-Σ w·sg(A)·log p(y) / norm``. Everything is detached.
-
-    Args:
-        student_logits: ``[..., V]`` float32, bfloat16 or float16.
-        tokens: int64 ``[...]`` sampled ids (any value where ``mask`` is False).
-        teacher_topk_ids, teacher_topk_logprobs, teacher_token_logprob, teacher_topk_mask: the
-            served teacher, as for :func:`opd_ext.vopd_loss_sparse_teacher` (a
-            :class:`ServedTeacher`'s fields).
-        mask: optional bool ``[...]``, positions that count; every statistic is 0 elsewhere.
-        temperature: τ, divides the student's logits (the teacher's log-probs are taken as served).
-
-    Returns:
-        :class:`SparseTeacherStats`, float32 ``[...]`` each. A valid position with an empty support
-        has ``topk_kl`` 0.
-
-    Raises:
-        ValueError / TypeError naming the argument, as :func:`opd_ext.vopd_loss_sparse_teacher`.
-    """
-    temperature = check_temperature(temperature)
-    check_logits("student_logits", student_logits)
-    check_teacher_token_logprob(teacher_token_logprob, student_logits)
-    if mask is not None:
-        check_mask(mask, student_logits)
-        valid = mask.bool()
-    else:
-        valid = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
-    support = _sparse_teacher_support(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask,
-                                      valid)
-    tokens = _sampled_tokens(tokens, student_logits, valid)
-    with torch.no_grad():
-        logits = student_logits.detach()
-        student_logprob, _ = ops.student_stats(logits, tokens, temperature)
-        kl = _support_reverse_kl(logits, teacher_topk_ids, teacher_topk_logprobs.detach(), support, temperature)
-        teacher_logprob = teacher_token_logprob.detach().float()
-        reward = teacher_logprob - student_logprob
-        fields = (student_logprob, teacher_logprob, reward, kl, reward + kl)
-        return SparseTeacherStats(*(torch.where(valid, x.float(), 0.0) for x in fields))

@@ -18,11 +18,13 @@ speed. Faults it finds (a divergent ``__syncthreads``, a shuffle whose lanes exi
 a misaligned vector access) raise ``RuntimeError`` with "SIMT emulator fault" and the kernel's
 source lines.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -85,8 +87,13 @@ class _RouteToEmulator(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def emulated_cuda(device: str = "h100", schedule: str = "forward", seed: int = 0,
-                  sm_count: Optional[int] = None, registers_per_thread: Optional[int] = None) -> Iterator[None]:
+def emulated_cuda(
+    device: str = "h100",
+    schedule: str = "forward",
+    seed: int = 0,
+    sm_count: Optional[int] = None,
+    registers_per_thread: Optional[int] = None,
+) -> Iterator[None]:
     """Run opd_ext's CUDA kernels on CPU tensors, in the SIMT emulator, inside this block.
 
     Ops called in this thread inside the block run emulated, forward and backward (call
@@ -109,16 +116,26 @@ def emulated_cuda(device: str = "h100", schedule: str = "forward", seed: int = 0
     simt = _module()
     with _lock:
         saved = simt.config()
-        simt.configure(device=device.lower(), schedule=schedule, seed=seed, sm_count=sm_count,
-                       registers_per_thread=registers_per_thread)
+        simt.configure(
+            device=device.lower(),
+            schedule=schedule,
+            seed=seed,
+            sm_count=sm_count,
+            registers_per_thread=registers_per_thread,
+        )
         previous = _extension.set_emulating_cuda(True)
         try:
             with _RouteToEmulator():
                 yield
         finally:
             _extension.set_emulating_cuda(previous)
-            simt.configure(device=saved["device"], schedule=saved["schedule"], seed=saved["seed"],
-                           sm_count=saved["sm_count"], registers_per_thread=saved["registers_per_thread"])
+            simt.configure(
+                device=saved["device"],
+                schedule=saved["schedule"],
+                seed=saved["seed"],
+                sm_count=saved["sm_count"],
+                registers_per_thread=saved["registers_per_thread"],
+            )
 
 
 @contextlib.contextmanager
@@ -130,11 +147,6 @@ def cpu_kernels() -> Iterator[None]:
         yield
     finally:
         _extension.set_emulating_cuda(previous)
-
-
-def reset_emulator_counters() -> None:
-    """Zeroes :func:`emulator_counters`."""
-    _module().reset_counters()
 
 
 def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count: Optional[int] = None) -> dict:
@@ -149,6 +161,7 @@ def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count
             output differs from the forward run (the message names the schedule, the output and
             the first differing element).
     """
+
     def flatten(value, prefix="output"):
         if isinstance(value, torch.Tensor):
             return {prefix: value}
@@ -183,13 +196,16 @@ def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count
         for name, tensor in first.items():
             other = outputs[name]
             if tensor.shape != other.shape or tensor.dtype != other.dtype:
-                raise AssertionError(f"{name}: {tuple(other.shape)} {other.dtype} under the {label} schedule, "
-                                     f"{tuple(tensor.shape)} {tensor.dtype} under forward")
+                raise AssertionError(
+                    f"{name}: {tuple(other.shape)} {other.dtype} under the {label} schedule, "
+                    f"{tuple(tensor.shape)} {tensor.dtype} under forward"
+                )
             a, b = tensor.reshape(-1).view(torch.uint8), other.reshape(-1).view(torch.uint8)
             if not torch.equal(a, b):
                 at = int((a != b).nonzero()[0, 0]) // max(1, tensor.element_size())
                 raise AssertionError(
                     f"{name} differs between the forward and {label} schedules, first at flat index {at} "
                     f"({tensor.reshape(-1)[at].item()} vs {other.reshape(-1)[at].item()}): the kernel depends on "
-                    "the order in which its threads run")
+                    "the order in which its threads run"
+                )
     return first

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test: GoogleTest (ctest) over csrc/include and the SIMT emulator, once plain and once under
+# Every test: the style checks first (scripts/lint.sh: ruff and clang-format, seconds), then
+# GoogleTest (ctest) over csrc/include and the SIMT emulator, once plain and once under
 # AddressSanitizer + UBSan, then pytest (CPU, the CUDA kernels on the emulator, CUDA when a GPU is
 # present). Extra arguments go to pytest (e.g. --simt-full: every emulated test under every device
 # profile and schedule).
@@ -22,6 +23,8 @@ fi
 
 source "$OPD_ROOT/scripts/setup_env.sh" test
 cd "$OPD_ROOT"
+
+"$OPD_ROOT/scripts/lint.sh"
 
 if [[ -z "${OPD_SKIP_CPP_TESTS:-}" ]]; then
   echo "==> C++ tests (ctest)"

@@ -22,8 +22,15 @@ DTYPE_PAIRS = [
     (torch.float32, torch.float16),
 ]
 # The outputs of ops.token_stats, in order.
-STAT_FIELDS = ("student_logprob", "teacher_logprob", "reverse_kl", "forward_kl", "topk_reverse_kl",
-               "student_lse", "teacher_lse")
+STAT_FIELDS = (
+    "student_logprob",
+    "teacher_logprob",
+    "reverse_kl",
+    "forward_kl",
+    "topk_reverse_kl",
+    "student_lse",
+    "teacher_lse",
+)
 
 
 def assert_stats_match_reference(got: dict, student, teacher, tokens, temperature=1.0, topk=0, fields=STAT_FIELDS):
@@ -36,8 +43,13 @@ def assert_stats_match_reference(got: dict, student, teacher, tokens, temperatur
             assert got[name].numel() == 0
             continue
         assert got[name].dtype == torch.float32 and got[name].shape == tokens.shape, name
-        torch.testing.assert_close(got[name].double(), want[name], **stat_tolerance(student.dtype), equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got[name].double(),
+            want[name],
+            **stat_tolerance(student.dtype),
+            equal_nan=True,
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 def stat_tolerance(dtype):
@@ -48,18 +60,22 @@ def stat_tolerance(dtype):
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--simt-full", action="store_true",
+        "--simt-full",
+        action="store_true",
         help="run every device-parametrised test on the emulated CUDA device under every device "
-             "profile x schedule (default: one profile and schedule per test, rotating across tests)")
+        "profile x schedule (default: one profile and schedule per test, rotating across tests)",
+    )
 
 
 def _emu_params(full: bool):
-    marks = [pytest.mark.emu,
-             pytest.mark.skipif(not SIMT_READY, reason="opd_ext was built without the SIMT emulator")]
+    marks = [pytest.mark.emu, pytest.mark.skipif(not SIMT_READY, reason="opd_ext was built without the SIMT emulator")]
     if not full:
         return [pytest.param("emu", marks=marks)]
-    return [pytest.param(f"emu-{d}-{s}", marks=marks)
-            for d in opd_ext.testing.DEVICE_PROFILES for s in opd_ext.testing.SCHEDULES]
+    return [
+        pytest.param(f"emu-{d}-{s}", marks=marks)
+        for d in opd_ext.testing.DEVICE_PROFILES
+        for s in opd_ext.testing.SCHEDULES
+    ]
 
 
 def _parametrizes_device_itself(metafunc) -> bool:
@@ -73,10 +89,16 @@ def _parametrizes_device_itself(metafunc) -> bool:
 
 def pytest_generate_tests(metafunc):
     if "device" in metafunc.fixturenames and not _parametrizes_device_itself(metafunc):
-        devices = ["cpu",
-                   pytest.param("cuda", marks=[
-                       pytest.mark.cuda,
-                       pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device and opd_ext's CUDA kernels")])]
+        devices = [
+            "cpu",
+            pytest.param(
+                "cuda",
+                marks=[
+                    pytest.mark.cuda,
+                    pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device and opd_ext's CUDA kernels"),
+                ],
+            ),
+        ]
         full = metafunc.config.getoption("--simt-full")
         if full or metafunc.definition.get_closest_marker("emu_heavy") is None:
             devices += _emu_params(full)
@@ -104,7 +126,7 @@ def emulator_settings(param: str, nodeid: str):
 
 @pytest.fixture
 def device(request):
-    """"cpu", "cuda", or an emulated CUDA device: CPU tensors whose opd_ext ops run the CUDA
+    """ "cpu", "cuda", or an emulated CUDA device: CPU tensors whose opd_ext ops run the CUDA
     kernels in the SIMT emulator (the test sees "cpu")."""
     param = request.param
     if not param.startswith("emu"):

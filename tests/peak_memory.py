@@ -8,9 +8,11 @@ outside torch's allocator (std::vector scratch) and allocations of threads other
 
 CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,14 +32,18 @@ def measure_peak_memory(fn: Callable[[], object], device) -> PeakMemory:
         before = torch.cuda.memory_allocated(device)
         fn()
         torch.cuda.synchronize(device)
-        return PeakMemory(torch.cuda.max_memory_allocated(device) - before,
-                          torch.cuda.memory_allocated(device) - before)
+        return PeakMemory(
+            torch.cuda.max_memory_allocated(device) - before, torch.cuda.memory_allocated(device) - before
+        )
     if device.type != "cpu":
         raise ValueError(f"measure_peak_memory measures cpu or cuda, got {device}")
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     live = peak = 0
     for event in sorted(events, key=lambda e: e.start_ns()):
         live += event.nbytes()  # negative for a free

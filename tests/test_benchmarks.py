@@ -1,4 +1,5 @@
 """The benchmark harness, the report and gpu_verify.sh's CPU path (no timing assertions)."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench_topk_overlap  # noqa: E402
-import harness  # noqa: E402
 import report  # noqa: E402
+
+import harness  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -59,11 +61,35 @@ def test_copy_ceiling_is_measured():
 
 
 def test_quick_run_writes_rows_with_metadata_and_report(tmp_path, capsys):
-    argv = ["--device", "cpu", "--quick", "--dtypes", "fp32", "--shapes", "4x1000", "--rounds", "1",
-            "--round-budget", "0.01", "--out-dir", str(tmp_path)]
-    assert harness.main(op="topk_overlap", script=bench_topk_overlap.__file__, description="", api=["topk_overlap"],
-                        kernels=["topk_overlap"], cases=bench_topk_overlap.cases, build=bench_topk_overlap.build,
-                        extra_args=bench_topk_overlap.extra_args, argv=argv) == 0
+    argv = [
+        "--device",
+        "cpu",
+        "--quick",
+        "--dtypes",
+        "fp32",
+        "--shapes",
+        "4x1000",
+        "--rounds",
+        "1",
+        "--round-budget",
+        "0.01",
+        "--out-dir",
+        str(tmp_path),
+    ]
+    assert (
+        harness.main(
+            op="topk_overlap",
+            script=bench_topk_overlap.__file__,
+            description="",
+            api=["topk_overlap"],
+            kernels=["topk_overlap"],
+            cases=bench_topk_overlap.cases,
+            build=bench_topk_overlap.build,
+            extra_args=bench_topk_overlap.extra_args,
+            argv=argv,
+        )
+        == 0
+    )
     rows = harness.read_csv(tmp_path / "topk_overlap-cpu-quick.csv")
     assert [r["impl"] for r in rows] == ["opd_ext", "eager", "torch_topk"]
     for row in rows:
@@ -100,11 +126,19 @@ def test_cpu_peak_memory_sees_the_reference_sort_and_not_the_kernel():
 def test_gpu_verify_runs_on_cpu_and_says_what_it_skips(tmp_path):
     out = tmp_path / "out"
     # VERIFY_WORK: this test also runs inside gpu_verify.sh's own test step, whose scratch it must not wipe.
-    env = dict(os.environ, OUT=str(out), VERIFY_WORK=str(tmp_path / "work"), VERIFY_INSTALL="skip",
-               VERIFY_STEPS="info,cuda-tests,memcheck,report", PYTHON=sys.executable, PYTHONPATH=str(REPO),
-               CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(["bash", str(REPO / "benchmarks/gpu_verify.sh")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        OUT=str(out),
+        VERIFY_WORK=str(tmp_path / "work"),
+        VERIFY_INSTALL="skip",
+        VERIFY_STEPS="info,cuda-tests,memcheck,report",
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        CUDA_VISIBLE_DEVICES="",
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks/gpu_verify.sh")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.md").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table is printed last

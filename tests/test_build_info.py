@@ -1,5 +1,6 @@
 """The installation reports what it is, CUDA kernels are not silently dropped, and the binary says
 which Python ABI and which torch it needs."""
+
 import importlib.util
 import os
 import pathlib
@@ -53,6 +54,7 @@ def _extension_files():
     files = [opd_ext._extension._C.__file__]
     if opd_ext.testing.simt_available():
         from opd_ext import _simt
+
         files.append(_simt.__file__)
     return files
 

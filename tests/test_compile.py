@@ -13,14 +13,16 @@ with a mask they compute the masked rows too (zeroed and weighted 0), since the 
 rows is data-dependent. ``DriftMonitor.step`` / ``observe`` keep Python state per step and run
 eagerly (an error with ``fullgraph=True``); the drift ops themselves trace.
 """
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import opd_ext
-from opd_ext._extension import ops
 
 from conftest import skip_if_emulated
+
+ops = torch.ops.opd_ext
 
 H, K = 5, 4
 TEMPERATURE = 0.7
@@ -48,18 +50,33 @@ def _inputs(lead, vocab, device):
     # Masked positions hold what padding holds in practice: id -100 and, here, NaN states.
     hidden[~mask] = float("nan")
     return dict(
-        student=student, teacher=teacher, tokens=tokens, mask=mask, weights=randn(*lead).abs() + 0.5,
+        student=student,
+        teacher=teacher,
+        tokens=tokens,
+        mask=mask,
+        weights=randn(*lead).abs() + 0.5,
         masked_tokens=torch.where(mask, tokens, -100),
-        ids=ids, topk_logprobs=log_q.gather(-1, ids), token_logprob=log_q.gather(-1, tokens[..., None])[..., 0],
-        hidden=hidden, weight=randn(vocab, H, scale=0.5), bias=randn(vocab, scale=0.5),
-        teacher_hidden=randn(*lead, H), teacher_weight=randn(vocab, H, scale=0.5),
+        ids=ids,
+        topk_logprobs=log_q.gather(-1, ids),
+        token_logprob=log_q.gather(-1, tokens[..., None])[..., 0],
+        hidden=hidden,
+        weight=randn(vocab, H, scale=0.5),
+        bias=randn(vocab, scale=0.5),
+        teacher_hidden=randn(*lead, H),
+        teacher_weight=randn(vocab, H, scale=0.5),
         overlaps=torch.rand(lead[0] * lead[1], 9, generator=gen).to(device),
         scan_mask=(torch.rand(lead[0] * lead[1], 9, generator=gen) > 0.2).to(device),
         budget=torch.randint(3, 9, (lead[0] * lead[1],), generator=gen).to(device),
         # As servers send a top-k: the sampled id appended (sometimes a duplicate), -inf padding.
         served_ids=torch.cat([ids, ids[..., :1], tokens[..., None]], -1),
-        served_logprobs=torch.cat([log_q.gather(-1, ids), log_q.gather(-1, ids[..., :1]),
-                                   torch.full_like(tokens[..., None], float("-inf"), dtype=torch.float32)], -1),
+        served_logprobs=torch.cat(
+            [
+                log_q.gather(-1, ids),
+                log_q.gather(-1, ids[..., :1]),
+                torch.full_like(tokens[..., None], float("-inf"), dtype=torch.float32),
+            ],
+            -1,
+        ),
         slot_mask=torch.rand(*lead, K + 2, generator=gen).to(device) > 0.3,
     )
 
@@ -67,59 +84,144 @@ def _inputs(lead, vocab, device):
 # name -> (function of the inputs and a temperature, names of the inputs it differentiates)
 CASES = {
     "topk_overlap": (lambda x, tau: opd_ext.topk_overlap(x["student"], x["teacher"], K), ()),
-    "token_stats": (lambda x, tau: tuple(opd_ext.token_stats(x["student"], x["teacher"], x["tokens"],
-                                                             temperature=tau, forward_kl=True)), ()),
-    "vopd_full": (lambda x, tau: opd_ext.vopd_loss(
-        x["student"], x["teacher"], x["masked_tokens"], mask=x["mask"], weights=x["weights"], temperature=tau),
-        ("student",)),
-    "vopd_full_forward_kl": (lambda x, tau: opd_ext.vopd_loss(
-        x["student"], x["teacher"], x["tokens"], kl="forward", temperature=tau, num_items=7), ("student",)),
-    "vopd_topk": (lambda x, tau: opd_ext.vopd_loss(
-        x["student"], x["teacher"], x["tokens"], baseline="topk", topk=5, mask=x["mask"], temperature=tau),
-        ("student",)),
-    "vopd_none": (lambda x, tau: opd_ext.vopd_loss(
-        x["student"], x["teacher"], x["tokens"], baseline="none", weights=x["weights"], temperature=tau),
-        ("student",)),
-    "reverse_kl": (lambda x, tau: opd_ext.reverse_kl_loss(
-        x["student"], x["teacher"], mask=x["mask"], weights=x["weights"], temperature=tau), ("student",)),
-    "vopd_sparse_teacher": (lambda x, tau: opd_ext.vopd_loss_sparse_teacher(
-        x["student"], x["masked_tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], mask=x["mask"],
-        temperature=tau), ("student",)),
-    "vopd_sparse_teacher_none": (lambda x, tau: opd_ext.vopd_loss_sparse_teacher(
-        x["student"], x["tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], baseline="none",
-        weights=x["weights"], temperature=tau), ("student",)),
-    "reverse_kl_sparse_teacher": (lambda x, tau: opd_ext.reverse_kl_loss_sparse_teacher(
-        x["student"], x["ids"], x["topk_logprobs"], mask=x["mask"], weights=x["weights"], temperature=tau),
-        ("student",)),
-    "teacher_support": (lambda x, tau: opd_ext.teacher_support(x["served_ids"], x["served_logprobs"],
-                                                               x["slot_mask"]), ()),
-    "reverse_kl_sparse_teacher_served": (lambda x, tau: opd_ext.reverse_kl_loss_sparse_teacher(
-        x["student"], x["served_ids"], x["served_logprobs"], teacher_topk_mask=x["slot_mask"], mask=x["mask"],
-        temperature=tau), ("student",)),
-    "fused_linear_vopd_masked": (lambda x, tau: opd_ext.fused_linear_vopd_loss(
-        x["hidden"], x["weight"], x["masked_tokens"], student_bias=x["bias"], teacher_hidden=x["teacher_hidden"],
-        teacher_weight=x["teacher_weight"], mask=x["mask"], weights=x["weights"], temperature=tau,
-        chunk_size=CHUNK), ("hidden", "weight", "bias")),
-    "fused_linear_vopd_topk": (lambda x, tau: opd_ext.fused_linear_vopd_loss(
-        x["hidden"].nan_to_num(), x["weight"], x["tokens"], teacher_logits=x["teacher"], baseline="topk", topk=5,
-        temperature=tau), ("hidden", "weight")),
-    "fused_linear_reverse_kl": (lambda x, tau: opd_ext.fused_linear_reverse_kl_loss(
-        x["hidden"], x["weight"], teacher_logits=x["teacher"], mask=x["mask"], temperature=tau,
-        chunk_size=CHUNK), ("hidden", "weight")),
-    "drift_scan": (lambda x, tau: tuple(opd_ext.drift_scan(
-        x["overlaps"], opd_ext.PruneConfig(warmup=1), mask=x["scan_mask"], budget=x["budget"])), ()),
-    "drift_step_op": (lambda x, tau: _drift_step(x["student"].flatten(0, 1), x["teacher"].flatten(0, 1),
-                                                 x["tokens"].flatten(), tau), ()),
+    "token_stats": (
+        lambda x, tau: tuple(
+            opd_ext.token_stats(x["student"], x["teacher"], x["tokens"], temperature=tau, forward_kl=True)
+        ),
+        (),
+    ),
+    "vopd_full": (
+        lambda x, tau: opd_ext.vopd_loss(
+            x["student"], x["teacher"], x["masked_tokens"], mask=x["mask"], weights=x["weights"], temperature=tau
+        ),
+        ("student",),
+    ),
+    "vopd_full_forward_kl": (
+        lambda x, tau: opd_ext.vopd_loss(
+            x["student"], x["teacher"], x["tokens"], kl="forward", temperature=tau, num_items=7
+        ),
+        ("student",),
+    ),
+    "vopd_topk": (
+        lambda x, tau: opd_ext.vopd_loss(
+            x["student"], x["teacher"], x["tokens"], baseline="topk", topk=5, mask=x["mask"], temperature=tau
+        ),
+        ("student",),
+    ),
+    "vopd_none": (
+        lambda x, tau: opd_ext.vopd_loss(
+            x["student"], x["teacher"], x["tokens"], baseline="none", weights=x["weights"], temperature=tau
+        ),
+        ("student",),
+    ),
+    "reverse_kl": (
+        lambda x, tau: opd_ext.reverse_kl_loss(
+            x["student"], x["teacher"], mask=x["mask"], weights=x["weights"], temperature=tau
+        ),
+        ("student",),
+    ),
+    "vopd_sparse_teacher": (
+        lambda x, tau: opd_ext.vopd_loss_sparse_teacher(
+            x["student"],
+            x["masked_tokens"],
+            x["ids"],
+            x["topk_logprobs"],
+            x["token_logprob"],
+            mask=x["mask"],
+            temperature=tau,
+        ),
+        ("student",),
+    ),
+    "vopd_sparse_teacher_none": (
+        lambda x, tau: opd_ext.vopd_loss_sparse_teacher(
+            x["student"],
+            x["tokens"],
+            x["ids"],
+            x["topk_logprobs"],
+            x["token_logprob"],
+            baseline="none",
+            weights=x["weights"],
+            temperature=tau,
+        ),
+        ("student",),
+    ),
+    "reverse_kl_sparse_teacher": (
+        lambda x, tau: opd_ext.reverse_kl_loss_sparse_teacher(
+            x["student"], x["ids"], x["topk_logprobs"], mask=x["mask"], weights=x["weights"], temperature=tau
+        ),
+        ("student",),
+    ),
+    "teacher_support": (
+        lambda x, tau: opd_ext.teacher_support(x["served_ids"], x["served_logprobs"], x["slot_mask"]),
+        (),
+    ),
+    "reverse_kl_sparse_teacher_served": (
+        lambda x, tau: opd_ext.reverse_kl_loss_sparse_teacher(
+            x["student"],
+            x["served_ids"],
+            x["served_logprobs"],
+            teacher_topk_mask=x["slot_mask"],
+            mask=x["mask"],
+            temperature=tau,
+        ),
+        ("student",),
+    ),
+    "fused_linear_vopd_masked": (
+        lambda x, tau: opd_ext.fused_linear_vopd_loss(
+            x["hidden"],
+            x["weight"],
+            x["masked_tokens"],
+            student_bias=x["bias"],
+            teacher_hidden=x["teacher_hidden"],
+            teacher_weight=x["teacher_weight"],
+            mask=x["mask"],
+            weights=x["weights"],
+            temperature=tau,
+            chunk_size=CHUNK,
+        ),
+        ("hidden", "weight", "bias"),
+    ),
+    "fused_linear_vopd_topk": (
+        lambda x, tau: opd_ext.fused_linear_vopd_loss(
+            x["hidden"].nan_to_num(),
+            x["weight"],
+            x["tokens"],
+            teacher_logits=x["teacher"],
+            baseline="topk",
+            topk=5,
+            temperature=tau,
+        ),
+        ("hidden", "weight"),
+    ),
+    "fused_linear_reverse_kl": (
+        lambda x, tau: opd_ext.fused_linear_reverse_kl_loss(
+            x["hidden"], x["weight"], teacher_logits=x["teacher"], mask=x["mask"], temperature=tau, chunk_size=CHUNK
+        ),
+        ("hidden", "weight"),
+    ),
+    "drift_scan": (
+        lambda x, tau: tuple(
+            opd_ext.drift_scan(x["overlaps"], opd_ext.PruneConfig(warmup=1), mask=x["scan_mask"], budget=x["budget"])
+        ),
+        (),
+    ),
+    "drift_step_op": (
+        lambda x, tau: _drift_step(x["student"].flatten(0, 1), x["teacher"].flatten(0, 1), x["tokens"].flatten(), tau),
+        (),
+    ),
 }
 
 
 def _drift_step(student, teacher, tokens, temperature):
     """One decode step of the drift op on a fresh state; returns its outputs and the updated state."""
     batch = student.shape[0]
-    state = [torch.zeros(batch, device=student.device), torch.ones(batch, device=student.device),
-             *(torch.zeros(batch, dtype=torch.int32, device=student.device) for _ in range(3)),
-             torch.zeros(batch, dtype=torch.int8, device=student.device),
-             torch.full((batch,), 2**31 - 1, dtype=torch.int32, device=student.device)]
+    state = [
+        torch.zeros(batch, device=student.device),
+        torch.ones(batch, device=student.device),
+        *(torch.zeros(batch, dtype=torch.int32, device=student.device) for _ in range(3)),
+        torch.zeros(batch, dtype=torch.int8, device=student.device),
+        torch.full((batch,), 2**31 - 1, dtype=torch.int32, device=student.device),
+    ]
     args = opd_ext.PruneConfig().kernel_args()
     out = ops.drift_step(student, teacher, tokens, None, *state, K, temperature, **args)
     return (*out, *state)
@@ -168,12 +270,25 @@ def test_fullgraph_matches_eager(device, case, dynamic):
 
 
 def test_every_public_op_and_loss_is_covered():
-    public = {name for name in opd_ext.__all__ if callable(getattr(opd_ext, name))
-              and name[0].islower() and name not in ("build_info", "cuda_kernels_available", "align_vocab")}
-    covered = {"topk_overlap", "token_stats", "vopd_loss", "reverse_kl_loss", "vopd_loss_sparse_teacher",
-               "teacher_support",
-               "reverse_kl_loss_sparse_teacher", "fused_linear_vopd_loss", "fused_linear_reverse_kl_loss",
-               "drift_scan"}
+    public = {
+        name
+        for name in opd_ext.__all__
+        if callable(getattr(opd_ext, name))
+        and name[0].islower()
+        and name not in ("build_info", "cuda_kernels_available", "align_vocab")
+    }
+    covered = {
+        "topk_overlap",
+        "token_stats",
+        "vopd_loss",
+        "reverse_kl_loss",
+        "vopd_loss_sparse_teacher",
+        "teacher_support",
+        "reverse_kl_loss_sparse_teacher",
+        "fused_linear_vopd_loss",
+        "fused_linear_reverse_kl_loss",
+        "drift_scan",
+    }
     assert public == covered
 
 
@@ -187,8 +302,9 @@ def test_inductor_compiles_every_loss(dynamic):
 
     inputs = _inputs(*SIZES[0], "cpu")
     grad_names = ("student", "hidden", "weight", "bias")
-    got_out, got_grads = _run(lambda x: torch.compile(step, fullgraph=True, dynamic=dynamic)(x, TEMPERATURE),
-                              inputs, grad_names)
+    got_out, got_grads = _run(
+        lambda x: torch.compile(step, fullgraph=True, dynamic=dynamic)(x, TEMPERATURE), inputs, grad_names
+    )
     want_out, want_grads = _run(lambda x: step(x, TEMPERATURE), inputs, grad_names)
     _assert_same(got_out, want_out)
     _assert_same(got_grads, want_grads)
@@ -263,8 +379,9 @@ def test_drift_monitor_runs_eagerly_under_compile():
     compiled_monitor = opd_ext.DriftMonitor(batch, opd_ext.PruneConfig(warmup=1))
     eager_monitor = opd_ext.DriftMonitor(batch, opd_ext.PruneConfig(warmup=1))
     for student, teacher in logits:
-        torch.testing.assert_close(compiled(compiled_monitor, student, teacher),
-                                   decode(eager_monitor, student, teacher))
+        torch.testing.assert_close(
+            compiled(compiled_monitor, student, teacher), decode(eager_monitor, student, teacher)
+        )
     torch.testing.assert_close(compiled_monitor.weights, eager_monitor.weights)
     torch.testing.assert_close(compiled_monitor.reverse_kl, eager_monitor.reverse_kl)
     assert counter.frame_count <= 2

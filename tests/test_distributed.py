@@ -1,5 +1,6 @@
 """opd_ext.distributed on real process groups: spawned CPU processes on gloo, as torchrun starts
 them on GPUs with NCCL."""
+
 import os
 import socket
 
@@ -41,7 +42,7 @@ def _batch(micro_batches=2, rows=12, seed=0):
     masks give the ranks very different token counts, where normalisation errors show."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for m in range(micro_batches):
+    for _ in range(micro_batches):
         hidden = torch.randn(rows, 5, HIDDEN, generator=g)
         teacher = torch.randn(rows, 5, VOCAB, generator=g) * 2
         tokens = torch.randint(0, VOCAB, (rows, 5), generator=g)
@@ -75,8 +76,9 @@ def _ddp_gradient(rank, world_size, normaliser):
 
 
 def _worker(rank, world_size, out_path):
-    results = {normaliser: _ddp_gradient(rank, world_size, normaliser)
-               for normaliser in ("global_num_items", "global_count")}
+    results = {
+        normaliser: _ddp_gradient(rank, world_size, normaliser) for normaliser in ("global_num_items", "global_count")
+    }
     # No valid token on any rank: a count of 0, and a loss of exactly 0 everywhere.
     mask = torch.zeros(3, 4, dtype=torch.bool)
     num_items = global_num_items(mask)
@@ -157,7 +159,7 @@ def _vocab_parallel_inputs(dtype_pair, vocab=64, seed=0):
 
 def _shard(x, widths, rank):
     start = sum(widths[:rank])
-    return x[..., start:start + widths[rank]], start
+    return x[..., start : start + widths[rank]], start
 
 
 def _assert_close(got, want, dtype, what):
@@ -167,8 +169,11 @@ def _assert_close(got, want, dtype, what):
 
 def _vocab_parallel_worker(rank, world_size):
     for case, widths in enumerate(SHARDINGS[world_size]):
-        for dtype_pair in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                           (torch.bfloat16, torch.float32)]:
+        for dtype_pair in [
+            (torch.float32, torch.float32),
+            (torch.bfloat16, torch.bfloat16),
+            (torch.bfloat16, torch.float32),
+        ]:
             student, teacher, tokens, mask, weights = _vocab_parallel_inputs(dtype_pair, vocab=sum(widths))
             s_local, start = _shard(student, widths, rank)
             t_local, _ = _shard(teacher, widths, rank)
@@ -178,27 +183,40 @@ def _vocab_parallel_worker(rank, world_size):
             layout = dict(vocab_start=start, vocab=sum(widths)) if case % 2 else {}
 
             got = opd_dist.vocab_parallel_topk_overlap(s_local, t_local, K, **layout)
-            torch.testing.assert_close(got, opd_ext.topk_overlap(student, teacher, K), equal_nan=True, rtol=0, atol=0,
-                                       msg=lambda m: f"overlap {where}: {m}")
+            torch.testing.assert_close(
+                got,
+                opd_ext.topk_overlap(student, teacher, K),
+                equal_nan=True,
+                rtol=0,
+                atol=0,
+                msg=lambda m: f"overlap {where}: {m}",
+            )
 
-            got = opd_dist.vocab_parallel_token_stats(s_local, t_local, tokens, temperature=0.8, forward_kl=True,
-                                                      **layout)
+            got = opd_dist.vocab_parallel_token_stats(
+                s_local, t_local, tokens, temperature=0.8, forward_kl=True, **layout
+            )
             want = opd_ext.token_stats(student, teacher, tokens, temperature=0.8, forward_kl=True)
             for name, g, w in zip(want._fields, got, want):
                 _assert_close(g, w, dtype_pair[0], f"{name} {where}")
 
-            for kwargs in (dict(baseline="full"), dict(baseline="full", kl="forward"),
-                           dict(baseline="topk", topk=K), dict(baseline="none")):
+            for kwargs in (
+                dict(baseline="full"),
+                dict(baseline="full", kl="forward"),
+                dict(baseline="topk", topk=K),
+                dict(baseline="none"),
+            ):
                 x_local = s_local.clone().requires_grad_()
-                loss = opd_dist.vocab_parallel_vopd_loss(x_local, t_local, tokens, mask=mask, weights=weights,
-                                                         temperature=0.8, **kwargs, **layout)
+                loss = opd_dist.vocab_parallel_vopd_loss(
+                    x_local, t_local, tokens, mask=mask, weights=weights, temperature=0.8, **kwargs, **layout
+                )
                 loss.backward()
                 x = student.clone().requires_grad_()
                 want = opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, temperature=0.8, **kwargs)
                 want.backward()
                 _assert_close(loss, want, dtype_pair[0], f"vopd {kwargs} {where}")
-                _assert_close(x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0],
-                              f"vopd grad {kwargs} {where}")
+                _assert_close(
+                    x_local.grad, _shard(x.grad, widths, rank)[0], dtype_pair[0], f"vopd grad {kwargs} {where}"
+                )
 
             _check_drift_monitor(rank, widths, dtype_pair, layout, where)
 
@@ -219,8 +237,9 @@ def _check_drift_monitor(rank, widths, dtype_pair, layout, where):
     batch, vocab, steps = 5, sum(widths), 12
     config = opd_ext.PruneConfig(k=K, threshold=0.6, w_drop=0.2, patience=2)
     whole = opd_ext.DriftMonitor(batch, config)
-    sharded = opd_ext.DriftMonitor(batch, config, group=dist.group.WORLD,
-                                   **{k: v for k, v in layout.items() if k in ("vocab_start", "vocab")})
+    sharded = opd_ext.DriftMonitor(
+        batch, config, group=dist.group.WORLD, **{k: v for k, v in layout.items() if k in ("vocab_start", "vocab")}
+    )
     active = torch.arange(batch)
     for _ in range(steps):
         if not active.numel():
@@ -248,8 +267,13 @@ def test_vocab_parallel_ops_equal_the_single_device_ops(world_size):
 
 def test_vocab_parallel_ops_in_one_process_are_the_ops():
     student, teacher, tokens, mask, weights = _vocab_parallel_inputs((torch.float32, torch.float32))
-    torch.testing.assert_close(opd_dist.vocab_parallel_topk_overlap(student, teacher, K),
-                               opd_ext.topk_overlap(student, teacher, K), equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(
+        opd_dist.vocab_parallel_topk_overlap(student, teacher, K),
+        opd_ext.topk_overlap(student, teacher, K),
+        equal_nan=True,
+        rtol=0,
+        atol=0,
+    )
     with pytest.raises(ValueError, match=r"tokens must be ids in \[0, V=64\)"):
         opd_dist.vocab_parallel_vopd_loss(student, teacher, torch.full_like(tokens, 64))
 
@@ -270,11 +294,19 @@ def _dtensor_worker(rank, world_size):
     want.backward()
     _assert_close(loss, want, torch.float32, "vopd_loss on DTensors")
     _assert_close(d_student.grad.full_tensor(), x.grad, torch.float32, "its gradient")
-    torch.testing.assert_close(opd_ext.topk_overlap(d_student, d_teacher, K), opd_ext.topk_overlap(student, teacher, K),
-                               equal_nan=True, rtol=0, atol=0)
-    _assert_close(opd_ext.reverse_kl_loss(d_student, d_teacher, mask=mask), opd_ext.reverse_kl_loss(student, teacher,
-                                                                                                      mask=mask),
-                  torch.float32, "reverse_kl_loss on DTensors")
+    torch.testing.assert_close(
+        opd_ext.topk_overlap(d_student, d_teacher, K),
+        opd_ext.topk_overlap(student, teacher, K),
+        equal_nan=True,
+        rtol=0,
+        atol=0,
+    )
+    _assert_close(
+        opd_ext.reverse_kl_loss(d_student, d_teacher, mask=mask),
+        opd_ext.reverse_kl_loss(student, teacher, mask=mask),
+        torch.float32,
+        "reverse_kl_loss on DTensors",
+    )
     stats = opd_ext.token_stats(d_student, d_teacher, tokens)
     for g, w in zip(stats, opd_ext.token_stats(student, teacher, tokens)):
         _assert_close(g, w, torch.float32, "token_stats on DTensors")

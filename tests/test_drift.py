@@ -1,5 +1,6 @@
 """Prune-OPD drift tracking: kernels vs opd_ext.reference (exact), scan vs steps, DriftMonitor,
 PruneConfig, DynamicWindow (docs/spec.md §1 "Prune-OPD drift tracking")."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,11 @@ import torch
 
 import opd_ext
 from opd_ext import reference
-from opd_ext._extension import ops
 from opd_ext.prune import DriftMonitor, DriftState, DynamicWindow, PruneConfig, StopReason
 
 from conftest import DTYPE_PAIRS
+
+ops = torch.ops.opd_ext
 
 CONFIGS = {
     "default": PruneConfig(k=4),
@@ -67,12 +69,14 @@ def test_step_op_matches_reference_exactly(device, dtype_pair, config_name):
         if t % 5 == 4:  # sometimes include a stopped row: it must not be updated
             rows = torch.arange(batch, device=device)
         s, te = student[rows, t], teacher[rows, t]
-        overlap, multiplier, stopped, *stats = ops.drift_step(s, te, None, rows, *kernel_state, config.k, 1.0,
-                                                              **config.kernel_args())
+        overlap, multiplier, stopped, *stats = ops.drift_step(
+            s, te, None, rows, *kernel_state, config.k, 1.0, **config.kernel_args()
+        )
         assert all(x.numel() == 0 for x in stats)
         expected_overlap = reference.topk_overlap(s, te, config.k)
-        expected_multiplier, expected_stopped = reference.drift_update(expected_overlap, *reference_state, rows,
-                                                                       **config.kernel_args())
+        expected_multiplier, expected_stopped = reference.drift_update(
+            expected_overlap, *reference_state, rows, **config.kernel_args()
+        )
         assert torch.equal(overlap, expected_overlap)
         assert torch.equal(multiplier, expected_multiplier)
         assert torch.equal(stopped, expected_stopped)
@@ -93,8 +97,9 @@ def test_step_op_token_stats(device, dtype_pair, vocab):
     tokens = torch.randint(0, vocab, (batch,), generator=gen).to(device)
     k = min(4, vocab)
     state = fresh_state(batch, device)
-    overlap, _, _, logp_s, logp_t, kl = ops.drift_step(student, teacher, tokens, None, *state, k, temperature,
-                                                       **PruneConfig(k=k).kernel_args())
+    overlap, _, _, logp_s, logp_t, kl = ops.drift_step(
+        student, teacher, tokens, None, *state, k, temperature, **PruneConfig(k=k).kernel_args()
+    )
     assert torch.equal(overlap, reference.topk_overlap(student, teacher, k))
     want_s, want_t, want_kl = reference_token_stats(student, teacher, tokens, temperature)
     rtol = 1e-5 if dtype_pair == (torch.float32, torch.float32) else 1e-4
@@ -114,8 +119,9 @@ def test_scan_op_matches_reference_exactly(device, config_name):
     kernel_state, reference_state = fresh_state(batch, device, budget), fresh_state(batch, device, budget)
     # Two calls: the second continues from the state the first left (chunked generation).
     for chunk in (slice(0, 13), slice(13, steps)):
-        got = ops.drift_scan(overlaps[:, chunk].contiguous(), mask[:, chunk].contiguous(), *kernel_state,
-                             **config.kernel_args())
+        got = ops.drift_scan(
+            overlaps[:, chunk].contiguous(), mask[:, chunk].contiguous(), *kernel_state, **config.kernel_args()
+        )
         want = reference.drift_scan(overlaps[:, chunk], mask[:, chunk], *reference_state, **config.kernel_args())
         for name, x, y in zip(("multipliers", "weights", "stop_position"), got, want):
             assert torch.equal(x, y), name
@@ -366,8 +372,15 @@ def test_config_replace_is_validated():
 
 
 def test_dynamic_window():
-    config = PruneConfig(window=300, window_min=200, window_max=500, window_step=100, window_margin=50,
-                         window_hit_ratio=0.25, window_shrink_patience=2)
+    config = PruneConfig(
+        window=300,
+        window_min=200,
+        window_max=500,
+        window_step=100,
+        window_margin=50,
+        window_hit_ratio=0.25,
+        window_shrink_patience=2,
+    )
     window = DynamicWindow(config)
     assert window.hit_length == 250
     assert window.update(torch.tensor([250, 10, 10, 10])) == 400  # 1 of 4 hits: grow
@@ -388,8 +401,15 @@ def test_dynamic_window():
 def test_dynamic_window_counts_a_batch_below_the_hit_ratio_as_without_hits():
     """The authors' trainer: one threshold decides growth and the shrink counter. A batch where 1
     rollout of 20 reaches the cap (5% < hit_ratio 10%) is a batch without hits."""
-    config = PruneConfig(window=2048, window_min=1024, window_max=12288, window_step=100, window_margin=100,
-                         window_hit_ratio=0.1, window_shrink_patience=3)
+    config = PruneConfig(
+        window=2048,
+        window_min=1024,
+        window_max=12288,
+        window_step=100,
+        window_margin=100,
+        window_hit_ratio=0.1,
+        window_shrink_patience=3,
+    )
     window = DynamicWindow(config)
     lengths = torch.tensor([2048] + [500] * 19)
     assert [window.update(lengths) for _ in range(3)] == [2048, 2048, 1948]

@@ -3,6 +3,7 @@
 Covers the metrics log, exact resume after Ctrl-C, the per-method wiring (plain OPD neither prunes
 nor reweights), and the real-checkpoint path (--teacher/--student/--data) on locally saved models.
 """
+
 import dataclasses
 import json
 import math
@@ -15,8 +16,22 @@ import torch
 from examples.opd import models, task, train
 
 TINY = ["--preset", "tiny", "--quiet", "--threads", "1"]
-PER_STEP_KEYS = {"step", "wall_time", "reward", "reverse_kl", "overlap", "multiplier", "weight", "tokens_generated",
-                 "tokens_saved", "tokens_generated_total", "tokens_saved_total", "loss", "grad_norm", "rollout_accuracy"}
+PER_STEP_KEYS = {
+    "step",
+    "wall_time",
+    "reward",
+    "reverse_kl",
+    "overlap",
+    "multiplier",
+    "weight",
+    "tokens_generated",
+    "tokens_saved",
+    "tokens_generated_total",
+    "tokens_saved_total",
+    "loss",
+    "grad_norm",
+    "rollout_accuracy",
+}
 # Everything but timings must be reproducible from the seed.
 TIMING_KEYS = {"wall_time", "step_time", "eval_time"}
 
@@ -39,8 +54,15 @@ def without_timings(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-@pytest.mark.parametrize("device", [
-    "cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+        ),
+    ],
+)
 def test_short_run_writes_metrics_checkpoint_and_plots(tmp_path, cache, device):
     steps = 4
     rows = run(tmp_path, cache, "--steps", str(steps), "--eval-every", "2", device=device)
@@ -50,7 +72,7 @@ def test_short_run_writes_metrics_checkpoint_and_plots(tmp_path, cache, device):
     for r in rows[1:]:
         assert PER_STEP_KEYS <= r.keys(), PER_STEP_KEYS - r.keys()
         assert 0.0 <= r["overlap"] <= 1.0 and r["reverse_kl"] >= 0.0
-        assert 0.5 <= r["multiplier"] <= 1.5           # w_base + weight with w_base = 0.5
+        assert 0.5 <= r["multiplier"] <= 1.5  # w_base + weight with w_base = 0.5
         assert r["tokens_generated"] > 0
     assert [("accuracy" in r) for r in rows[1:]] == [False, True, False, True]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows if "accuracy" in r)
@@ -113,7 +135,7 @@ def test_saved_tokenizer_starts_plain_calls_with_bos_as_training_did(tmp_path):
     problem = task.make_problems(1, 0, config)[0]
     trained_on = models.encode_supervised(tokenizer, [problem])[0][0].tolist()
     plain = AutoTokenizer.from_pretrained(tmp_path)(problem.prompt).input_ids
-    assert plain[0] == tokenizer.bos_token_id and trained_on[:len(plain)] == plain
+    assert plain[0] == tokenizer.bos_token_id and trained_on[: len(plain)] == plain
     assert tokenizer.encode(problem.prompt, add_special_tokens=False) == plain[1:]
 
 
@@ -127,8 +149,22 @@ def test_real_checkpoint_path(tmp_path, cache):
     data = tmp_path / "problems.jsonl"
     task.save_jsonl(data, task.make_problems(40, 5, preset.task))
 
-    rows = run(tmp_path / "run", cache, "--teacher", str(teacher_dir), "--student", str(student_dir),
-               "--data", str(data), "--eval-size", "8", "--steps", "2", "--max-new-tokens", "12")
+    rows = run(
+        tmp_path / "run",
+        cache,
+        "--teacher",
+        str(teacher_dir),
+        "--student",
+        str(student_dir),
+        "--data",
+        str(data),
+        "--eval-size",
+        "8",
+        "--steps",
+        "2",
+        "--max-new-tokens",
+        "12",
+    )
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert all(r["tokens_generated"] <= 4 * 12 for r in rows[1:])
 
@@ -141,12 +177,22 @@ def test_real_checkpoints_with_different_tokenizers_are_rejected(tmp_path, cache
         models.new_model(preset.student, tokenizer, task_config, seed=0).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     with pytest.raises(ValueError, match="different tokenizers"):
-        run(tmp_path / "run", cache, "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
-            "--steps", "1")
+        run(
+            tmp_path / "run",
+            cache,
+            "--teacher",
+            str(tmp_path / "teacher"),
+            "--student",
+            str(tmp_path / "student"),
+            "--steps",
+            "1",
+        )
 
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def chat_checkpoints(tmp_path):
@@ -160,8 +206,18 @@ def chat_checkpoints(tmp_path):
         tokenizer.save_pretrained(tmp_path / name)
     data = tmp_path / "problems.jsonl"
     task.save_jsonl(data, task.make_problems(40, 5, preset.task))
-    return ["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--data", str(data),
-            "--eval-size", "8", "--max-new-tokens", "8"]
+    return [
+        "--teacher",
+        str(tmp_path / "teacher"),
+        "--student",
+        str(tmp_path / "student"),
+        "--data",
+        str(data),
+        "--eval-size",
+        "8",
+        "--max-new-tokens",
+        "8",
+    ]
 
 
 def test_real_checkpoints_in_bfloat16_with_the_chat_template(tmp_path, cache):
@@ -182,16 +238,30 @@ def test_real_checkpoints_in_bfloat16_with_the_chat_template(tmp_path, cache):
     args = train.parse_args(TINY + ["--cache", str(cache), "--device", "cpu", "--no-chat-template", *checkpoints])
     plain = train.build_setup(args, train.PRESETS["tiny"])
     assert "<|user|>" not in plain.eval_problems[0].prompt
-    assert plain.student.dtype == torch.float32   # the CPU default
+    assert plain.student.dtype == torch.float32  # the CPU default
 
 
 def test_unknown_model_id_offline_is_a_clear_error(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = tmp_path / "problems.jsonl"
     task.save_jsonl(data, task.make_problems(20, 5, train.PRESETS["tiny"].task))
-    with pytest.raises(SystemExit, match=r"no-such-owner/no-such-model: .*needs network access.*local checkpoint folder"):
-        run(tmp_path / "run", cache, "--teacher", "no-such-owner/no-such-model", "--student", "no-such-owner/no-such-model",
-            "--data", str(data), "--eval-size", "4", "--steps", "1")
+    with pytest.raises(
+        SystemExit, match=r"no-such-owner/no-such-model: .*needs network access.*local checkpoint folder"
+    ):
+        run(
+            tmp_path / "run",
+            cache,
+            "--teacher",
+            "no-such-owner/no-such-model",
+            "--student",
+            "no-such-owner/no-such-model",
+            "--data",
+            str(data),
+            "--eval-size",
+            "4",
+            "--steps",
+            "1",
+        )
 
 
 def test_paper_prune_preset_uses_the_authors_settings_and_flags_override(tmp_path, cache):
@@ -213,7 +283,7 @@ def test_task_answers_are_verifiable():
     for problem in task.make_problems(200, 3, config):
         assert task.is_correct(problem.completion, problem.answer)
         ids = tokenizer.encode(problem.prompt + " " + problem.completion, add_special_tokens=False)
-        assert tokenizer.pad_token_id not in ids                     # no unknown words
+        assert tokenizer.pad_token_id not in ids  # no unknown words
         numbers = [int(w) for w in problem.completion.split() if w.isdigit()]
         assert all(0 <= n <= config.max_value for n in numbers)
     assert not task.is_correct("3 + 4 = 7 . so mia has 8 coins", "7")
@@ -221,6 +291,7 @@ def test_task_answers_are_verifiable():
 
 def test_injected_mistakes_are_read_but_never_taught():
     import random
+
     config = task.TaskConfig()
     tokenizer = task.build_tokenizer(config)
     rng = random.Random(0)
@@ -231,9 +302,11 @@ def test_injected_mistakes_are_read_but_never_taught():
         assert len(noisy) == len(clean) and 1 <= len(wrong) <= 2
         assert [i for i, (a, b) in enumerate(zip(clean, noisy)) if a != b] == wrong
         assert task.first_error(problem.prompt, noisy) == wrong[0]
-        _, _, labels = models.encode_supervised(tokenizer, [problem.__class__(problem.prompt, text, problem.answer)], [wrong])
+        _, _, labels = models.encode_supervised(
+            tokenizer, [problem.__class__(problem.prompt, text, problem.answer)], [wrong]
+        )
         prompt_len = 1 + len(problem.prompt.split())
-        completion_labels = labels[0, prompt_len: prompt_len + len(noisy)].tolist()
+        completion_labels = labels[0, prompt_len : prompt_len + len(noisy)].tolist()
         assert [i for i, label in enumerate(completion_labels) if label == -100] == wrong
 
 
@@ -258,7 +331,7 @@ def test_opd_learning_rate_warms_up_then_decays_to_a_tenth():
     factors = [train.learning_rate_factor(s, steps) for s in range(steps + 1)]
     assert factors[0] == pytest.approx(1 / train.LR_WARMUP_STEPS)
     assert factors[train.LR_WARMUP_STEPS] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(factors[train.LR_WARMUP_STEPS:], factors[train.LR_WARMUP_STEPS + 1:]))
+    assert all(a >= b for a, b in zip(factors[train.LR_WARMUP_STEPS :], factors[train.LR_WARMUP_STEPS + 1 :]))
     assert factors[steps] == pytest.approx(0.1)
 
 
@@ -266,10 +339,34 @@ def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
     from examples.opd import reproduce
 
     docs = tmp_path / "docs"
-    reproduce.main(["--preset", "counting-tiny", "--steps", "2", "--seeds", "0", "1", "--quiet", "--runs", str(tmp_path / "runs"),
-                    "--cache", str(cache), "--docs", str(docs), "--variance-batches", "2", "--variance-batch-size", "2",
-                    "--drift-rollouts", "8"])
-    assert reproduce.report_name("counting") == "reproduction" and reproduce.report_name("arithmetic") == "reproduction_arithmetic"
+    reproduce.main(
+        [
+            "--preset",
+            "counting-tiny",
+            "--steps",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--quiet",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--cache",
+            str(cache),
+            "--docs",
+            str(docs),
+            "--variance-batches",
+            "2",
+            "--variance-batch-size",
+            "2",
+            "--drift-rollouts",
+            "8",
+        ]
+    )
+    assert (
+        reproduce.report_name("counting") == "reproduction"
+        and reproduce.report_name("arithmetic") == "reproduction_arithmetic"
+    )
     report = (docs / "reproduction_counting-tiny.md").read_text()
     for method in reproduce.METHOD_ORDER:
         assert f"| {method} | " in report
@@ -277,8 +374,10 @@ def test_reproduction_writes_table_plots_and_json(tmp_path, cache):
     result = json.loads((docs / "reproduction_counting-tiny.json").read_text())
     assert [r["method"] for r in result["methods"]] == list(reproduce.METHOD_ORDER)
     assert all([s["seed"] for s in r["seeds"]] == [0, 1] for r in result["methods"])
-    assert len(result["sweep"]) == len({r["k"] for r in result["sweep"]}) * len(reproduce.SWEEP_THRESHOLDS) * len(reproduce.SWEEP_W_DROPS)
-    if result["chosen"] is not None:   # the runs used the chosen config
+    assert len(result["sweep"]) == len({r["k"] for r in result["sweep"]}) * len(reproduce.SWEEP_THRESHOLDS) * len(
+        reproduce.SWEEP_W_DROPS
+    )
+    if result["chosen"] is not None:  # the runs used the chosen config
         assert result["prune_config"]["k"] == result["chosen"]["k"]
         assert result["prune_config"]["w_drop"] == result["chosen"]["w_drop"]
     assert set(result["variance"]) >= {"none", "full", "topk"}
@@ -297,14 +396,20 @@ def test_prune_sweep_picks_the_config_that_stops_loops_after_their_mistake():
     top1[0, 20] = 0.0
     for row in (2, 3):
         top1[row, 14::5] = 0.0
-    batches = [{"overlaps": {1: top1, 16: torch.full((4, T), 0.2)}, "mask": torch.ones(4, T, dtype=torch.bool),
-                "lengths": torch.tensor([T, T, T, T]), "first_error": torch.tensor([T, T, 10, 10])}]
+    batches = [
+        {
+            "overlaps": {1: top1, 16: torch.full((4, T), 0.2)},
+            "mask": torch.ones(4, T, dtype=torch.bool),
+            "lengths": torch.tensor([T, T, T, T]),
+            "first_error": torch.tensor([T, T, 10, 10]),
+        }
+    ]
     sweep = reproduce.prune_sweep(batches, group=4)
     by_key = {(r["k"], r["threshold"], r["w_drop"]): r for r in sweep}
-    assert by_key[(1, 0.5, 1.0)]["false_stops"] == 0.5           # one event stops the correct row 0
-    assert by_key[(16, 0.25, 1.0)]["early_stops"] == 1.0          # top-16 tails flag every token
+    assert by_key[(1, 0.5, 1.0)]["false_stops"] == 0.5  # one event stops the correct row 0
+    assert by_key[(16, 0.25, 1.0)]["early_stops"] == 1.0  # top-16 tails flag every token
     chosen = reproduce.choose_prune_config(sweep)
-    assert (chosen["k"], chosen["w_drop"]) == (1, 0.5)            # the second disagreement stops a loop
+    assert (chosen["k"], chosen["w_drop"]) == (1, 0.5)  # the second disagreement stops a loop
     assert chosen["false_stops"] == 0 and chosen["early_stops"] == 0
     # Rows 2-3 stop at their 2nd event (token 19): 20 of 40 tokens each; the batch still decodes to 40.
     assert chosen["tokens_saved"] == pytest.approx(2 * 20 / (4 * T))
@@ -313,6 +418,7 @@ def test_prune_sweep_picks_the_config_that_stops_loops_after_their_mistake():
 
 def test_counting_task_problems_loops_and_mistakes():
     import random
+
     from examples.opd.counting import CountingTask
 
     config = CountingTask()
@@ -324,7 +430,9 @@ def test_counting_task_problems_loops_and_mistakes():
         words = problem.completion.split()
         assert config.is_correct(problem.completion, problem) and config.first_error(problem, words) is None
         assert config.min_span + 1 <= len(words) <= config.max_span + 1 and int(words[-1]) % 100 == 0
-        assert tokenizer.pad_token_id not in tokenizer.encode(problem.prompt + " " + problem.completion, add_special_tokens=False)
+        assert tokenizer.pad_token_id not in tokenizer.encode(
+            problem.prompt + " " + problem.completion, add_special_tokens=False
+        )
         looping = config.looping_completion(rng, problem, 0.2)
         if looping is None:
             continue
@@ -333,10 +441,10 @@ def test_counting_task_problems_loops_and_mistakes():
         assert len(looped) == config.max_new_tokens and not config.is_correct(looping, problem)
         error = config.first_error(problem, looped)
         assert looped[:error] == words[:error] and looped[error - 1].endswith("9")
-        assert int(looped[error]) == int(looped[error - 1]) - 9                    # the failed carry
-        assert looped[error: error + 10] == looped[error + 10: error + 20]         # then the same decade again
+        assert int(looped[error]) == int(looped[error - 1]) - 9  # the failed carry
+        assert looped[error : error + 10] == looped[error + 10 : error + 20]  # then the same decade again
     assert 0.5 * 300 < loops < 300
-    assert config.first_error(problem, words[:-1]) == len(words) - 1              # stopping early is a mistake
+    assert config.first_error(problem, words[:-1]) == len(words) - 1  # stopping early is a mistake
 
     # Loops are trained without EOS: they end at the length cap, not on their own.
     _, _, labels = models.encode_supervised(tokenizer, [problem, problem], unfinished={1})
@@ -354,9 +462,10 @@ def test_bad_device_is_an_argparse_error(capsys):
 
 def test_missing_data_and_checkpoints_are_argparse_errors(tmp_path, capsys):
     for argv, message in (
-            (["--data", str(tmp_path / "missing.jsonl")], "--data"),
-            (["--teacher", str(tmp_path / "no_teacher"), "--student", str(tmp_path)], "--teacher"),
-            (["--teacher", str(tmp_path), "--student", "./no/such/student"], "--student")):
+        (["--data", str(tmp_path / "missing.jsonl")], "--data"),
+        (["--teacher", str(tmp_path / "no_teacher"), "--student", str(tmp_path)], "--teacher"),
+        (["--teacher", str(tmp_path), "--student", "./no/such/student"], "--student"),
+    ):
         with pytest.raises(SystemExit) as info:
             train.parse_args(argv)
         err = capsys.readouterr().err
@@ -380,9 +489,24 @@ def test_distributed_example_runs_on_two_cpu_processes():
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(root / "examples" / "distributed_opd.py"), "--steps", "2", "--check"],
-                         capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(root / "examples" / "distributed_opd.py"),
+            "--steps",
+            "2",
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+        env=env,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("[dp] step") == 2 and run.stdout.count("[tp] step") == 2, run.stdout
     diffs = [float(d) for d in re.findall(r"\|diff\| (\S+)", run.stdout)]
@@ -390,6 +514,7 @@ def test_distributed_example_runs_on_two_cpu_processes():
 
 
 # ---- a newcomer's first runs: --fresh, --help, argument errors, --quiet, plots, TensorBoard --------
+
 
 def test_finished_run_says_so_and_fresh_starts_over(tmp_path, cache, capsys):
     first = run(tmp_path, cache, "--steps", "1")
@@ -400,7 +525,7 @@ def test_finished_run_says_so_and_fresh_starts_over(tmp_path, cache, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and "already" in lines[0] and "--fresh" in lines[0], lines
     assert lines[1].startswith("prune+vopd: held-out accuracy") and "in 1 steps" in lines[1], lines
-    assert again == first                                   # nothing retrained, nothing appended
+    assert again == first  # nothing retrained, nothing appended
 
     calls = {"n": 0}
     real_step = train.rollout_and_loss
@@ -415,7 +540,7 @@ def test_finished_run_says_so_and_fresh_starts_over(tmp_path, cache, capsys):
     finally:
         train.rollout_and_loss = real_step
     assert calls["n"] == 1 and [r["step"] for r in fresh] == [0, 1]
-    assert (tmp_path / "notes.txt").read_text() == "not a run output"   # only the run's own files go
+    assert (tmp_path / "notes.txt").read_text() == "not a run output"  # only the run's own files go
 
 
 def test_fresh_replaces_a_different_run(tmp_path, cache):
@@ -431,31 +556,84 @@ def test_help_lists_every_option_with_its_default_and_the_methods(capsys):
         train.parse_args(["--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    parser_options = [a for a in ("--method", "--preset", "--out", "--fresh", "--cache", "--steps", "--batch-size", "--lr",
-                                  "--temperature", "--max-new-tokens", "--eval-every", "--eval-size", "--target",
-                                  "--save-every", "--seed", "--device", "--threads", "--prune-k", "--prune-threshold",
-                                  "--prune-w-drop", "--prune-w-base", "--prune-warmup", "--prune-preset", "--teacher", "--student",
-                                  "--dtype", "--no-chat-template", "--data",
-                                  "--tensorboard", "--no-plots", "--quiet")]
+    parser_options = [
+        a
+        for a in (
+            "--method",
+            "--preset",
+            "--out",
+            "--fresh",
+            "--cache",
+            "--steps",
+            "--batch-size",
+            "--lr",
+            "--temperature",
+            "--max-new-tokens",
+            "--eval-every",
+            "--eval-size",
+            "--target",
+            "--save-every",
+            "--seed",
+            "--device",
+            "--threads",
+            "--prune-k",
+            "--prune-threshold",
+            "--prune-w-drop",
+            "--prune-w-base",
+            "--prune-warmup",
+            "--prune-preset",
+            "--teacher",
+            "--student",
+            "--dtype",
+            "--no-chat-template",
+            "--data",
+            "--tensorboard",
+            "--no-plots",
+            "--quiet",
+        )
+    ]
     # One entry per option: argparse starts each at two spaces of indent.
-    entries = {" ".join(e.split()).split(" ")[0]: " ".join(e.split())
-               for e in re.split(r"\n  (?=-)", text.split("options:")[1].split("--method values:")[0])}
+    entries = {
+        " ".join(e.split()).split(" ")[0]: " ".join(e.split())
+        for e in re.split(r"\n  (?=-)", text.split("options:")[1].split("--method values:")[0])
+    }
     for option in parser_options:
         assert option in entries, option
         assert "(default: " in entries[option], entries[option]
     assert "(default: from --preset: 120 for default, 250 for arithmetic" in entries["--steps"]
     methods = " ".join(text.split("--method values:")[1].split())
-    for name, meaning in (("opd", "OPD: plain on-policy distillation"), ("vopd", "vOPD:"), ("prune", "Prune-OPD:"),
-                          ("prune+vopd", "Prune-OPD + vOPD:")):
+    for name, meaning in (
+        ("opd", "OPD: plain on-policy distillation"),
+        ("vopd", "vOPD:"),
+        ("prune", "Prune-OPD:"),
+        ("prune+vopd", "Prune-OPD + vOPD:"),
+    ):
         assert f"{name} {meaning}" in methods, (name, methods)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--eval-size", "0"), ("--eval-size", "-3"), ("--steps", "0"), ("--batch-size", "-1"), ("--eval-every", "0"),
-    ("--save-every", "0"), ("--threads", "0"), ("--max-new-tokens", "0"), ("--lr", "0"), ("--lr", "nan"),
-    ("--temperature", "-1"), ("--prune-k", "0"), ("--prune-threshold", "1.5"), ("--prune-w-drop", "-0.1"),
-    ("--prune-w-base", "-1"), ("--prune-warmup", "-1"), ("--target", "2"), ("--steps", "many"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--eval-size", "0"),
+        ("--eval-size", "-3"),
+        ("--steps", "0"),
+        ("--batch-size", "-1"),
+        ("--eval-every", "0"),
+        ("--save-every", "0"),
+        ("--threads", "0"),
+        ("--max-new-tokens", "0"),
+        ("--lr", "0"),
+        ("--lr", "nan"),
+        ("--temperature", "-1"),
+        ("--prune-k", "0"),
+        ("--prune-threshold", "1.5"),
+        ("--prune-w-drop", "-0.1"),
+        ("--prune-w-base", "-1"),
+        ("--prune-warmup", "-1"),
+        ("--target", "2"),
+        ("--steps", "many"),
+    ],
+)
 def test_bad_numbers_are_argparse_errors(option, value, capsys):
     with pytest.raises(SystemExit) as info:
         train.parse_args([option, value])
@@ -482,17 +660,28 @@ def test_plots_show_teacher_target_k_and_pruned_rows(tmp_path, cache):
         for key in ("overlap_finished", "overlap_pruned", "multiplier_finished", "multiplier_pruned"):
             assert len(p[key]) == len(p["alive"]), key
         assert p["rows_finished"] + p["rows_pruned"] == 4
-    assert any(p["rows_pruned"] for p in profiles)   # threshold 1.0 flags any overlap below 1
+    assert any(p["rows_pruned"] for p in profiles)  # threshold 1.0 flags any overlap below 1
 
     fig = plots.accuracy_vs_time({"prune+vopd": rows}, tmp_path / "a.png", target=0.3, teacher=teacher)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert f"teacher {teacher:.2f}" in labels and "target 0.30" in labels
 
     # Both kinds of rows at once, which a tiny run does not guarantee: profiles as train.py writes them.
-    both = [{"step": step, "alive": [1.0, 0.75, 0.5], "overlap": [0.6, 0.5, 0.5], "multiplier": [1.5, 1.2, 1.5],
-             "overlap_finished": [0.7, 0.7, 0.5], "overlap_pruned": [0.5, 0.0, None],
-             "multiplier_finished": [1.5, 1.5, 1.5], "multiplier_pruned": [1.5, 0.5, None],
-             "rows_finished": 2, "rows_pruned": 2} for step in (1, 2)]
+    both = [
+        {
+            "step": step,
+            "alive": [1.0, 0.75, 0.5],
+            "overlap": [0.6, 0.5, 0.5],
+            "multiplier": [1.5, 1.2, 1.5],
+            "overlap_finished": [0.7, 0.7, 0.5],
+            "overlap_pruned": [0.5, 0.0, None],
+            "multiplier_finished": [1.5, 1.5, 1.5],
+            "multiplier_pruned": [1.5, 0.5, None],
+            "rows_finished": 2,
+            "rows_pruned": 2,
+        }
+        for step in (1, 2)
+    ]
     fig = plots.drift_profiles(both, tmp_path / "d.png", k=2)
     assert all(ax.get_ylabel() for ax in fig.axes)
     assert "top-2" in fig.axes[0].get_ylabel() and "top-2" in fig.axes[0].get_title()
@@ -576,19 +765,22 @@ def test_readme_api_snippet_runs_as_written():
             for b, sequence in enumerate(self["rollout"].sequences.tolist()):
                 # The server gets the sequence without its left padding.
                 prompt_length = int(self["attention_mask"][b].sum())
-                sequence = sequence[self["P"] - prompt_length:]
+                sequence = sequence[self["P"] - prompt_length :]
                 entries = [None] * prompt_length
                 for j, token in enumerate(sequence[prompt_length:]):
-                    top = logprobs[b, j].topk(20)   # the k the snippet passes
-                    entry = {int(i): SimpleNamespace(logprob=float(v), rank=r + 1)
-                             for r, (v, i) in enumerate(zip(top.values, top.indices))}
+                    top = logprobs[b, j].topk(20)  # the k the snippet passes
+                    entry = {
+                        int(i): SimpleNamespace(logprob=float(v), rank=r + 1)
+                        for r, (v, i) in enumerate(zip(top.values, top.indices))
+                    }
                     entry.setdefault(token, SimpleNamespace(logprob=float(logprobs[b, j, token]), rank=21))
                     entries.append(entry)
                 outputs.append(SimpleNamespace(prompt_token_ids=sequence, prompt_logprobs=entries))
             return outputs
 
-    names = Names(student=student, teacher=teacher, tokenizer=tokenizer, input_ids=input_ids,
-                  attention_mask=attention_mask)
+    names = Names(
+        student=student, teacher=teacher, tokenizer=tokenizer, input_ids=input_ids, attention_mask=attention_mask
+    )
     exec(compile(snippet, "README.md#API", "exec"), {}, names)
     assert torch.isfinite(names["loss"]) and names["stop"].shape == (3,)
     assert names["student_logits"].shape[:2] == names["tokens"].shape
@@ -601,6 +793,7 @@ def test_readme_api_snippet_runs_as_written():
 
 def _measured_ranges(text, pattern):
     import re
+
     match = re.search(pattern, text)
     assert match, pattern
     return [(float(a), float(b)) for a, b in zip(match.groups()[::2], match.groups()[1::2])]

@@ -12,6 +12,7 @@ Tolerances (norm-wise relative error ``‖x - ref‖ / ‖ref‖``):
   the logit-gradient and each gradient matmul round to bf16 once (2^-8 = 3.9e-3 relative), in
   both paths, but not necessarily on the same side.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -80,8 +81,13 @@ def unfused(loss_fn, data, **loss_kwargs):
 
 
 def fused(loss_fn, data, form, **loss_kwargs):
-    loss = loss_fn(data["student_hidden"], data["student_weight"], student_bias=data["student_bias"],
-                   **teacher_kwargs(data, form), **loss_kwargs)
+    loss = loss_fn(
+        data["student_hidden"],
+        data["student_weight"],
+        student_bias=data["student_bias"],
+        **teacher_kwargs(data, form),
+        **loss_kwargs,
+    )
     return loss, torch.autograd.grad(loss, student_params(data))
 
 
@@ -161,11 +167,17 @@ def test_matches_opd_ext_losses_on_materialised_logits(device):
     """Same kernels, same logits: the fused path equals the public unfused losses to fp32 rounding."""
     data = make_inputs(torch.float32, device)
     kwargs = dict(tokens=data["tokens"], mask=data["mask"], weights=data["weights"], baseline="topk", topk=7)
-    assert_matches(fused(fused_linear_vopd_loss, data, "logits", chunk_size=9, **kwargs),
-                   unfused(opd_ext.vopd_loss, data, **kwargs), torch.float32)
+    assert_matches(
+        fused(fused_linear_vopd_loss, data, "logits", chunk_size=9, **kwargs),
+        unfused(opd_ext.vopd_loss, data, **kwargs),
+        torch.float32,
+    )
     kwargs = dict(mask=data["mask"], weights=data["weights"], temperature=0.6)
-    assert_matches(fused(fused_linear_reverse_kl_loss, data, "hidden", chunk_size=9, **kwargs),
-                   unfused(opd_ext.reverse_kl_loss, data, **kwargs), torch.float32)
+    assert_matches(
+        fused(fused_linear_reverse_kl_loss, data, "hidden", chunk_size=9, **kwargs),
+        unfused(opd_ext.reverse_kl_loss, data, **kwargs),
+        torch.float32,
+    )
 
 
 def test_masked_rows_are_never_computed():
@@ -177,8 +189,9 @@ def test_masked_rows_are_never_computed():
     data["tokens"][~mask] = -100
     teacher = teacher_kwargs(data, "hidden")
     teacher["teacher_hidden"] = teacher["teacher_hidden"].masked_fill(~mask[:, None], float("nan"))
-    loss = fused_linear_vopd_loss(data["student_hidden"], data["student_weight"], data["tokens"],
-                                  mask=mask, chunk_size=4, **teacher)
+    loss = fused_linear_vopd_loss(
+        data["student_hidden"], data["student_weight"], data["tokens"], mask=mask, chunk_size=4, **teacher
+    )
     grad_hidden, grad_weight = torch.autograd.grad(loss, (data["student_hidden"], data["student_weight"]))
     assert torch.isfinite(loss) and torch.isfinite(grad_weight).all()
     assert torch.isfinite(grad_hidden[mask]).all() and (grad_hidden[~mask] == 0).all()
@@ -190,15 +203,15 @@ def test_chunks_never_exceed_chunk_size(monkeypatch):
 
     class RecordingOps:
         def __getattr__(self, name):
-            op = getattr(opd_ext._extension.ops, name)
+            op = getattr(opd_ext.ops, name)
 
             def recorded(student_logits, *args):
                 seen_rows.append(student_logits.shape[0])
                 return op(student_logits, *args)
+
             return recorded
 
     monkeypatch.setattr(fused_linear, "ops", RecordingOps())
-    monkeypatch.setattr(opd_ext.losses, "ops", RecordingOps())  # token_stats_op lives there
     data = make_inputs(torch.float32, "cpu")
     fused(fused_linear_vopd_loss, data, "hidden", tokens=data["tokens"], chunk_size=6)
     # 37 rows in chunks of 6: six full chunks and one of 1; two kernels (stats, backward) per chunk.
@@ -217,8 +230,14 @@ def test_peak_memory_is_a_few_chunks_not_the_full_logits():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    loss = fused_linear_vopd_loss(student_hidden, weight, tokens, teacher_hidden=student_hidden.detach(),
-                                  teacher_weight=teacher_weight, chunk_size=chunk)
+    loss = fused_linear_vopd_loss(
+        student_hidden,
+        weight,
+        tokens,
+        teacher_hidden=student_hidden.detach(),
+        teacher_weight=teacher_weight,
+        chunk_size=chunk,
+    )
     loss.backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
@@ -231,16 +250,24 @@ def test_grad_output_scales_gradients_and_no_grad_skips_them():
     data = make_inputs(torch.float32, "cpu")
     kwargs = dict(tokens=data["tokens"], mask=data["mask"], chunk_size=8)
     loss, grads = fused(fused_linear_vopd_loss, data, "logits", **kwargs)
-    scaled = -2.5 * fused_linear_vopd_loss(data["student_hidden"], data["student_weight"],
-                                           student_bias=data["student_bias"],
-                                           **teacher_kwargs(data, "logits"), **kwargs)
+    scaled = -2.5 * fused_linear_vopd_loss(
+        data["student_hidden"],
+        data["student_weight"],
+        student_bias=data["student_bias"],
+        **teacher_kwargs(data, "logits"),
+        **kwargs,
+    )
     scaled_grads = torch.autograd.grad(scaled, student_params(data))
     for grad, scaled_grad in zip(grads, scaled_grads):
         torch.testing.assert_close(scaled_grad, -2.5 * grad)
     with torch.no_grad():
-        no_grad_loss = fused_linear_vopd_loss(data["student_hidden"], data["student_weight"],
-                                              student_bias=data["student_bias"],
-                                              **teacher_kwargs(data, "logits"), **kwargs)
+        no_grad_loss = fused_linear_vopd_loss(
+            data["student_hidden"],
+            data["student_weight"],
+            student_bias=data["student_bias"],
+            **teacher_kwargs(data, "logits"),
+            **kwargs,
+        )
     assert not no_grad_loss.requires_grad
     torch.testing.assert_close(no_grad_loss, loss.detach())
 
@@ -265,8 +292,12 @@ def test_default_chunk_size_rule():
 
 
 def call_vopd(data, **overrides):
-    args = dict(student_hidden=data["student_hidden"], student_weight=data["student_weight"],
-                tokens=data["tokens"], **teacher_kwargs(data, "hidden"))
+    args = dict(
+        student_hidden=data["student_hidden"],
+        student_weight=data["student_weight"],
+        tokens=data["tokens"],
+        **teacher_kwargs(data, "hidden"),
+    )
     args.update(overrides)
     return fused_linear_vopd_loss(args.pop("student_hidden"), args.pop("student_weight"), args.pop("tokens"), **args)
 
@@ -283,37 +314,59 @@ def test_vocabulary_mismatch_says_how_to_slice():
     with pytest.raises(ValueError, match=rf"teacher_logits\[\.\.\., :{VOCAB}\]"):
         call_vopd(data, teacher_logits=padded_logits, **logits_teacher)
     # The sliced logits are a strided view; chunks read them without a full copy.
-    torch.testing.assert_close(call_vopd(data, teacher_logits=padded_logits[..., :VOCAB], chunk_size=5, **logits_teacher),
-                               call_vopd(data))
+    torch.testing.assert_close(
+        call_vopd(data, teacher_logits=padded_logits[..., :VOCAB], chunk_size=5, **logits_teacher), call_vopd(data)
+    )
     with pytest.raises(ValueError, match=rf"student_weight\[:{VOCAB - 1}\]"):
         call_vopd(data, teacher_weight=data["teacher_weight"][:-1], teacher_bias=None)
 
 
-@pytest.mark.parametrize("overrides, error, pattern", [
-    (dict(teacher_hidden=None, teacher_weight=None, teacher_bias=None), ValueError, "exactly one"),
-    (dict(teacher_logits=torch.zeros(N_ROWS, VOCAB)), ValueError, "exactly one"),
-    (dict(teacher_weight=None), ValueError, "teacher_hidden and teacher_weight"),
-    (dict(student_weight=torch.zeros(VOCAB, HIDDEN + 1)), ValueError, r"student_weight must be .*\[V, H=24\]"),
-    (dict(student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.bfloat16)), TypeError, "student_weight is torch.bfloat16"),
-    (dict(student_bias=torch.zeros(VOCAB + 1)), ValueError, r"student_bias must be \[V=129\]"),
-    (dict(student_hidden=torch.zeros(N_ROWS, HIDDEN, dtype=torch.float16),
-          student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.float16), student_bias=None,
-          teacher_hidden=torch.zeros(N_ROWS, TEACHER_HIDDEN, dtype=torch.bfloat16),
-          teacher_weight=torch.zeros(VOCAB, TEACHER_HIDDEN, dtype=torch.bfloat16), teacher_bias=None),
-     TypeError, "unsupported dtype mix.*float32 on one side"),
-    (dict(teacher_hidden=torch.zeros(N_ROWS + 1, TEACHER_HIDDEN)), ValueError, "teacher_hidden must have the leading shape"),
-    (dict(tokens=torch.zeros(N_ROWS, dtype=torch.int32)), TypeError, "tokens must be int64"),
-    (dict(tokens=torch.full((N_ROWS,), VOCAB)), ValueError, r"tokens must be ids in \[0, V=129\) at unmasked"),
-    (dict(mask=torch.ones(N_ROWS + 1, dtype=torch.bool)), ValueError,
-     r"mask must have shape \(37,\) \(student_hidden \(37, 24\)"),
-    (dict(weights=torch.ones(N_ROWS, dtype=torch.int64)), TypeError, "weights must be a floating"),
-    (dict(num_items=-1), ValueError, "num_items must be a non-negative"),
-    (dict(kl="forward", baseline="topk"), ValueError, 'needs baseline="full"'),
-    (dict(temperature=0.0), ValueError, "temperature must be a positive"),
-    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
-    (dict(baseline="mean"), ValueError, "baseline must be one of"),
-    (dict(baseline="topk", topk=VOCAB + 1), ValueError, "topk=130 is out of range"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, pattern",
+    [
+        (dict(teacher_hidden=None, teacher_weight=None, teacher_bias=None), ValueError, "exactly one"),
+        (dict(teacher_logits=torch.zeros(N_ROWS, VOCAB)), ValueError, "exactly one"),
+        (dict(teacher_weight=None), ValueError, "teacher_hidden and teacher_weight"),
+        (dict(student_weight=torch.zeros(VOCAB, HIDDEN + 1)), ValueError, r"student_weight must be .*\[V, H=24\]"),
+        (
+            dict(student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.bfloat16)),
+            TypeError,
+            "student_weight is torch.bfloat16",
+        ),
+        (dict(student_bias=torch.zeros(VOCAB + 1)), ValueError, r"student_bias must be \[V=129\]"),
+        (
+            dict(
+                student_hidden=torch.zeros(N_ROWS, HIDDEN, dtype=torch.float16),
+                student_weight=torch.zeros(VOCAB, HIDDEN, dtype=torch.float16),
+                student_bias=None,
+                teacher_hidden=torch.zeros(N_ROWS, TEACHER_HIDDEN, dtype=torch.bfloat16),
+                teacher_weight=torch.zeros(VOCAB, TEACHER_HIDDEN, dtype=torch.bfloat16),
+                teacher_bias=None,
+            ),
+            TypeError,
+            "unsupported dtype mix.*float32 on one side",
+        ),
+        (
+            dict(teacher_hidden=torch.zeros(N_ROWS + 1, TEACHER_HIDDEN)),
+            ValueError,
+            "teacher_hidden must have the leading shape",
+        ),
+        (dict(tokens=torch.zeros(N_ROWS, dtype=torch.int32)), TypeError, "tokens must be int64"),
+        (dict(tokens=torch.full((N_ROWS,), VOCAB)), ValueError, r"tokens must be ids in \[0, V=129\) at unmasked"),
+        (
+            dict(mask=torch.ones(N_ROWS + 1, dtype=torch.bool)),
+            ValueError,
+            r"mask must have shape \(37,\) \(student_hidden \(37, 24\)",
+        ),
+        (dict(weights=torch.ones(N_ROWS, dtype=torch.int64)), TypeError, "weights must be a floating"),
+        (dict(num_items=-1), ValueError, "num_items must be a non-negative"),
+        (dict(kl="forward", baseline="topk"), ValueError, 'needs baseline="full"'),
+        (dict(temperature=0.0), ValueError, "temperature must be a positive"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(baseline="mean"), ValueError, "baseline must be one of"),
+        (dict(baseline="topk", topk=VOCAB + 1), ValueError, "topk=130 is out of range"),
+    ],
+)
 def test_bad_inputs_name_the_argument(overrides, error, pattern):
     data = make_inputs(torch.float32, "cpu")
     with pytest.raises(error, match=pattern):
@@ -325,5 +378,9 @@ def test_bad_inputs_name_the_argument(overrides, error, pattern):
 def test_device_mismatch():
     data = make_inputs(torch.float32, "cpu")
     with pytest.raises(ValueError, match="teacher is on cuda"):
-        call_vopd(data, teacher_hidden=data["teacher_hidden"].cuda(), teacher_weight=data["teacher_weight"].cuda(),
-                  teacher_bias=None)
+        call_vopd(
+            data,
+            teacher_hidden=data["teacher_hidden"].cuda(),
+            teacher_weight=data["teacher_weight"].cuda(),
+            teacher_bias=None,
+        )

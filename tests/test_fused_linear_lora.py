@@ -4,6 +4,7 @@ logits, and the adapters get their gradients.
 Ground truth: the reference losses on the logits the module itself computes, with autograd through
 the module (PEFT's own forward). Tolerances as in tests/test_fused_linear.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -72,10 +73,14 @@ def inputs(dtype, device, seed=1):
 def losses(kind, tokens, mask):
     """(fused loss taking (hidden, head, teacher_logits), reference loss on logits) of one kind."""
     if kind == "vopd":
-        return (lambda h, head, t, **kw: fused_linear_vopd_loss(h, head, tokens, teacher_logits=t, mask=mask, **kw),
-                lambda logits, t: reference.vopd_loss(logits, t, tokens, mask=mask))
-    return (lambda h, head, t, **kw: fused_linear_reverse_kl_loss(h, head, teacher_logits=t, mask=mask, **kw),
-            lambda logits, t: reference.reverse_kl_loss(logits, t, mask=mask))
+        return (
+            lambda h, head, t, **kw: fused_linear_vopd_loss(h, head, tokens, teacher_logits=t, mask=mask, **kw),
+            lambda logits, t: reference.vopd_loss(logits, t, tokens, mask=mask),
+        )
+    return (
+        lambda h, head, t, **kw: fused_linear_reverse_kl_loss(h, head, teacher_logits=t, mask=mask, **kw),
+        lambda logits, t: reference.reverse_kl_loss(logits, t, mask=mask),
+    )
 
 
 def assert_close_with_grads(actual, expected, params, dtype):
@@ -101,8 +106,9 @@ def test_lora_head_matches_the_module(device, dtype, kind, chunk_size):
     params = [hidden, head.base_layer.bias, *adapter_params(head)]
     head.base_layer.bias.requires_grad_()
     assert not head.base_layer.weight.requires_grad  # frozen by PEFT: no [V, H] gradient is formed
-    assert_close_with_grads(fused(hidden, head, teacher, chunk_size=chunk_size), ref(head(hidden), teacher),
-                            params, dtype)
+    assert_close_with_grads(
+        fused(hidden, head, teacher, chunk_size=chunk_size), ref(head(hidden), teacher), params, dtype
+    )
 
 
 def test_base_weight_alone_would_score_other_logits():
@@ -111,8 +117,9 @@ def test_base_weight_alone_would_score_other_logits():
     hidden, teacher, tokens, mask = inputs(torch.float32, "cpu")
     fused, ref = losses("vopd", tokens, mask)
     with_module = fused(hidden, head, teacher)
-    base_only = fused_linear_vopd_loss(hidden, head.base_layer.weight, tokens, student_bias=head.base_layer.bias,
-                                       teacher_logits=teacher, mask=mask)
+    base_only = fused_linear_vopd_loss(
+        hidden, head.base_layer.weight, tokens, student_bias=head.base_layer.bias, teacher_logits=teacher, mask=mask
+    )
     assert rel_err(with_module, ref(head(hidden), teacher)) <= 1e-5
     assert rel_err(base_only, with_module) > 1e-2
 
@@ -131,8 +138,9 @@ def test_two_active_adapters_and_a_lora_teacher():
     t_hidden = torch.randn(N_ROWS, HIDDEN, generator=gen)
     hidden, _, tokens, mask = inputs(torch.float32, "cpu")
     params = [hidden, *adapter_params(head)]
-    loss = fused_linear_vopd_loss(hidden, head, tokens, teacher_hidden=t_hidden, teacher_weight=t_head, mask=mask,
-                                  chunk_size=7)
+    loss = fused_linear_vopd_loss(
+        hidden, head, tokens, teacher_hidden=t_hidden, teacher_weight=t_head, mask=mask, chunk_size=7
+    )
     expected = reference.vopd_loss(head(hidden), t_head(t_hidden).detach(), tokens, mask=mask)
     assert_close_with_grads(loss, expected, params, torch.float32)
 
@@ -176,8 +184,7 @@ def test_disabled_and_merged_adapters_follow_the_module():
 def test_modules_to_save_wrapper_trains_its_copy():
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
-    model = peft.get_peft_model(TinyLM(), peft.LoraConfig(target_modules=["body"], r=RANK,
-                                                          modules_to_save=["lm_head"]))
+    model = peft.get_peft_model(TinyLM(), peft.LoraConfig(target_modules=["body"], r=RANK, modules_to_save=["lm_head"]))
     wrapper = model.base_model.model.lm_head
     copy = wrapper.modules_to_save["default"]
     with torch.no_grad():
@@ -185,14 +192,18 @@ def test_modules_to_save_wrapper_trains_its_copy():
     hidden, teacher, tokens, mask = inputs(torch.float32, "cpu")
     fused, ref = losses("vopd", tokens, mask)
     assert linear_head(wrapper).weight is copy.weight
-    assert_close_with_grads(fused(hidden, wrapper, teacher), ref(wrapper(hidden), teacher),
-                            [hidden, copy.weight, copy.bias], torch.float32)
+    assert_close_with_grads(
+        fused(hidden, wrapper, teacher), ref(wrapper(hidden), teacher), [hidden, copy.weight, copy.bias], torch.float32
+    )
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(use_dora=True), "LoRA variant such as DoRA"),
-    (dict(lora_bias=True), "lora_bias"),
-])
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        (dict(use_dora=True), "LoRA variant such as DoRA"),
+        (dict(lora_bias=True), "lora_bias"),
+    ],
+)
 def test_unsupported_lora_kinds_raise(config, match):
     model, head = lora_model(**config)
     hidden, teacher, tokens, _ = inputs(torch.float32, "cpu")
@@ -212,8 +223,9 @@ def test_linear_module_equals_its_tensors(device):
     head = TinyLM().lm_head.to(device)
     hidden, teacher, tokens, mask = inputs(torch.float32, device)
     from_module = fused_linear_vopd_loss(hidden, head, tokens, teacher_logits=teacher, mask=mask, chunk_size=6)
-    from_tensors = fused_linear_vopd_loss(hidden, head.weight, tokens, student_bias=head.bias,
-                                          teacher_logits=teacher, mask=mask, chunk_size=6)
+    from_tensors = fused_linear_vopd_loss(
+        hidden, head.weight, tokens, student_bias=head.bias, teacher_logits=teacher, mask=mask, chunk_size=6
+    )
     assert torch.equal(from_module, from_tensors)
     params = [hidden, head.weight, head.bias]
     for got, want in zip(torch.autograd.grad(from_module, params), torch.autograd.grad(from_tensors, params)):

@@ -6,6 +6,7 @@ models (logits rounded to float32 before the kernels), so that a cached incremen
 full-sequence forward give the kernels bit-identical inputs and every mode must take identical
 decisions; the invariant tests also run float32 / bfloat16 models.
 """
+
 import copy
 import inspect
 
@@ -14,7 +15,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import CUDA_READY  # noqa: E402
 from opd_ext import PruneConfig, StopReason, reference  # noqa: E402
 from opd_ext.generation import (  # noqa: E402
     PruneOPDHook,
@@ -24,6 +24,8 @@ from opd_ext.generation import (  # noqa: E402
     sample_tokens,
     score_rollouts,
 )
+
+from conftest import CUDA_READY  # noqa: E402
 
 VOCAB = 300
 PAD = 0
@@ -57,14 +59,24 @@ def _one_thread():
 ARCHITECTURES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
-def tiny_lm(seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: float = 0.0, device="cpu",
-            arch: str = "llama"):
+def tiny_lm(
+    seed: int, *, vocab: int = VOCAB, dtype=torch.float64, perturb: float = 0.0, device="cpu", arch: str = "llama"
+):
     config_class, model_class = (getattr(transformers, name) for name in ARCHITECTURES[arch])
     torch.manual_seed(seed)
     config = config_class(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=2,
-        eos_token_id=None, pad_token_id=PAD)
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        bos_token_id=2,
+        eos_token_id=None,
+        pad_token_id=PAD,
+    )
     return _perturbed(model_class(config).eval(), seed, perturb).to(device=device, dtype=dtype)
 
 
@@ -115,16 +127,29 @@ def check_record(rollout, prompt_ids, max_new_tokens):
 
 
 # ---- our decode loop ----------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype, teacher_dtype", [
-    (torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-    (torch.bfloat16, torch.float32),  # the common mix: kernels take it as is
-    (torch.float16, torch.bfloat16),  # no kernel for the pair: both widened to float32
-])
+@pytest.mark.parametrize(
+    "dtype, teacher_dtype",
+    [
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),  # the common mix: kernels take it as is
+        (torch.float16, torch.bfloat16),  # no kernel for the pair: both widened to float32
+    ],
+)
 def test_rows_stop_individually_and_leave_the_batch(device, dtype, teacher_dtype):
     student, teacher = model_pair(dtype, device, teacher_dtype=teacher_dtype)
     ids, mask = prompts(device)
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    pad_token_id=PAD, generator=seeded(0, device))
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=CONFIG,
+        pad_token_id=PAD,
+        generator=seeded(0, device),
+    )
     check_record(rollout, ids, MAX_NEW)
     lengths = rollout.lengths.cpu()
     assert len(set(lengths.tolist())) >= 3, f"rows should stop at different lengths, got {lengths.tolist()}"
@@ -142,8 +167,16 @@ def test_rows_stop_individually_and_leave_the_batch(device, dtype, teacher_dtype
 def test_disabled_config_is_plain_opd(models):
     student, teacher = models
     ids, mask = prompts()
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW,
-                                    config=PruneConfig.disabled(k=8), pad_token_id=PAD, generator=seeded())
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=PruneConfig.disabled(k=8),
+        pad_token_id=PAD,
+        generator=seeded(),
+    )
     check_record(rollout, ids, MAX_NEW)
     assert bool((rollout.lengths == MAX_NEW).all())
     assert bool((rollout.multipliers == 1).all())
@@ -156,8 +189,17 @@ def test_cached_statistics_match_reference(models):
     student, teacher = models
     ids, mask = prompts()
     temperature = 0.8
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    temperature=temperature, pad_token_id=PAD, generator=seeded())
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=CONFIG,
+        temperature=temperature,
+        pad_token_id=PAD,
+        generator=seeded(),
+    )
     full_mask = torch.cat([mask, rollout.completion_mask.long()], 1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -183,8 +225,17 @@ def test_length_budget_stops_rows(models):
     student, teacher = models
     ids, mask = prompts()
     budget = torch.tensor([3, 5, 8, 100, 100, 2])
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    budget=budget, pad_token_id=PAD, generator=seeded())
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=CONFIG,
+        budget=budget,
+        pad_token_id=PAD,
+        generator=seeded(),
+    )
     check_record(rollout, ids, MAX_NEW)
     assert bool((rollout.lengths <= budget).all())
     at_budget = rollout.stop_reason == StopReason.BUDGET
@@ -199,9 +250,20 @@ def test_deterministic_with_a_seed(models):
     ids, mask = prompts()
 
     def run(seed, chunk_size):
-        return generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                     chunk_size=chunk_size, temperature=0.9, top_k=50, top_p=0.95,
-                                     pad_token_id=PAD, generator=seeded(seed))
+        return generate_with_pruning(
+            student,
+            teacher,
+            ids,
+            mask,
+            max_new_tokens=MAX_NEW,
+            config=CONFIG,
+            chunk_size=chunk_size,
+            temperature=0.9,
+            top_k=50,
+            top_p=0.95,
+            pad_token_id=PAD,
+            generator=seeded(seed),
+        )
 
     for chunk_size in (1, 4):
         first, again = run(0, chunk_size), run(0, chunk_size)
@@ -213,13 +275,23 @@ def test_deterministic_with_a_seed(models):
 def test_eos_ends_a_row(models):
     student, teacher = models
     ids, mask = prompts()
-    no_eos = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                 do_sample=False, pad_token_id=PAD)
+    no_eos = generate_with_pruning(
+        student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG, do_sample=False, pad_token_id=PAD
+    )
     row = int(no_eos.lengths.argmax())
     eos = int(no_eos.completions[row, 2])  # the token this row emits third becomes its EOS
     first_eos = (no_eos.completions == eos).long().argmax(1)
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    do_sample=False, eos_token_id=[eos, VOCAB - 1], pad_token_id=PAD)
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=CONFIG,
+        do_sample=False,
+        eos_token_id=[eos, VOCAB - 1],
+        pad_token_id=PAD,
+    )
     check_record(rollout, ids, MAX_NEW)
     assert int(rollout.lengths[row]) == int(first_eos[row]) + 1 <= 3  # the EOS token is kept
     assert int(rollout.stop_reason[row]) == StopReason.FINISHED
@@ -250,12 +322,20 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
         for c in (3, 8)
     }
     # Post hoc: the completions run to EOS or MAX_NEW (no completion_mask given: derived from EOS).
-    others["post hoc"] = score_rollouts(student, teacher, full.sequences, PROMPT_LEN, attention_mask=mask,
-                                        config=CONFIG, eos_token_id=common.get("eos_token_id"), pad_token_id=PAD)
+    others["post hoc"] = score_rollouts(
+        student,
+        teacher,
+        full.sequences,
+        PROMPT_LEN,
+        attention_mask=mask,
+        config=CONFIG,
+        eos_token_id=common.get("eos_token_id"),
+        pad_token_id=PAD,
+    )
     others["hf generate"] = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, **common)
 
     kept = lockstep.completion_mask
-    assert torch.equal(lockstep.completions, full.completions[:, :kept.shape[1]].masked_fill(~kept, PAD))
+    assert torch.equal(lockstep.completions, full.completions[:, : kept.shape[1]].masked_fill(~kept, PAD))
     for name, other in others.items():
         assert torch.equal(other.completion_mask, kept), name
         assert torch.equal(other.sequences, lockstep.sequences), name
@@ -263,8 +343,9 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
         for field in ("multipliers", "weights", "overlaps"):
             assert torch.equal(getattr(other, field), getattr(lockstep, field)), (name, field)
         for field in ("teacher_logprobs", "student_logprobs", "reverse_kl"):
-            torch.testing.assert_close(getattr(other, field), getattr(lockstep, field), rtol=1e-5, atol=1e-6,
-                                       msg=f"{name}: {field}")
+            torch.testing.assert_close(
+                getattr(other, field), getattr(lockstep, field), rtol=1e-5, atol=1e-6, msg=f"{name}: {field}"
+            )
     # Costs: the HF hook drops stopped rows from the teacher as the lockstep loop does (the
     # student's rows stay in HF's batch); chunking trades teacher calls for wasted student tokens.
     hf = others["hf generate"]
@@ -280,11 +361,29 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
 def test_sampled_rollouts_rescored_post_hoc(models, arch, chunk_size):
     student, teacher = models if arch == "llama" else model_pair(arch=arch)
     ids, mask = prompts()
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    chunk_size=chunk_size, temperature=0.7, pad_token_id=PAD, generator=seeded(3))
+    rollout = generate_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        max_new_tokens=MAX_NEW,
+        config=CONFIG,
+        chunk_size=chunk_size,
+        temperature=0.7,
+        pad_token_id=PAD,
+        generator=seeded(3),
+    )
     check_record(rollout, ids, MAX_NEW)
-    again = score_rollouts(student, teacher, rollout.sequences, PROMPT_LEN, attention_mask=mask,
-                           completion_mask=rollout.completion_mask, config=CONFIG, temperature=0.7)
+    again = score_rollouts(
+        student,
+        teacher,
+        rollout.sequences,
+        PROMPT_LEN,
+        attention_mask=mask,
+        completion_mask=rollout.completion_mask,
+        config=CONFIG,
+        temperature=0.7,
+    )
     assert torch.equal(again.completion_mask, rollout.completion_mask)
     assert torch.equal(again.multipliers, rollout.multipliers)
     assert torch.equal(again.stop_reason, rollout.stop_reason)
@@ -294,15 +393,25 @@ def test_sampled_rollouts_rescored_post_hoc(models, arch, chunk_size):
 def test_post_hoc_with_student_logits_and_padded_teacher_vocab():
     student, teacher = model_pair(teacher_vocab=VOCAB + 13)  # Qwen-style padded head
     ids, mask = prompts()
-    rollout = generate_with_pruning(student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG,
-                                    pad_token_id=PAD, generator=seeded())
+    rollout = generate_with_pruning(
+        student, teacher, ids, mask, max_new_tokens=MAX_NEW, config=CONFIG, pad_token_id=PAD, generator=seeded()
+    )
     assert int(rollout.completions.max()) < VOCAB
     full_mask = torch.cat([mask, rollout.completion_mask.long()], 1)
     with torch.no_grad():
-        logits = student(rollout.sequences, attention_mask=full_mask,
-                         position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, PROMPT_LEN - 1:-1]
-    again = score_rollouts(None, teacher, rollout.sequences, PROMPT_LEN, attention_mask=mask,
-                           completion_mask=rollout.completion_mask, student_logits=logits, config=CONFIG)
+        logits = student(
+            rollout.sequences, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits[:, PROMPT_LEN - 1 : -1]
+    again = score_rollouts(
+        None,
+        teacher,
+        rollout.sequences,
+        PROMPT_LEN,
+        attention_mask=mask,
+        completion_mask=rollout.completion_mask,
+        student_logits=logits,
+        config=CONFIG,
+    )
     assert torch.equal(again.multipliers, rollout.multipliers)
 
 
@@ -313,12 +422,30 @@ def test_hf_hook_uses_raw_logits_under_other_processors(models):
     student, teacher = models
     ids, mask = prompts()
     torch.manual_seed(11)  # HF samples from the global generator
-    rollout = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, max_new_tokens=MAX_NEW,
-                                       do_sample=True, temperature=0.7, top_k=20, repetition_penalty=1.5,
-                                       pad_token_id=PAD)
+    rollout = generate_hf_with_pruning(
+        student,
+        teacher,
+        ids,
+        mask,
+        config=CONFIG,
+        max_new_tokens=MAX_NEW,
+        do_sample=True,
+        temperature=0.7,
+        top_k=20,
+        repetition_penalty=1.5,
+        pad_token_id=PAD,
+    )
     check_record(rollout, ids, MAX_NEW)
-    again = score_rollouts(student, teacher, rollout.sequences, PROMPT_LEN, attention_mask=mask,
-                           completion_mask=rollout.completion_mask, config=CONFIG, temperature=0.7)
+    again = score_rollouts(
+        student,
+        teacher,
+        rollout.sequences,
+        PROMPT_LEN,
+        attention_mask=mask,
+        completion_mask=rollout.completion_mask,
+        config=CONFIG,
+        temperature=0.7,
+    )
     assert torch.equal(again.overlaps, rollout.overlaps)
     assert torch.equal(again.multipliers, rollout.multipliers)
     torch.testing.assert_close(again.teacher_logprobs, rollout.teacher_logprobs, rtol=1e-5, atol=1e-6)
@@ -329,8 +456,14 @@ def test_hf_rows_stopped_without_eos_are_masked(models):
     student, teacher = models
     ids, mask = prompts()
     with PruneOPDHook(student, teacher, ids, mask, config=CONFIG, eos_token_id=None, pad_token_id=PAD) as hook:
-        raw = student.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=MAX_NEW,
-                               pad_token_id=PAD, **hook.generate_kwargs())
+        raw = student.generate(
+            ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=MAX_NEW,
+            pad_token_id=PAD,
+            **hook.generate_kwargs(),
+        )
     rollout = hook.rollout(raw, max_new_tokens=MAX_NEW)
     check_record(rollout, ids, MAX_NEW)
     stopped_early = rollout.lengths < rollout.completion_mask.shape[1]
@@ -347,23 +480,55 @@ def test_hf_hook_misuse_is_reported(models):
     ids, mask = prompts()
     with PruneOPDHook(student, teacher, ids, mask, config=CONFIG, pad_token_id=PAD) as hook:
         with pytest.raises(RuntimeError, match="DriftStoppingCriteria"):
-            student.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=3, pad_token_id=PAD,
-                             logits_processor=hook.generate_kwargs()["logits_processor"])
+            student.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=3,
+                pad_token_id=PAD,
+                logits_processor=hook.generate_kwargs()["logits_processor"],
+            )
     with PruneOPDHook(student, teacher, ids, mask, config=CONFIG, pad_token_id=PAD) as hook:
         with pytest.raises(ValueError, match="one hook per"):
-            student.generate(ids[:2], attention_mask=mask[:2], do_sample=False, max_new_tokens=3,
-                             pad_token_id=PAD, **hook.generate_kwargs())
+            student.generate(
+                ids[:2],
+                attention_mask=mask[:2],
+                do_sample=False,
+                max_new_tokens=3,
+                pad_token_id=PAD,
+                **hook.generate_kwargs(),
+            )
     with pytest.raises(ValueError, match="num_return_sequences"):
-        generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, num_return_sequences=2,
-                                 do_sample=True, max_new_tokens=3, pad_token_id=PAD)
+        generate_hf_with_pruning(
+            student,
+            teacher,
+            ids,
+            mask,
+            config=CONFIG,
+            num_return_sequences=2,
+            do_sample=True,
+            max_new_tokens=3,
+            pad_token_id=PAD,
+        )
 
 
 # ---- every cache the models bring, wrapped models, vocabularies ---------------------------------
-TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=2,
-            eos_token_id=None, pad_token_id=PAD)
-LINEAR_ATTENTION = dict(head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-                        linear_num_value_heads=4)
+TINY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.1,
+    bos_token_id=2,
+    eos_token_id=None,
+    pad_token_id=PAD,
+)
+LINEAR_ATTENTION = dict(
+    head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4
+)
 
 
 class WithCache(torch.nn.Module):
@@ -394,18 +559,36 @@ def _static(config):
 CACHE_FAMILIES = {
     "full attention": ("LlamaForCausalLM", {}, torch.float64, None, {"DynamicLayer"}),
     # Layer 1 slides over 4 tokens, fewer than a prompt: its cache drops positions as it goes.
-    "sliding window": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
-                       torch.float64, None, {"DynamicLayer", "DynamicSlidingWindowLayer"}),
+    "sliding window": (
+        "Qwen2ForCausalLM",
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
+        torch.float64,
+        None,
+        {"DynamicLayer", "DynamicSlidingWindowLayer"},
+    ),
     # Gated delta-net layers (conv + recurrent state) beside attention; dense MLPs keep float64 possible.
-    "qwen3-next linear attention": ("Qwen3NextForCausalLM", dict(
-        LINEAR_ATTENTION, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0, 1]),
-        torch.float64, None, {"LinearAttentionLayer", "DynamicLayer"}),
-    "lfm2 short conv": ("Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
-                        torch.float64, None, {"LinearAttentionLayer", "DynamicLayer"}),
+    "qwen3-next linear attention": (
+        "Qwen3NextForCausalLM",
+        dict(LINEAR_ATTENTION, layer_types=["linear_attention", "full_attention"], mlp_only_layers=[0, 1]),
+        torch.float64,
+        None,
+        {"LinearAttentionLayer", "DynamicLayer"},
+    ),
+    "lfm2 short conv": (
+        "Lfm2ForCausalLM",
+        dict(layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False),
+        torch.float64,
+        None,
+        {"LinearAttentionLayer", "DynamicLayer"},
+    ),
     # Linear and full attention state in one layer; its MoE runs in float32 only.
-    "zaya hybrid": ("ZayaForCausalLM", dict(head_dim=8, moe_intermediate_size=16, num_experts=2, num_experts_per_tok=1,
-                                            router_hidden_size=16), torch.float32, None,
-                    {"LinearAttentionAndFullAttentionLayer"}),
+    "zaya hybrid": (
+        "ZayaForCausalLM",
+        dict(head_dim=8, moe_intermediate_size=16, num_experts=2, num_experts_per_tok=1, router_hidden_size=16),
+        torch.float32,
+        None,
+        {"LinearAttentionAndFullAttentionLayer"},
+    ),
     "fp8 quantized": ("LlamaForCausalLM", {}, torch.float64, _quantized, {"Fp8QuantizedLayer"}),
     "static": ("LlamaForCausalLM", {}, torch.float64, _static, {"StaticLayer"}),
 }
@@ -449,8 +632,9 @@ def test_offloaded_cache_drops_rows_exactly():
     def offloaded(config):
         return transformers.DynamicCache(config=config, offloading=True)
 
-    student, teacher = (WithCache(tiny_lm(0, perturb=p, device="cuda", dtype=torch.float32), offloaded)
-                        for p in (0.0, 0.01))
+    student, teacher = (
+        WithCache(tiny_lm(0, perturb=p, device="cuda", dtype=torch.float32), offloaded) for p in (0.0, 0.01)
+    )
     ids, mask = prompts("cuda")
     assert_pruned_rows_match_unpruned(student, teacher, ids, mask)
 
@@ -460,17 +644,24 @@ def assert_pruned_rows_match_unpruned(student, teacher, ids, mask):
     tokens (and teacher scores) they get in an unpruned run (greedy decoding fixes the tokens)."""
     common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
     full = generate_with_pruning(student, teacher, ids, mask, config=PruneConfig.disabled(k=8), **common)
-    runs = {f"chunk_size={c}": generate_with_pruning(student, teacher, ids, mask, config=CONFIG, chunk_size=c, **common)
-            for c in (1, 3)}
+    runs = {
+        f"chunk_size={c}": generate_with_pruning(student, teacher, ids, mask, config=CONFIG, chunk_size=c, **common)
+        for c in (1, 3)
+    }
     if hasattr(student, "generate"):  # the hook's teacher drops rows; HF keeps the student's batch
         runs["hf generate"] = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, **common)
     for name, rollout in runs.items():
         assert int(rollout.lengths.min()) < int(rollout.lengths.max()), f"{name}: rows must stop while others go on"
         kept = rollout.completion_mask
-        unpruned = full.completions[:, :kept.shape[1]]
+        unpruned = full.completions[:, : kept.shape[1]]
         assert torch.equal(rollout.completions[kept], unpruned[kept]), name
-        torch.testing.assert_close(rollout.teacher_logprobs[kept], full.teacher_logprobs[:, :kept.shape[1]][kept],
-                                   rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            rollout.teacher_logprobs[kept],
+            full.teacher_logprobs[:, : kept.shape[1]][kept],
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m: f"{name}: {m}",
+        )
 
 
 def requantizing_layer_class():
@@ -492,8 +683,10 @@ def requantizing_layer_class():
 def test_caches_that_cannot_drop_rows_are_refused_before_decoding(models):
     student, _ = models
     layer_class = requantizing_layer_class()
-    teacher = WithCache(tiny_lm(0, perturb=0.01),
-                        lambda config: transformers.cache_utils.Cache(layers=[layer_class() for _ in range(2)]))
+    teacher = WithCache(
+        tiny_lm(0, perturb=0.01),
+        lambda config: transformers.cache_utils.Cache(layers=[layer_class() for _ in range(2)]),
+    )
     ids, mask = prompts()
     student_forwards = []
     handle = student.register_forward_hook(lambda *_: student_forwards.append(1))
@@ -507,11 +700,16 @@ def test_caches_that_cannot_drop_rows_are_refused_before_decoding(models):
         PruneOPDHook(student, teacher, ids, mask, config=CONFIG, pad_token_id=PAD)
 
     torch.manual_seed(0)
-    seq2seq = transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=PAD)).eval()
-    for call in (lambda: generate_with_pruning(student, seq2seq, ids, mask, max_new_tokens=2, pad_token_id=PAD),
-                 lambda: PruneOPDHook(seq2seq, student, ids, mask, pad_token_id=PAD),
-                 lambda: score_rollouts(student, seq2seq, torch.cat([ids, ids], 1), PROMPT_LEN)):
+    seq2seq = transformers.T5ForConditionalGeneration(
+        transformers.T5Config(
+            vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, decoder_start_token_id=PAD
+        )
+    ).eval()
+    for call in (
+        lambda: generate_with_pruning(student, seq2seq, ids, mask, max_new_tokens=2, pad_token_id=PAD),
+        lambda: PruneOPDHook(seq2seq, student, ids, mask, pad_token_id=PAD),
+        lambda: score_rollouts(student, seq2seq, torch.cat([ids, ids], 1), PROMPT_LEN),
+    ):
         with pytest.raises(ValueError, match="encoder-decoder model .*T5ForConditionalGeneration.* decoder-only"):
             call()
 
@@ -538,8 +736,10 @@ def wrapped_pair(wrapper: str, request):
         return ddp(student), ddp(teacher), student, teacher
     peft = pytest.importorskip("peft")
     # init_lora_weights=False: random adapters that change the function, merged into plain copies.
-    wrapped = [peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                         init_lora_weights=False)) for model in (student, teacher)]
+    wrapped = [
+        peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        for model in (student, teacher)
+    ]
     plain = [copy.deepcopy(model).merge_and_unload() for model in wrapped]
     return (*wrapped, *plain)
 
@@ -551,15 +751,24 @@ def test_wrapped_models_in_every_mode(wrapper, request):
     common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
 
     def every_mode(s, t):
-        runs = {f"chunk_size={c}": generate_with_pruning(s, t, ids, mask, config=CONFIG, chunk_size=c, **common)
-                for c in (1, 3)}
+        runs = {
+            f"chunk_size={c}": generate_with_pruning(s, t, ids, mask, config=CONFIG, chunk_size=c, **common)
+            for c in (1, 3)
+        }
         runs["hf generate"] = generate_hf_with_pruning(s, t, ids, mask, config=CONFIG, **common)
         # What users call: the PEFT model's own generate(), DDP's module's.
         with PruneOPDHook(s, t, ids, mask, config=CONFIG, eos_token_id=None, pad_token_id=PAD) as hook:
             out = getattr(s, "module", s).generate(ids, attention_mask=mask, **common, **hook.generate_kwargs())
         runs["hook"] = hook.rollout(out, max_new_tokens=MAX_NEW)
-        runs["post hoc"] = score_rollouts(s, t, runs["chunk_size=1"].sequences, PROMPT_LEN, attention_mask=mask,
-                                          completion_mask=runs["chunk_size=1"].completion_mask, config=CONFIG)
+        runs["post hoc"] = score_rollouts(
+            s,
+            t,
+            runs["chunk_size=1"].sequences,
+            PROMPT_LEN,
+            attention_mask=mask,
+            completion_mask=runs["chunk_size=1"].completion_mask,
+            config=CONFIG,
+        )
         return runs
 
     want, got = every_mode(plain_student, plain_teacher), every_mode(student, teacher)
@@ -583,22 +792,25 @@ def test_student_vocabulary_beyond_the_teachers_is_masked_in_every_mode():
     kept = lockstep.completion_mask
     full_mask = torch.cat([mask, kept.long()], 1)
     with torch.no_grad():
-        logits = student(lockstep.sequences, attention_mask=full_mask,
-                         position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, PROMPT_LEN - 1:-1]
+        logits = student(
+            lockstep.sequences, attention_mask=full_mask, position_ids=(full_mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits[:, PROMPT_LEN - 1 : -1]
     assert bool((logits.argmax(-1)[kept] >= VOCAB).any()), "unmasked, the student would pick ids beyond the teacher's"
     assert int(lockstep.completions.max()) < VOCAB
     others = {
         "chunked": generate_with_pruning(student, teacher, ids, mask, config=CONFIG, chunk_size=4, **common),
         "hf generate": generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, **common),
-        "post hoc": score_rollouts(student, teacher, lockstep.sequences, PROMPT_LEN, attention_mask=mask,
-                                   completion_mask=kept, config=CONFIG),
+        "post hoc": score_rollouts(
+            student, teacher, lockstep.sequences, PROMPT_LEN, attention_mask=mask, completion_mask=kept, config=CONFIG
+        ),
     }
     for name, other in others.items():
         assert torch.equal(other.sequences, lockstep.sequences), name
         assert torch.equal(other.multipliers, lockstep.multipliers), name
     torch.manual_seed(0)
-    sampled = generate_hf_with_pruning(student, teacher, ids, mask, config=CONFIG, max_new_tokens=MAX_NEW,
-                                       do_sample=True, pad_token_id=PAD)
+    sampled = generate_hf_with_pruning(
+        student, teacher, ids, mask, config=CONFIG, max_new_tokens=MAX_NEW, do_sample=True, pad_token_id=PAD
+    )
     assert int(sampled.completions.max()) < VOCAB
 
     beyond = lockstep.sequences.clone()
@@ -606,22 +818,33 @@ def test_student_vocabulary_beyond_the_teachers_is_masked_in_every_mode():
     with pytest.raises(ValueError, match=f"token id {VOCAB + 5}, beyond the teacher's vocabulary of {VOCAB} ids"):
         score_rollouts(student, teacher, beyond, PROMPT_LEN, attention_mask=mask, completion_mask=kept, config=CONFIG)
     with pytest.raises(ValueError, match=f"completion token {VOCAB + 5} .*row 0, step 0.* share \\({VOCAB} ids\\)"):
-        score_rollouts(None, student, beyond, PROMPT_LEN, attention_mask=mask, completion_mask=kept, config=CONFIG,
-                       student_logits=torch.zeros(*kept.shape, VOCAB))
+        score_rollouts(
+            None,
+            student,
+            beyond,
+            PROMPT_LEN,
+            attention_mask=mask,
+            completion_mask=kept,
+            config=CONFIG,
+            student_logits=torch.zeros(*kept.shape, VOCAB),
+        )
 
 
 # ---- bad input ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
-    (dict(chunk_size=0), ValueError, "chunk_size"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(top_k=0), ValueError, "top_k"),
-    (dict(top_p=1.5), ValueError, "top_p"),
-    (dict(config={"k": 8}), TypeError, "PruneConfig"),
-    (dict(pad_token_id=None), ValueError, "pad_token_id"),
-    (dict(eos_token_id=-1), ValueError, "eos_token_id"),
-    (dict(budget=0), ValueError, "budget"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(top_k=0), ValueError, "top_k"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(config={"k": 8}), TypeError, "PruneConfig"),
+        (dict(pad_token_id=None), ValueError, "pad_token_id"),
+        (dict(eos_token_id=-1), ValueError, "eos_token_id"),
+        (dict(budget=0), ValueError, "budget"),
+    ],
+)
 def test_bad_arguments_are_rejected(models, kwargs, error, match):
     student, teacher = models
     ids, mask = prompts()
@@ -647,8 +870,9 @@ def test_bad_prompts_are_rejected(models):
     with pytest.raises(ValueError, match="shape"):
         generate_with_pruning(student, teacher, ids, mask[:, 1:], max_new_tokens=2, pad_token_id=PAD)
     with pytest.raises(ValueError, match="k=301"):  # PruneConfig.k beyond the vocabulary
-        generate_with_pruning(student, teacher, ids, mask, max_new_tokens=2, pad_token_id=PAD,
-                              config=PruneConfig(k=VOCAB + 1))
+        generate_with_pruning(
+            student, teacher, ids, mask, max_new_tokens=2, pad_token_id=PAD, config=PruneConfig(k=VOCAB + 1)
+        )
     full = torch.cat([ids, ids], 1)
     with pytest.raises(ValueError, match="prefix"):
         score_rollouts(student, teacher, full, PROMPT_LEN, completion_mask=torch.tensor([[0, 1, 1, 1, 1]] * BATCH))

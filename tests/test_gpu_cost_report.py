@@ -1,6 +1,7 @@
 """benchmarks/gpu_cost_report.py's parsers and loop analysis on canned ptxas / cuobjdump text.
 
 No nvcc or cuobjdump run: the snippets below have the tools' real format (sm_90, CUDA 13)."""
+
 from __future__ import annotations
 
 import sys
@@ -154,9 +155,20 @@ def test_parse_sass_functions_guards_and_targets():
     assert by_addr[0x1E0].target is None
 
 
-@pytest.mark.parametrize("opcode, size", [("LDG.E.EF.128", 16), ("LDG.E.128.CONSTANT", 16), ("LDG.E.64.CONSTANT", 8),
-                                          ("LDG.E.U16", 2), ("LDG.E.U8", 1), ("LDG.E", 4), ("STG.E.EF.128", 16),
-                                          ("LDG.E.LTC128B.128", 16), ("LDG.E.LTC128B", 4)])
+@pytest.mark.parametrize(
+    "opcode, size",
+    [
+        ("LDG.E.EF.128", 16),
+        ("LDG.E.128.CONSTANT", 16),
+        ("LDG.E.64.CONSTANT", 8),
+        ("LDG.E.U16", 2),
+        ("LDG.E.U8", 1),
+        ("LDG.E", 4),
+        ("STG.E.EF.128", 16),
+        ("LDG.E.LTC128B.128", 16),
+        ("LDG.E.LTC128B", 4),
+    ],
+)
 def test_access_bytes(opcode, size):
     assert gcr.access_bytes(opcode) == size
 
@@ -182,9 +194,11 @@ def test_hot_path_skips_the_cold_call_and_counts_loads():
 def test_analyse_elements_rates_and_hot_loop_choice():
     fns = gcr.parse_sass(SASS)
     ptxas = {TOY: next(iter(gcr.parse_ptxas(PTXAS).values()))}
-    names = {TOY: "void toy_ns::toy_kernel<c10::BFloat16, c10::BFloat16>"
-                  "(c10::BFloat16 const*, c10::BFloat16 const*, float*, int)",
-             NESTED: "nested_kernel()"}
+    names = {
+        TOY: "void toy_ns::toy_kernel<c10::BFloat16, c10::BFloat16>"
+        "(c10::BFloat16 const*, c10::BFloat16 const*, float*, int)",
+        NESTED: "nested_kernel()",
+    }
     kernels = gcr.analyse(ptxas, fns, names, "csrc/cuda/toy.cu")
     toy = next(k for k in kernels if k["mangled"] == TOY)
     assert toy["kernel"] == "toy_ns::toy_kernel<bf16, bf16>" and toy["dtypes"] == "bf16/bf16"
@@ -203,8 +217,12 @@ def test_analyse_elements_rates_and_hot_loop_choice():
     assert nested["dtypes"] == "" and nested["loops"][0]["elements"] is None  # no dtype: elements unknown
     assert "bounds" not in nested["loops"][0]
 
-    report = {"arch": "90", "sources": {"commit": "abc1234", "dirty": False},
-              "tools": {"nvcc_version": "13.0.88", "cuobjdump_version": "13.1.80"}, "kernels": kernels}
+    report = {
+        "arch": "90",
+        "sources": {"commit": "abc1234", "dirty": False},
+        "tools": {"nvcc_version": "13.0.88", "cuobjdump_version": "13.1.80"},
+        "kernels": kernels,
+    }
     md = gcr.markdown(report)
     assert "not yet run on a GPU" in md and "0x0040–0x0110" in md and "| 64 | 8 | 8 | 20 | 192 |" in md
 
@@ -222,19 +240,35 @@ def test_issue_bound_when_instructions_dominate():
     assert gcr.bounds(mufu_heavy)["H200"]["bound"] == "mufu"
 
 
-@pytest.mark.parametrize("demangled, short, dtypes", [
-    ("void opd::cuda::token_stats_impl::row_stats_kernel<opd::cuda::token_stats_impl::PairStats<c10::BFloat16, "
-     "float> >(opd::cuda::token_stats_impl::PairStats<c10::BFloat16, float>, int, "
-     "opd::cuda::token_stats_impl::PairStats<c10::BFloat16, float>::State*)",
-     "token_stats_impl::row_stats_kernel<PairStats<bf16, fp32>>", ["bf16", "fp32"]),
-    ("void opd_ext::cuda_kernels::(anonymous namespace)::drift_step_kernel<c10::Half, float>(c10::Half const*, "
-     "float const*, long, long, int, opd_ext::cuda_kernels::(anonymous namespace)::StepArgs)",
-     "cuda_kernels::drift_step_kernel<fp16, fp32>", ["fp16", "fp32"]),
-    ("void opd::cuda::drift_impl::scan_kernel<128>(opd::cuda::DriftScanParams)", "drift_impl::scan_kernel<128>", []),
-    ("opd_ext::cuda_kernels::(anonymous namespace)::topk_overlap_merge_kernel(float const*, int const*, "
-     "int const*, int, int, float*)",
-     "cuda_kernels::topk_overlap_merge_kernel", []),
-])
+@pytest.mark.parametrize(
+    "demangled, short, dtypes",
+    [
+        (
+            "void opd::cuda::token_stats_impl::row_stats_kernel<opd::cuda::token_stats_impl::PairStats<c10::BFloat16, "
+            "float> >(opd::cuda::token_stats_impl::PairStats<c10::BFloat16, float>, int, "
+            "opd::cuda::token_stats_impl::PairStats<c10::BFloat16, float>::State*)",
+            "token_stats_impl::row_stats_kernel<PairStats<bf16, fp32>>",
+            ["bf16", "fp32"],
+        ),
+        (
+            "void opd_ext::cuda_kernels::(anonymous namespace)::drift_step_kernel<c10::Half, float>(c10::Half const*, "
+            "float const*, long, long, int, opd_ext::cuda_kernels::(anonymous namespace)::StepArgs)",
+            "cuda_kernels::drift_step_kernel<fp16, fp32>",
+            ["fp16", "fp32"],
+        ),
+        (
+            "void opd::cuda::drift_impl::scan_kernel<128>(opd::cuda::DriftScanParams)",
+            "drift_impl::scan_kernel<128>",
+            [],
+        ),
+        (
+            "opd_ext::cuda_kernels::(anonymous namespace)::topk_overlap_merge_kernel(float const*, int const*, "
+            "int const*, int, int, float*)",
+            "cuda_kernels::topk_overlap_merge_kernel",
+            [],
+        ),
+    ],
+)
 def test_kernel_name(demangled, short, dtypes):
     assert gcr.kernel_name(demangled) == (short, dtypes)
     assert "bf16" not in gcr.generic_name(short) and "fp32" not in gcr.generic_name(short)
@@ -253,8 +287,11 @@ def test_missing_cuobjdump_is_a_clear_error(monkeypatch):
 
 
 def test_cubin_command_rewrites_the_build_command():
-    entry = {"command": 'nvcc -DX=\\"1\\" -I/src -O3 "--generate-code=arch=compute_90,code=[sm_90]" -x cu '
-                        "-MD -MT a.o -MF a.o.d -c /src/a.cu -o CMakeFiles/a.cu.o", "directory": "/b"}
+    entry = {
+        "command": 'nvcc -DX=\\"1\\" -I/src -O3 "--generate-code=arch=compute_90,code=[sm_90]" -x cu '
+        "-MD -MT a.o -MF a.o.d -c /src/a.cu -o CMakeFiles/a.cu.o",
+        "directory": "/b",
+    }
     cmd = gcr.cubin_command(entry, Path("/tmp/a.cubin"))
     assert cmd[:3] == ["nvcc", "-Xptxas", "-v"] and cmd[-2:] == ["-o", "/tmp/a.cubin"]
     assert "-cubin" in cmd and "-c" not in cmd and "-MD" not in cmd and "a.o.d" not in cmd

@@ -4,14 +4,16 @@ A kernel that divides by the temperature before centring on the row max rounds e
 to ulp(1e4 / τ) ≈ 1e-3 and loses three digits of every KL and log-prob; the kernels centre on the
 raw max first and scale the (exact) distances. τ = 1 hides the mistake, so these tests never use it.
 """
+
 import pytest
 import torch
 
 import opd_ext
 from opd_ext import reference
-from opd_ext._extension import ops
 
 from conftest import DTYPE_PAIRS, STAT_FIELDS, stat_tolerance
+
+ops = torch.ops.opd_ext
 
 TEMPERATURES = [0.7, 1.3]
 # Spread of the logits around the offset: a few units of the dtype's spacing at 1e4 (bf16: 64,
@@ -48,8 +50,7 @@ def test_token_stats(device, student_dtype, teacher_dtype, temperature, vocab, t
     for name in STAT_FIELDS:
         if name == "topk_reverse_kl" and topk == 0:
             continue
-        torch.testing.assert_close(got[name].double(), want[name], **tolerance,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name].double(), want[name], **tolerance, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -72,11 +73,12 @@ def test_drift_step_token_statistics(device, student_dtype, teacher_dtype, tempe
     student, teacher = _large_pair(3, vocab, student_dtype, teacher_dtype, device)
     tokens = torch.randint(0, vocab, (3,), device=device)
     monitor = opd_ext.DriftMonitor(3, opd_ext.PruneConfig(k=4), device=device)
-    out = opd_ext.prune._drift_step(student, teacher, tokens, None, monitor.state, monitor.config, temperature)
+    out = opd_ext.ops.drift_step(
+        student, teacher, tokens, None, *monitor.state, monitor.config.k, temperature, **monitor.config.kernel_args()
+    )
     want = reference.token_stats(student, teacher, tokens, temperature)
     for name in ("student_logprob", "teacher_logprob", "reverse_kl"):
-        torch.testing.assert_close(getattr(out, name).double(), want[name], **tolerance,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(getattr(out, name).double(), want[name], **tolerance, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(out.overlap, reference.topk_overlap(student, teacher, 4).float())
 
 
@@ -130,11 +132,18 @@ def test_sparse_teacher_losses(device, dtype, temperature):
     top_logprobs, top_ids = teacher_logprobs.topk(20, dim=-1)
     token_logprob = teacher_logprobs.gather(-1, tokens[:, None])[:, 0]
     for fn, ref, args, coef in (
-        (opd_ext.vopd_loss_sparse_teacher, reference.vopd_loss_sparse_teacher,
-         (tokens, top_ids, top_logprobs.float(), token_logprob.float()),
-         _coef_max(student, teacher, tokens, temperature, "vopd")),
-        (opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher,
-         (top_ids, top_logprobs.float()), 1.0 / 4),
+        (
+            opd_ext.vopd_loss_sparse_teacher,
+            reference.vopd_loss_sparse_teacher,
+            (tokens, top_ids, top_logprobs.float(), token_logprob.float()),
+            _coef_max(student, teacher, tokens, temperature, "vopd"),
+        ),
+        (
+            opd_ext.reverse_kl_loss_sparse_teacher,
+            reference.reverse_kl_loss_sparse_teacher,
+            (top_ids, top_logprobs.float()),
+            1.0 / 4,
+        ),
     ):
         x = student.detach().clone().requires_grad_()
         value = fn(x, *args, temperature=temperature)

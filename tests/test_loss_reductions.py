@@ -4,6 +4,7 @@
 test_fused_linear.py; here "sum" and "none" are checked against it (sum = mean · norm, none.sum() =
 sum, same gradients), and the statistics against token_stats and the reference's quantities.
 """
+
 import pytest
 import torch
 
@@ -11,8 +12,12 @@ import opd_ext
 from opd_ext import reference
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-VOPD_VARIANTS = [dict(baseline="full"), dict(baseline="full", kl="forward"), dict(baseline="topk", topk=4),
-                 dict(baseline="none")]
+VOPD_VARIANTS = [
+    dict(baseline="full"),
+    dict(baseline="full", kl="forward"),
+    dict(baseline="topk", topk=4),
+    dict(baseline="none"),
+]
 LEAD, VOCAB, HIDDEN = (3, 5), 17, 8
 
 
@@ -38,12 +43,17 @@ def _logits_losses():
     """name -> loss(student_logits, **kwargs) over every logits-based loss and variant."""
     student, teacher, tokens, mask, weights = _inputs()
     ids, topk_lp, token_lp = _served(teacher, tokens)
-    cases = {f"vopd-{'-'.join(map(str, v.values()))}": (lambda x, v=v, **kw: opd_ext.vopd_loss(
-        x, teacher, tokens, temperature=0.9, **v, **kw)) for v in VOPD_VARIANTS}
+    cases = {
+        f"vopd-{'-'.join(map(str, v.values()))}": (
+            lambda x, v=v, **kw: opd_ext.vopd_loss(x, teacher, tokens, temperature=0.9, **v, **kw)
+        )
+        for v in VOPD_VARIANTS
+    }
     cases["reverse_kl"] = lambda x, **kw: opd_ext.reverse_kl_loss(x, teacher, temperature=1.2, **kw)
     for baseline in ("topk", "none"):
-        cases[f"vopd_sparse-{baseline}"] = (lambda x, b=baseline, **kw: opd_ext.vopd_loss_sparse_teacher(
-            x, tokens, ids, topk_lp, token_lp, baseline=b, **kw))
+        cases[f"vopd_sparse-{baseline}"] = lambda x, b=baseline, **kw: opd_ext.vopd_loss_sparse_teacher(
+            x, tokens, ids, topk_lp, token_lp, baseline=b, **kw
+        )
     cases["reverse_kl_sparse"] = lambda x, **kw: opd_ext.reverse_kl_loss_sparse_teacher(x, ids, topk_lp, **kw)
     return student, mask, weights, cases
 
@@ -79,8 +89,9 @@ def test_none_takes_a_per_position_gradient(name):
     # weights w_t · g_t.
     fn = LOGIT_LOSSES[name]
     g = torch.rand(LEAD, generator=torch.Generator().manual_seed(1)) + 0.25
-    _, got = _value_and_grad(lambda x: fn(x, reduction="none", mask=MASK, weights=WEIGHTS), STUDENT,
-                             lambda t: (t * g).sum())
+    _, got = _value_and_grad(
+        lambda x: fn(x, reduction="none", mask=MASK, weights=WEIGHTS), STUDENT, lambda t: (t * g).sum()
+    )
     _, want = _value_and_grad(lambda x: fn(x, reduction="sum", mask=MASK, weights=WEIGHTS * g), STUDENT)
     torch.testing.assert_close(got, want, **TOL)
 
@@ -89,8 +100,11 @@ def test_none_takes_a_per_position_gradient(name):
 def test_none_is_zero_with_zero_gradient_at_masked_nan_positions(name):
     student = STUDENT.clone()
     student[~MASK] = float("nan")
-    terms, grad = _value_and_grad(lambda x: LOGIT_LOSSES[name](x, reduction="none", mask=MASK), student,
-                                  lambda t: (t * torch.full_like(t, float("nan")).where(~MASK, 1.0)).sum())
+    terms, grad = _value_and_grad(
+        lambda x: LOGIT_LOSSES[name](x, reduction="none", mask=MASK),
+        student,
+        lambda t: (t * torch.full_like(t, float("nan")).where(~MASK, 1.0)).sum(),
+    )
     assert torch.isfinite(terms).all() and (terms[~MASK] == 0).all()
     assert torch.isfinite(grad).all() and (grad[~MASK] == 0).all()
 
@@ -99,10 +113,12 @@ def test_none_is_zero_with_zero_gradient_at_masked_nan_positions(name):
 def test_vopd_stats_are_the_forward_quantities(variant):
     student, teacher, tokens, mask, weights = _inputs(2)
     student[~mask] = float("nan")  # masked rows: stats exactly 0, never NaN
-    loss, stats = opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights, temperature=0.9,
-                                    return_stats=True, **variant)
-    torch.testing.assert_close(loss, opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights,
-                                                       temperature=0.9, **variant))
+    loss, stats = opd_ext.vopd_loss(
+        student, teacher, tokens, mask=mask, weights=weights, temperature=0.9, return_stats=True, **variant
+    )
+    torch.testing.assert_close(
+        loss, opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights, temperature=0.9, **variant)
+    )
     want = opd_ext.token_stats(student, teacher, torch.where(mask, tokens, 0), temperature=0.9, forward_kl=True)
     for name in ("student_logprob", "teacher_logprob", "reverse_kl"):
         got = getattr(stats, name)
@@ -176,8 +192,11 @@ def _fused_inputs():
     return hidden, head, teacher
 
 
-@pytest.mark.parametrize("variant", [dict(baseline="full"), dict(baseline="topk", topk=4), dict(baseline="none"),
-                                     None], ids=["full", "topk", "none", "reverse_kl"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(baseline="full"), dict(baseline="topk", topk=4), dict(baseline="none"), None],
+    ids=["full", "topk", "none", "reverse_kl"],
+)
 def test_fused_linear_sum_and_stats_match_the_logits_path(variant):
     hidden, head, teacher = _fused_inputs()
     _, _, tokens, mask, weights = _inputs()
@@ -190,14 +209,24 @@ def test_fused_linear_sum_and_stats_match_the_logits_path(variant):
             if path == "fused":
                 fn = opd_ext.fused_linear_reverse_kl_loss if variant is None else opd_ext.fused_linear_vopd_loss
                 args = (h, head) if variant is None else (h, head, tokens)
-                out = fn(*args, teacher_logits=teacher, reduction=reduction, return_stats=True, chunk_size=4, **kw,
-                         **(variant or {}))
+                out = fn(
+                    *args,
+                    teacher_logits=teacher,
+                    reduction=reduction,
+                    return_stats=True,
+                    chunk_size=4,
+                    **kw,
+                    **(variant or {}),
+                )
             else:
                 logits = head(h)
-                out = (opd_ext.reverse_kl_loss(logits, teacher, reduction=reduction, return_stats=True, **kw)
-                       if variant is None else
-                       opd_ext.vopd_loss(logits, teacher, tokens, reduction=reduction, return_stats=True, **kw,
-                                         **variant))
+                out = (
+                    opd_ext.reverse_kl_loss(logits, teacher, reduction=reduction, return_stats=True, **kw)
+                    if variant is None
+                    else opd_ext.vopd_loss(
+                        logits, teacher, tokens, reduction=reduction, return_stats=True, **kw, **variant
+                    )
+                )
             out[0].backward()
             results[reduction, path] = out, h.grad, head.weight.grad.clone(), head.bias.grad.clone()
     for reduction in ("mean", "sum"):
@@ -216,8 +245,11 @@ def test_fused_linear_sum_and_stats_match_the_logits_path(variant):
     torch.testing.assert_close(results["sum", "fused"][0][0], results["mean", "fused"][0][0] * norm, **TOL)
 
 
-@pytest.mark.parametrize("variant", [dict(baseline="full"), dict(baseline="topk", topk=4), dict(baseline="none"),
-                                     None], ids=["full", "topk", "none", "reverse_kl"])
+@pytest.mark.parametrize(
+    "variant",
+    [dict(baseline="full"), dict(baseline="topk", topk=4), dict(baseline="none"), None],
+    ids=["full", "topk", "none", "reverse_kl"],
+)
 def test_fused_linear_reduction_none_matches_the_logits_path(variant):
     # Per-position values, and gradients under a per-position incoming gradient (of either sign:
     # the backward weighs each row by its own), equal the logits path's; masked rows hold 0.
@@ -230,24 +262,36 @@ def test_fused_linear_reduction_none_matches_the_logits_path(variant):
         head.zero_grad()
         h = hidden.clone().requires_grad_()
         if path == "fused":
-            out = (opd_ext.fused_linear_reverse_kl_loss(h, head, teacher_logits=teacher, chunk_size=4, **kw)
-                   if variant is None else
-                   opd_ext.fused_linear_vopd_loss(h, head, tokens, teacher_logits=teacher, chunk_size=4, **kw, **variant))
+            out = (
+                opd_ext.fused_linear_reverse_kl_loss(h, head, teacher_logits=teacher, chunk_size=4, **kw)
+                if variant is None
+                else opd_ext.fused_linear_vopd_loss(
+                    h, head, tokens, teacher_logits=teacher, chunk_size=4, **kw, **variant
+                )
+            )
         else:
-            out = (opd_ext.reverse_kl_loss(head(h), teacher, **kw) if variant is None else
-                   opd_ext.vopd_loss(head(h), teacher, tokens, **kw, **variant))
+            out = (
+                opd_ext.reverse_kl_loss(head(h), teacher, **kw)
+                if variant is None
+                else opd_ext.vopd_loss(head(h), teacher, tokens, **kw, **variant)
+            )
         (out[0] * upstream).sum().backward()
         results[path] = out[0].detach(), h.grad, head.weight.grad.clone(), head.bias.grad.clone()
     assert results["fused"][0].shape == LEAD and (results["fused"][0][~mask] == 0).all()
     for got, want in zip(results["fused"], results["logits"]):
         torch.testing.assert_close(got, want, **TOL)
-    module = opd_ext.FusedLinearReverseKLLoss(reduction="none") if variant is None else opd_ext.FusedLinearVOPDLoss(
-        reduction="none", **variant)
+    module = (
+        opd_ext.FusedLinearReverseKLLoss(reduction="none")
+        if variant is None
+        else opd_ext.FusedLinearVOPDLoss(reduction="none", **variant)
+    )
     args = (hidden, head) if variant is None else (hidden, head, tokens)
     function = opd_ext.fused_linear_reverse_kl_loss if variant is None else opd_ext.fused_linear_vopd_loss
-    torch.testing.assert_close(module(*args, teacher_logits=teacher, mask=mask, weights=weights),
-                               function(*args, teacher_logits=teacher, mask=mask, weights=weights, reduction="none",
-                                        **(variant or {})), **TOL)
+    torch.testing.assert_close(
+        module(*args, teacher_logits=teacher, mask=mask, weights=weights),
+        function(*args, teacher_logits=teacher, mask=mask, weights=weights, reduction="none", **(variant or {})),
+        **TOL,
+    )
 
 
 def test_fused_linear_reduction_none_recomputes_lora_dropout_masks():
@@ -257,8 +301,7 @@ def test_fused_linear_reduction_none_recomputes_lora_dropout_masks():
     head = torch.nn.Linear(HIDDEN, VOCAB)
     model = torch.nn.Sequential()
     model.add_module("lm_head", head)
-    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["lm_head"], r=2, lora_alpha=4,
-                                                       lora_dropout=0.5))
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules=["lm_head"], r=2, lora_alpha=4, lora_dropout=0.5))
     lora = model.base_model.model.lm_head
     for b in lora.lora_B.values():
         torch.nn.init.normal_(b.weight, 0.0, 0.5)
@@ -269,8 +312,9 @@ def test_fused_linear_reduction_none_recomputes_lora_dropout_masks():
     grads = {}
     for reduction in ("sum", "none"):
         torch.manual_seed(11)
-        loss = opd_ext.fused_linear_vopd_loss(hidden, lora, tokens, teacher_logits=teacher, mask=mask,
-                                              reduction=reduction, chunk_size=4)
+        loss = opd_ext.fused_linear_vopd_loss(
+            hidden, lora, tokens, teacher_logits=teacher, mask=mask, reduction=reduction, chunk_size=4
+        )
         grads[reduction] = loss.sum(), torch.autograd.grad(loss.sum(), params)
     torch.testing.assert_close(grads["none"][0], grads["sum"][0], **TOL)
     for got, want in zip(grads["none"][1], grads["sum"][1]):
@@ -292,21 +336,38 @@ def test_modules_equal_the_functions():
     hidden, head, fused_teacher = _fused_inputs()
     kw = dict(mask=mask, weights=weights)
     pairs = [
-        (opd_ext.VOPDLoss(baseline="topk", topk=4, temperature=0.7, reduction="none")(student, teacher, tokens, **kw),
-         opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=4, temperature=0.7, reduction="none",
-                           **kw)),
-        (opd_ext.ReverseKLLoss(reduction="sum")(student, teacher, **kw),
-         opd_ext.reverse_kl_loss(student, teacher, reduction="sum", **kw)),
-        (opd_ext.VOPDLossSparseTeacher(baseline="none")(student, tokens, ids, topk_lp, token_lp, **kw),
-         opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_lp, token_lp, baseline="none", **kw)),
-        (opd_ext.ReverseKLLossSparseTeacher(temperature=1.5)(student, ids, topk_lp, num_items=7, **kw),
-         opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_lp, temperature=1.5, num_items=7, **kw)),
-        (opd_ext.FusedLinearVOPDLoss(kl="forward", chunk_size=4)(hidden, head, tokens, teacher_logits=fused_teacher,
-                                                                 **kw),
-         opd_ext.fused_linear_vopd_loss(hidden, head, tokens, teacher_logits=fused_teacher, kl="forward", **kw)),
-        (opd_ext.FusedLinearReverseKLLoss(reduction="sum")(hidden, head.weight, teacher_logits=fused_teacher,
-                                                           student_bias=head.bias, **kw),
-         opd_ext.fused_linear_reverse_kl_loss(hidden, head, teacher_logits=fused_teacher, reduction="sum", **kw)),
+        (
+            opd_ext.VOPDLoss(baseline="topk", topk=4, temperature=0.7, reduction="none")(
+                student, teacher, tokens, **kw
+            ),
+            opd_ext.vopd_loss(
+                student, teacher, tokens, baseline="topk", topk=4, temperature=0.7, reduction="none", **kw
+            ),
+        ),
+        (
+            opd_ext.ReverseKLLoss(reduction="sum")(student, teacher, **kw),
+            opd_ext.reverse_kl_loss(student, teacher, reduction="sum", **kw),
+        ),
+        (
+            opd_ext.VOPDLossSparseTeacher(baseline="none")(student, tokens, ids, topk_lp, token_lp, **kw),
+            opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_lp, token_lp, baseline="none", **kw),
+        ),
+        (
+            opd_ext.ReverseKLLossSparseTeacher(temperature=1.5)(student, ids, topk_lp, num_items=7, **kw),
+            opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_lp, temperature=1.5, num_items=7, **kw),
+        ),
+        (
+            opd_ext.FusedLinearVOPDLoss(kl="forward", chunk_size=4)(
+                hidden, head, tokens, teacher_logits=fused_teacher, **kw
+            ),
+            opd_ext.fused_linear_vopd_loss(hidden, head, tokens, teacher_logits=fused_teacher, kl="forward", **kw),
+        ),
+        (
+            opd_ext.FusedLinearReverseKLLoss(reduction="sum")(
+                hidden, head.weight, teacher_logits=fused_teacher, student_bias=head.bias, **kw
+            ),
+            opd_ext.fused_linear_reverse_kl_loss(hidden, head, teacher_logits=fused_teacher, reduction="sum", **kw),
+        ),
     ]
     for got, want in pairs:
         torch.testing.assert_close(got, want, **TOL)
@@ -322,8 +383,9 @@ def test_compiled_reduction_none_and_stats_match_eager():
     student, teacher, tokens, mask, weights = _inputs(6)
 
     def fn(x):
-        terms, stats = opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, reduction="none",
-                                         return_stats=True)
+        terms, stats = opd_ext.vopd_loss(
+            x, teacher, tokens, mask=mask, weights=weights, reduction="none", return_stats=True
+        )
         return terms, stats.advantage, stats.reverse_kl
 
     eager = _value_and_grad(lambda x: fn(x)[0], student, lambda t: t.sum())
@@ -343,10 +405,13 @@ def test_vocab_parallel_losses_take_reduction_and_stats(reduction):
 
     student, teacher, tokens, mask, weights = _inputs(7)
     kw = dict(mask=mask, weights=weights, reduction=reduction, return_stats=True)
-    for got, want in ((vocab_parallel_vopd_loss(student, teacher, tokens, baseline="topk", topk=4, **kw),
-                       opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=4, **kw)),
-                      (vocab_parallel_reverse_kl_loss(student, teacher, **kw),
-                       opd_ext.reverse_kl_loss(student, teacher, **kw))):
+    for got, want in (
+        (
+            vocab_parallel_vopd_loss(student, teacher, tokens, baseline="topk", topk=4, **kw),
+            opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=4, **kw),
+        ),
+        (vocab_parallel_reverse_kl_loss(student, teacher, **kw), opd_ext.reverse_kl_loss(student, teacher, **kw)),
+    ):
         torch.testing.assert_close(got[0], want[0], **TOL)
         for name in want[1]._fields:
             a, b = getattr(got[1], name), getattr(want[1], name)

@@ -1,6 +1,7 @@
 """vopd_loss / reverse_kl_loss and the served-teacher variants: values and gradients against the
 float64 reference's autograd (the kernels take float32/bf16/fp16 only, so torch.autograd.gradcheck
 in float64 is replaced by this comparison), masks / weights / num_items, torch.compile, bad input."""
+
 import pytest
 import torch
 
@@ -64,8 +65,17 @@ def _row_inputs(lead, vocab, device):
 def test_vopd_loss_matches_reference(device, student_dtype, teacher_dtype, variant, shape):
     student, teacher = _pair(shape, student_dtype, teacher_dtype, device)
     tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
-    _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, mask=mask, weights=weights,
-             temperature=0.8, **variant)
+    _compare(
+        opd_ext.vopd_loss,
+        reference.vopd_loss,
+        student,
+        teacher,
+        tokens,
+        mask=mask,
+        weights=weights,
+        temperature=0.8,
+        **variant,
+    )
 
 
 @pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
@@ -73,8 +83,15 @@ def test_vopd_loss_matches_reference(device, student_dtype, teacher_dtype, varia
 def test_reverse_kl_loss_matches_reference(device, student_dtype, teacher_dtype, shape):
     student, teacher = _pair(shape, student_dtype, teacher_dtype, device)
     _, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
-    _compare(opd_ext.reverse_kl_loss, reference.reverse_kl_loss, student, teacher, mask=mask, weights=weights,
-             temperature=1.3)
+    _compare(
+        opd_ext.reverse_kl_loss,
+        reference.reverse_kl_loss,
+        student,
+        teacher,
+        mask=mask,
+        weights=weights,
+        temperature=1.3,
+    )
 
 
 def test_large_vocabulary(device):
@@ -93,7 +110,7 @@ def test_defaults_without_mask_or_weights(device):
 
 def test_minus_inf_and_extreme_logits(device):
     student, teacher = _pair((5, 300), torch.float32, torch.float32, device)
-    student[0, ::2] = teacher[0, ::2] = float("-inf")   # masked vocabulary
+    student[0, ::2] = teacher[0, ::2] = float("-inf")  # masked vocabulary
     student[1, 10] = 1e4
     teacher[2, 7] = 1e4
     teacher[3, 5] = -1e4
@@ -112,8 +129,10 @@ def test_large_common_offset(device):
     student[0] += 1e4
     teacher[1] -= 1e4
     tokens = torch.randint(0, 200, (3,), device=device)
-    for loss_fn, reference_fn, args in ((opd_ext.vopd_loss, reference.vopd_loss, (teacher, tokens)),
-                                        (opd_ext.reverse_kl_loss, reference.reverse_kl_loss, (teacher,))):
+    for loss_fn, reference_fn, args in (
+        (opd_ext.vopd_loss, reference.vopd_loss, (teacher, tokens)),
+        (opd_ext.reverse_kl_loss, reference.reverse_kl_loss, (teacher,)),
+    ):
         x = student.clone().requires_grad_()
         loss = loss_fn(x, *args)
         loss.backward()
@@ -137,12 +156,14 @@ def test_masked_positions_may_hold_anything(device):
     student, teacher = _pair((6, 50), torch.float32, torch.float32, device)
     mask = torch.tensor([True, False, True, False, True, True], device=device)
     tokens = torch.randint(0, 50, (6,), device=device)
-    tokens[~mask] = -100                                  # the usual padding label
+    tokens[~mask] = -100  # the usual padding label
     student[1] = float("nan")
     teacher[3] = float("-inf")
-    for loss_fn in (lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask),
-                    lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask, baseline="topk", topk=4),
-                    lambda x: opd_ext.reverse_kl_loss(x, teacher, mask=mask)):
+    for loss_fn in (
+        lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask),
+        lambda x: opd_ext.vopd_loss(x, teacher, tokens, mask=mask, baseline="topk", topk=4),
+        lambda x: opd_ext.reverse_kl_loss(x, teacher, mask=mask),
+    ):
         x = student.clone().requires_grad_()
         loss = loss_fn(x)
         loss.backward()
@@ -150,8 +171,10 @@ def test_masked_positions_may_hold_anything(device):
         assert x.grad[~mask].eq(0).all() and torch.isfinite(x.grad).all()
     clean = torch.where(mask[:, None], student, 0.0)
     clean_teacher = torch.where(mask[:, None], teacher, 0.0)
-    torch.testing.assert_close(opd_ext.vopd_loss(student, teacher, tokens, mask=mask),
-                               opd_ext.vopd_loss(clean, clean_teacher, tokens.clamp(min=0), mask=mask))
+    torch.testing.assert_close(
+        opd_ext.vopd_loss(student, teacher, tokens, mask=mask),
+        opd_ext.vopd_loss(clean, clean_teacher, tokens.clamp(min=0), mask=mask),
+    )
 
 
 def _every_loss(lead, vocab, device, hidden=6):
@@ -168,20 +191,25 @@ def _every_loss(lead, vocab, device, hidden=6):
         def call(**kwargs):
             x = student.clone().requires_grad_()
             return fn(x, *args, **fixed, **kwargs), [x]
+
         return call
 
     def fused_loss(fn, *args, **fixed):
         def call(**kwargs):
             hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
             return fn(hh, ww, *args, teacher_logits=teacher, **fixed, **kwargs), [hh, ww]
+
         return call
 
-    calls = {f"vopd_loss[{b}]": logits_loss(opd_ext.vopd_loss, teacher, tokens, baseline=b, topk=k)
-             for b in ("full", "topk", "none")}
+    calls = {
+        f"vopd_loss[{b}]": logits_loss(opd_ext.vopd_loss, teacher, tokens, baseline=b, topk=k)
+        for b in ("full", "topk", "none")
+    }
     calls["vopd_loss[forward]"] = logits_loss(opd_ext.vopd_loss, teacher, tokens, kl="forward")
     calls["reverse_kl_loss"] = logits_loss(opd_ext.reverse_kl_loss, teacher)
-    calls["vopd_loss_sparse_teacher"] = logits_loss(opd_ext.vopd_loss_sparse_teacher, tokens, ids, topk_logprobs,
-                                                    token_logprob)
+    calls["vopd_loss_sparse_teacher"] = logits_loss(
+        opd_ext.vopd_loss_sparse_teacher, tokens, ids, topk_logprobs, token_logprob
+    )
     calls["reverse_kl_loss_sparse_teacher"] = logits_loss(opd_ext.reverse_kl_loss_sparse_teacher, ids, topk_logprobs)
     calls["fused_linear_vopd_loss"] = fused_loss(opd_ext.fused_linear_vopd_loss, tokens)
     calls["fused_linear_reverse_kl_loss"] = fused_loss(opd_ext.fused_linear_reverse_kl_loss)
@@ -192,7 +220,7 @@ ZERO_COUNTS = [None, 0, 0.0, "tensor(0)", "tensor(0.)", "tensor([0])"]
 
 
 def _count(form, device):
-    return torch.tensor(eval(form[len("tensor"):]), device=device) if isinstance(form, str) else form
+    return torch.tensor(eval(form[len("tensor") :]), device=device) if isinstance(form, str) else form
 
 
 @pytest.mark.parametrize("batch", ["all_masked", "empty_NV", "empty_BTV"])
@@ -217,16 +245,22 @@ def test_num_items_forms_agree_and_bad_counts_are_refused(device):
     """int, float, 0-d and one-element tensors (int or float) give one value; a negative or
     non-finite number, a bool or a multi-element tensor is refused by name."""
     for name, call in _every_loss((5,), 32, device).items():
-        values = [call(num_items=form)[0] for form in
-                  (3, 3.0, torch.tensor(3, device=device), torch.tensor([3.0], device=device))]
+        values = [
+            call(num_items=form)[0]
+            for form in (3, 3.0, torch.tensor(3, device=device), torch.tensor([3.0], device=device))
+        ]
         for value in values[1:]:
             torch.testing.assert_close(value, values[0], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(call(num_items=1.5)[0], call(num_items=3)[0] * 2, msg=name)
-        for bad, error, message in ((-1, ValueError, "non-negative finite"), (float("nan"), ValueError, "non-negative"),
-                                    (float("inf"), ValueError, "finite"), (True, TypeError, "got bool"),
-                                    ("3", TypeError, "got str"),
-                                    (torch.ones(2, device=device), ValueError, "one-element"),
-                                    (torch.tensor(True), ValueError, "real tensor")):
+        for bad, error, message in (
+            (-1, ValueError, "non-negative finite"),
+            (float("nan"), ValueError, "non-negative"),
+            (float("inf"), ValueError, "finite"),
+            (True, TypeError, "got bool"),
+            ("3", TypeError, "got str"),
+            (torch.ones(2, device=device), ValueError, "one-element"),
+            (torch.tensor(True), ValueError, "real tensor"),
+        ):
             with pytest.raises(error, match=message):
                 call(num_items=bad)
 
@@ -238,8 +272,9 @@ def test_num_items_replaces_the_token_count(device):
     for loss_fn, extra in ((opd_ext.vopd_loss, (tokens,)), (opd_ext.reverse_kl_loss, ())):
         by_count = loss_fn(student, teacher, *extra, mask=mask, weights=weights)
         by_global = loss_fn(student, teacher, *extra, mask=mask, weights=weights, num_items=4 * count)
-        as_tensor = loss_fn(student, teacher, *extra, mask=mask, weights=weights,
-                            num_items=torch.tensor(4.0 * count, device=device))
+        as_tensor = loss_fn(
+            student, teacher, *extra, mask=mask, weights=weights, num_items=torch.tensor(4.0 * count, device=device)
+        )
         torch.testing.assert_close(by_global * 4, by_count)
         torch.testing.assert_close(as_tensor, by_global)
     _compare(opd_ext.vopd_loss, reference.vopd_loss, student, teacher, tokens, mask=mask, num_items=1000)
@@ -273,8 +308,19 @@ def test_vopd_loss_sparse_teacher_matches_reference(device, dtype, baseline, sha
     student, teacher = _pair(shape, dtype, torch.float32, device)
     tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
     ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 8)
-    _compare(opd_ext.vopd_loss_sparse_teacher, reference.vopd_loss_sparse_teacher, student, tokens, ids,
-             topk_logprobs, token_logprob, mask=mask, weights=weights, temperature=0.9, baseline=baseline)
+    _compare(
+        opd_ext.vopd_loss_sparse_teacher,
+        reference.vopd_loss_sparse_teacher,
+        student,
+        tokens,
+        ids,
+        topk_logprobs,
+        token_logprob,
+        mask=mask,
+        weights=weights,
+        temperature=0.9,
+        baseline=baseline,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -283,8 +329,16 @@ def test_reverse_kl_loss_sparse_teacher_matches_reference(device, dtype, shape):
     student, teacher = _pair(shape, dtype, torch.float32, device)
     tokens, mask, weights = _row_inputs(shape[:-1], shape[-1], device)
     ids, topk_logprobs, _ = _served_teacher(teacher, tokens, 8)
-    _compare(opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher, student, ids,
-             topk_logprobs, mask=mask, weights=weights, temperature=0.9)
+    _compare(
+        opd_ext.reverse_kl_loss_sparse_teacher,
+        reference.reverse_kl_loss_sparse_teacher,
+        student,
+        ids,
+        topk_logprobs,
+        mask=mask,
+        weights=weights,
+        temperature=0.9,
+    )
 
 
 def test_sparse_teacher_with_full_support_equals_dense_losses(device):
@@ -294,12 +348,19 @@ def test_sparse_teacher_with_full_support_equals_dense_losses(device):
     tokens, mask, weights = _row_inputs((7,), 31, device)
     ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 31)
     torch.testing.assert_close(
-        opd_ext.vopd_loss_sparse_teacher(student, tokens, ids, topk_logprobs, token_logprob, mask=mask,
-                                         weights=weights),
-        opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights), rtol=1e-5, atol=1e-6)
+        opd_ext.vopd_loss_sparse_teacher(
+            student, tokens, ids, topk_logprobs, token_logprob, mask=mask, weights=weights
+        ),
+        opd_ext.vopd_loss(student, teacher, tokens, mask=mask, weights=weights),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     torch.testing.assert_close(
         opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=mask, weights=weights),
-        opd_ext.reverse_kl_loss(student, teacher, mask=mask, weights=weights), rtol=1e-5, atol=1e-6)
+        opd_ext.reverse_kl_loss(student, teacher, mask=mask, weights=weights),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_sparse_teacher_masked_positions_may_hold_anything(device):
@@ -310,8 +371,10 @@ def test_sparse_teacher_masked_positions_may_hold_anything(device):
     student[1] = float("nan")
     topk_logprobs[1] = float("nan")
     token_logprob[1] = float("nan")
-    for loss_fn in (lambda x: opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask),
-                    lambda x: opd_ext.reverse_kl_loss_sparse_teacher(x, ids, topk_logprobs, mask=mask)):
+    for loss_fn in (
+        lambda x: opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask),
+        lambda x: opd_ext.reverse_kl_loss_sparse_teacher(x, ids, topk_logprobs, mask=mask),
+    ):
         x = student.clone().requires_grad_()
         loss = loss_fn(x)
         loss.backward()
@@ -324,8 +387,9 @@ def _as_served(ids, topk_logprobs, tokens, token_logprob, g):
     -inf slots holding junk ids, and the slots shuffled. Returns (ids, log-probs)."""
     junk = torch.where(torch.rand(ids.shape[:-1] + (2,), generator=g) < 0.5, -1, 10**6).to(ids.device)
     ids = torch.cat([ids, tokens.unsqueeze(-1), junk], -1)
-    logprobs = torch.cat([topk_logprobs, token_logprob.unsqueeze(-1),
-                          torch.full_like(topk_logprobs[..., :2], float("-inf"))], -1)
+    logprobs = torch.cat(
+        [topk_logprobs, token_logprob.unsqueeze(-1), torch.full_like(topk_logprobs[..., :2], float("-inf"))], -1
+    )
     dropped = (torch.rand(ids.shape, generator=g) < 0.2).to(ids.device)
     logprobs = torch.where(dropped, float("-inf"), logprobs)
     order = torch.argsort(torch.rand(ids.shape, generator=g), -1).to(ids.device)
@@ -354,10 +418,14 @@ def test_sparse_teacher_support_is_a_set(device):
     for with_dup, without in (([[3, 3, 1, 4]], [[3, 1, 4]]), ([[1, 4, 3, 4, 4]], [[1, 4, 3]])):
         ids_dup, ids = torch.tensor(with_dup, device=device), torch.tensor(without, device=device)
         for fn in (opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher):
-            torch.testing.assert_close(fn(student, ids_dup, log_q.gather(-1, ids_dup)).float(),
-                                       fn(student, ids, log_q.gather(-1, ids)).float())
-    want = reference.reverse_kl_loss_sparse_teacher(student.double(), torch.tensor([[3, 1, 4]], device=device),
-                                                    log_q.gather(-1, torch.tensor([[3, 1, 4]], device=device)))
+            torch.testing.assert_close(
+                fn(student, ids_dup, log_q.gather(-1, ids_dup)).float(), fn(student, ids, log_q.gather(-1, ids)).float()
+            )
+    want = reference.reverse_kl_loss_sparse_teacher(
+        student.double(),
+        torch.tensor([[3, 1, 4]], device=device),
+        log_q.gather(-1, torch.tensor([[3, 1, 4]], device=device)),
+    )
     assert abs(want.item() - 0.4966) < 1e-4, want.item()
 
 
@@ -373,16 +441,33 @@ def test_sparse_teacher_takes_inputs_as_servers_send_them(device, dtype):
     served_ids, served_lp = _as_served(ids, topk_logprobs, tokens, token_logprob, g)
     assert any(len(row) < 8 for row in _dedup_dense_support(served_ids, served_lp))  # duplicates or padding present
     common = dict(mask=mask, weights=weights, temperature=0.8)
-    _compare(opd_ext.reverse_kl_loss_sparse_teacher, reference.reverse_kl_loss_sparse_teacher, student, served_ids,
-             served_lp, **common)
+    _compare(
+        opd_ext.reverse_kl_loss_sparse_teacher,
+        reference.reverse_kl_loss_sparse_teacher,
+        student,
+        served_ids,
+        served_lp,
+        **common,
+    )
     for baseline in ("topk", "none"):
-        _compare(opd_ext.vopd_loss_sparse_teacher, reference.vopd_loss_sparse_teacher, student, tokens, served_ids,
-                 served_lp, token_logprob, baseline=baseline, **common)
+        _compare(
+            opd_ext.vopd_loss_sparse_teacher,
+            reference.vopd_loss_sparse_teacher,
+            student,
+            tokens,
+            served_ids,
+            served_lp,
+            token_logprob,
+            baseline=baseline,
+            **common,
+        )
     # The same padding given as a slot mask: the masked slots may then hold anything, NaN included.
     slot_mask = served_lp != float("-inf")
     junk_lp = torch.where(slot_mask, served_lp, float("nan"))
-    for fn, args in ((opd_ext.reverse_kl_loss_sparse_teacher, (served_ids, served_lp)),
-                     (opd_ext.vopd_loss_sparse_teacher, (tokens, served_ids, served_lp, token_logprob))):
+    for fn, args in (
+        (opd_ext.reverse_kl_loss_sparse_teacher, (served_ids, served_lp)),
+        (opd_ext.vopd_loss_sparse_teacher, (tokens, served_ids, served_lp, token_logprob)),
+    ):
         x, y = student.clone().requires_grad_(), student.clone().requires_grad_()
         by_mask = fn(x, *(junk_lp if a is served_lp else a for a in args), teacher_topk_mask=slot_mask, **common)
         by_inf = fn(y, *args, **common)
@@ -401,16 +486,21 @@ def test_sparse_teacher_log_probs_may_be_unnormalised_and_empty_supports_count_z
     ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 5)
     shifted = topk_logprobs + torch.randn(5, 1, device=device) * 7
     for fn, args, args_shifted in (
-            (opd_ext.reverse_kl_loss_sparse_teacher, (ids, topk_logprobs), (ids, shifted)),
-            (opd_ext.vopd_loss_sparse_teacher, (tokens, ids, topk_logprobs, token_logprob),
-             (tokens, ids, shifted, token_logprob))):
+        (opd_ext.reverse_kl_loss_sparse_teacher, (ids, topk_logprobs), (ids, shifted)),
+        (
+            opd_ext.vopd_loss_sparse_teacher,
+            (tokens, ids, topk_logprobs, token_logprob),
+            (tokens, ids, shifted, token_logprob),
+        ),
+    ):
         torch.testing.assert_close(fn(student, *args), fn(student, *args_shifted))
     empty = topk_logprobs.clone()
     empty[2] = float("-inf")
     one_less = torch.tensor([True, True, False, True, True], device=device)
     kl = opd_ext.reverse_kl_loss_sparse_teacher(student, ids, empty, num_items=5)
-    torch.testing.assert_close(kl, opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=one_less,
-                                                                          num_items=5))
+    torch.testing.assert_close(
+        kl, opd_ext.reverse_kl_loss_sparse_teacher(student, ids, topk_logprobs, mask=one_less, num_items=5)
+    )
     x = student.clone().requires_grad_()
     opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, empty, token_logprob).backward()
     assert torch.isfinite(x.grad).all()
@@ -428,10 +518,12 @@ def test_torch_compile(device):
     ids, topk_logprobs, token_logprob = _served_teacher(teacher, tokens, 5)
 
     def step(x):
-        return (opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, baseline="topk", topk=8)
-                + opd_ext.reverse_kl_loss(x, teacher, mask=mask)
-                # (the served-teacher check of id ranges is data-dependent and must stay out of the graph)
-                + opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask))
+        return (
+            opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights, baseline="topk", topk=8)
+            + opd_ext.reverse_kl_loss(x, teacher, mask=mask)
+            # (the served-teacher check of id ranges is data-dependent and must stay out of the graph)
+            + opd_ext.vopd_loss_sparse_teacher(x, tokens, ids, topk_logprobs, token_logprob, mask=mask)
+        )
 
     x_eager = student.clone().requires_grad_()
     eager = step(x_eager)

@@ -7,23 +7,31 @@ are per-row vectors, [N, k] for served teachers, and a few [chunk, V] buffers fo
 losses (chunk = N / 32 here). N·V·4 = 8 MiB makes an [N, V] copy unmistakable and keeps each case
 around 0.1 s on CPU.
 """
+
 import pytest
 import torch
+from peak_memory import measure_peak_memory
 
 import opd_ext
-from opd_ext import losses
-from opd_ext._extension import ops
-from opd_ext.ops import CUDA_MAX_TOPK
+from opd_ext import ops, torch_backend
+from opd_ext.ops import MAX_STREAMING_TOPK
 
 from conftest import CUDA_READY, DTYPE_PAIRS
-from peak_memory import measure_peak_memory
 
 N, V, H, K = 512, 4096, 8, 8
 CHUNK = N // 32
 _SHORT = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
-    not CUDA_READY, reason="needs a CUDA device and opd_ext's CUDA kernels")])]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device and opd_ext's CUDA kernels"),
+        ],
+    ),
+]
 
 
 def _inputs(student_dtype, teacher_dtype, device):
@@ -59,45 +67,69 @@ def _row_kwargs(x):
 
 LOSSES = {
     "vopd_full": lambda x: opd_ext.vopd_loss(x["student"], x["teacher"], x["tokens"], **_row_kwargs(x)),
-    "vopd_full_forward_kl": lambda x: opd_ext.vopd_loss(x["student"], x["teacher"], x["tokens"], kl="forward",
-                                                        **_row_kwargs(x)),
-    "vopd_topk": lambda x: opd_ext.vopd_loss(x["student"], x["teacher"], x["tokens"], baseline="topk",
-                                             **_row_kwargs(x)),
+    "vopd_full_forward_kl": lambda x: opd_ext.vopd_loss(
+        x["student"], x["teacher"], x["tokens"], kl="forward", **_row_kwargs(x)
+    ),
+    "vopd_topk": lambda x: opd_ext.vopd_loss(
+        x["student"], x["teacher"], x["tokens"], baseline="topk", **_row_kwargs(x)
+    ),
     # Beyond the CUDA kernels' top-k, the baseline comes from a sort (the test routes CPU there too).
-    "vopd_topk_sorted": lambda x: opd_ext.vopd_loss(x["student"], x["teacher"], x["tokens"], baseline="topk",
-                                                    topk=CUDA_MAX_TOPK + 1, **_row_kwargs(x)),
-    "vopd_none": lambda x: opd_ext.vopd_loss(x["student"], x["teacher"], x["tokens"], baseline="none",
-                                             **_row_kwargs(x)),
+    "vopd_topk_sorted": lambda x: opd_ext.vopd_loss(
+        x["student"], x["teacher"], x["tokens"], baseline="topk", topk=MAX_STREAMING_TOPK + 1, **_row_kwargs(x)
+    ),
+    "vopd_none": lambda x: opd_ext.vopd_loss(
+        x["student"], x["teacher"], x["tokens"], baseline="none", **_row_kwargs(x)
+    ),
     "reverse_kl": lambda x: opd_ext.reverse_kl_loss(x["student"], x["teacher"], **_row_kwargs(x)),
     "vopd_sparse_teacher": lambda x: opd_ext.vopd_loss_sparse_teacher(
-        x["student"], x["tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], **_row_kwargs(x)),
+        x["student"], x["tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], **_row_kwargs(x)
+    ),
     "vopd_sparse_teacher_none": lambda x: opd_ext.vopd_loss_sparse_teacher(
-        x["student"], x["tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], baseline="none",
-        **_row_kwargs(x)),
+        x["student"], x["tokens"], x["ids"], x["topk_logprobs"], x["token_logprob"], baseline="none", **_row_kwargs(x)
+    ),
     "reverse_kl_sparse_teacher": lambda x: opd_ext.reverse_kl_loss_sparse_teacher(
-        x["student"], x["ids"], x["topk_logprobs"], **_row_kwargs(x)),
+        x["student"], x["ids"], x["topk_logprobs"], **_row_kwargs(x)
+    ),
     "fused_linear_vopd_teacher_hidden": lambda x: opd_ext.fused_linear_vopd_loss(
-        x["hidden"], x["weight"], x["tokens"], teacher_hidden=x["teacher_hidden"],
-        teacher_weight=x["teacher_weight"], chunk_size=CHUNK, **_row_kwargs(x)),
+        x["hidden"],
+        x["weight"],
+        x["tokens"],
+        teacher_hidden=x["teacher_hidden"],
+        teacher_weight=x["teacher_weight"],
+        chunk_size=CHUNK,
+        **_row_kwargs(x),
+    ),
     "fused_linear_vopd_teacher_logits": lambda x: opd_ext.fused_linear_vopd_loss(
-        x["hidden"], x["weight"], x["tokens"], teacher_logits=x["teacher"], baseline="topk", chunk_size=CHUNK,
-        **_row_kwargs(x)),
+        x["hidden"],
+        x["weight"],
+        x["tokens"],
+        teacher_logits=x["teacher"],
+        baseline="topk",
+        chunk_size=CHUNK,
+        **_row_kwargs(x),
+    ),
     "fused_linear_reverse_kl": lambda x: opd_ext.fused_linear_reverse_kl_loss(
-        x["hidden"], x["weight"], teacher_hidden=x["teacher_hidden"], teacher_weight=x["teacher_weight"],
-        chunk_size=CHUNK, **_row_kwargs(x)),
+        x["hidden"],
+        x["weight"],
+        teacher_hidden=x["teacher_hidden"],
+        teacher_weight=x["teacher_weight"],
+        chunk_size=CHUNK,
+        **_row_kwargs(x),
+    ),
 }
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS,
-                         ids=[f"{_SHORT[s]}_{_SHORT[t]}" for s, t in DTYPE_PAIRS])
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype", DTYPE_PAIRS, ids=[f"{_SHORT[s]}_{_SHORT[t]}" for s, t in DTYPE_PAIRS]
+)
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_no_float32_vocabulary_sized_temporary(device, student_dtype, teacher_dtype, loss, monkeypatch):
     if loss == "vopd_topk_sorted":
         if device == "cpu":
-            monkeypatch.setattr(losses, "runs_cuda_kernels", lambda tensor: True)
+            monkeypatch.setattr(ops, "runs_cuda_kernels", lambda tensor: True)
         # Blocks of N / 32 rows: the fallback's sort temporaries must scale with its block, not N.
-        monkeypatch.setattr(losses, "_TOPK_SORT_BLOCK_BYTES", CHUNK * V * 4)
+        monkeypatch.setattr(torch_backend, "BLOCK_BYTES", CHUNK * V * 4)
     x = _inputs(student_dtype, teacher_dtype, device)
     leaves = [x[name] for name in ("student", "hidden", "weight")]
 
@@ -113,7 +145,8 @@ def test_no_float32_vocabulary_sized_temporary(device, student_dtype, teacher_dt
     float32_logits = N * V * 4
     assert peak - grads < float32_logits / 4, (
         f"{loss}: {(peak - grads) / 2**20:.2f} MiB above inputs and gradients at the peak; one float32 "
-        f"[N, V] is {float32_logits / 2**20:.0f} MiB")
+        f"[N, V] is {float32_logits / 2**20:.0f} MiB"
+    )
 
 
 def test_measurement_sees_allocations_inside_kernels():
@@ -121,8 +154,7 @@ def test_measurement_sees_allocations_inside_kernels():
     student = torch.randn(N, V).bfloat16()
     tokens = torch.randint(0, V, (N,))
     coef, lse = torch.ones(N), torch.logsumexp(student.float(), -1)
-    kernel = measure_peak_memory(
-        lambda: ops.policy_gradient_backward(coef, student, tokens, lse, 1.0), "cpu")
+    kernel = measure_peak_memory(lambda: ops.policy_gradient_backward(coef, student, tokens, lse, 1.0), "cpu")
     assert kernel.peak >= N * V * 2 and kernel.retained == 0  # the bf16 gradient, freed on return
     eager = measure_peak_memory(lambda: torch.log_softmax(student.float(), -1), "cpu")
     assert eager.peak >= 2 * N * V * 4
@@ -136,12 +168,12 @@ def test_sorted_topk_fallback_in_blocks_gives_the_kernels_values(monkeypatch):
 
     def loss_and_grad():
         s = student.clone().requires_grad_()
-        loss = opd_ext.vopd_loss(s, teacher, tokens, baseline="topk", topk=CUDA_MAX_TOPK + 1, temperature=0.8)
+        loss = opd_ext.vopd_loss(s, teacher, tokens, baseline="topk", topk=MAX_STREAMING_TOPK + 1, temperature=0.8)
         loss.backward()
         return loss, s.grad
 
     want = loss_and_grad()
-    monkeypatch.setattr(losses, "runs_cuda_kernels", lambda tensor: True)
-    monkeypatch.setattr(losses, "_TOPK_SORT_BLOCK_BYTES", 3 * V * 4)
+    monkeypatch.setattr(ops, "runs_cuda_kernels", lambda tensor: True)
+    monkeypatch.setattr(torch_backend, "BLOCK_BYTES", 3 * V * 4)
     got = loss_and_grad()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

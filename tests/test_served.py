@@ -1,6 +1,7 @@
 """Served teachers (opd_ext.served): vLLM / SGLang prompt log-probs converted to the sparse-teacher
 tensors give the losses of the dense teacher on the same support; the sparse top-k overlap, drift
 tracking and statistics agree with their dense counterparts."""
+
 import dataclasses
 import json
 from types import SimpleNamespace
@@ -50,8 +51,10 @@ def _vllm_positions(seq, teacher, k):
     for t in range(1, len(seq)):
         row = log_q[t - 1]
         top = torch.topk(row, k)
-        entry = {i: Logprob(lp, rank=r + 1, decoded_token=f"<{i}>")
-                 for r, (i, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist()))}
+        entry = {
+            i: Logprob(lp, rank=r + 1, decoded_token=f"<{i}>")
+            for r, (i, lp) in enumerate(zip(top.indices.tolist(), top.values.tolist()))
+        }
         token = int(seq[t])
         if token not in entry:
             entry[token] = Logprob(row[token].item(), rank=int((row > row[token]).sum()) + 1)
@@ -60,9 +63,12 @@ def _vllm_positions(seq, teacher, k):
 
 
 def _vllm_outputs(ids, teacher, lengths, k):
-    return [SimpleNamespace(prompt_token_ids=ids[b, :n].tolist(), prompt_logprobs=_vllm_positions(ids[b, :n], teacher[b], k),
-                            outputs=[])
-            for b, n in enumerate(lengths)]
+    return [
+        SimpleNamespace(
+            prompt_token_ids=ids[b, :n].tolist(), prompt_logprobs=_vllm_positions(ids[b, :n], teacher[b], k), outputs=[]
+        )
+        for b, n in enumerate(lengths)
+    ]
 
 
 def _sglang_meta(seq, teacher, k, start_len=0):
@@ -88,8 +94,10 @@ def _dense_topk(teacher, tokens, k):
 
 def _losses(student, tokens, ids, lps, token_lp, mask, topk_mask=None, **kw):
     out = []
-    for fn, args in ((opd_ext.vopd_loss_sparse_teacher, (tokens, ids, lps, token_lp)),
-                     (opd_ext.reverse_kl_loss_sparse_teacher, (ids, lps))):
+    for fn, args in (
+        (opd_ext.vopd_loss_sparse_teacher, (tokens, ids, lps, token_lp)),
+        (opd_ext.reverse_kl_loss_sparse_teacher, (ids, lps)),
+    ):
         x = student.clone().requires_grad_()
         loss = fn(x, *args, teacher_topk_mask=topk_mask, mask=mask, **kw)
         loss.backward()
@@ -137,12 +145,30 @@ def test_vllm_topk_gives_the_sparse_losses_of_the_dense_topk(k, form):
     assert any(len(e) == k + 1 for o in outputs for e in o.prompt_logprobs[1:])
     assert any(len(e) == k for o in outputs for e in o.prompt_logprobs[1:])
     if form == "json":  # vLLM's HTTP server: string keys, Logprob as an object
-        outputs = [SimpleNamespace(prompt_token_ids=o.prompt_token_ids, prompt_logprobs=json.loads(json.dumps(
-            [None if e is None else {str(i): dataclasses.asdict(v) for i, v in e.items()} for e in o.prompt_logprobs])))
-            for o in outputs]
+        outputs = [
+            SimpleNamespace(
+                prompt_token_ids=o.prompt_token_ids,
+                prompt_logprobs=json.loads(
+                    json.dumps(
+                        [
+                            None if e is None else {str(i): dataclasses.asdict(v) for i, v in e.items()}
+                            for e in o.prompt_logprobs
+                        ]
+                    )
+                ),
+            )
+            for o in outputs
+        ]
     elif form == "floats":
-        outputs = [SimpleNamespace(prompt_token_ids=o.prompt_token_ids, prompt_logprobs=[
-            None if e is None else {i: v.logprob for i, v in e.items()} for e in o.prompt_logprobs]) for o in outputs]
+        outputs = [
+            SimpleNamespace(
+                prompt_token_ids=o.prompt_token_ids,
+                prompt_logprobs=[
+                    None if e is None else {i: v.logprob for i, v in e.items()} for e in o.prompt_logprobs
+                ],
+            )
+            for o in outputs
+        ]
     if form == "raw_lists":
         served = from_vllm_prompt_logprobs([o.prompt_logprobs for o in outputs], [o.prompt_token_ids for o in outputs])
     else:
@@ -168,21 +194,22 @@ def test_vllm_single_sequence_and_completion_span():
     outputs = _vllm_outputs(ids, teacher, lengths, k)
     one = from_vllm_prompt_logprobs(outputs[0], start=prompt_lens[0])
     assert one.topk_ids.shape == (lengths[0] - prompt_lens[0], k) and one.mask.all()
-    assert one.tokens.tolist() == ids[0, prompt_lens[0]:lengths[0]].tolist()
+    assert one.tokens.tolist() == ids[0, prompt_lens[0] : lengths[0]].tolist()
 
     served = from_vllm_prompt_logprobs(outputs, start=prompt_lens, pad_to=8)
     assert served.tokens.shape == (3, 8)
     assert served.mask.sum(-1).tolist() == [n - p for n, p in zip(lengths, prompt_lens)]
     for field in one._fields:
-        assert torch.equal(getattr(served, field)[0, :lengths[0] - prompt_lens[0]], getattr(one, field))
+        assert torch.equal(getattr(served, field)[0, : lengths[0] - prompt_lens[0]], getattr(one, field))
     # The student's logits for the completion, gathered row by row (left-padded prompts would make
     # this one slice).
     pos = (torch.tensor(prompt_lens)[:, None] - 1 + torch.arange(8)).clamp(max=ids.shape[1] - 1)
     s = student.gather(1, pos[..., None].expand(-1, -1, vocab))
     t = teacher.gather(1, pos[..., None].expand(-1, -1, vocab))
     want = _dense_topk(t, served.tokens, k)
-    _assert_same_losses(_losses(s, *served[:4], served.mask, served.topk_mask),
-                        _losses(s, served.tokens, *want, served.mask))
+    _assert_same_losses(
+        _losses(s, *served[:4], served.mask, served.topk_mask), _losses(s, served.tokens, *want, served.mask)
+    )
 
 
 def test_vllm_k_inference_and_edge_forms():
@@ -200,8 +227,10 @@ def test_vllm_k_inference_and_edge_forms():
     log_q = torch.log_softmax(teacher, -1)
     worst = torch.argsort(log_q, -1)[:, 0]
     seq = torch.cat([seq[:1], worst[:-1]])
-    positions = [None] + [{int(log_q[t - 1].argmax()): float(log_q[t - 1].max()), int(seq[t]): float(log_q[t - 1, seq[t]])}
-                          for t in range(1, 5)]
+    positions = [None] + [
+        {int(log_q[t - 1].argmax()): float(log_q[t - 1].max()), int(seq[t]): float(log_q[t - 1, seq[t]])}
+        for t in range(1, 5)
+    ]
     with pytest.raises(ValueError, match=r"cannot tell k.*pass k="):
         from_vllm_prompt_logprobs(positions, seq)
     served = from_vllm_prompt_logprobs(positions, seq, k=1)
@@ -219,16 +248,28 @@ def test_vllm_k_inference_and_edge_forms():
 
 def test_vllm_errors_name_the_position():
     seq = [3, 1, 4, 1]
-    good = [None, {1: Logprob(-0.1, 1), 2: Logprob(-2.0, 2)}, {4: Logprob(-0.3, 1), 0: Logprob(-1.5, 2)},
-            {2: Logprob(-0.2, 1), 5: Logprob(-1.9, 2), 1: Logprob(-3.0, 7)}]
+    good = [
+        None,
+        {1: Logprob(-0.1, 1), 2: Logprob(-2.0, 2)},
+        {4: Logprob(-0.3, 1), 0: Logprob(-1.5, 2)},
+        {2: Logprob(-0.2, 1), 5: Logprob(-1.9, 2), 1: Logprob(-3.0, 7)},
+    ]
     from_vllm_prompt_logprobs([good, good], [seq, seq])
     cases = [
-        ([good, good[:2] + [{0: Logprob(-1.5, 1), 2: Logprob(-2.5, 2)}] + good[3:]], [seq, seq],
-         {}, r"prompt_logprobs\[1\]\[2\] lacks the scored token 4"),
+        (
+            [good, good[:2] + [{0: Logprob(-1.5, 1), 2: Logprob(-2.5, 2)}] + good[3:]],
+            [seq, seq],
+            {},
+            r"prompt_logprobs\[1\]\[2\] lacks the scored token 4",
+        ),
         ([good[:2] + [None] + good[3:]], [seq], {}, r"prompt_logprobs\[0\]\[2\] is None"),
         ([good], [seq], {"k": 3}, r"prompt_logprobs\[0\]\[1\] has 2 entries; with prompt_logprobs k=3"),
-        ([good[:3] + [{**good[3], 6: Logprob(-4.0, 3), 7: Logprob(-5.0, 4)}]], [seq], {},
-         r"prompt_logprobs\[0\]\[3\] has 5 entries where others have 2"),
+        (
+            [good[:3] + [{**good[3], 6: Logprob(-4.0, 3), 7: Logprob(-5.0, 4)}]],
+            [seq],
+            {},
+            r"prompt_logprobs\[0\]\[3\] has 5 entries where others have 2",
+        ),
         ([good], [seq[:3]], {}, r"prompt_logprobs\[0\] has 4 entries but its prompt_token_ids has 3"),
         ([good[:1] + [{1: "x"}] + good[2:]], [seq], {}, r"prompt_logprobs\[0\]\[1\]\[1\]: expected a log-prob"),
         ([good[:1] + [[0.1]] + good[2:]], [seq], {}, r"prompt_logprobs\[0\]\[1\] must be a dict"),
@@ -263,28 +304,33 @@ def test_sglang_gives_the_sparse_losses_of_the_dense_topk(form):
     elif form == "meta_info":
         served = from_sglang_input_top_logprobs(metas)
     elif form == "raw_lists":
-        served = from_sglang_input_top_logprobs([m["input_top_logprobs"] for m in metas],
-                                                [m["input_token_logprobs"] for m in metas])
+        served = from_sglang_input_top_logprobs(
+            [m["input_top_logprobs"] for m in metas], [m["input_token_logprobs"] for m in metas]
+        )
     else:  # the HTTP server's JSON: tuples become lists
         served = from_sglang_input_top_logprobs(json.loads(json.dumps([{"meta_info": m} for m in metas])))
     assert served.topk_ids.shape == (3, 7, 5)
     tokens = ids[:, 1:]
     m = served.mask
     assert torch.equal(served.tokens[m], tokens[m])
-    assert served.topk_mask.sum(-1).tolist() == [[ks[b] if j < n - 1 else 0 for j in range(7)]
-                                                 for b, n in enumerate(lengths)]
+    assert served.topk_mask.sum(-1).tolist() == [
+        [ks[b] if j < n - 1 else 0 for j in range(7)] for b, n in enumerate(lengths)
+    ]
     slots = torch.arange(5) < torch.tensor(ks)[:, None, None]
     want = []
     for b, k in enumerate(ks):
         i, lp, tlp = _dense_topk(teacher[b, :-1], tokens[b], k)
-        want.append((torch.nn.functional.pad(i, (0, 5 - k)), torch.nn.functional.pad(lp, (0, 5 - k), value=float("-inf")),
-                     tlp))
+        want.append(
+            (torch.nn.functional.pad(i, (0, 5 - k)), torch.nn.functional.pad(lp, (0, 5 - k), value=float("-inf")), tlp)
+        )
     want_ids, want_lps, want_token_lp = (torch.stack(x) for x in zip(*want))
     assert torch.equal(served.topk_ids[m], want_ids[m])
     torch.testing.assert_close(served.topk_logprobs[m], want_lps[m], rtol=0, atol=0)
     torch.testing.assert_close(served.token_logprob[m], want_token_lp[m], rtol=0, atol=0)
-    _assert_same_losses(_losses(student[:, :-1], *served[:4], m, served.topk_mask),
-                        _losses(student[:, :-1], tokens, want_ids, want_lps, want_token_lp, m, slots & m[..., None]))
+    _assert_same_losses(
+        _losses(student[:, :-1], *served[:4], m, served.topk_mask),
+        _losses(student[:, :-1], tokens, want_ids, want_lps, want_token_lp, m, slots & m[..., None]),
+    )
 
 
 def test_sglang_logprob_start_len_at_the_completion():
@@ -317,11 +363,20 @@ def test_sglang_errors_name_the_position():
     meta = _sglang_meta(seq, teacher, 2)
     top, tokens = meta["input_top_logprobs"], meta["input_token_logprobs"]
     cases = [
-        ([top, top[:2] + [[(-0.5, 1, None), ("bad", 2, None)]] + top[3:]], [tokens, tokens], {},
-         r"input_top_logprobs\[1\]\[2\]\[1\]: expected a log-prob"),
+        (
+            [top, top[:2] + [[(-0.5, 1, None), ("bad", 2, None)]] + top[3:]],
+            [tokens, tokens],
+            {},
+            r"input_top_logprobs\[1\]\[2\]\[1\]: expected a log-prob",
+        ),
         ([top], [tokens[:2] + [(None, 3, None)] + tokens[3:]], {}, r"input_token_logprobs\[0\]\[2\] is unscored"),
         ([top[:3] + [None]], [tokens], {}, r"input_top_logprobs\[0\]\[3\] is unscored"),
-        ([top], [tokens[:1] + [(-0.2,)] + tokens[2:]], {}, r"input_token_logprobs\[0\]\[1\] must be a \(logprob, token_id"),
+        (
+            [top],
+            [tokens[:1] + [(-0.2,)] + tokens[2:]],
+            {},
+            r"input_token_logprobs\[0\]\[1\] must be a \(logprob, token_id",
+        ),
         ([top[:3]], [tokens], {}, r"input_top_logprobs\[0\] has 3 entries but input_token_logprobs\[0\] has 4"),
         ([top], [tokens], {"end": 9}, r"input_token_logprobs\[0\] has 4 entries; the span start=1, end=9"),
         ([top[:1] + [[(-0.1, 1.5, None)]] + top[2:]], [tokens], {}, r"input_top_logprobs\[0\]\[1\]\[0\] token id"),
@@ -346,8 +401,10 @@ def test_sparse_topk_overlap_equals_the_dense_overlap(dtype):
     ties in the student's logits included (integers in bf16: many ties at the k-th value)."""
     g = torch.Generator().manual_seed(8)
     teacher = torch.randn(4, 6, 40, generator=g)
-    for student in (torch.randn(4, 6, 40, generator=g).to(dtype),
-                    torch.randint(-2, 3, (4, 6, 40), generator=g).to(dtype)):
+    for student in (
+        torch.randn(4, 6, 40, generator=g).to(dtype),
+        torch.randint(-2, 3, (4, 6, 40), generator=g).to(dtype),
+    ):
         for k in (1, 3, 16, 39, 40):
             ids = torch.topk(teacher, k).indices
             want = opd_ext.topk_overlap(student, teacher.to(dtype) if dtype == torch.float32 else teacher, k)
@@ -362,8 +419,9 @@ def test_sparse_topk_overlap_counts_a_set():
     valid position with no id is NaN, a masked one 0; NaN logits give NaN."""
     student = torch.tensor([[0.5, 1.0, -0.3, 2.0, 0.7, -1.2]] * 4)
     ids = torch.tensor([[3, 3, 1, 4], [3, 0, 1, 0], [3, 1, 2, 2], [0, 0, 0, 0]])
-    slot_mask = torch.tensor([[True, True, True, True], [True, False, True, False], [True, True, True, True],
-                              [False] * 4])
+    slot_mask = torch.tensor(
+        [[True, True, True, True], [True, False, True, False], [True, True, True, True], [False] * 4]
+    )
     lps = torch.tensor([[-1.0] * 4, [-1.0] * 4, [-1.0, -1.0, float("-inf"), float("-inf")], [-1.0] * 4])
     got = topk_overlap(student, ids, slot_mask, teacher_topk_logprobs=lps)
     # Student top-3 = {3, 1, 4}, top-2 = {3, 1}.
@@ -396,7 +454,7 @@ def test_served_overlap_drives_prune_opd_like_the_dense_teacher():
     assert (scan.stop_positions >= 0).any()
     monitor = opd_ext.DriftMonitor(3, config)
     for first in range(0, overlap.shape[1], 8):
-        monitor.observe(overlap[:, first:first + 8], m[:, first:first + 8])
+        monitor.observe(overlap[:, first : first + 8], m[:, first : first + 8])
     assert torch.equal(monitor.stop_reasons, scan.stop_reasons) and torch.equal(monitor.lengths, scan.lengths)
 
 
@@ -412,25 +470,33 @@ def test_sparse_teacher_stats_are_the_loss_terms():
         stats = sparse_teacher_stats(s, *served[:4], teacher_topk_mask=served.topk_mask, mask=m, temperature=0.9)
         dense = opd_ext.token_stats(s, t, served.tokens, temperature=0.9)
         torch.testing.assert_close(stats.student_logprob[m], dense.student_logprob[m])
-        torch.testing.assert_close(stats.teacher_logprob[m], torch.log_softmax(t, -1).gather(
-            -1, served.tokens[..., None]).squeeze(-1)[m])
+        torch.testing.assert_close(
+            stats.teacher_logprob[m], torch.log_softmax(t, -1).gather(-1, served.tokens[..., None]).squeeze(-1)[m]
+        )
         torch.testing.assert_close(stats.reward, stats.teacher_logprob - stats.student_logprob)
         torch.testing.assert_close(stats.advantage, stats.reward + stats.topk_kl)
-        want_kl = reference.support_reverse_kl(s.double(), torch.where(m[..., None], served.topk_ids, 0),
-                                               served.topk_logprobs, 0.9, served.topk_mask)
+        want_kl = reference.support_reverse_kl(
+            s.double(), torch.where(m[..., None], served.topk_ids, 0), served.topk_logprobs, 0.9, served.topk_mask
+        )
         torch.testing.assert_close(stats.topk_kl[m].double(), want_kl[m], rtol=1e-5, atol=1e-6)
         if k == vocab:  # at τ = 1: the served log-probs carry the server's temperature, token_stats scales both
             full = sparse_teacher_stats(s, *served[:4], teacher_topk_mask=served.topk_mask, mask=m)
-            torch.testing.assert_close(full.topk_kl[m], opd_ext.token_stats(s, t, served.tokens).reverse_kl[m],
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                full.topk_kl[m], opd_ext.token_stats(s, t, served.tokens).reverse_kl[m], rtol=1e-5, atol=1e-6
+            )
         for field in stats:
             assert field.dtype == torch.float32 and field[~m].eq(0).all()
         x = s.clone().requires_grad_()
-        loss = opd_ext.vopd_loss_sparse_teacher(x, *served[:4], teacher_topk_mask=served.topk_mask, mask=m,
-                                                temperature=0.9)
+        loss = opd_ext.vopd_loss_sparse_teacher(
+            x, *served[:4], teacher_topk_mask=served.topk_mask, mask=m, temperature=0.9
+        )
         y = s.clone().requires_grad_()
-        surrogate = -(stats.advantage * torch.log_softmax(y / 0.9, -1).gather(
-            -1, served.tokens[..., None]).squeeze(-1) * m).sum() / m.sum()
+        surrogate = (
+            -(
+                stats.advantage * torch.log_softmax(y / 0.9, -1).gather(-1, served.tokens[..., None]).squeeze(-1) * m
+            ).sum()
+            / m.sum()
+        )
         surrogate.backward()
         loss.backward()
         torch.testing.assert_close(loss, surrogate)

@@ -8,19 +8,22 @@ softmax statistics) and requires bit-identical outputs under the forward, revers
 thread schedules. The device-parametrised tests elsewhere run the whole API on the emulated
 device too (the "emu" device of conftest.py).
 """
+
 import pytest
 import torch
 
 import opd_ext
 import opd_ext.testing as simt
 from opd_ext import reference
-from opd_ext._extension import ops
 
 from conftest import DTYPE_PAIRS, STAT_FIELDS, assert_stats_match_reference, stat_tolerance
 
-pytestmark = [pytest.mark.emu,
-              pytest.mark.skipif(not simt.simt_available(), reason="opd_ext was built without the SIMT emulator")]
+ops = torch.ops.opd_ext
 
+pytestmark = [
+    pytest.mark.emu,
+    pytest.mark.skipif(not simt.simt_available(), reason="opd_ext was built without the SIMT emulator"),
+]
 
 
 def _pair(rows, vocab, student_dtype=torch.float32, teacher_dtype=torch.float32, layout="contiguous", seed=0):
@@ -42,8 +45,8 @@ def _place(values, layout):
         return base[1:]
     base = torch.zeros(rows, vocab + 8, dtype=values.dtype)
     offset = int(layout.removeprefix("column_"))
-    base[:, offset:offset + vocab] = values
-    return base[:, offset:offset + vocab]
+    base[:, offset : offset + vocab] = values
+    return base[:, offset : offset + vocab]
 
 
 def _launches(fn, device):
@@ -150,8 +153,15 @@ def test_token_stats_dtypes_and_layouts(student_dtype, teacher_dtype, layout):
     assert_stats_match_reference(got, student, teacher, tokens, 1.0, 5)
 
 
-@pytest.mark.parametrize("case", [("warp_per_row", 11, 100, "h100", 1), ("block_per_row", 5, 9000, "h100", 1),
-                                  ("slices_and_merge", 2, 40000, "a100", 2)], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("warp_per_row", 11, 100, "h100", 1),
+        ("block_per_row", 5, 9000, "h100", 1),
+        ("slices_and_merge", 2, 40000, "a100", 2),
+    ],
+    ids=lambda c: c[0],
+)
 def test_student_stats_paths(case):
     _, rows, vocab, device, launches = case
     student, _ = _pair(rows, vocab, torch.bfloat16)
@@ -166,6 +176,7 @@ def test_student_stats_paths(case):
 
 # ---- fused backwards ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS)
 @pytest.mark.parametrize("rows,vocab,profile", [(11, 100, "h100"), (3, 40000, "h100"), (4, 3001, "tiny")])
 def test_backwards(student_dtype, teacher_dtype, rows, vocab, profile):
@@ -177,17 +188,24 @@ def test_backwards(student_dtype, teacher_dtype, rows, vocab, profile):
     want_pg = ops.policy_gradient_backward(coef, student, tokens, s_lse, 0.7)
     want_kl = ops.reverse_kl_backward(coef, student, teacher, s_lse, t_lse, kl, 0.7)
     grads = simt.run_all_schedules(
-        lambda: (ops.policy_gradient_backward(coef, student, tokens, s_lse, 0.7),
-                 ops.reverse_kl_backward(coef, student, teacher, s_lse, t_lse, kl, 0.7)), device=profile)
+        lambda: (
+            ops.policy_gradient_backward(coef, student, tokens, s_lse, 0.7),
+            ops.reverse_kl_backward(coef, student, teacher, s_lse, t_lse, kl, 0.7),
+        ),
+        device=profile,
+    )
     # CPU and emulated CUDA kernels round differently (their exps differ by a few ulp).
     eps = {torch.float32: 5e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[student_dtype]
     for got, want in ((grads["output[0]"], want_pg), (grads["output[1]"], want_kl)):
         assert got.dtype == student_dtype and got.shape == student.shape
         assert torch.equal(got[0], torch.zeros_like(got[0]))
-        torch.testing.assert_close(got.float(), want.float(), rtol=4 * eps, atol=4 * eps * want.float().abs().max().item())
+        torch.testing.assert_close(
+            got.float(), want.float(), rtol=4 * eps, atol=4 * eps * want.float().abs().max().item()
+        )
 
 
 # ---- Prune-OPD drift -----------------------------------------------------------------------------------------
+
 
 def _drift_inputs(batch, vocab, seed=0):
     student, teacher = _pair(batch, vocab, seed=seed)
@@ -201,14 +219,23 @@ def _drift_run(student, teacher, tokens, rows, steps=4):
     monitor = opd_ext.DriftMonitor(student.shape[0] if rows is None else int(rows.max()) + 1, config)
     outputs = []
     for step in range(steps):
-        out = ops.drift_step(student.roll(step, -1), teacher.roll(step, -1), tokens, rows, *monitor.state, config.k,
-                             1.0, **config.kernel_args())
+        out = ops.drift_step(
+            student.roll(step, -1),
+            teacher.roll(step, -1),
+            tokens,
+            rows,
+            *monitor.state,
+            config.k,
+            1.0,
+            **config.kernel_args(),
+        )
         outputs.append(out)
     return outputs, tuple(t.clone() for t in monitor.state)
 
 
-@pytest.mark.parametrize("batch,vocab,profile,launches", [(6, 9000, "tiny", 1), (4, 20000, "h100", 2),
-                                                         (2, 9000, "tiny", 2)])
+@pytest.mark.parametrize(
+    "batch,vocab,profile,launches", [(6, 9000, "tiny", 1), (4, 20000, "h100", 2), (2, 9000, "tiny", 2)]
+)
 @pytest.mark.parametrize("with_tokens", [False, True])
 @pytest.mark.parametrize("with_rows", [False, True])
 def test_drift_step_paths(batch, vocab, profile, launches, with_tokens, with_rows):
@@ -248,6 +275,7 @@ def test_drift_scan():
 
 # ---- the emulator as a backend -------------------------------------------------------------------------------
 
+
 def test_losses_forward_and_backward_run_the_cuda_kernels():
     student, teacher = _pair(6, 5000)
     tokens = torch.randint(0, 5000, (6,))
@@ -279,8 +307,9 @@ def test_cuda_only_limits_apply_under_emulation():
     student, teacher = _pair(2, 3000)
     with simt.emulated_cuda():
         # The CUDA top-k keeps at most 1024 candidates: the wrapper falls back to the reference.
-        assert torch.equal(opd_ext.topk_overlap(student, teacher, 2000),
-                           opd_ext.reference.topk_overlap(student, teacher, 2000).float())
+        assert torch.equal(
+            opd_ext.topk_overlap(student, teacher, 2000), opd_ext.reference.topk_overlap(student, teacher, 2000).float()
+        )
         with pytest.raises(RuntimeError, match="supports k <= 1024"):
             ops.topk_overlap(student, teacher, 2000)
 
@@ -292,6 +321,31 @@ def test_vopd_topk_baseline_beyond_the_streaming_limit_falls_back_to_a_sort():
     with simt.emulated_cuda():
         got = opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=2000)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_drift_step_beyond_the_streaming_limit_decides_as_the_cpu_kernels():
+    """k above the CUDA top-k limit: the op layer takes the overlap from the torch backend and the
+    state machine and token statistics from the kernels; every decision equals the CPU kernels'."""
+    config = opd_ext.PruneConfig(k=1100, threshold=0.95, w_drop=0.3)
+    batch, vocab = 4, 3000
+    cpu = opd_ext.DriftMonitor(batch, config)
+    emulated = opd_ext.DriftMonitor(batch, config)
+    active = torch.arange(batch)
+    for step in range(5):
+        student, teacher = _pair(active.numel(), vocab, seed=step)
+        tokens = torch.randint(0, vocab, (active.numel(),))
+        want = cpu.step(student, teacher, tokens, rows=active, temperature=0.7)
+        with simt.emulated_cuda():
+            got = emulated.step(student, teacher, tokens, rows=active, temperature=0.7)
+        assert torch.equal(got, want)
+        active = active[~want]
+        if not active.numel():
+            break
+    assert cpu.stopped.any()  # the drift path was exercised, not only the running rows
+    for name in ("overlaps", "weights", "multipliers", "mask", "stop_reasons", "lengths"):
+        assert torch.equal(getattr(emulated, name), getattr(cpu, name)), name
+    for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
+        torch.testing.assert_close(getattr(emulated, name), getattr(cpu, name), rtol=1e-5, atol=1e-5)
 
 
 def test_innermost_context_wins_and_other_threads_are_not_routed():
@@ -327,7 +381,9 @@ def test_run_all_schedules_refuses_to_check_nothing():
     with pytest.raises(AssertionError, match="returned no tensor"):
         simt.run_all_schedules(lambda: ops.topk_overlap(student, teacher, 4).sum().item())
     flips = iter(range(100))
-    with pytest.raises(AssertionError, match=r"differs between the forward and reverse schedules, first at flat index 1"):
+    with pytest.raises(
+        AssertionError, match=r"differs between the forward and reverse schedules, first at flat index 1"
+    ):
         simt.run_all_schedules(lambda: ops.topk_overlap(student, teacher, 4) + torch.tensor([0.0, next(flips)]))
 
 

@@ -1,14 +1,16 @@
 """token_stats / student_stats and the fused backward ops against the float64 reference (docs/spec.md §4)."""
+
 import pytest
 import torch
 
 import opd_ext
 from opd_ext import reference
-from opd_ext._extension import ops, runs_cuda_kernels
-from opd_ext.ops import CUDA_MAX_TOPK
+from opd_ext._extension import runs_cuda_kernels
+from opd_ext.ops import MAX_STREAMING_TOPK
 
 from conftest import DTYPE_PAIRS, STAT_FIELDS, assert_stats_match_reference, skip_if_emulated, stat_tolerance
 
+ops = torch.ops.opd_ext
 
 
 def _pair(shape, student_dtype, teacher_dtype, device, scale=3.0, noise=1.0):
@@ -42,15 +44,16 @@ def test_full_vocabulary_size(device):
     _assert_stats_match(student, teacher, tokens, topk=100)
 
 
-@pytest.mark.parametrize("vocab,topk", [(129, 1), (129, 16), (129, 100), (129, 129), (3001, 256), (3001, 257),
-                                        (3001, 3001)])
+@pytest.mark.parametrize(
+    "vocab,topk", [(129, 1), (129, 16), (129, 100), (129, 129), (3001, 256), (3001, 257), (3001, 3001)]
+)
 def test_topk_baseline_sizes(device, vocab, topk):
     # k <= 256 streams the top-k in the statistics pass; larger k selects with nth_element.
     student, teacher = _pair((7, vocab), torch.float32, torch.float32, device)
     student[0, : vocab // 2] = student[0, 0]  # a long run of ties around the k-th value
     tokens = torch.randint(0, vocab, (7,), device=device)
-    if runs_cuda_kernels(student) and topk > CUDA_MAX_TOPK:
-        with pytest.raises(RuntimeError, match=f"supports topk <= {CUDA_MAX_TOPK}"):
+    if runs_cuda_kernels(student) and topk > MAX_STREAMING_TOPK:
+        with pytest.raises(RuntimeError, match=f"supports topk <= {MAX_STREAMING_TOPK}"):
             ops.token_stats(student, teacher, tokens, 1.0, topk)
         return
     _assert_stats_match(student, teacher, tokens, topk=topk, fields=("topk_reverse_kl",))
@@ -92,8 +95,9 @@ def test_forward_kl_field(device):
 
 def test_identical_rows_have_zero_kl(device):
     student = torch.randn(5, 1000, device=device) * 4
-    stats = opd_ext.token_stats(student, student.clone(), torch.zeros(5, dtype=torch.long, device=device),
-                                forward_kl=True)
+    stats = opd_ext.token_stats(
+        student, student.clone(), torch.zeros(5, dtype=torch.long, device=device), forward_kl=True
+    )
     assert stats.reverse_kl.abs().max() <= 1e-6 and stats.forward_kl.abs().max() <= 1e-6
     torch.testing.assert_close(stats.student_logprob, stats.teacher_logprob, rtol=0, atol=0)
 
@@ -102,11 +106,11 @@ def test_identical_rows_have_zero_kl(device):
 def test_minus_inf_entries(device, student_dtype, teacher_dtype):
     inf = float("inf")
     student, teacher = _pair((6, 513), torch.float32, torch.float32, device)
-    student[0, ::3] = teacher[0, ::3] = -inf   # masked vocabulary entries: contribute nothing
-    teacher[1, 7] = -inf                       # teacher forbids a token the student likes
-    student[2, 100:] = -inf                    # student mass on a prefix only
-    teacher[3, :256] = -inf                    # teacher mass on a suffix only
-    student[3, 256:] = -inf                    # ... and the student's too: disjoint supports
+    student[0, ::3] = teacher[0, ::3] = -inf  # masked vocabulary entries: contribute nothing
+    teacher[1, 7] = -inf  # teacher forbids a token the student likes
+    student[2, 100:] = -inf  # student mass on a prefix only
+    teacher[3, :256] = -inf  # teacher mass on a suffix only
+    student[3, 256:] = -inf  # ... and the student's too: disjoint supports
     student, teacher = student.to(student_dtype), teacher.to(teacher_dtype)
     tokens = torch.tensor([1, 7, 3, 300, 5, 6], device=device)
     got = _run_stats(student, teacher, tokens, topk=16)
@@ -119,8 +123,8 @@ def test_minus_inf_entries(device, student_dtype, teacher_dtype):
 @pytest.mark.parametrize("student_dtype,teacher_dtype", DTYPE_PAIRS[:2])
 def test_extreme_logits(device, student_dtype, teacher_dtype):
     student, teacher = _pair((5, 1031), torch.float32, torch.float32, device)
-    student[0, 3], teacher[0, 900] = 1e4, 1e4          # spikes at different ids: KL ~ 2e4
-    student[1, :] = student[1, :] + 1e4                 # huge common offsets (shift invariance)
+    student[0, 3], teacher[0, 900] = 1e4, 1e4  # spikes at different ids: KL ~ 2e4
+    student[1, :] = student[1, :] + 1e4  # huge common offsets (shift invariance)
     teacher[1, :] = teacher[1, :] - 1e4
     student[2, ::2] = -1e4
     teacher[3, :] = 1e4 * torch.sign(teacher[3, :])
@@ -191,8 +195,9 @@ def test_backward_ops_match_reference_autograd(device, student_dtype, teacher_dt
     x = student.double().requires_grad_()
     kl = reference._kl(torch.log_softmax(x / temperature, -1), torch.log_softmax(teacher.double() / temperature, -1))
     (coef.double() * kl).sum().backward()
-    got = ops.reverse_kl_backward(coef, student, teacher, stats["student_lse"], stats["teacher_lse"],
-                                  stats["reverse_kl"], temperature)
+    got = ops.reverse_kl_backward(
+        coef, student, teacher, stats["student_lse"], stats["teacher_lse"], stats["reverse_kl"], temperature
+    )
     assert got.dtype == student_dtype and got.shape == student.shape
     torch.testing.assert_close(got.double(), x.grad, **_grad_tolerance(student_dtype, coef, temperature))
 
@@ -206,8 +211,9 @@ def test_zero_coefficient_rows_get_zero_gradient_whatever_the_logits(device):
     coef = torch.tensor([1.0, 0.0, 1.0], device=device)
     for grad in (
         ops.policy_gradient_backward(coef, student, tokens, stats["student_lse"], 1.0),
-        ops.reverse_kl_backward(coef, student, teacher, stats["student_lse"], stats["teacher_lse"],
-                                stats["reverse_kl"], 1.0),
+        ops.reverse_kl_backward(
+            coef, student, teacher, stats["student_lse"], stats["teacher_lse"], stats["reverse_kl"], 1.0
+        ),
     ):
         assert grad[1].eq(0).all() and torch.isfinite(grad[[0, 2]]).all()
 
@@ -215,7 +221,9 @@ def test_zero_coefficient_rows_get_zero_gradient_whatever_the_logits(device):
 # ---- dispatcher integration -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("student_dtype,teacher_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "student_dtype,teacher_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+)
 def test_opcheck(device, student_dtype, teacher_dtype):
     skip_if_emulated("opcheck checks the registration on the dispatcher")
     student, teacher = _pair((2, 3, 37), student_dtype, teacher_dtype, device)
@@ -239,21 +247,22 @@ def test_opcheck(device, student_dtype, teacher_dtype):
 def test_pair_softmax_states_of_slices_merge_into_the_row(device, student_dtype, teacher_dtype):
     """The raw state of column slices, merged, gives token_stats' lse and both KLs of the row, at
     ordinary and at |logits| ~ 1e4 (the raw maxima keep the large parts exact), with -inf entries."""
-    from opd_ext.distributed import _merge_states
+    from opd_ext.distributed.vocab_parallel import merge_states
 
-    for scale, offset in ((2.0, 0.0), (2.0, 1e4)):
+    for offset in (0.0, 1e4):
         student, teacher = _pair((5, 301), student_dtype, teacher_dtype, device)
         student, teacher = (student.float() + offset).to(student_dtype), (teacher.float() - offset).to(teacher_dtype)
         student[1, ::3] = float("-inf")
         tau = 0.7
         whole = ops.pair_softmax_state(student, teacher, tau)
         assert whole.shape == (5, 6) and whole.dtype == torch.float32
-        parts = [ops.pair_softmax_state(student[:, a:b], teacher[:, a:b], tau)
-                 for a, b in ((0, 100), (100, 290), (290, 301))]
+        parts = [
+            ops.pair_softmax_state(student[:, a:b], teacher[:, a:b], tau) for a, b in ((0, 100), (100, 290), (290, 301))
+        ]
         tokens = torch.zeros(5, dtype=torch.long, device=device)
         want = ops.token_stats(student, teacher, tokens, tau, 0)
         for states in (whole[None], torch.stack(parts)):
-            max_s, log_z_s, max_t, log_z_t, reverse, forward = _merge_states(states, 1 / tau)
+            max_s, log_z_s, max_t, log_z_t, reverse, forward = merge_states(states, 1 / tau)
             tol = stat_tolerance(student_dtype)
             torch.testing.assert_close(reverse.float(), want[2], **tol)
             torch.testing.assert_close(forward.float(), want[3], **tol)

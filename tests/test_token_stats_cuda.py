@@ -8,22 +8,31 @@ head/tail around the vector body; rows that cannot be aligned together run fully
 rows share a block (one warp per row); a few long rows are cut into slices merged by a second
 kernel; topk > 0 runs the single-pass top-k kernel.
 """
+
 import pytest
 import torch
 
 import opd_ext.testing as simt
 from opd_ext import reference
-from opd_ext._extension import ops
 
 from conftest import CUDA_READY, DTYPE_PAIRS, SIMT_READY, STAT_FIELDS, assert_stats_match_reference, stat_tolerance
+
+ops = torch.ops.opd_ext
 
 DEVICE = "cuda"  # where the tensors of the current test live ("cpu" under the emulator)
 
 
-@pytest.fixture(autouse=True, params=[
-    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device")]),
-    pytest.param("emu", marks=[pytest.mark.emu, pytest.mark.skipif(not SIMT_READY, reason="needs the SIMT emulator")]),
-])
+@pytest.fixture(
+    autouse=True,
+    params=[
+        pytest.param(
+            "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA_READY, reason="needs a CUDA device")]
+        ),
+        pytest.param(
+            "emu", marks=[pytest.mark.emu, pytest.mark.skipif(not SIMT_READY, reason="needs the SIMT emulator")]
+        ),
+    ],
+)
 def gpu(request):
     global DEVICE
     if request.param == "cuda":
@@ -35,12 +44,13 @@ def gpu(request):
     with simt.emulated_cuda(device="h100"):
         yield
 
+
 # (layout of the student, layout of the teacher); see _place.
 LAYOUTS = [
     ("contiguous", "contiguous"),
-    ("row_offset", "row_offset"),   # rows at storage offset r * V + V: odd V misaligns every row
-    ("column_3", "column_3"),       # rows of a wider tensor, 3 elements in (align_vocab-like slices)
-    ("column_1", "column_2"),       # offsets no common head can align: the all-scalar path
+    ("row_offset", "row_offset"),  # rows at storage offset r * V + V: odd V misaligns every row
+    ("column_3", "column_3"),  # rows of a wider tensor, 3 elements in (align_vocab-like slices)
+    ("column_1", "column_2"),  # offsets no common head can align: the all-scalar path
 ]
 
 
@@ -55,8 +65,8 @@ def _place(values: torch.Tensor, layout: str) -> torch.Tensor:
         return base[1:]
     offset = int(layout.removeprefix("column_"))
     base = torch.zeros(rows, vocab + 8, dtype=values.dtype, device=DEVICE)
-    base[:, offset:offset + vocab] = values.to(DEVICE)
-    return base[:, offset:offset + vocab]
+    base[:, offset : offset + vocab] = values.to(DEVICE)
+    return base[:, offset : offset + vocab]
 
 
 def _pair(rows, vocab, student_dtype, teacher_dtype, layouts=("contiguous", "contiguous")):
@@ -90,7 +100,7 @@ def test_layouts_and_row_groups(layouts, student_dtype, teacher_dtype, vocab, ro
 def test_few_long_rows_are_sliced_and_merged(student_dtype, teacher_dtype, rows):
     vocab = 151936
     student, teacher = _pair(rows, vocab, student_dtype, teacher_dtype, ("row_offset", "row_offset"))
-    student[0, 5] = float("-inf")      # masked entries and a spike land in different slices
+    student[0, 5] = float("-inf")  # masked entries and a spike land in different slices
     teacher[-1, vocab - 3] = 30.0
     tokens = torch.randint(0, vocab, (rows,), device=DEVICE)
     _assert_matches_reference(student, teacher, tokens)
@@ -167,8 +177,9 @@ def test_stats_agree_with_cpu(student_dtype, teacher_dtype):
     with simt.cpu_kernels():
         want = ops.token_stats(student.cpu(), teacher.cpu(), tokens.cpu(), 1.0, 0)
     for name, a, b in zip(STAT_FIELDS, got, want):
-        torch.testing.assert_close(a.cpu(), b, **stat_tolerance(student_dtype), equal_nan=True,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.cpu(), b, **stat_tolerance(student_dtype), equal_nan=True, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def test_results_are_deterministic():

@@ -1,4 +1,5 @@
 """topk_overlap against the reference: exact agreement (docs/spec.md §4), every dtype and odd size."""
+
 import pytest
 import torch
 
@@ -70,8 +71,8 @@ def test_ties_break_toward_lower_index(device, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_inf_and_extreme_logits(device, dtype):
     student, teacher = _pair(6, 513, torch.float32, device)
-    student[0, 10:] = float("-inf")           # only 10 finite entries, k > 10 ranks -inf by index
-    teacher[1, :] = float("-inf")             # a fully masked row: top-k = first k ids
+    student[0, 10:] = float("-inf")  # only 10 finite entries, k > 10 ranks -inf by index
+    teacher[1, :] = float("-inf")  # a fully masked row: top-k = first k ids
     student[2, 7] = 1e4
     teacher[2, 300] = -1e4
     teacher[3, 5] = float("inf")
@@ -107,8 +108,12 @@ def test_fp32_student_low_precision_teacher(device, teacher_dtype):
     teacher = teacher.to(teacher_dtype)
     student[2, 7] = float("nan")
     teacher[4, 0] = float("nan")
-    for s, t, k in [(student, teacher, 16), (student[:, 1:998], teacher[:, 5:1002], 16),
-                    (student[:, 1:1000], teacher[:, 2:1001], 1), (student[:1, :], teacher[:1, :], 700)]:
+    for s, t, k in [
+        (student, teacher, 16),
+        (student[:, 1:998], teacher[:, 5:1002], 16),
+        (student[:, 1:1000], teacher[:, 2:1001], 1),
+        (student[:1, :], teacher[:1, :], 700),
+    ]:
         got = opd_ext.topk_overlap(s, t, k)
         torch.testing.assert_close(got, reference.topk_overlap(s, t, k), rtol=0, atol=0, equal_nan=True)
         torch.testing.assert_close(got, opd_ext.topk_overlap(t, s, k), rtol=0, atol=0, equal_nan=True)
@@ -148,8 +153,9 @@ def test_bad_dtypes_and_devices():
     with pytest.raises(TypeError, match="unsupported dtype mix.*float32 on one side"):
         opd_ext.topk_overlap(torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.bfloat16), 1)
     with pytest.raises(RuntimeError, match="unsupported dtypes student_logits=Half, teacher_logits=BFloat16"):
-        torch.ops.opd_ext.topk_overlap(torch.zeros(2, 3, dtype=torch.float16),
-                                       torch.zeros(2, 3, dtype=torch.bfloat16), 1)
+        torch.ops.opd_ext.topk_overlap(
+            torch.zeros(2, 3, dtype=torch.float16), torch.zeros(2, 3, dtype=torch.bfloat16), 1
+        )
     with pytest.raises(TypeError, match="k must be an int"):
         opd_ext.topk_overlap(torch.zeros(2, 3), torch.zeros(2, 3), 1.5)
     if torch.cuda.is_available():

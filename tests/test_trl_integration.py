@@ -4,6 +4,7 @@ The teacher is a differently seeded random model, so its top-k rarely matches th
 Prune-OPD stops rows after a few drift events. Runs on the CPU (``use_cpu``): the comparisons
 between two runs (gradient accumulation) need the same device and kernels on both sides.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,39 +52,69 @@ def tokenizer():
 
     core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                                eos_token="<eos>", padding_side="left")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", padding_side="left"
+    )
 
 
 def tiny_lm(seed: int, arch: str = "llama"):
-    config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                                 "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
+    config_class, model_class = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    }[arch]
     torch.manual_seed(seed)
     config = getattr(transformers, config_class)(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, bos_token_id=1,
-        eos_token_id=EOS, pad_token_id=PAD)
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
     return getattr(transformers, model_class)(config)
 
 
 def prompts(n: int = 16):
     return datasets.Dataset.from_dict(
-        {"prompt": [" ".join(f"w{(7 * i + 3 * j) % 61}" for j in range(2 + i % 4)) for i in range(n)]})
+        {"prompt": [" ".join(f"w{(7 * i + 3 * j) % 61}" for j in range(2 + i % 4)) for i in range(n)]}
+    )
 
 
 def config(tmp_path, **overrides) -> OPDConfig:
-    values = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, max_completion_length=MAX_NEW,
-                  learning_rate=1e-2, logging_steps=1, report_to="none", bf16=False, gradient_checkpointing=False,
-                  save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        max_completion_length=MAX_NEW,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     values.update(overrides)
     return OPDConfig(**values)
 
 
 def trainer(tmp_path, *, prune=PRUNE, student=None, teacher=None, peft_config=None, **overrides) -> OPDTrainer:
-    return OPDTrainer(model=student if student is not None else tiny_lm(0),
-                      teacher_model=teacher if teacher is not None else tiny_lm(1),
-                      args=config(tmp_path, **overrides), train_dataset=prompts(), processing_class=tokenizer(),
-                      peft_config=peft_config, prune=prune)
+    return OPDTrainer(
+        model=student if student is not None else tiny_lm(0),
+        teacher_model=teacher if teacher is not None else tiny_lm(1),
+        args=config(tmp_path, **overrides),
+        train_dataset=prompts(),
+        processing_class=tokenizer(),
+        peft_config=peft_config,
+        prune=prune,
+    )
 
 
 def step_logs(t: OPDTrainer) -> list[dict]:
@@ -128,7 +159,7 @@ def completion_logits(model, inputs):
     mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
     steps = inputs["completion_ids"].shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
-    return logits[:, -steps - 1:-1]
+    return logits[:, -steps - 1 : -1]
 
 
 # ---- end to end -----------------------------------------------------------------------------------
@@ -234,8 +265,16 @@ def test_baselines_train_the_vopd_surrogate(fixed_rollout, baseline):
     student = completion_logits(t.model, inputs)
     with torch.no_grad():
         teacher = completion_logits(t.teacher_model, inputs)
-    surrogate = opd_ext.vopd_loss(student, teacher, inputs["completion_ids"], mask=mask,
-                                  weights=inputs["opd_weights"], baseline=baseline, topk=8, num_items=num_items)
+    surrogate = opd_ext.vopd_loss(
+        student,
+        teacher,
+        inputs["completion_ids"],
+        mask=mask,
+        weights=inputs["opd_weights"],
+        baseline=baseline,
+        topk=8,
+        num_items=num_items,
+    )
     t.model.zero_grad(set_to_none=True)
     surrogate.backward()
     for name, p in t.model.named_parameters():
@@ -272,8 +311,9 @@ def test_fused_linear_matches_logits_path(fixed_rollout):
     torch.testing.assert_close(loss_fused, loss_logits, rtol=1e-5, atol=1e-7)
     assert grads_fused.keys() == grads_logits.keys()
     for name in grads_logits:
-        torch.testing.assert_close(grads_fused[name], grads_logits[name], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            grads_fused[name], grads_logits[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+        )
     metrics = t._metrics["train"]
     for key in ("opd/reverse_kl", "opd/advantage", "opd/multiplier", "opd/topk_overlap"):
         assert len(metrics[key]) == 2 and metrics[key][0] == pytest.approx(metrics[key][1], rel=1e-5, abs=1e-7), key
@@ -285,8 +325,15 @@ def test_gradient_accumulation_invariance(tmp_path):
     update is proportional to the gradient) and the same logged loss."""
 
     def one_step(accumulation: int):
-        t = trainer(tmp_path / str(accumulation), max_steps=1, per_device_train_batch_size=4 // accumulation,
-                    gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+        t = trainer(
+            tmp_path / str(accumulation),
+            max_steps=1,
+            per_device_train_batch_size=4 // accumulation,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+        )
         rollouts = spy_rollouts(t)
         before = snapshot(t.model)
         t.train()
@@ -309,9 +356,15 @@ def test_gradient_accumulation_invariance(tmp_path):
 @pytest.mark.parametrize("fused_linear", [False, True])
 def test_lora_student(tmp_path, fused_linear):
     peft = pytest.importorskip("peft")
-    t = trainer(tmp_path, student=tiny_lm(0, arch="qwen2"), teacher=tiny_lm(1, arch="qwen2"), max_steps=2,
-                fused_linear=fused_linear, prune_chunk_size=3,
-                peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    t = trainer(
+        tmp_path,
+        student=tiny_lm(0, arch="qwen2"),
+        teacher=tiny_lm(1, arch="qwen2"),
+        max_steps=2,
+        fused_linear=fused_linear,
+        prune_chunk_size=3,
+        peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     assert isinstance(t.model, peft.PeftModel)
     rollouts = spy_rollouts(t)
     before = snapshot(t.model)
@@ -326,8 +379,9 @@ def test_lora_student(tmp_path, fused_linear):
 
 
 def test_dynamic_window_follows_the_rollouts(tmp_path):
-    prune = dataclasses.replace(PRUNE, window=6, window_min=2, window_step=2, window_margin=0,
-                                window_hit_ratio=0.5, window_shrink_patience=1)
+    prune = dataclasses.replace(
+        PRUNE, window=6, window_min=2, window_step=2, window_margin=0, window_hit_ratio=0.5, window_shrink_patience=1
+    )
     t = trainer(tmp_path, prune=prune, max_steps=2)
     rollouts = spy_rollouts(t)
     t.train()
@@ -343,22 +397,28 @@ def test_dynamic_window_follows_the_rollouts(tmp_path):
 # ---- construction -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    (dict(beta=0.5), ValueError, "beta"),
-    (dict(baseline="mean"), ValueError, "baseline"),
-    (dict(baseline_topk=0), ValueError, "baseline_topk"),
-    (dict(prune_chunk_size=0), ValueError, "prune_chunk_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (dict(beta=0.5), ValueError, "beta"),
+        (dict(baseline="mean"), ValueError, "baseline"),
+        (dict(baseline_topk=0), ValueError, "baseline_topk"),
+        (dict(prune_chunk_size=0), ValueError, "prune_chunk_size"),
+    ],
+)
 def test_bad_options_are_rejected(tmp_path, overrides, error, match):
     with pytest.raises(error, match=match):
         config(tmp_path, **overrides)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(min_p=0.1), "min_p"),
-    (dict(repetition_penalty=1.2), "repetition_penalty"),
-    (dict(generation_kwargs={"no_repeat_ngram_size": 2}), "no_repeat_ngram_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(min_p=0.1), "min_p"),
+        (dict(repetition_penalty=1.2), "repetition_penalty"),
+        (dict(generation_kwargs={"no_repeat_ngram_size": 2}), "no_repeat_ngram_size"),
+    ],
+)
 def test_sampling_the_loop_cannot_do_is_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         trainer(tmp_path, **overrides)
@@ -375,10 +435,12 @@ def test_construction_errors(tmp_path):
         softcapped.config.final_logit_softcapping = 30.0
         trainer(tmp_path, teacher=softcapped, fused_linear=True)
     # A plain DistillationConfig works, with the OPD defaults.
-    plain = trl.DistillationConfig(**{f.name: getattr(config(tmp_path), f.name)
-                                      for f in dataclasses.fields(trl.DistillationConfig) if f.init})
-    t = OPDTrainer(model=tiny_lm(0), teacher_model=tiny_lm(1), args=plain, train_dataset=prompts(),
-                   processing_class=tokenizer())
+    plain = trl.DistillationConfig(
+        **{f.name: getattr(config(tmp_path), f.name) for f in dataclasses.fields(trl.DistillationConfig) if f.init}
+    )
+    t = OPDTrainer(
+        model=tiny_lm(0), teacher_model=tiny_lm(1), args=plain, train_dataset=prompts(), processing_class=tokenizer()
+    )
     assert t.opd_options.baseline == "full" and not t.opd_options.fused_linear
 
 

@@ -1,6 +1,7 @@
 """The errors a new user meets first, at every public entry point that can raise them: a label-style
 ignore index (-100) in tokens, the default top-k above a small vocabulary, CUDA asked for where
 there is none."""
+
 import pytest
 import torch
 
@@ -25,8 +26,11 @@ def _token_entry_points(student, teacher, tokens):
         "token_stats": lambda: opd_ext.token_stats(student, teacher, tokens),
         "vopd_loss": lambda: opd_ext.vopd_loss(student, teacher, tokens),
         "vopd_loss_sparse_teacher": lambda: opd_ext.vopd_loss_sparse_teacher(
-            student, tokens, ids, topk_logprobs, torch.zeros(4, device=student.device)),
-        "fused_linear_vopd_loss": lambda: opd_ext.fused_linear_vopd_loss(hidden, weight, tokens, teacher_logits=teacher),
+            student, tokens, ids, topk_logprobs, torch.zeros(4, device=student.device)
+        ),
+        "fused_linear_vopd_loss": lambda: opd_ext.fused_linear_vopd_loss(
+            hidden, weight, tokens, teacher_logits=teacher
+        ),
         "DriftMonitor.step": lambda: opd_ext.DriftMonitor(4, device=student.device).step(student, teacher, tokens),
     }
 
@@ -51,11 +55,15 @@ def test_default_topk_above_a_small_vocabulary_says_it_is_the_default(device):
     student, teacher, tokens = _inputs(device)
     tokens = tokens.clamp(min=0)
     hidden, weight = torch.randn(4, 8, device=device), torch.randn(VOCAB, 8, device=device)
-    for call in (lambda: opd_ext.vopd_loss(student, teacher, tokens, baseline="topk"),
-                 lambda: opd_ext.fused_linear_vopd_loss(hidden, weight, tokens, teacher_logits=teacher,
-                                                        baseline="topk")):
-        with pytest.raises(ValueError, match=r"topk=100 is out of range: need 1 <= topk <= V=50 \(topk=100 is the "
-                                             r"default; pass topk= at most 50\)"):
+    for call in (
+        lambda: opd_ext.vopd_loss(student, teacher, tokens, baseline="topk"),
+        lambda: opd_ext.fused_linear_vopd_loss(hidden, weight, tokens, teacher_logits=teacher, baseline="topk"),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"topk=100 is out of range: need 1 <= topk <= V=50 \(topk=100 is the "
+            r"default; pass topk= at most 50\)",
+        ):
             call()
     with pytest.raises(ValueError, match=r"topk=120 is out of range: need 1 <= topk <= V=50$"):
         opd_ext.vopd_loss(student, teacher, tokens, baseline="topk", topk=120)
@@ -63,8 +71,11 @@ def test_default_topk_above_a_small_vocabulary_says_it_is_the_default(device):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_device_without_cuda_is_one_clear_line():
-    with pytest.raises(RuntimeError, match=r"^device='cuda', but CUDA is not available here \(.*\); use "
-                                           r"device=\"cpu\"$"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^device='cuda', but CUDA is not available here \(.*\); use "
+        r"device=\"cpu\"$",
+    ):
         opd_ext.DriftMonitor(2, device="cuda")
     with pytest.raises(ValueError, match="device='gpu' is not a device"):
         opd_ext.DriftMonitor(2, device="gpu")
@@ -101,8 +112,12 @@ def test_real_cuda_tensors_on_a_build_without_cuda_kernels(monkeypatch):
 
     monkeypatch.setattr(opd_ext._extension, "cuda_kernels_available", lambda: False)
     logits = torch.randn(2, 8, device="cuda")
-    for call in (lambda: opd_ext.topk_overlap(logits, logits, 2), lambda: opd_ext.reverse_kl_loss(logits, logits),
-                 lambda: opd_ext.fused_linear_reverse_kl_loss(logits, torch.randn(5, 8, device="cuda"),
-                                                              teacher_logits=torch.randn(2, 5, device="cuda"))):
+    for call in (
+        lambda: opd_ext.topk_overlap(logits, logits, 2),
+        lambda: opd_ext.reverse_kl_loss(logits, logits),
+        lambda: opd_ext.fused_linear_reverse_kl_loss(
+            logits, torch.randn(5, 8, device="cuda"), teacher_logits=torch.randn(2, 5, device="cuda")
+        ),
+    ):
         with pytest.raises(RuntimeError, match="this opd_ext build has no CUDA kernels"):
             call()

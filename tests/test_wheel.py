@@ -5,6 +5,7 @@ Building a wheel from scratch takes minutes, so this runs only where scripts/set
 built opd_ext (scripts/test.sh, hence CI): it exports the CMake folder and the settings of that
 build, and the wheel reuses them, compiling nothing.
 """
+
 import json
 import os
 import pathlib
@@ -28,8 +29,23 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", str(ROOT),
-                    "-C", f"build-dir={BUILD_DIR}", "-w", str(out)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-build-isolation",
+            "--no-deps",
+            str(ROOT),
+            "-C",
+            f"build-dir={BUILD_DIR}",
+            "-w",
+            str(out),
+        ],
+        check=True,
+    )
     (path,) = out.glob("*.whl")
     return path
 
@@ -47,18 +63,26 @@ def test_wheel_installs_and_runs_in_another_environment(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    str(wheel)], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)], check=True
+    )
     # The same torch, without installing it again: this environment's site-packages, listed after the
     # new one's (a .pth there is read, while the editable opd_ext's own .pth here is not).
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     torch_site = pathlib.Path(torch.__file__).resolve().parents[1]
     pathlib.Path(site, "torch_from_the_test_environment.pth").write_text(f"{torch_site}\n")
-    code = ("import json, torch, opd_ext\n"
-            "s = torch.randn(3, 50); t = torch.randn(3, 50)\n"
-            "ok = torch.allclose(opd_ext.topk_overlap(s, t, k=5).double(), opd_ext.reference.topk_overlap(s, t, k=5).double())\n"
-            "print(json.dumps({'ok': ok, 'info': opd_ext.build_info()}))\n")
+    code = (
+        "import json, torch, opd_ext\n"
+        "s = torch.randn(3, 50); t = torch.randn(3, 50)\n"
+        "ok = torch.allclose(opd_ext.topk_overlap(s, t, k=5).double(),\n"
+        "                    opd_ext.reference.topk_overlap(s, t, k=5).double())\n"
+        "print(json.dumps({'ok': ok, 'info': opd_ext.build_info()}))\n"
+    )
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.splitlines()[-1])

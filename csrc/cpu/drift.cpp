@@ -68,9 +68,8 @@ struct TokenStatsOut {
 };
 
 template <typename student_t, typename teacher_t>
-void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64_t row_stride_s,
-                       int64_t row_stride_t, int64_t active, int64_t vocab,
-                       int k, const int64_t* rows, const opd::DriftConfig& config,
+void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64_t row_stride_s, int64_t row_stride_t,
+                       int64_t active, int64_t vocab, int k, const int64_t* rows, const opd::DriftConfig& config,
                        const opd::DriftStateArrays& state, const TokenStatsOut& stats, float* overlap,
                        float* multiplier, bool* stopped) {
   at::parallel_for(0, active, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
@@ -81,18 +80,15 @@ void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64
       if (stats.tokens != nullptr) {
         BlockedPairSoftmax accumulate(stats.inv_temperature);
         const float inv_t = stats.inv_temperature;
-        overlap[i] = topk.overlap(s_row, t_row, vocab, [&](const float* s, const float* t, int64_t, int64_t n) {
-          accumulate.add(s, t, n);
-        });
+        overlap[i] = topk.overlap(s_row, t_row, vocab,
+                                  [&](const float* s, const float* t, int64_t, int64_t n) { accumulate.add(s, t, n); });
         // The state keeps raw maxima: log p = (x - centre) / τ - log Z, not x / τ - lse, which
         // rounds to ulp(max / τ) (~1e-3 at |logits| ~ 1e4).
         const opd::PairSoftmaxState& softmax = accumulate.finish();
         const int64_t y = stats.tokens[i];
         using opd::online_softmax_detail::centre;
-        stats.student_logprob[i] =
-            (static_cast<float>(s_row[y]) - centre(softmax.max_s)) * inv_t - logf(softmax.sum_s);
-        stats.teacher_logprob[i] =
-            (static_cast<float>(t_row[y]) - centre(softmax.max_t)) * inv_t - logf(softmax.sum_t);
+        stats.student_logprob[i] = (static_cast<float>(s_row[y]) - centre(softmax.max_s)) * inv_t - logf(softmax.sum_s);
+        stats.teacher_logprob[i] = (static_cast<float>(t_row[y]) - centre(softmax.max_t)) * inv_t - logf(softmax.sum_t);
         stats.reverse_kl[i] = softmax.reverse_kl();
       } else {
         overlap[i] = topk.overlap(s_row, t_row, vocab);
@@ -111,22 +107,21 @@ void drift_step_kernel(const student_t* student, const teacher_t* teacher, int64
 void check_index_range(const char* op, const char* name, const at::Tensor& index, int64_t upper) {
   const int64_t* data = index.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < index.numel(); ++i) {
-    TORCH_CHECK(data[i] >= 0 && data[i] < upper, op, ": ", name, "[", i, "]=", data[i], " is out of range [0, ",
-                upper, ")");
+    TORCH_CHECK(data[i] >= 0 && data[i] < upper, op, ": ", name, "[", i, "]=", data[i], " is out of range [0, ", upper,
+                ")");
   }
 }
 
 DriftStepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                           const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& rows,
-                           at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run, at::Tensor& drift_events,
-                           at::Tensor& length, at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
-                           double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
-                           double decay, double w_base, int64_t patience, double min_weight) {
+                                const std::optional<at::Tensor>& tokens, const std::optional<at::Tensor>& rows,
+                                at::Tensor& ema, at::Tensor& weight, at::Tensor& drift_run, at::Tensor& drift_events,
+                                at::Tensor& length, at::Tensor& stop_reason, const at::Tensor& budget, int64_t k,
+                                double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
+                                double decay, double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_step";
-  const DriftStepInputs in =
-      check_drift_step_inputs(student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events,
-                              length, stop_reason, budget, k, temperature, ema_beta, threshold, warmup, w_drop,
-                              decay, w_base, patience, min_weight);
+  const DriftStepInputs in = check_drift_step_inputs(
+      student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events, length, stop_reason, budget,
+      k, temperature, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
   const int64_t active = in.active, vocab = in.vocab, batch = in.batch;
   const opd::DriftConfig& config = in.config;
   const at::Tensor& row_index = in.row_index;
@@ -150,10 +145,9 @@ DriftStepOutputs drift_step_cpu(const at::Tensor& student_logits, const at::Tens
                             teacher_logprob.mutable_data_ptr<float>(), reverse_kl.mutable_data_ptr<float>()};
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
     drift_step_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0), active, vocab,
-                            static_cast<int>(k),
-                            rows.has_value() ? row_index.const_data_ptr<int64_t>() : nullptr, config, state,
-                            stats, overlap.mutable_data_ptr<float>(), multiplier.mutable_data_ptr<float>(),
-                            stopped.mutable_data_ptr<bool>());
+                            static_cast<int>(k), rows.has_value() ? row_index.const_data_ptr<int64_t>() : nullptr,
+                            config, state, stats, overlap.mutable_data_ptr<float>(),
+                            multiplier.mutable_data_ptr<float>(), stopped.mutable_data_ptr<bool>());
   });
   return outputs;
 }
@@ -163,9 +157,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cpu(
     at::Tensor& drift_run, at::Tensor& drift_events, at::Tensor& length, at::Tensor& stop_reason,
     const at::Tensor& budget, double ema_beta, double threshold, int64_t warmup, double w_drop, double decay,
     double w_base, int64_t patience, double min_weight) {
-  const DriftScanInputs in = check_drift_scan_inputs(overlaps, mask, ema, weight, drift_run, drift_events, length,
-                                                     stop_reason, budget, ema_beta, threshold, warmup, w_drop,
-                                                     decay, w_base, patience, min_weight);
+  const DriftScanInputs in =
+      check_drift_scan_inputs(overlaps, mask, ema, weight, drift_run, drift_events, length, stop_reason, budget,
+                              ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
   const int64_t batch = in.batch, steps = in.steps;
   const opd::DriftConfig& config = in.config;
   const at::Tensor& o = in.overlaps;
@@ -182,9 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cpu(
   at::parallel_for(0, batch, cpu_rows_per_task(steps), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       opd::DriftState s = state.load(b);
-      stop_data[b] = opd::drift_scan_row(config, s, o_data + b * steps,
-                                         valid_data != nullptr ? valid_data + b * steps : nullptr, steps,
-                                         m_data + b * steps, w_data + b * steps);
+      stop_data[b] =
+          opd::drift_scan_row(config, s, o_data + b * steps, valid_data != nullptr ? valid_data + b * steps : nullptr,
+                              steps, m_data + b * steps, w_data + b * steps);
       state.store(b, s);
     }
   });

@@ -115,8 +115,12 @@ void reduce_pair_block(const float* s, const float* t, int64_t n, float inv_tau,
     cross_s += run_cross_s;
     cross_t += run_cross_t;
   }
-  out.state = {raw_max_s, nan_s ? kNaN : static_cast<float>(sum_s), raw_max_t, nan_t ? kNaN : static_cast<float>(sum_t),
-               static_cast<float>(cross_s), static_cast<float>(cross_t)};
+  out.state = {raw_max_s,
+               nan_s ? kNaN : static_cast<float>(sum_s),
+               raw_max_t,
+               nan_t ? kNaN : static_cast<float>(sum_t),
+               static_cast<float>(cross_s),
+               static_cast<float>(cross_t)};
   out.raw_max_s = raw_max_s;
   out.raw_max_t = raw_max_t;
   out.nan_s = nan_s;

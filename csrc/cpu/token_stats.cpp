@@ -66,8 +66,8 @@ void policy_gradient_block(const float* s, int64_t n, float inv_tau, float lse, 
 
 // grad = scale * p * (log p - log q - kl) over one block; 0 where p = 0 (whatever q is there).
 OPD_CPU_MULTIVERSION
-void reverse_kl_block(const float* s, const float* t, int64_t n, float inv_tau, float lse_s,
-                      float lse_t, float kl, float scale, float* grad) {
+void reverse_kl_block(const float* s, const float* t, int64_t n, float inv_tau, float lse_s, float lse_t, float kl,
+                      float scale, float* grad) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float log_p = s[j] * inv_tau - lse_s;
@@ -156,16 +156,15 @@ void select_topk(const S* row, int64_t vocab, int k, std::vector<float>& values,
   for (int64_t v = 0; v < vocab; ++v) values[v] = static_cast<float>(row[v]);
   ids.resize(vocab);
   std::iota(ids.begin(), ids.end(), 0);
-  std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(), [&](int32_t a, int32_t b) {
-    return opd::ranks_before(values[a], a, values[b], b);
-  });
+  std::nth_element(ids.begin(), ids.begin() + (k - 1), ids.end(),
+                   [&](int32_t a, int32_t b) { return opd::ranks_before(values[a], a, values[b], b); });
 }
 
 // Renormalised reverse KL over the student's top-k ids (the vOPD top-k baseline, docs/spec.md §1): the k
 // gathered pairs go through the same blocked reduction as a row.
 template <typename S, typename T>
-float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau,
-                      float* buffer_s, float* buffer_t) {
+float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k, float inv_tau, float* buffer_s,
+                      float* buffer_t) {
   opd::PairSoftmaxState state;
   for (int start = 0; start < k; start += kBlock) {
     const int n = std::min<int>(kBlock, k - start);
@@ -182,15 +181,13 @@ float topk_reverse_kl(const S* s_row, const T* t_row, const int32_t* ids, int k,
 
 // Null outputs are not written; without tokens the log-probs are not computed.
 struct TokenStatsOutputs {
-  float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *topk_reverse_kl, *student_lse,
-      *teacher_lse;
+  float *student_logprob, *teacher_logprob, *reverse_kl, *forward_kl, *topk_reverse_kl, *student_lse, *teacher_lse;
   float* pair_state = nullptr;  // [rows, 6]: the raw PairSoftmaxState (pair_softmax_state)
 };
 
 template <typename S, typename T>
-void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, int64_t stride_t,
-                        const int64_t* tokens, int64_t rows, int64_t vocab, float inv_tau, int topk,
-                        TokenStatsOutputs out) {
+void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, int64_t stride_t, const int64_t* tokens,
+                        int64_t rows, int64_t vocab, float inv_tau, int topk, TokenStatsOutputs out) {
   at::parallel_for(0, rows, cpu_rows_per_task(vocab), [&](int64_t begin, int64_t end) {
     std::vector<float> buffer_s(kBlock), buffer_t(kBlock);
     std::vector<float> topk_values(topk);
@@ -235,16 +232,16 @@ void token_stats_kernel(const S* student, const T* teacher, int64_t stride_s, in
         out.topk_reverse_kl[r] = kNaN;
       } else if (topk > 0) {
         if (!streaming_topk) select_topk(s_row, vocab, topk, topk_values, topk_ids);
-        out.topk_reverse_kl[r] = topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau,
-                                                 buffer_s.data(), buffer_t.data());
+        out.topk_reverse_kl[r] =
+            topk_reverse_kl(s_row, t_row, topk_ids.data(), topk, inv_tau, buffer_s.data(), buffer_t.data());
       }
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-                const at::Tensor& tokens, double temperature, int64_t topk) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_stats_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const at::Tensor& tokens, double temperature,
+    int64_t topk) {
   constexpr const char* op = "token_stats";
   const TokenStatsInputs in = check_token_stats_inputs(student_logits, teacher_logits, tokens, temperature, topk);
   const int64_t vocab = student_logits.size(-1);
@@ -256,8 +253,8 @@ token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
   at::Tensor student_logprob = row_output(student_logits), teacher_logprob = row_output(student_logits),
              reverse_kl = row_output(student_logits), forward_kl = row_output(student_logits),
              student_lse = row_output(student_logits), teacher_lse = row_output(student_logits);
-  at::Tensor topk_kl = topk > 0 ? row_output(student_logits)
-                                : at::empty({0}, student_logits.options().dtype(at::kFloat));
+  at::Tensor topk_kl =
+      topk > 0 ? row_output(student_logits) : at::empty({0}, student_logits.options().dtype(at::kFloat));
   if (rows > 0) {
     const TokenStatsOutputs out{student_logprob.mutable_data_ptr<float>(),
                                 teacher_logprob.mutable_data_ptr<float>(),
@@ -268,8 +265,8 @@ token_stats_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logi
                                 teacher_lse.mutable_data_ptr<float>()};
     dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
       token_stats_kernel<S, T>(s.const_data_ptr<S>(), t.const_data_ptr<T>(), s.stride(0), t.stride(0),
-                               ids.const_data_ptr<int64_t>(), rows, vocab, in.inv_temperature,
-                               static_cast<int>(topk), out);
+                               ids.const_data_ptr<int64_t>(), rows, vocab, in.inv_temperature, static_cast<int>(topk),
+                               out);
     });
   }
   return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_kl, student_lse, teacher_lse};
@@ -298,8 +295,8 @@ at::Tensor pair_softmax_state_cpu(const at::Tensor& student_logits, const at::Te
 
 // ---- student_stats -----------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_logits,
-                                                     const at::Tensor& tokens, double temperature) {
+std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_logits, const at::Tensor& tokens,
+                                                     double temperature) {
   constexpr const char* op = "student_stats";
   const TokenStatsInputs in = check_student_stats_inputs(student_logits, tokens, temperature);
   const at::Tensor s = as_rows(student_logits);
@@ -337,8 +334,7 @@ std::tuple<at::Tensor, at::Tensor> student_stats_cpu(const at::Tensor& student_l
 // Rows whose coefficient is 0 (masked positions) get a zero gradient without reading the logits, so
 // padding never costs a pass and never turns NaN/inf logits there into NaN gradients.
 at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor& student_logits,
-                                        const at::Tensor& tokens, const at::Tensor& student_lse,
-                                        double temperature) {
+                                        const at::Tensor& tokens, const at::Tensor& student_lse, double temperature) {
   constexpr const char* op = "policy_gradient_backward";
   const PolicyGradientBackwardInputs in =
       check_policy_gradient_backward_inputs(coef, student_logits, tokens, student_lse, temperature);
@@ -380,11 +376,10 @@ at::Tensor policy_gradient_backward_cpu(const at::Tensor& coef, const at::Tensor
 
 at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& student_logits,
                                    const at::Tensor& teacher_logits, const at::Tensor& student_lse,
-                                   const at::Tensor& teacher_lse, const at::Tensor& reverse_kl,
-                                   double temperature) {
+                                   const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
   constexpr const char* op = "reverse_kl_backward";
-  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(
-      coef, student_logits, teacher_logits, student_lse, teacher_lse, reverse_kl, temperature);
+  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(coef, student_logits, teacher_logits, student_lse,
+                                                                      teacher_lse, reverse_kl, temperature);
   const at::Tensor s = as_rows(student_logits), t = as_rows(teacher_logits);
   const int64_t rows = s.size(0), vocab = s.size(1);
   const at::Tensor &c = in.coef, &lse_s = in.student_lse, &lse_t = in.teacher_lse, &kl = in.reverse_kl;
@@ -412,8 +407,8 @@ at::Tensor reverse_kl_backward_cpu(const at::Tensor& coef, const at::Tensor& stu
         for (int64_t start = 0; start < vocab; start += kBlock) {
           const int64_t n = std::min(kBlock, vocab - start);
           float* g = float_output(grad_row + start, buffer_out.data());
-          reverse_kl_block(as_float(s_row + start, n, buffer_s.data()), as_float(t_row + start, n, buffer_t.data()),
-                           n, inv_tau, lse_s_data[r], lse_t_data[r], kl_data[r], scale, g);
+          reverse_kl_block(as_float(s_row + start, n, buffer_s.data()), as_float(t_row + start, n, buffer_t.data()), n,
+                           inv_tau, lse_s_data[r], lse_t_data[r], kl_data[r], scale, g);
           store_block(g, n, grad_row + start);
         }
       }

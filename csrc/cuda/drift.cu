@@ -23,10 +23,9 @@ DriftStepOutputs drift_step_cuda(const at::Tensor& student_logits, const at::Ten
                                  double temperature, double ema_beta, double threshold, int64_t warmup, double w_drop,
                                  double decay, double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_step";
-  const DriftStepInputs in =
-      check_drift_step_inputs(student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events,
-                              length, stop_reason, budget, k, temperature, ema_beta, threshold, warmup, w_drop,
-                              decay, w_base, patience, min_weight);
+  const DriftStepInputs in = check_drift_step_inputs(
+      student_logits, teacher_logits, tokens, rows, ema, weight, drift_run, drift_events, length, stop_reason, budget,
+      k, temperature, ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
   const int64_t active = in.active, vocab = in.vocab;
   TORCH_CHECK(k <= opd::cuda::kMaxStreamingTopK, op, ": the CUDA kernel supports k <= ", opd::cuda::kMaxStreamingTopK,
               " (got ", k, "); DriftMonitor falls back to the reference for larger k");
@@ -79,9 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> drift_scan_cuda(
     double w_base, int64_t patience, double min_weight) {
   constexpr const char* op = "drift_scan";
   const cuda_binding::DeviceGuard device_guard(overlaps.device());
-  const DriftScanInputs in = check_drift_scan_inputs(overlaps, mask, ema, weight, drift_run, drift_events, length,
-                                                     stop_reason, budget, ema_beta, threshold, warmup, w_drop,
-                                                     decay, w_base, patience, min_weight);
+  const DriftScanInputs in =
+      check_drift_scan_inputs(overlaps, mask, ema, weight, drift_run, drift_events, length, stop_reason, budget,
+                              ema_beta, threshold, warmup, w_drop, decay, w_base, patience, min_weight);
   const int64_t batch = in.batch, steps = in.steps;
   const at::Tensor& o = in.overlaps;
   at::Tensor multipliers = cuda_binding::empty({batch, steps}, o.options());

@@ -63,8 +63,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   constexpr const char* op = "token_stats";
   const TokenStatsInputs in = check_token_stats_inputs(student_logits, teacher_logits, tokens, temperature, topk);
   check_cuda_vocab(op, student_logits);
-  TORCH_CHECK(topk <= opd::cuda::kMaxStreamingTopK, op, ": the CUDA kernel supports topk <= ",
-              opd::cuda::kMaxStreamingTopK, " (the vOPD baseline uses 100), got ", topk);
+  TORCH_CHECK(topk <= opd::cuda::kMaxStreamingTopK, op,
+              ": the CUDA kernel supports topk <= ", opd::cuda::kMaxStreamingTopK,
+              " (the vOPD baseline uses 100), got ", topk);
   const cuda_binding::DeviceGuard guard(student_logits.device());
   const at::Tensor s = as_rows(student_logits);
   const at::Tensor t = as_rows(teacher_logits);
@@ -75,25 +76,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor student_lse = per_row_output(student_logits), teacher_lse = per_row_output(student_logits);
   at::Tensor topk_reverse_kl =
       topk > 0 ? per_row_output(student_logits) : at::empty({0}, student_logits.options().dtype(at::kFloat));
-  if (rows == 0) return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
+  if (rows == 0)
+    return {student_logprob, teacher_logprob, reverse_kl, forward_kl, topk_reverse_kl, student_lse, teacher_lse};
   dispatch_logit_pair(s.scalar_type(), t.scalar_type(), op, [&]<typename S, typename T>() {
-    const opd::cuda::TokenStatsParams<S, T> params{.student = s.const_data_ptr<S>(),
-                                                   .teacher = t.const_data_ptr<T>(),
-                                                   .student_row_stride = s.stride(0),
-                                                   .teacher_row_stride = t.stride(0),
-                                                   .tokens = in.tokens.const_data_ptr<int64_t>(),
-                                                   .rows = rows,
-                                                   .vocab = static_cast<int>(vocab),
-                                                   .inv_temperature = in.inv_temperature,
-                                                   .topk = static_cast<int>(topk),
-                                                   .student_logprob = student_logprob.mutable_data_ptr<float>(),
-                                                   .teacher_logprob = teacher_logprob.mutable_data_ptr<float>(),
-                                                   .reverse_kl = reverse_kl.mutable_data_ptr<float>(),
-                                                   .forward_kl = forward_kl.mutable_data_ptr<float>(),
-                                                   .student_lse = student_lse.mutable_data_ptr<float>(),
-                                                   .teacher_lse = teacher_lse.mutable_data_ptr<float>(),
-                                                   .topk_reverse_kl =
-                                                       topk > 0 ? topk_reverse_kl.mutable_data_ptr<float>() : nullptr};
+    const opd::cuda::TokenStatsParams<S, T> params{
+        .student = s.const_data_ptr<S>(),
+        .teacher = t.const_data_ptr<T>(),
+        .student_row_stride = s.stride(0),
+        .teacher_row_stride = t.stride(0),
+        .tokens = in.tokens.const_data_ptr<int64_t>(),
+        .rows = rows,
+        .vocab = static_cast<int>(vocab),
+        .inv_temperature = in.inv_temperature,
+        .topk = static_cast<int>(topk),
+        .student_logprob = student_logprob.mutable_data_ptr<float>(),
+        .teacher_logprob = teacher_logprob.mutable_data_ptr<float>(),
+        .reverse_kl = reverse_kl.mutable_data_ptr<float>(),
+        .forward_kl = forward_kl.mutable_data_ptr<float>(),
+        .student_lse = student_lse.mutable_data_ptr<float>(),
+        .teacher_lse = teacher_lse.mutable_data_ptr<float>(),
+        .topk_reverse_kl = topk > 0 ? topk_reverse_kl.mutable_data_ptr<float>() : nullptr};
     launch_token_stats_pass(op, params, s);
   });
   check_token_range(op, in.tokens, vocab);
@@ -202,8 +204,8 @@ at::Tensor reverse_kl_backward_cuda(const at::Tensor& coef, const at::Tensor& st
                                     const at::Tensor& teacher_logits, const at::Tensor& student_lse,
                                     const at::Tensor& teacher_lse, const at::Tensor& reverse_kl, double temperature) {
   constexpr const char* op = "reverse_kl_backward";
-  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(
-      coef, student_logits, teacher_logits, student_lse, teacher_lse, reverse_kl, temperature);
+  const ReverseKlBackwardInputs in = check_reverse_kl_backward_inputs(coef, student_logits, teacher_logits, student_lse,
+                                                                      teacher_lse, reverse_kl, temperature);
   check_cuda_vocab(op, student_logits);
   const cuda_binding::DeviceGuard guard(student_logits.device());
   const at::Tensor s = as_rows(student_logits);

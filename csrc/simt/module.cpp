@@ -31,10 +31,10 @@ PyObject* get_config(PyObject*, PyObject*) {
   const opd::simt::DeviceProfile& d = c.device;
   return Py_BuildValue("{s:s,s:s,s:K,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "device", d.name.c_str(), "schedule",
                        schedule_name(c.schedule), "seed", static_cast<unsigned long long>(c.seed), "sm_count",
-                       d.sm_count, "max_threads_per_sm", d.max_threads_per_sm, "max_blocks_per_sm",
-                       d.max_blocks_per_sm, "registers_per_sm", d.registers_per_sm, "registers_per_thread",
-                       d.registers_per_thread, "shared_bytes_per_sm", d.shared_bytes_per_sm,
-                       "max_shared_bytes_per_block", d.max_shared_bytes_per_block);
+                       d.sm_count, "max_threads_per_sm", d.max_threads_per_sm, "max_blocks_per_sm", d.max_blocks_per_sm,
+                       "registers_per_sm", d.registers_per_sm, "registers_per_thread", d.registers_per_thread,
+                       "shared_bytes_per_sm", d.shared_bytes_per_sm, "max_shared_bytes_per_block",
+                       d.max_shared_bytes_per_block);
 }
 
 // configure(device=None, schedule=None, seed=None, sm_count=None, registers_per_thread=None):
@@ -99,8 +99,8 @@ PyObject* get_counters(PyObject*, PyObject*) {
   return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "launches", (unsigned long long)c.launches, "blocks",
                        (unsigned long long)c.blocks, "threads", (unsigned long long)c.threads, "barriers",
                        (unsigned long long)c.barriers, "warp_ops", (unsigned long long)c.warp_ops, "atomics",
-                       (unsigned long long)c.atomics, "switches", (unsigned long long)c.switches,
-                       "shared_bytes_peak", (unsigned long long)c.shared_bytes_peak);
+                       (unsigned long long)c.atomics, "switches", (unsigned long long)c.switches, "shared_bytes_peak",
+                       (unsigned long long)c.shared_bytes_peak);
 }
 
 PyObject* reset_counters(PyObject*, PyObject*) {
@@ -119,8 +119,7 @@ PyMethodDef methods[] = {
     {"poison_byte", poison_byte, METH_NOARGS, "The byte fresh shared memory and workspaces are filled with."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_simt", "opd_ext's CUDA kernels on the SIMT emulator", -1,
-                          methods};
+PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_simt", "opd_ext's CUDA kernels on the SIMT emulator", -1, methods};
 
 }  // namespace
 

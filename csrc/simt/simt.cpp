@@ -148,7 +148,8 @@ struct BlockRun {
 
   void woke(const Thread& t) {
     lowest_runnable = std::min(lowest_runnable, static_cast<size_t>(t.linear));
-    highest_runnable = highest_runnable == SIZE_MAX ? SIZE_MAX : std::max(highest_runnable, static_cast<size_t>(t.linear));
+    highest_runnable =
+        highest_runnable == SIZE_MAX ? SIZE_MAX : std::max(highest_runnable, static_cast<size_t>(t.linear));
   }
 
   ~BlockRun() {
@@ -415,8 +416,8 @@ class Scheduler {
       }
     }
     if (!any_waiting) return false;
-    const bool someone_exited =
-        std::any_of(block_.threads.begin(), block_.threads.end(), [](const Thread& t) { return t.wait == Wait::exited; });
+    const bool someone_exited = std::any_of(block_.threads.begin(), block_.threads.end(),
+                                            [](const Thread& t) { return t.wait == Wait::exited; });
     if (uniform && !someone_exited) {
       for (Thread& t : block_.threads) t.wait = Wait::none;
       block_.lowest_runnable = 0;
@@ -485,7 +486,8 @@ int DeviceProfile::max_active_blocks(int block_threads, size_t dynamic_shared_by
   const int warps = (block_threads + 31) / 32;
   int blocks = std::min(max_blocks_per_sm, max_threads_per_sm / (warps * 32));
   blocks = std::min(blocks, registers_per_sm / (registers_per_thread * warps * 32));
-  if (dynamic_shared_bytes > 0) blocks = std::min<int>(blocks, static_cast<int>(shared_bytes_per_sm / dynamic_shared_bytes));
+  if (dynamic_shared_bytes > 0)
+    blocks = std::min<int>(blocks, static_cast<int>(shared_bytes_per_sm / dynamic_shared_bytes));
   return std::max(0, blocks);
 }
 
@@ -661,7 +663,8 @@ void check_schedules_agree(const std::function<std::string()>& run, int random_r
   };
   run_with(Schedule::forward, saved.seed, "forward");
   run_with(Schedule::reverse, saved.seed, "reverse");
-  for (int i = 0; i < random_runs; ++i) run_with(Schedule::random, seed + i, "random(seed=" + std::to_string(seed + i) + ")");
+  for (int i = 0; i < random_runs; ++i)
+    run_with(Schedule::random, seed + i, "random(seed=" + std::to_string(seed + i) + ")");
   for (size_t i = 1; i < results.size(); ++i) {
     const std::string& a = results[0].bytes;
     const std::string& b = results[i].bytes;

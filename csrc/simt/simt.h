@@ -211,7 +211,11 @@ void check_schedules_agree(const std::function<std::string()>& run, int random_r
 
 #define OPD_SIMT_SITE (::opd::simt::Site{__FILE__, __LINE__})
 // A distinct address per OPD_SHARED declaration (and per template instantiation of its function).
-#define OPD_SIMT_SHARED_KEY ([]() -> const void* { static const char key = 0; return &key; }())
+#define OPD_SIMT_SHARED_KEY    \
+  ([]() -> const void* {       \
+    static const char key = 0; \
+    return &key;               \
+  }())
 
 // ---- device code vocabulary ------------------------------------------------------------------------
 
@@ -240,8 +244,7 @@ constexpr int warpSize = 32;
   ::opd::simt::shuffle(OPD_SIMT_SITE, ::opd::simt::ShuffleKind::bfly, mask, value, __VA_ARGS__)
 #define __ballot_sync(mask, predicate) ::opd::simt::vote_ballot(OPD_SIMT_SITE, mask, (predicate) != 0)
 #define __any_sync(mask, predicate) (::opd::simt::vote_ballot(OPD_SIMT_SITE, mask, (predicate) != 0) != 0u)
-#define __all_sync(mask, predicate) \
-  (::opd::simt::vote_ballot(OPD_SIMT_SITE, mask, (predicate) != 0) == (mask))
+#define __all_sync(mask, predicate) (::opd::simt::vote_ballot(OPD_SIMT_SITE, mask, (predicate) != 0) == (mask))
 
 #define atomicAdd(address, value) ::opd::simt::atomic_add(OPD_SIMT_SITE, address, value)
 #define atomicMax(address, value) ::opd::simt::atomic_max(OPD_SIMT_SITE, address, value)
@@ -262,11 +265,13 @@ T atomic_add(Site site, T* address, U value) {
 }
 template <typename T, typename U>
 T atomic_max(Site site, T* address, U value) {
-  return atomic_rmw<T>(site, address, [value](T old) { return old < static_cast<T>(value) ? static_cast<T>(value) : old; });
+  return atomic_rmw<T>(site, address,
+                       [value](T old) { return old < static_cast<T>(value) ? static_cast<T>(value) : old; });
 }
 template <typename T, typename U>
 T atomic_min(Site site, T* address, U value) {
-  return atomic_rmw<T>(site, address, [value](T old) { return static_cast<T>(value) < old ? static_cast<T>(value) : old; });
+  return atomic_rmw<T>(site, address,
+                       [value](T old) { return static_cast<T>(value) < old ? static_cast<T>(value) : old; });
 }
 template <typename T, typename U>
 T atomic_exch(Site site, T* address, U value) {
@@ -274,8 +279,8 @@ T atomic_exch(Site site, T* address, U value) {
 }
 template <typename T, typename U, typename V>
 T atomic_cas(Site site, T* address, U compare, V value) {
-  return atomic_rmw<T>(site, address,
-                       [compare, value](T old) { return old == static_cast<T>(compare) ? static_cast<T>(value) : old; });
+  return atomic_rmw<T>(
+      site, address, [compare, value](T old) { return old == static_cast<T>(compare) ? static_cast<T>(value) : old; });
 }
 }  // namespace opd::simt
 

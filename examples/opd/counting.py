@@ -17,6 +17,7 @@ decodes to the cap unless that row is stopped.
 
 The check is exact: a completion is correct when it is the whole count and nothing else.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,7 +34,7 @@ class CountingTask:
 
     min_span: int = 30
     max_span: int = 100
-    max_new_tokens: int = 256      # the rollout length cap, where loops end
+    max_new_tokens: int = 256  # the rollout length cap, where loops end
     largest: int = 999
 
     name = "counting"
@@ -48,7 +49,7 @@ class CountingTask:
 
     @property
     def longest_answer(self) -> int:
-        return self.max_span + 2   # the numbers and EOS
+        return self.max_span + 2  # the numbers and EOS
 
     def vocabulary(self) -> list[str]:
         return [PAD, BOS, EOS] + [str(n) for n in range(self.largest + 1)] + list(WORDS)
@@ -56,8 +57,11 @@ class CountingTask:
     def make_problem(self, rng: random.Random) -> Problem:
         end = 100 * rng.randint(self.max_span // 100 + 1, self.largest // 100)
         start = end - rng.randint(self.min_span, self.max_span)
-        return Problem(prompt=f"count from {start} to {end} .",
-                       completion=" ".join(str(n) for n in range(start, end + 1)), answer=str(end))
+        return Problem(
+            prompt=f"count from {start} to {end} .",
+            completion=" ".join(str(n) for n in range(start, end + 1)),
+            answer=str(end),
+        )
 
     def looping_completion(self, rng: random.Random, problem: Problem, rate: float) -> str | None:
         """The completion with, at each decade carry, probability `rate` of a loop to the length cap.

@@ -5,6 +5,7 @@ Teacher and student are ordinary `LlamaForCausalLM`s built from local configs (n
 saved with `save_pretrained` next to their tokenizer, so the synthetic run and `--teacher/--student
 PATH` (or a Hugging Face model id) go through the same loading code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +36,17 @@ class ModelSize:
         from transformers import LlamaConfig
 
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden, intermediate_size=self.ffn,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads,
-            num_key_value_heads=self.heads, max_position_embeddings=max_positions,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+            vocab_size=vocab_size,
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=max_positions,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
         )
 
 
@@ -66,6 +73,7 @@ class SupervisedSchedule:
 
 # ---- batching ---------------------------------------------------------------------------------
 
+
 def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
     """Left-padded prompt ids (generation appends on the right), each starting with BOS.
 
@@ -73,19 +81,23 @@ def encode_prompts(tokenizer, prompts: list[str], device="cpu"):
     template that writes its own): a doubled BOS is a prefix the model never saw in training.
     """
     bos, bos_text = tokenizer.bos_token_id, tokenizer.bos_token
-    ids = [([bos] if bos is not None and not (bos_text and p.startswith(bos_text)) else [])
-           + tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    ids = [
+        ([bos] if bos is not None and not (bos_text and p.startswith(bos_text)) else [])
+        + tokenizer.encode(p, add_special_tokens=False)
+        for p in prompts
+    ]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, seq in enumerate(ids):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention_mask[row, width - len(seq):] = 1
+        input_ids[row, width - len(seq) :] = torch.tensor(seq)
+        attention_mask[row, width - len(seq) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
-def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[int]] | None = None,
-                      unfinished: set[int] = frozenset()):
+def encode_supervised(
+    tokenizer, problems: list[Problem], unlabeled: list[list[int]] | None = None, unfinished: set[int] = frozenset()
+):
     """Right-padded BOS + prompt + completion + EOS; labels only on the completion (and EOS).
 
     `unlabeled[i]` lists completion word indices of problem i that get no loss (injected mistakes:
@@ -99,7 +111,7 @@ def encode_supervised(tokenizer, problems: list[Problem], unlabeled: list[list[i
         completion = tokenizer.encode(p.completion, add_special_tokens=False)
         completion += [] if i in unfinished else [tokenizer.eos_token_id]
         labels = list(completion)
-        for j in (unlabeled[i] if unlabeled else ()):
+        for j in unlabeled[i] if unlabeled else ():
             labels[j] = -100
         rows.append(prompt + completion)
         label_rows.append([-100] * len(prompt) + labels)
@@ -123,8 +135,7 @@ def warmup_cosine(step: int, schedule: SupervisedSchedule) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_supervised(model, tokenizer, task, schedule: SupervisedSchedule, seed: int, desc: str,
-                     progress: bool = True):
+def train_supervised(model, tokenizer, task, schedule: SupervisedSchedule, seed: int, desc: str, progress: bool = True):
     """Next-token cross-entropy on freshly drawn problems of `task` (an endless stream: no overfitting)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -148,7 +159,9 @@ def train_supervised(model, tokenizer, task, schedule: SupervisedSchedule, seed:
                     unfinished.add(row)
             batch.append(problem)
             unlabeled.append(wrong)
-        input_ids, attention_mask, labels = (t.to(device) for t in encode_supervised(tokenizer, batch, unlabeled, unfinished))
+        input_ids, attention_mask, labels = (
+            t.to(device) for t in encode_supervised(tokenizer, batch, unlabeled, unfinished)
+        )
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -183,13 +196,21 @@ def cache_key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def load_or_train(cache_dir: Path, role: str, size: ModelSize, schedule: SupervisedSchedule, task,
-                  seed: int, device="cpu", progress: bool = True):
+def load_or_train(
+    cache_dir: Path,
+    role: str,
+    size: ModelSize,
+    schedule: SupervisedSchedule,
+    task,
+    seed: int,
+    device="cpu",
+    progress: bool = True,
+):
     """A model trained by `train_supervised`, cached under cache_dir/<role>-<hash of everything>.
 
-    The hash covers the sizes, schedule, task (with its vocabulary and phrasing) and seed, so changing any of them retrains instead of
-    silently reusing a stale model; the directory is written atomically (rename) so an interrupted
-    training leaves no half-saved cache behind.
+    The hash covers the sizes, schedule, task (with its vocabulary and phrasing) and seed, so
+    changing any of them retrains instead of silently reusing a stale model; the directory is
+    written atomically (rename) so an interrupted training leaves no half-saved cache behind.
     """
     from transformers import AutoModelForCausalLM
 
@@ -262,11 +283,13 @@ def load_checkpoint(name: str | Path, dtype: torch.dtype = torch.float32):
             raise SystemExit(
                 f"{name}: not a local folder and not in the Hugging Face cache, and the hub is offline "
                 f"(HF_HUB_OFFLINE). This machine needs network access to download it, or pass a local "
-                f"checkpoint folder instead") from None
+                f"checkpoint folder instead"
+            ) from None
         raise SystemExit(
             f"{name}: not a local folder, and it could not be loaded from the Hugging Face Hub ({why}). "
             f"Check the id (and access to gated models); the machine needs network access to download it, "
-            f"or pass a local checkpoint folder instead") from None
+            f"or pass a local checkpoint folder instead"
+        ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -279,8 +302,10 @@ def format_prompts(tokenizer, prompts: list[str]) -> list[str]:
     Instruction-tuned checkpoints were trained on this layout; a bare prompt is off their
     distribution, so their rollouts (and the teacher's scores of them) would not be the model's own.
     """
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -> None:
@@ -301,9 +326,17 @@ def check_same_tokenizer(student_tok, teacher_tok, student_path, teacher_path) -
 
 # ---- evaluation --------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 128,
-                         temperature: float | None = None, seed: int = 0) -> list[str]:
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 128,
+    temperature: float | None = None,
+    seed: int = 0,
+) -> list[str]:
     """Greedy completions, or sampled ones at `temperature` from a fixed seed (the same draws at every
     evaluation, so two evaluations differ by the model, not by the dice)."""
     texts = []
@@ -311,22 +344,33 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
-            input_ids, attention_mask = encode_prompts(tokenizer, prompts[start: start + batch_size], device=device)
-            sampling = dict(do_sample=True, temperature=temperature, top_k=None, top_p=None) if temperature else dict(do_sample=False)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+            input_ids, attention_mask = encode_prompts(tokenizer, prompts[start : start + batch_size], device=device)
+            sampling = (
+                dict(do_sample=True, temperature=temperature, top_k=None, top_p=None)
+                if temperature
+                else dict(do_sample=False)
             )
-            texts += tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+            texts += tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
     return texts
 
 
-def accuracy(model, tokenizer, problems: list[Problem], max_new_tokens: int, task,
-             temperature: float | None = None) -> float:
+def accuracy(
+    model, tokenizer, problems: list[Problem], max_new_tokens: int, task, temperature: float | None = None
+) -> float:
     """Fraction of problems solved (`task.is_correct` decides): greedy, or one sample each at
     `temperature` (pass@1 as reasoning models are evaluated)."""
     was_training = model.training
     model.eval()
-    texts = generate_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens, temperature=temperature)
+    texts = generate_completions(
+        model, tokenizer, [p.prompt for p in problems], max_new_tokens, temperature=temperature
+    )
     model.train(was_training)
     return sum(task.is_correct(t, p) for t, p in zip(texts, problems)) / len(problems)

@@ -1,7 +1,8 @@
 """The reference task: multi-step arithmetic word problems with a written-out chain of thought.
 
 A problem is a small story ("mia has 37 coins , gets 8 , loses 5 . how many ?") and the expected
-completion works through it one step at a time ("37 + 8 = 45 then 45 - 5 = 40 . so 40"). The answer is verifiable: the last number of the completion must equal the true count.
+completion works through it one step at a time ("37 + 8 = 45 then 45 - 5 = 40 . so 40"). The
+answer is verifiable: the last number of the completion must equal the true count.
 
 The tokenizer is word level with every number 0..max_value as a single token, plus names, objects
 and verbs, so the vocabulary has a few hundred entries: enough for a top-16 overlap between student
@@ -10,6 +11,7 @@ connectives between steps are drawn at random, so even a perfect model has some 
 It is a real Hugging Face tokenizer (`PreTrainedTokenizerFast`), so the synthetic models save and
 load exactly like real checkpoints.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +46,10 @@ WORDS = ("has", "how", "many", "?", ".", ",", "+", "-", "=") + STEP_JOINERS[1:] 
 class TaskConfig:
     """Difficulty knobs. The defaults make a task that a 0.5M-parameter model learns in a minute."""
 
-    max_value: int = 59          # every intermediate count stays in [0, max_value]
+    max_value: int = 59  # every intermediate count stays in [0, max_value]
     min_steps: int = 2
     max_steps: int = 3
-    max_delta: int = 9           # each step adds or removes 1..max_delta objects
+    max_delta: int = 9  # each step adds or removes 1..max_delta objects
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -64,23 +66,23 @@ class TaskConfig:
     def vocabulary(self) -> list[str]:
         return vocabulary(self)
 
-    def make_problem(self, rng: random.Random) -> "Problem":
+    def make_problem(self, rng: random.Random) -> Problem:
         return make_problem(rng, self)
 
-    def is_correct(self, completion_text: str, problem: "Problem") -> bool:
+    def is_correct(self, completion_text: str, problem: Problem) -> bool:
         return is_correct(completion_text, problem.answer)
 
-    def first_error(self, problem: "Problem", completion_words: list[str]) -> int | None:
+    def first_error(self, problem: Problem, completion_words: list[str]) -> int | None:
         return first_error(problem.prompt, completion_words)
 
-    def looping_completion(self, rng: random.Random, problem: "Problem", rate: float) -> str | None:
+    def looping_completion(self, rng: random.Random, problem: Problem, rate: float) -> str | None:
         raise ValueError("the arithmetic task has no looping failure mode (SupervisedSchedule.loop_rate must be 0)")
 
 
 @dataclass(frozen=True)
 class Problem:
     prompt: str
-    completion: str   # a reference chain of thought (one of several valid phrasings)
+    completion: str  # a reference chain of thought (one of several valid phrasings)
     answer: str
 
     def to_json(self) -> dict:
@@ -106,8 +108,9 @@ def build_tokenizer(config: TaskConfig):
     vocab = {word: i for i, word in enumerate(config.vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
-                                                        special_tokens=[(BOS, vocab[BOS])])
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, bos_token=BOS, eos_token=EOS, padding_side="left"
     )
@@ -134,7 +137,9 @@ def make_problem(rng: random.Random, config: TaskConfig) -> Problem:
     return Problem(prompt=prompt, completion=completion, answer=str(count))
 
 
-def inject_mistakes(rng: random.Random, completion: str, config: TaskConfig, max_mistakes: int = 2) -> tuple[str, list[int]]:
+def inject_mistakes(
+    rng: random.Random, completion: str, config: TaskConfig, max_mistakes: int = 2
+) -> tuple[str, list[int]]:
     """The completion with 1..max_mistakes of its numbers replaced by wrong ones; returns (text, word indices).
 
     The rest of the chain stays the correct one: trained on such chains (with no loss on the wrong
@@ -148,7 +153,11 @@ def inject_mistakes(rng: random.Random, completion: str, config: TaskConfig, max
     for i in picked:
         true = int(words[i])
         while True:
-            wrong = true + rng.choice((-1, 1)) * rng.randint(1, 5) if rng.random() < 0.7 else rng.randint(0, config.max_value)
+            wrong = (
+                true + rng.choice((-1, 1)) * rng.randint(1, 5)
+                if rng.random() < 0.7
+                else rng.randint(0, config.max_value)
+            )
             if wrong != true and 0 <= wrong <= config.max_value:
                 break
         words[i] = str(wrong)
@@ -171,7 +180,7 @@ def first_error(prompt: str, completion_words: list[str]) -> int | None:
     story = prompt.split()
     count = int(story[2])
     expected: list[set[str]] = []
-    events = story[4: story.index(".")]          # ", gets 8 , loses 5"
+    events = story[4 : story.index(".")]  # ", gets 8 , loses 5"
     for verb, delta in zip(events[1::3], events[2::3]):
         gain = verb in GAIN_VERBS
         new = count + int(delta) if gain else count - int(delta)
@@ -201,6 +210,7 @@ def is_correct(completion_text: str, answer: str) -> bool:
 
 
 # ---- JSONL data (the --data path for real checkpoints, and the default run's held-out set) ------
+
 
 def save_jsonl(path: Path, problems: list[Problem]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ Outputs in --out: metrics.jsonl (one line per step), rollouts.jsonl (per-positio
 multiplier profiles), checkpoint.pt (resume: rerun the same command; Ctrl-C saves first),
 student/ (final Hugging Face checkpoint), accuracy.png and drift.png.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,10 @@ import torch
 from tqdm.auto import tqdm
 
 import opd_ext
-from opd_ext.generation import generate_with_pruning
 from examples.opd import models, plots
 from examples.opd.counting import CountingTask
 from examples.opd.task import Problem, TaskConfig, build_tokenizer, load_jsonl, make_problems
+from opd_ext.generation import generate_with_pruning
 
 # --method: (Prune-OPD on, vOPD baseline). Plain OPD is the sampled-token reward alone.
 METHODS = {
@@ -63,7 +64,7 @@ PAPER_PRUNE_CONFIG = {name: getattr(opd_ext.PruneConfig(), name) for name in TAS
 # thousand numbers (overlap about 0.2 on and off track alike). So a rollout stops at its first top-1
 # disagreement (k=1: the overlap is 0 or 1, any threshold in (0, 1] is the same rule).
 COUNTING_PRUNE_CONFIG = dict(k=1, threshold=0.5, w_drop=1.0, w_base=0.5, warmup=0)
-PRUNE_PRESETS = {"task": None, "paper": PAPER_PRUNE_CONFIG}   # "task": the --preset's own (Preset.prune)
+PRUNE_PRESETS = {"task": None, "paper": PAPER_PRUNE_CONFIG}  # "task": the --preset's own (Preset.prune)
 
 # --dtype names, with the short spellings people type.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,8 +104,8 @@ class Preset:
     # None: greedy held-out accuracy; a temperature: one sample per problem (pass@1), for a task whose
     # student fails by chance (a loop entered with some probability) rather than on particular problems.
     eval_temperature: float | None = None
-    prune: dict = dataclasses.field(default_factory=lambda: dict(TASK_PRUNE_CONFIG))   # --prune-preset task
-    target: float = 0.5          # --target: the accuracy line on accuracy.png
+    prune: dict = dataclasses.field(default_factory=lambda: dict(TASK_PRUNE_CONFIG))  # --prune-preset task
+    target: float = 0.5  # --target: the accuracy line on accuracy.png
 
 
 PRESETS = {
@@ -119,7 +120,12 @@ PRESETS = {
         teacher_schedule=models.SupervisedSchedule(steps=500, batch_size=64, lr=3e-3),
         # Stopped at about a third of the teacher's accuracy, on the steep part of its learning curve.
         student_schedule=models.SupervisedSchedule(steps=180, batch_size=64, lr=5e-3, decay=False),
-        steps=120, batch_size=128, lr=2e-3, eval_every=20, eval_size=300, target=0.4,
+        steps=120,
+        batch_size=128,
+        lr=2e-3,
+        eval_every=20,
+        eval_size=300,
+        target=0.4,
     ),
     # The longer arithmetic run (two- and three-step problems over 0..59, 250 steps, about 8 minutes
     # of training on 2 cores) behind docs/reproduction_arithmetic.md.
@@ -130,7 +136,11 @@ PRESETS = {
         teacher_schedule=models.SupervisedSchedule(steps=800, batch_size=64, lr=3e-3),
         # Stopped at a quarter of the teacher's accuracy, on the steep part of its learning curve.
         student_schedule=models.SupervisedSchedule(steps=300, batch_size=64, lr=3e-3, decay=False),
-        steps=250, batch_size=128, lr=1e-3, eval_every=20, eval_size=400,
+        steps=250,
+        batch_size=128,
+        lr=1e-3,
+        eval_every=20,
+        eval_size=400,
     ),
     "tiny": Preset(
         task=TaskConfig(max_value=19, min_steps=1, max_steps=2, max_delta=5),
@@ -138,7 +148,11 @@ PRESETS = {
         student=models.ModelSize(hidden=16, layers=1, heads=2, ffn=32),
         teacher_schedule=models.SupervisedSchedule(steps=30, batch_size=16, lr=3e-3, warmup=5),
         student_schedule=models.SupervisedSchedule(steps=10, batch_size=16, lr=3e-3, warmup=5),
-        steps=4, batch_size=4, lr=1e-3, eval_every=2, eval_size=16,
+        steps=4,
+        batch_size=4,
+        lr=1e-3,
+        eval_every=2,
+        eval_size=16,
     ),
     # The drift task (examples/opd/counting.py): rollouts up to 256 tokens, a 1007-token vocabulary and a
     # student warm-started on loops. The reproduction's task; see docs/reproduction.md.
@@ -148,7 +162,12 @@ PRESETS = {
         student=models.ModelSize(hidden=96, layers=2, heads=4, ffn=192),
         teacher_schedule=models.SupervisedSchedule(steps=500, batch_size=32, lr=3e-3),
         student_schedule=models.SupervisedSchedule(steps=400, batch_size=32, lr=3e-3, loop_rate=0.04),
-        steps=40, batch_size=32, lr=3e-4, eval_every=5, eval_size=256, eval_temperature=1.0,
+        steps=40,
+        batch_size=32,
+        lr=3e-4,
+        eval_every=5,
+        eval_size=256,
+        eval_temperature=1.0,
         prune=dict(COUNTING_PRUNE_CONFIG),
     ),
     "counting-tiny": Preset(
@@ -157,7 +176,12 @@ PRESETS = {
         student=models.ModelSize(hidden=16, layers=1, heads=2, ffn=32),
         teacher_schedule=models.SupervisedSchedule(steps=20, batch_size=8, lr=3e-3, warmup=5),
         student_schedule=models.SupervisedSchedule(steps=10, batch_size=8, lr=3e-3, warmup=5, loop_rate=0.3),
-        steps=3, batch_size=4, lr=1e-3, eval_every=2, eval_size=8, eval_temperature=1.0,
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        eval_every=2,
+        eval_size=8,
+        eval_temperature=1.0,
         prune=dict(COUNTING_PRUNE_CONFIG),
     ),
 }
@@ -166,16 +190,24 @@ PRESETS = {
 # What each --method value trains, for --help.
 METHOD_HELP = {
     "opd": "OPD: plain on-policy distillation. Reward = teacher minus student log-prob of each sampled "
-           "token, no baseline, no pruning",
+    "token, no baseline, no pruning",
     "vopd": "vOPD: OPD with the per-token reverse-KL baseline, which cuts the gradient variance; no pruning",
     "prune": "Prune-OPD: OPD whose rollouts are down-weighted, then stopped, once the student's and the "
-             "teacher's top-k sets drift apart (--prune-*); no baseline",
+    "teacher's top-k sets drift apart (--prune-*); no baseline",
     "prune+vopd": "Prune-OPD + vOPD: both at once (the default)",
 }
 
 # Files a run writes into --out: --fresh deletes these and nothing else, so an --out that also holds
 # other files (or is the working directory) loses nothing that is not ours.
-RUN_OUTPUTS = ("metrics.jsonl", "rollouts.jsonl", "checkpoint.pt", "checkpoint.tmp", "accuracy.png", "drift.png", "student")
+RUN_OUTPUTS = (
+    "metrics.jsonl",
+    "rollouts.jsonl",
+    "checkpoint.pt",
+    "checkpoint.tmp",
+    "accuracy.png",
+    "drift.png",
+    "student",
+)
 
 
 def _number(kind, low, high=None, low_open=False):
@@ -189,11 +221,15 @@ def _number(kind, low, high=None, low_open=False):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+        if (
+            not math.isfinite(value)
+            or (value <= low if low_open else value < low)
+            or (high is not None and value > high)
+        ):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
 
-    parse.__name__ = expected   # argparse names the type in some messages
+    parse.__name__ = expected  # argparse names the type in some messages
     return parse
 
 
@@ -224,64 +260,139 @@ def _from_prune_preset(name: str) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     methods = "\n".join(f"  {name:<11} {text}" for name, text in METHOD_HELP.items())
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
-                                epilog=f"--method values:\n{methods}")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter, epilog=f"--method values:\n{methods}"
+    )
     p.add_argument("--method", choices=sorted(METHODS), default="prune+vopd", help="what to train with (listed below)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model sizes and schedules")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<method>, '+' written '_')")
-    p.add_argument("--fresh", action="store_true",
-                   help="start over: delete this run's outputs in --out (only the files a run writes) instead of resuming")
-    p.add_argument("--cache", type=Path, default=Path("runs/cache"), help="pre-trained teacher / warm-started student cache")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete this run's outputs in --out (only the files a run writes) instead of resuming",
+    )
+    p.add_argument(
+        "--cache", type=Path, default=Path("runs/cache"), help="pre-trained teacher / warm-started student cache"
+    )
     p.add_argument("--steps", type=POSITIVE_INT, default=None, help=f"OPD steps {_from_preset('steps')}")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=None, help=f"rollouts per step {_from_preset('batch_size')}")
+    p.add_argument(
+        "--batch-size", type=POSITIVE_INT, default=None, help=f"rollouts per step {_from_preset('batch_size')}"
+    )
     p.add_argument("--lr", type=POSITIVE, default=None, help=f"peak learning rate {_from_preset('lr')}")
     p.add_argument("--temperature", type=POSITIVE, default=1.0, help="sampling temperature of the rollouts")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=None,
-                   help="completion cap (default: the task's longest answer; 64 with --data)")
-    p.add_argument("--eval-every", type=POSITIVE_INT, default=None,
-                   help=f"steps between held-out evaluations {_from_preset('eval_every')}")
-    p.add_argument("--eval-size", type=POSITIVE_INT, default=None,
-                   help=f"held-out problems for the accuracy (greedy; pass@1 for the counting presets) "
-                        f"{_from_preset('eval_size')}")
-    p.add_argument("--target", type=FRACTION, default=None,
-                   help=f"held-out accuracy drawn on accuracy.png; the last line says when it was first reached "
-                        f"{_from_preset('target')}")
+    p.add_argument(
+        "--max-new-tokens",
+        type=POSITIVE_INT,
+        default=None,
+        help="completion cap (default: the task's longest answer; 64 with --data)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"steps between held-out evaluations {_from_preset('eval_every')}",
+    )
+    p.add_argument(
+        "--eval-size",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"held-out problems for the accuracy (greedy; pass@1 for the counting presets) "
+        f"{_from_preset('eval_size')}",
+    )
+    p.add_argument(
+        "--target",
+        type=FRACTION,
+        default=None,
+        help=f"held-out accuracy drawn on accuracy.png; the last line says when it was first reached "
+        f"{_from_preset('target')}",
+    )
     p.add_argument("--save-every", type=POSITIVE_INT, default=25, help="checkpoint period in steps (Ctrl-C also saves)")
     p.add_argument("--seed", type=int, default=0, help="seed of the models' pre-training, the prompts and the sampling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--threads", type=POSITIVE_INT, default=None,
-                   help="torch CPU threads (default: torch's, one per core); 1 is fastest for these tiny models "
-                        "on a machine busy with other work")
-    p.add_argument("--prune-preset", choices=sorted(PRUNE_PRESETS), default="task",
-                   help="Prune-OPD settings the --prune-* options start from: 'task' = tuned for the synthetic task, "
-                        "'paper' = the Prune-OPD authors' settings for real LLM rollouts (examples/README.md)")
-    p.add_argument("--prune-k", type=POSITIVE_INT, default=None, help=f"top-k size of the drift overlap {_from_prune_preset('k')}")
-    p.add_argument("--prune-threshold", type=FRACTION, default=None,
-                   help=f"a token whose top-k overlap is below this is a drift event {_from_prune_preset('threshold')}")
-    p.add_argument("--prune-w-drop", type=FRACTION, default=None,
-                   help=f"weight a rollout loses per drift event; at weight 0 it stops {_from_prune_preset('w_drop')}")
-    p.add_argument("--prune-w-base", type=_number(float, 0.0), default=None,
-                   help=f"multiplier = w_base + weight, so the tokens of a drifting rollout keep this much "
-                        f"{_from_prune_preset('w_base')}")
-    p.add_argument("--prune-warmup", type=NON_NEGATIVE_INT, default=None,
-                   help=f"completion tokens never counted as drift events {_from_prune_preset('warmup')}")
-    p.add_argument("--teacher", help="teacher: a Hugging Face model id (e.g. Qwen/Qwen2.5-7B-Instruct, downloaded once into "
-                                     "the Hugging Face cache) or a local checkpoint directory (default: the cached synthetic teacher)")
-    p.add_argument("--student", help="student: a model id or a local directory, with the teacher's tokenizer "
-                                     "(default: the cached synthetic student)")
-    p.add_argument("--dtype", type=lambda text: DTYPE_ALIASES.get(text, text), choices=sorted(DTYPES), default=None,
-                   help="weights of both models (bf16, fp16, fp32 also accepted) (default: bfloat16 for --teacher/--student "
-                        "on CUDA, else float32)")
-    p.add_argument("--no-chat-template", action="store_true",
-                   help="with --teacher/--student and --data, feed the prompts as they are instead of as a user turn "
-                        "of the tokenizer's chat template")
-    p.add_argument("--data", type=Path, help="JSONL with 'prompt' and 'answer' per line; the last --eval-size lines are held out "
-                                              "(default: the synthetic task)")
-    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
-                   help="also log every metric to TensorBoard event files in DIR; needs the tensorboard package "
-                        "(default: none, metrics.jsonl only)")
+    p.add_argument(
+        "--threads",
+        type=POSITIVE_INT,
+        default=None,
+        help="torch CPU threads (default: torch's, one per core); 1 is fastest for these tiny models "
+        "on a machine busy with other work",
+    )
+    p.add_argument(
+        "--prune-preset",
+        choices=sorted(PRUNE_PRESETS),
+        default="task",
+        help="Prune-OPD settings the --prune-* options start from: 'task' = tuned for the synthetic task, "
+        "'paper' = the Prune-OPD authors' settings for real LLM rollouts (examples/README.md)",
+    )
+    p.add_argument(
+        "--prune-k", type=POSITIVE_INT, default=None, help=f"top-k size of the drift overlap {_from_prune_preset('k')}"
+    )
+    p.add_argument(
+        "--prune-threshold",
+        type=FRACTION,
+        default=None,
+        help=f"a token whose top-k overlap is below this is a drift event {_from_prune_preset('threshold')}",
+    )
+    p.add_argument(
+        "--prune-w-drop",
+        type=FRACTION,
+        default=None,
+        help=f"weight a rollout loses per drift event; at weight 0 it stops {_from_prune_preset('w_drop')}",
+    )
+    p.add_argument(
+        "--prune-w-base",
+        type=_number(float, 0.0),
+        default=None,
+        help=f"multiplier = w_base + weight, so the tokens of a drifting rollout keep this much "
+        f"{_from_prune_preset('w_base')}",
+    )
+    p.add_argument(
+        "--prune-warmup",
+        type=NON_NEGATIVE_INT,
+        default=None,
+        help=f"completion tokens never counted as drift events {_from_prune_preset('warmup')}",
+    )
+    p.add_argument(
+        "--teacher",
+        help="teacher: a Hugging Face model id (e.g. Qwen/Qwen2.5-7B-Instruct, downloaded once into "
+        "the Hugging Face cache) or a local checkpoint directory (default: the cached synthetic teacher)",
+    )
+    p.add_argument(
+        "--student",
+        help="student: a model id or a local directory, with the teacher's tokenizer "
+        "(default: the cached synthetic student)",
+    )
+    p.add_argument(
+        "--dtype",
+        type=lambda text: DTYPE_ALIASES.get(text, text),
+        choices=sorted(DTYPES),
+        default=None,
+        help="weights of both models (bf16, fp16, fp32 also accepted) (default: bfloat16 for --teacher/--student "
+        "on CUDA, else float32)",
+    )
+    p.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="with --teacher/--student and --data, feed the prompts as they are instead of as a user turn "
+        "of the tokenizer's chat template",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="JSONL with 'prompt' and 'answer' per line; the last --eval-size lines are held out "
+        "(default: the synthetic task)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also log every metric to TensorBoard event files in DIR; needs the tensorboard package "
+        "(default: none, metrics.jsonl only)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip accuracy.png and drift.png")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no messages but errors and the final line")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars and no messages but errors and the final line"
+    )
     args = p.parse_args(argv)
     if (args.teacher is None) != (args.student is None):
         p.error("--teacher and --student go together (real checkpoints), or neither (the synthetic default)")
@@ -311,12 +422,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def tensorboard_available() -> bool:
     import importlib.util
+
     return importlib.util.find_spec("tensorboard") is not None
 
 
 def open_tensorboard(log_dir: Path, start_step: int):
     """A SummaryWriter that hides events a killed run logged after its last checkpoint."""
     from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(log_dir), purge_step=start_step)
 
 
@@ -324,30 +437,42 @@ def prune_config(args) -> opd_ext.PruneConfig:
     use_pruning, _ = METHODS[args.method]
     if not use_pruning:
         return opd_ext.PruneConfig.disabled(k=args.prune_k)
-    return opd_ext.PruneConfig(k=args.prune_k, threshold=args.prune_threshold, w_drop=args.prune_w_drop,
-                               w_base=args.prune_w_base, warmup=args.prune_warmup)
+    return opd_ext.PruneConfig(
+        k=args.prune_k,
+        threshold=args.prune_threshold,
+        w_drop=args.prune_w_drop,
+        w_base=args.prune_w_base,
+        warmup=args.prune_warmup,
+    )
 
 
 # ---- the models and the data --------------------------------------------------------------------
+
 
 @dataclass
 class Setup:
     teacher: torch.nn.Module
     student: torch.nn.Module
     tokenizer: object
-    train_problems: list[Problem] | None   # None: draw synthetic problems from the task generator
+    train_problems: list[Problem] | None  # None: draw synthetic problems from the task generator
     eval_problems: list[Problem]
     max_new_tokens: int
     setup_seconds: dict
-    task: object = None                    # whose is_correct() grades completions (--data: the last number)
+    task: object = None  # whose is_correct() grades completions (--data: the last number)
     eval_temperature: float | None = None  # None: greedy evaluation
 
     def is_correct(self, completion_text: str, problem: Problem) -> bool:
         return self.task.is_correct(completion_text, problem)
 
     def accuracy(self, model) -> float:
-        return models.accuracy(model, self.tokenizer, self.eval_problems, self.max_new_tokens, task=self.task,
-                               temperature=self.eval_temperature)
+        return models.accuracy(
+            model,
+            self.tokenizer,
+            self.eval_problems,
+            self.max_new_tokens,
+            task=self.task,
+            temperature=self.eval_temperature,
+        )
 
 
 def build_setup(args, preset: Preset) -> Setup:
@@ -359,18 +484,34 @@ def build_setup(args, preset: Preset) -> Setup:
         seconds = {}
     else:
         teacher, tokenizer, _, t_sec = models.load_or_train(
-            args.cache, "teacher", preset.teacher, preset.teacher_schedule, preset.task, seed=1000 + args.seed,
-            device=args.device, progress=not args.quiet)
+            args.cache,
+            "teacher",
+            preset.teacher,
+            preset.teacher_schedule,
+            preset.task,
+            seed=1000 + args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
         student, _, _, s_sec = models.load_or_train(
-            args.cache, "student", preset.student, preset.student_schedule, preset.task, seed=2000 + args.seed,
-            device=args.device, progress=not args.quiet)
+            args.cache,
+            "student",
+            preset.student,
+            preset.student_schedule,
+            preset.task,
+            seed=2000 + args.seed,
+            device=args.device,
+            progress=not args.quiet,
+        )
         seconds = {"teacher_pretrain_s": t_sec, "student_warm_start_s": s_sec}
 
     if args.data is not None:
         problems = load_jsonl(args.data)
         if len(problems) <= eval_size:
-            raise ValueError(f"{args.data} has {len(problems)} problems; need more than --eval-size={eval_size} "
-                             f"(the last {eval_size} are held out)")
+            raise ValueError(
+                f"{args.data} has {len(problems)} problems; need more than --eval-size={eval_size} "
+                f"(the last {eval_size} are held out)"
+            )
         if uses_chat_template(args, tokenizer):
             formatted = models.format_prompts(tokenizer, [p.prompt for p in problems])
             problems = [dataclasses.replace(p, prompt=text) for p, text in zip(problems, formatted)]
@@ -378,21 +519,36 @@ def build_setup(args, preset: Preset) -> Setup:
         max_new = args.max_new_tokens or 64
     else:
         if args.teacher is not None and tokenizer.get_vocab() != build_tokenizer(preset.task).get_vocab():
-            raise ValueError("these checkpoints do not use the synthetic task's tokenizer: pass --data FILE.jsonl "
-                             "with problems in their own format")
+            raise ValueError(
+                "these checkpoints do not use the synthetic task's tokenizer: pass --data FILE.jsonl "
+                "with problems in their own format"
+            )
         train, held_out = None, make_problems(eval_size, 10_000 + args.seed, preset.task)
         max_new = args.max_new_tokens or preset.task.max_completion_tokens
     teacher.requires_grad_(False).eval().to(args.device, DTYPES[args.dtype])
     student.to(args.device, DTYPES[args.dtype])
     grader = preset.task if args.data is None else TaskConfig()
-    return Setup(teacher, student, tokenizer, train, held_out, max_new, seconds, task=grader,
-                 eval_temperature=preset.eval_temperature if args.data is None else None)
+    return Setup(
+        teacher,
+        student,
+        tokenizer,
+        train,
+        held_out,
+        max_new,
+        seconds,
+        task=grader,
+        eval_temperature=preset.eval_temperature if args.data is None else None,
+    )
 
 
 def uses_chat_template(args, tokenizer) -> bool:
     """Real checkpoints on --data prompts, unless --no-chat-template; the synthetic task has no chat."""
-    return (args.teacher is not None and args.data is not None and not args.no_chat_template
-            and bool(getattr(tokenizer, "chat_template", None)))
+    return (
+        args.teacher is not None
+        and args.data is not None
+        and not args.no_chat_template
+        and bool(getattr(tokenizer, "chat_template", None))
+    )
 
 
 class PromptStream:
@@ -410,11 +566,12 @@ class PromptStream:
 
 # ---- one OPD step ----------------------------------------------------------------------------------
 
+
 def sequence_logits(model, sequences, attention_mask, prompt_length):
     """Next-token logits at every completion position, from one forward over the whole rollout."""
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=positions, use_cache=False).logits
-    return logits[:, prompt_length - 1: -1]
+    return logits[:, prompt_length - 1 : -1]
 
 
 def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, max_new_tokens, temperature, generator):
@@ -424,9 +581,17 @@ def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, 
     student.eval()
     with torch.no_grad():
         rollout = generate_with_pruning(
-            student, teacher, input_ids, prompt_mask, max_new_tokens=max_new_tokens, config=config,
-            temperature=temperature, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            generator=generator)
+            student,
+            teacher,
+            input_ids,
+            prompt_mask,
+            max_new_tokens=max_new_tokens,
+            config=config,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
     student.train(was_training)
     mask = rollout.completion_mask
     attention = torch.cat([prompt_mask, mask.long()], dim=1)
@@ -434,8 +599,15 @@ def rollout_and_loss(student, teacher, tokenizer, prompts, *, config, baseline, 
     with torch.no_grad():
         teacher_logits = sequence_logits(teacher, rollout.sequences, attention, rollout.prompt_length)
     student_logits, teacher_logits = opd_ext.align_vocab(student_logits, teacher_logits)
-    loss = opd_ext.vopd_loss(student_logits, teacher_logits, rollout.completions, mask=mask,
-                             weights=rollout.multipliers, temperature=temperature, baseline=baseline)
+    loss = opd_ext.vopd_loss(
+        student_logits,
+        teacher_logits,
+        rollout.completions,
+        mask=mask,
+        weights=rollout.multipliers,
+        temperature=temperature,
+        baseline=baseline,
+    )
     return loss, rollout
 
 
@@ -447,7 +619,9 @@ def rollout_metrics(rollout, tokenizer, problems, setup) -> dict:
         return float((x * mask).sum() / n)
 
     reasons = rollout.stop_reason_names()
-    texts = tokenizer.batch_decode(rollout.completions.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        rollout.completions.masked_fill(~mask, tokenizer.pad_token_id), skip_special_tokens=True
+    )
     return {
         "reward": mean(rollout.teacher_logprobs - rollout.student_logprobs),
         "reverse_kl": mean(rollout.reverse_kl),
@@ -468,8 +642,9 @@ def position_profile(rollout) -> dict:
     for all rows and apart for rows that ended normally (EOS / length cap) and rows Prune-OPD stopped:
     mixed together, the pruned rows' low overlaps hide in the finished rows' average."""
     mask = rollout.completion_mask.float()
-    pruned = torch.tensor([r not in ("eos", "max_length") for r in rollout.stop_reason_names()],
-                          device=mask.device).unsqueeze(1)
+    pruned = torch.tensor(
+        [r not in ("eos", "max_length") for r in rollout.stop_reason_names()], device=mask.device
+    ).unsqueeze(1)
     alive = mask.sum(0)
     profile = {"alive": (alive / mask.shape[0]).tolist()}
     for suffix, rows in (("", None), ("_finished", ~pruned), ("_pruned", pruned)):
@@ -485,6 +660,7 @@ def position_profile(rollout) -> dict:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
+
 
 class Interrupt:
     """First Ctrl-C asks the loop to stop after the current step (then it saves); a second one aborts."""
@@ -509,13 +685,30 @@ class Interrupt:
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)   # atomic: a crash mid-save keeps the previous checkpoint
+    os.replace(tmp, path)  # atomic: a crash mid-save keeps the previous checkpoint
 
 
 def run_signature(args) -> dict:
     """What must not change between a run and its resumption."""
-    keys = ("method", "preset", "device", "steps", "batch_size", "lr", "temperature", "seed", "teacher", "student", "data",
-            "prune_k", "prune_threshold", "prune_w_drop", "prune_w_base", "prune_warmup", "max_new_tokens")
+    keys = (
+        "method",
+        "preset",
+        "device",
+        "steps",
+        "batch_size",
+        "lr",
+        "temperature",
+        "seed",
+        "teacher",
+        "student",
+        "data",
+        "prune_k",
+        "prune_threshold",
+        "prune_w_drop",
+        "prune_w_base",
+        "prune_warmup",
+        "max_new_tokens",
+    )
     signature = {k: str(getattr(args, k)) for k in keys}
     # Only where they differ from what a run did before these options existed, so older
     # checkpoints still resume.
@@ -540,6 +733,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 # ---- the run ---------------------------------------------------------------------------------------
 
+
 def train(args) -> Path:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -558,15 +752,21 @@ def train(args) -> Path:
         remove_run_outputs(out)
     state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
     if state is not None and state["signature"] != run_signature(args):
-        changed = {k: (state["signature"].get(k), v) for k, v in run_signature(args).items() if state["signature"].get(k) != v}
-        raise SystemExit(f"{out} holds a checkpoint of a different run (changed: {changed}); "
-                         f"use another --out, or --fresh to delete it and start over")
+        changed = {
+            k: (state["signature"].get(k), v) for k, v in run_signature(args).items() if state["signature"].get(k) != v
+        }
+        raise SystemExit(
+            f"{out} holds a checkpoint of a different run (changed: {changed}); "
+            f"use another --out, or --fresh to delete it and start over"
+        )
     # A run killed between its last checkpoint and saving the student is not finished: it goes on
     # below, trains nothing and writes the missing outputs.
     if state is not None and state["step"] >= steps and (out / "student" / "config.json").exists():
         # Nothing left to train: say so instead of quietly redoing the ending of the earlier run.
-        print(f"{out} already holds this finished run ({state['step']}/{steps} steps; results in {metrics_path}); "
-              f"add --fresh to delete it and train again, or pass another --out")
+        print(
+            f"{out} already holds this finished run ({state['step']}/{steps} steps; results in {metrics_path}); "
+            f"add --fresh to delete it and train again, or pass another --out"
+        )
         metrics = read_metrics(metrics_path, state["step"])
         if metrics:
             print(result_line(args.method, metrics, args.target, out))
@@ -579,6 +779,7 @@ def train(args) -> Path:
 
 def remove_run_outputs(out: Path) -> None:
     import shutil
+
     for name in RUN_OUTPUTS:
         path = out / name
         if path.is_dir() and not path.is_symlink():
@@ -596,6 +797,7 @@ class quiet_libraries:
 
     def __enter__(self):
         from transformers.utils import logging as hf_logging
+
         self.hf_logging, self.was_enabled = hf_logging, hf_logging.is_progress_bar_enabled()
         if self.quiet:
             hf_logging.disable_progress_bar()
@@ -607,8 +809,11 @@ class quiet_libraries:
 
 
 def accuracy_label(eval_temperature) -> str:
-    return ("held-out accuracy (greedy)" if eval_temperature is None
-            else f"held-out accuracy (one sample at T={eval_temperature:g})")
+    return (
+        "held-out accuracy (greedy)"
+        if eval_temperature is None
+        else f"held-out accuracy (one sample at T={eval_temperature:g})"
+    )
 
 
 def first_reaching(metrics: list[dict], level: float):
@@ -628,7 +833,11 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     metrics_path, profiles_path, ckpt_path = out / "metrics.jsonl", out / "rollouts.jsonl", out / "checkpoint.pt"
 
-    step, train_seconds, totals = 0, 0.0, {"tokens_generated": 0, "tokens_saved": 0, "tokens_trained": 0, "teacher_tokens": 0}
+    step, train_seconds, totals = (
+        0,
+        0.0,
+        {"tokens_generated": 0, "tokens_saved": 0, "tokens_trained": 0, "teacher_tokens": 0},
+    )
     if state is not None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
@@ -647,11 +856,20 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
         return setup.accuracy(student)
 
     def checkpoint():
-        save_checkpoint(ckpt_path, {
-            "signature": run_signature(args), "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "prompt_rng": stream.rng.getstate(), "sampling_rng": generator.get_state(),
-            "step": step, "train_seconds": train_seconds, "totals": totals,
-        })
+        save_checkpoint(
+            ckpt_path,
+            {
+                "signature": run_signature(args),
+                "student": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "prompt_rng": stream.rng.getstate(),
+                "sampling_rng": generator.get_state(),
+                "step": step,
+                "train_seconds": train_seconds,
+                "totals": totals,
+            },
+        )
 
     board = open_tensorboard(args.tensorboard, step) if args.tensorboard is not None else None
 
@@ -669,12 +887,25 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
         acc = evaluate()
         # The ceiling the student is distilled towards, on the same held-out problems (one greedy pass).
         teacher_acc = setup.accuracy(teacher)
-        log({"step": 0, "wall_time": 0.0, "accuracy": acc, "teacher_accuracy": teacher_acc,
-             **{f"{k}_total": 0 for k in totals}, **setup.setup_seconds,
-             "method": args.method, "prune_config": dataclasses.asdict(config), "baseline": baseline,
-             "dtype": args.dtype, "chat_template": uses_chat_template(args, tokenizer)})
+        log(
+            {
+                "step": 0,
+                "wall_time": 0.0,
+                "accuracy": acc,
+                "teacher_accuracy": teacher_acc,
+                **{f"{k}_total": 0 for k in totals},
+                **setup.setup_seconds,
+                "method": args.method,
+                "prune_config": dataclasses.asdict(config),
+                "baseline": baseline,
+                "dtype": args.dtype,
+                "chat_template": uses_chat_template(args, tokenizer),
+            }
+        )
     student.train()
-    bar = tqdm(total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet)
+    bar = tqdm(
+        total=steps, initial=step, desc=f"OPD [{args.method}]", unit="step", dynamic_ncols=True, disable=args.quiet
+    )
     last_acc = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), float("nan"))
     interrupted = False
     with Interrupt() as interrupt:
@@ -682,8 +913,16 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
             problems = stream.next_batch(batch_size)
             start = time.perf_counter()
             loss, rollout = rollout_and_loss(
-                student, teacher, tokenizer, [p.prompt for p in problems], config=config, baseline=baseline,
-                max_new_tokens=setup.max_new_tokens, temperature=args.temperature, generator=generator)
+                student,
+                teacher,
+                tokenizer,
+                [p.prompt for p in problems],
+                config=config,
+                baseline=baseline,
+                max_new_tokens=setup.max_new_tokens,
+                temperature=args.temperature,
+                generator=generator,
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0))
@@ -693,8 +932,14 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
             train_seconds += step_seconds
             step += 1
 
-            row = {"step": step, "wall_time": train_seconds, "step_time": step_seconds, "loss": float(loss.detach()),
-                   "grad_norm": grad_norm, **rollout_metrics(rollout, tokenizer, problems, setup)}
+            row = {
+                "step": step,
+                "wall_time": train_seconds,
+                "step_time": step_seconds,
+                "loss": float(loss.detach()),
+                "grad_norm": grad_norm,
+                **rollout_metrics(rollout, tokenizer, problems, setup),
+            }
             for key in totals:
                 totals[key] += row[key]
                 row[f"{key}_total"] = totals[key]
@@ -708,8 +953,13 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
                     f.write(json.dumps(profile) + "\n")
             log(row)
             bar.update(1)
-            bar.set_postfix(acc=f"{last_acc:.2f}", reward=f"{row['reward']:.2f}", kl=f"{row['reverse_kl']:.2f}",
-                            overlap=f"{row['overlap']:.2f}", saved=row["tokens_saved"])
+            bar.set_postfix(
+                acc=f"{last_acc:.2f}",
+                reward=f"{row['reward']:.2f}",
+                kl=f"{row['reverse_kl']:.2f}",
+                overlap=f"{row['overlap']:.2f}",
+                saved=row["tokens_saved"],
+            )
             if step % args.save_every == 0 or step == steps or interrupt.requested:
                 checkpoint()
             if interrupt.requested:
@@ -726,10 +976,19 @@ def _train(args, preset, out, steps, batch_size, eval_every, baseline, config, s
     tokenizer.save_pretrained(out / "student")
     teacher_acc = metrics[0].get("teacher_accuracy")
     if not args.no_plots:
-        plots.accuracy_vs_time({args.method: metrics}, out / "accuracy.png", target=args.target, teacher=teacher_acc,
-                               ylabel=accuracy_label(preset.eval_temperature if args.data is None else None))
-        plots.drift_profiles(profiles, out / "drift.png", k=config.k,
-                             title=f"{args.method}: top-{config.k} overlap and multiplier along rollouts")
+        plots.accuracy_vs_time(
+            {args.method: metrics},
+            out / "accuracy.png",
+            target=args.target,
+            teacher=teacher_acc,
+            ylabel=accuracy_label(preset.eval_temperature if args.data is None else None),
+        )
+        plots.drift_profiles(
+            profiles,
+            out / "drift.png",
+            k=config.k,
+            title=f"{args.method}: top-{config.k} overlap and multiplier along rollouts",
+        )
     print(result_line(args.method, metrics, args.target, out))
     return out
 
@@ -739,13 +998,18 @@ def result_line(method: str, metrics: list[dict], target: float, out: Path) -> s
     first, last = metrics[0], metrics[-1]
     last_acc = next((m["accuracy"] for m in reversed(metrics) if "accuracy" in m), float("nan"))
     reached = first_reaching(metrics, target)
-    target_note = (f"target {target:.2f} reached at step {reached['step']} ({reached['wall_time']:.0f} s)"
-                   if reached is not None else f"target {target:.2f} not reached")
+    target_note = (
+        f"target {target:.2f} reached at step {reached['step']} ({reached['wall_time']:.0f} s)"
+        if reached is not None
+        else f"target {target:.2f} not reached"
+    )
     teacher_acc = first.get("teacher_accuracy")
     teacher_note = f" (teacher {teacher_acc:.3f})" if teacher_acc is not None else ""
-    return (f"{method}: held-out accuracy {first['accuracy']:.3f} -> {last_acc:.3f}{teacher_note} in {last['step']} "
-            f"steps, {last['wall_time']:.0f} s of OPD, {target_note}; {last['tokens_generated_total']} tokens "
-            f"generated, {last['tokens_saved_total']} saved by pruning. Outputs in {out}")
+    return (
+        f"{method}: held-out accuracy {first['accuracy']:.3f} -> {last_acc:.3f}{teacher_note} in {last['step']} "
+        f"steps, {last['wall_time']:.0f} s of OPD, {target_note}; {last['tokens_generated_total']} tokens "
+        f"generated, {last['tokens_saved_total']} saved by pruning. Outputs in {out}"
+    )
 
 
 def main(argv=None) -> None:

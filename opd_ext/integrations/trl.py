@@ -33,6 +33,7 @@ What changes against ``DistillationTrainer`` (details, logged metrics and limits
 * **Logged** ``loss``: the weighted mean reverse KL ``Σ_t w_t KL(p_t‖q_t) / norm`` (the objective whose
   gradient the vOPD surrogate estimates; its gradient is the surrogate's), plus ``opd/*`` metrics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,40 +52,54 @@ _INSTALL = f"pip install 'trl{SUPPORTED_TRL_VERSIONS}'"
 try:
     import trl
 except ImportError as error:
-    raise ImportError(f"opd_ext.integrations.trl needs TRL ({SUPPORTED_TRL_VERSIONS}), which is not installed: "
-                      f"{_INSTALL}") from error
+    raise ImportError(
+        f"opd_ext.integrations.trl needs TRL ({SUPPORTED_TRL_VERSIONS}), which is not installed: {_INSTALL}"
+    ) from error
 try:
     from trl import DistillationConfig, DistillationTrainer
     from trl.extras.profiling import profiling_context
     from trl.models.utils import unwrap_model_for_generation
     from trl.trainer.utils import get_config_model_id, pad
 except ImportError as error:
-    raise ImportError(f"opd_ext.integrations.trl supports TRL {SUPPORTED_TRL_VERSIONS}; the installed trl "
-                      f"{getattr(trl, '__version__', '?')} lacks {error.name or 'a module it uses'} ({error}): "
-                      f"{_INSTALL}") from error
+    raise ImportError(
+        f"opd_ext.integrations.trl supports TRL {SUPPORTED_TRL_VERSIONS}; the installed trl "
+        f"{getattr(trl, '__version__', '?')} lacks {error.name or 'a module it uses'} ({error}): "
+        f"{_INSTALL}"
+    ) from error
 from accelerate.utils import is_peft_model
 
-from opd_ext._validation import align_vocab, check_choice
+from opd_ext._validation import check_choice
 from opd_ext.fused_linear import fused_linear_vopd_loss
-from opd_ext.generation import Rollout, _forward_parameters, _position_ids, generate_with_pruning, score_rollouts
-from opd_ext.losses import BASELINES, DEFAULT_TOPK, vopd_loss
-from opd_ext.ops import topk_overlap
+from opd_ext.generation import Rollout, generate_with_pruning, score_rollouts
+from opd_ext.generation.models import forward_parameters, position_ids
+from opd_ext.losses import align_vocab, topk_overlap, vopd_loss
+from opd_ext.objective import BASELINES, DEFAULT_TOPK
 from opd_ext.prune import DynamicWindow, PruneConfig, StopReason
 
 __all__ = ["OPDConfig", "OPDTrainer", "SUPPORTED_TRL_VERSIONS", "TESTED_TRL_VERSIONS", "check_trl_version"]
 
-# Stop reasons a drift-free run would not have had (EOS and the length limit are not pruning).
-_PRUNED_REASONS = (StopReason.WEIGHT_EXHAUSTED, StopReason.PATIENCE, StopReason.BUDGET)
-
 # Generation settings the Prune-OPD decode loop honours; anything else in TRL's generation kwargs
 # would silently change what HF generate() samples but not what the loop samples.
-_LOOP_GENERATION_KEYS = {"max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
-                         "pad_token_id", "bos_token_id"}
+_LOOP_GENERATION_KEYS = {
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "eos_token_id",
+    "pad_token_id",
+    "bos_token_id",
+}
 
 # Config attributes by which models rescale or cap their logits after the lm_head (the ones TRL's own
 # chunked loss reads): the fused-linear loss forms the logits from the head alone and would miss them.
-_LOGIT_POSTPROCESSING = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
-                         "final_logit_softcapping")
+_LOGIT_POSTPROCESSING = (
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+    "final_logit_softcapping",
+)
 
 
 def check_trl_version(version: Optional[str] = None) -> str:
@@ -101,7 +116,8 @@ def check_trl_version(version: Optional[str] = None) -> str:
             f"opd_ext.integrations.trl supports trl{SUPPORTED_TRL_VERSIONS} (tested: "
             f"{', '.join(TESTED_TRL_VERSIONS)}), but trl {version} is installed: OPDTrainer overrides "
             f"DistillationTrainer internals that change between TRL releases. Install a supported version: "
-            f"{_INSTALL}")
+            f"{_INSTALL}"
+        )
     return version
 
 
@@ -133,8 +149,10 @@ class OPDConfig(DistillationConfig):
 
     baseline: str = field(
         default="full",
-        metadata={"help": "vOPD baseline: 'full' (vOPD), 'topk' (top-k KL baseline) or 'none' (plain OPD).",
-                  "choices": list(BASELINES)},
+        metadata={
+            "help": "vOPD baseline: 'full' (vOPD), 'topk' (top-k KL baseline) or 'none' (plain OPD).",
+            "choices": list(BASELINES),
+        },
     )
     baseline_topk: int = field(
         default=DEFAULT_TOPK,
@@ -162,8 +180,7 @@ class OPDConfig(DistillationConfig):
         _check_options(self)
 
 
-_OPD_FIELDS = ("baseline", "baseline_topk", "fused_linear", "fused_linear_chunk_size", "prune_chunk_size",
-               "overlap_k")
+_OPD_FIELDS = ("baseline", "baseline_topk", "fused_linear", "fused_linear_chunk_size", "prune_chunk_size", "overlap_k")
 _OPD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(OPDConfig) if f.name in _OPD_FIELDS}
 
 
@@ -196,8 +213,10 @@ def _check_options(args) -> _Options:
     if not isinstance(options.fused_linear, bool):
         raise ValueError(f"fused_linear must be a bool, got {options.fused_linear!r}")
     if args.beta != 1.0:
-        raise ValueError(f"beta={args.beta}: OPDTrainer trains the reverse KL with the vOPD estimator, so TRL's JSD "
-                         f"interpolation beta must stay 1.0 (choose the estimator with `baseline`)")
+        raise ValueError(
+            f"beta={args.beta}: OPDTrainer trains the reverse KL with the vOPD estimator, so TRL's JSD "
+            f"interpolation beta must stay 1.0 (choose the estimator with `baseline`)"
+        )
     return options
 
 
@@ -251,12 +270,15 @@ class OPDTrainer(DistillationTrainer):
     _tag_names = ["trl", "distillation", "opd", "opd_ext"]
     _name = "OPD"
 
-    def __init__(self, model, teacher_model=None, args=None, *trainer_args, prune: Optional[PruneConfig] = None,
-                 **trainer_kwargs):
+    def __init__(
+        self, model, teacher_model=None, args=None, *trainer_args, prune: Optional[PruneConfig] = None, **trainer_kwargs
+    ):
         check_trl_version()
         if teacher_model is None:
-            raise ValueError("OPDTrainer needs a local teacher_model (a model id, a path or a PreTrainedModel): "
-                             "the loss and Prune-OPD read the teacher's logits")
+            raise ValueError(
+                "OPDTrainer needs a local teacher_model (a model id, a path or a PreTrainedModel): "
+                "the loss and Prune-OPD read the teacher's logits"
+            )
         if prune is not None and not isinstance(prune, PruneConfig):
             raise TypeError(f"prune must be an opd_ext.PruneConfig or None, got {type(prune).__name__}")
         if args is None:
@@ -269,8 +291,10 @@ class OPDTrainer(DistillationTrainer):
         if self._is_vlm:
             raise ValueError("OPDTrainer trains text-only models: its loss does not pass images to the models")
         if self.prune is not None and self.tools:
-            raise ValueError("Prune-OPD does not run tool-calling rollouts (a tool response would resume a stopped "
-                             "row): pass prune=None to train with tools")
+            raise ValueError(
+                "Prune-OPD does not run tool-calling rollouts (a tool response would resume a stopped "
+                "row): pass prune=None to train with tools"
+            )
         if self.prune is not None and not self.use_vllm:
             self._sampling = self._loop_sampling()
         if self.opd_options.fused_linear:
@@ -293,12 +317,17 @@ class OPDTrainer(DistillationTrainer):
             refused.append(f"repetition_penalty={gen['repetition_penalty']}")
         if gen.get("cache_implementation") is not None:
             refused.append(f"cache_implementation={gen['cache_implementation']!r}")
-        extra = sorted(set(self.args.generation_kwargs or {}) - _LOOP_GENERATION_KEYS
-                       - {"min_p", "repetition_penalty", "cache_implementation"})
+        extra = sorted(
+            set(self.args.generation_kwargs or {})
+            - _LOOP_GENERATION_KEYS
+            - {"min_p", "repetition_penalty", "cache_implementation"}
+        )
         refused += [f"generation_kwargs[{key!r}]" for key in extra]
         if refused:
-            raise ValueError(f"Prune-OPD generation samples with temperature / top_k / top_p only; unset "
-                             f"{', '.join(refused)}, or pass prune=None to generate with transformers' generate()")
+            raise ValueError(
+                f"Prune-OPD generation samples with temperature / top_k / top_p only; unset "
+                f"{', '.join(refused)}, or pass prune=None to generate with transformers' generate()"
+            )
         max_new_tokens = gen.get("max_new_tokens")
         if max_new_tokens is None:
             raise ValueError("Prune-OPD generation needs max_completion_length (the completion length limit)")
@@ -314,11 +343,16 @@ class OPDTrainer(DistillationTrainer):
     @staticmethod
     def _check_plain_head(name: str, model) -> None:
         config = model.config.get_text_config()
-        found = {attr: getattr(config, attr) for attr in _LOGIT_POSTPROCESSING
-                 if getattr(config, attr, None) not in (None, 1, 1.0)}
+        found = {
+            attr: getattr(config, attr)
+            for attr in _LOGIT_POSTPROCESSING
+            if getattr(config, attr, None) not in (None, 1, 1.0)
+        }
         if found:
-            raise ValueError(f"fused_linear=True forms the {name}'s logits as lm_head(hidden) but its config "
-                             f"post-processes them ({found}); use fused_linear=False")
+            raise ValueError(
+                f"fused_linear=True forms the {name}'s logits as lm_head(hidden) but its config "
+                f"post-processes them ({found}); use fused_linear=False"
+            )
 
     # ---- generation ------------------------------------------------------------------------------
 
@@ -382,9 +416,17 @@ class OPDTrainer(DistillationTrainer):
         with self._unwrapped_student("opd_ext.generate_with_pruning") as student:
             # The teacher's forwards go through its own wrapper, which gathers sharded parameters.
             return generate_with_pruning(
-                student, self.teacher_model, input_ids, attention_mask, config=self.prune,
-                chunk_size=self.opd_options.prune_chunk_size, eos_token_id=self.eos_token_ids,
-                pad_token_id=self._tokenizer.pad_token_id, budget=self._budget(), **self._sampling)
+                student,
+                self.teacher_model,
+                input_ids,
+                attention_mask,
+                config=self.prune,
+                chunk_size=self.opd_options.prune_chunk_size,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                budget=self._budget(),
+                **self._sampling,
+            )
 
     def _prune_post_hoc(self, prompt_ids: list, completion_ids: list) -> Optional[Rollout]:
         """vLLM's rollouts scored by one student and one teacher forward, cut where Prune-OPD would
@@ -398,10 +440,18 @@ class OPDTrainer(DistillationTrainer):
         sequences = torch.cat([input_ids, completions.to(input_ids.device)], dim=1)
         with self._unwrapped_student("opd_ext.score_rollouts") as student:
             return score_rollouts(
-                student, self.teacher_model, sequences, input_ids.shape[1], attention_mask=prompt_mask,
-                completion_mask=completion_mask.to(input_ids.device).bool(), config=self.prune,
-                temperature=self._generation_temperature(), eos_token_id=self.eos_token_ids,
-                pad_token_id=self._tokenizer.pad_token_id, budget=self._budget())
+                student,
+                self.teacher_model,
+                sequences,
+                input_ids.shape[1],
+                attention_mask=prompt_mask,
+                completion_mask=completion_mask.to(input_ids.device).bool(),
+                config=self.prune,
+                temperature=self._generation_temperature(),
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+                budget=self._budget(),
+            )
 
     def _generate_and_score_completions(self, inputs):
         """TRL's batch (prompt / completion ids and masks, ``num_items_in_batch``) plus, with
@@ -420,10 +470,19 @@ class OPDTrainer(DistillationTrainer):
     def _log_rollout(self, rollout: Rollout) -> None:
         mode = "train" if self.model.training else "eval"
         reasons = rollout.stop_reason
-        pruned = torch.isin(reasons, torch.tensor(_PRUNED_REASONS, dtype=reasons.dtype, device=reasons.device))
+        pruned = torch.isin(reasons, torch.tensor(StopReason.PRUNED, dtype=reasons.dtype, device=reasons.device))
         device = self.accelerator.device
-        counts = torch.tensor([rollout.tokens_generated, rollout.tokens_saved, rollout.teacher_tokens,
-                               int(pruned.sum()), reasons.numel()], dtype=torch.int64, device=device)
+        counts = torch.tensor(
+            [
+                rollout.tokens_generated,
+                rollout.tokens_saved,
+                rollout.teacher_tokens,
+                int(pruned.sum()),
+                reasons.numel(),
+            ],
+            dtype=torch.int64,
+            device=device,
+        )
         totals = self.accelerator.gather(counts).reshape(-1, counts.numel()).sum(0).tolist()
         generated, saved, teacher_tokens, pruned_rows, rows = totals
         metrics = self._metrics[mode]
@@ -456,21 +515,22 @@ class OPDTrainer(DistillationTrainer):
         # Through the wrapper's forward, as TRL does: DDP's prepare_for_backward fires, FSDP /
         # DeepSpeed keep the student's sharded parameters (lm_head included) gathered.
         unwrapped_student = self.accelerator.unwrap_model(model)
-        loss, sums = self._forward_redirection(model, unwrapped_student, self._compute_loss, unwrapped_student,
-                                               inputs, num_items_in_batch)
+        loss, sums = self._forward_redirection(
+            model, unwrapped_student, self._compute_loss, unwrapped_student, inputs, num_items_in_batch
+        )
         # Collectives outside the wrapped forward (a hang / ordering risk inside it).
         self._log_loss_sums(sums)
         return (loss, None) if return_outputs else loss
 
     def _completion_logits(self, model, input_ids, attention_mask, steps: int) -> torch.Tensor:
         """``[B, steps, V]``: the logits that predicted the last ``steps`` tokens."""
-        keys = _forward_parameters(model)  # the innermost model's: wrappers take **kwargs
+        keys = forward_parameters(model)  # the innermost model's: wrappers take **kwargs
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in keys:
-            kwargs["position_ids"] = _position_ids(attention_mask)
+            kwargs["position_ids"] = position_ids(attention_mask)
         if "logits_to_keep" in keys:
             kwargs["logits_to_keep"] = steps + 1
-        return model(**kwargs).logits[:, -steps - 1:-1]
+        return model(**kwargs).logits[:, -steps - 1 : -1]
 
     def _completion_hidden(self, unwrapped, input_ids, attention_mask, steps: int) -> torch.Tensor:
         """``[B, steps, H]``: the last hidden states fed to the lm_head for the last ``steps`` tokens.
@@ -481,8 +541,8 @@ class OPDTrainer(DistillationTrainer):
         backbone = model.base_model
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if "position_ids" in inspect.signature(backbone.forward).parameters:
-            kwargs["position_ids"] = _position_ids(attention_mask)
-        return backbone(**kwargs).last_hidden_state[:, -steps - 1:-1]
+            kwargs["position_ids"] = position_ids(attention_mask)
+        return backbone(**kwargs).last_hidden_state[:, -steps - 1 : -1]
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
         """``(loss, sums)``: the loss (value: weighted mean reverse KL; gradient: the vOPD surrogate's)
@@ -496,8 +556,15 @@ class OPDTrainer(DistillationTrainer):
         steps = completion_ids.shape[1]
         weights, overlaps = inputs.get("opd_weights"), inputs.get("opd_overlaps")
         options = self.opd_options
-        common = dict(mask=mask, weights=weights, temperature=self.temperature, baseline=options.baseline,
-                      topk=options.baseline_topk, num_items=num_items_in_batch, return_stats=True)
+        common = dict(
+            mask=mask,
+            weights=weights,
+            temperature=self.temperature,
+            baseline=options.baseline,
+            topk=options.baseline_topk,
+            num_items=num_items_in_batch,
+            return_stats=True,
+        )
 
         teacher = self.teacher_model
         teacher.eval()
@@ -505,8 +572,15 @@ class OPDTrainer(DistillationTrainer):
         if options.fused_linear:
             student_hidden = self._completion_hidden(unwrapped_student, input_ids, attention_mask, steps)
             with torch.no_grad():
-                teacher_hidden = self._forward_redirection(teacher, unwrapped_teacher, self._completion_hidden,
-                                                           unwrapped_teacher, input_ids, attention_mask, steps)
+                teacher_hidden = self._forward_redirection(
+                    teacher,
+                    unwrapped_teacher,
+                    self._completion_hidden,
+                    unwrapped_teacher,
+                    input_ids,
+                    attention_mask,
+                    steps,
+                )
             student_head = unwrapped_student.get_output_embeddings()
             teacher_head = unwrapped_teacher.get_output_embeddings()
             student_dtype = next(student_head.parameters()).dtype
@@ -515,9 +589,14 @@ class OPDTrainer(DistillationTrainer):
             # and an autocast matmul would round the chunk logits the loss differentiates.
             with torch.autocast(device_type=student_hidden.device.type, enabled=False):
                 loss, stats = fused_linear_vopd_loss(
-                    student_hidden.to(student_dtype), student_head, completion_ids,
-                    teacher_hidden=teacher_hidden.to(teacher_dtype), teacher_weight=teacher_head,
-                    chunk_size=options.fused_linear_chunk_size, **common)
+                    student_hidden.to(student_dtype),
+                    student_head,
+                    completion_ids,
+                    teacher_hidden=teacher_hidden.to(teacher_dtype),
+                    teacher_weight=teacher_head,
+                    chunk_size=options.fused_linear_chunk_size,
+                    **common,
+                )
         else:
             student_logits = self._completion_logits(unwrapped_student, input_ids, attention_mask, steps)
             with torch.no_grad():
@@ -538,24 +617,30 @@ class OPDTrainer(DistillationTrainer):
         valid = stats.mask
         count = valid.sum().float()
         advantage = stats.advantage
-        overlap_sum = torch.zeros((), device=loss.device) if overlaps is None else \
-            torch.where(valid, overlaps.to(valid.device).float(), 0.0).sum()
-        sums = torch.stack([
-            count,
-            stats.reverse_kl.sum(),
-            stats.reward.sum(),
-            advantage.sum(),
-            (advantage * advantage).sum(),
-            stats.weights.sum(),
-            overlap_sum,
-            count if overlaps is not None else torch.zeros((), device=loss.device),
-        ]).detach()
+        overlap_sum = (
+            torch.zeros((), device=loss.device)
+            if overlaps is None
+            else torch.where(valid, overlaps.to(valid.device).float(), 0.0).sum()
+        )
+        sums = torch.stack(
+            [
+                count,
+                stats.reverse_kl.sum(),
+                stats.reward.sum(),
+                advantage.sum(),
+                (advantage * advantage).sum(),
+                stats.weights.sum(),
+                overlap_sum,
+                count if overlaps is not None else torch.zeros((), device=loss.device),
+            ]
+        ).detach()
         return loss, sums
 
     def _log_loss_sums(self, sums: torch.Tensor) -> None:
         mode = "train" if self.model.training else "eval"
         (count, kl, reward, advantage, advantage_sq, weight, overlap, overlap_count) = (
-            self.accelerator.gather(sums).reshape(-1, sums.numel()).sum(0).tolist())
+            self.accelerator.gather(sums).reshape(-1, sums.numel()).sum(0).tolist()
+        )
         if count == 0:
             return
         metrics = self._metrics[mode]

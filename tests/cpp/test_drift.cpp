@@ -180,8 +180,8 @@ TEST(DriftScanRow, EqualsSteppingAndSkipsInvalidPositions) {
 
   DriftState scanned;
   std::vector<float> multipliers(steps), weights(steps);
-  const int64_t stop = opd::drift_scan_row(config, scanned, overlaps.data(), valid, steps, multipliers.data(),
-                                           weights.data());
+  const int64_t stop =
+      opd::drift_scan_row(config, scanned, overlaps.data(), valid, steps, multipliers.data(), weights.data());
 
   DriftState stepped;
   int64_t expected_stop = -1;

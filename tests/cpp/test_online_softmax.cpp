@@ -42,8 +42,8 @@ ExactStats exact(const std::vector<float>& s, const std::vector<float>& t) {
   return {exact_lse(s), exact_lse(t), exact_kl(s, t), exact_kl(t, s)};
 }
 
-opd::PairSoftmaxState sequential(const std::vector<float>& s, const std::vector<float>& t,
-                                 size_t begin = 0, size_t end = SIZE_MAX) {
+opd::PairSoftmaxState sequential(const std::vector<float>& s, const std::vector<float>& t, size_t begin = 0,
+                                 size_t end = SIZE_MAX) {
   opd::PairSoftmaxState state;
   for (size_t v = begin; v < std::min(end, s.size()); ++v) state.update(s[v], t[v]);
   return state;
@@ -59,8 +59,8 @@ void expect_close(double expected, float actual, double rel, double abs_floor, c
       << what << ": expected " << expected << ", got " << actual;
 }
 
-void expect_matches_exact(const opd::PairSoftmaxState& state, const std::vector<float>& s,
-                          const std::vector<float>& t, double rel = 1e-5) {
+void expect_matches_exact(const opd::PairSoftmaxState& state, const std::vector<float>& s, const std::vector<float>& t,
+                          double rel = 1e-5) {
   const ExactStats ref = exact(s, t);
   expect_close(ref.lse_s, state.lse_s(), rel, 1e-6, "lse_s");
   expect_close(ref.lse_t, state.lse_t(), rel, 1e-6, "lse_t");

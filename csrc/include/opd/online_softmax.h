@@ -57,9 +57,7 @@ OPD_HOST_DEVICE float element_weight(float x, float max, float inv_tau = 1.0f) {
 
 // weight·value with exp(-inf)·anything = 0: a zero weight wins over an infinite (or NaN from
 // -inf - -inf) value.
-OPD_HOST_DEVICE float weighted(float weight, float value) {
-  return weight == 0.0f ? 0.0f : weight * value;
-}
+OPD_HOST_DEVICE float weighted(float weight, float value) { return weight == 0.0f ? 0.0f : weight * value; }
 
 // KL is non-negative; rounding can leave it a few ulp below 0. Keeps NaN.
 OPD_HOST_DEVICE float clamp_nonnegative(float kl) { return kl < 0.0f ? 0.0f : kl; }
@@ -108,8 +106,7 @@ struct PairSoftmaxState {
     const float e_s = element_weight(s, new_max_s, inv_tau);
     const float e_t = element_weight(t, new_max_t, inv_tau);
     // Re-centring the old terms at the new maxima changes each centred log-ratio by -shift.
-    const float shift =
-        ((centre(new_max_s) - centre(max_s)) - (centre(new_max_t) - centre(max_t))) * inv_tau;
+    const float shift = ((centre(new_max_s) - centre(max_s)) - (centre(new_max_t) - centre(max_t))) * inv_tau;
     const float log_ratio = (s - centre(new_max_s)) * inv_tau - (t - centre(new_max_t)) * inv_tau;
     cross_s = weighted(keep_s, cross_s - shift * sum_s) + weighted(e_s, log_ratio);
     cross_t = weighted(keep_t, cross_t + shift * sum_t) + weighted(e_t, -log_ratio);
@@ -128,12 +125,11 @@ struct PairSoftmaxState {
     const float other_keep_t = rescale(other.max_t, new_max_t, inv_tau);
     const float centre_s = centre(new_max_s), centre_t = centre(new_max_t);
     const float shift = ((centre_s - centre(max_s)) - (centre_t - centre(max_t))) * inv_tau;
-    const float other_shift =
-        ((centre_s - centre(other.max_s)) - (centre_t - centre(other.max_t))) * inv_tau;
-    cross_s = weighted(keep_s, cross_s - shift * sum_s) +
-              weighted(other_keep_s, other.cross_s - other_shift * other.sum_s);
-    cross_t = weighted(keep_t, cross_t + shift * sum_t) +
-              weighted(other_keep_t, other.cross_t + other_shift * other.sum_t);
+    const float other_shift = ((centre_s - centre(other.max_s)) - (centre_t - centre(other.max_t))) * inv_tau;
+    cross_s =
+        weighted(keep_s, cross_s - shift * sum_s) + weighted(other_keep_s, other.cross_s - other_shift * other.sum_s);
+    cross_t =
+        weighted(keep_t, cross_t + shift * sum_t) + weighted(other_keep_t, other.cross_t + other_shift * other.sum_t);
     sum_s = keep_s * sum_s + other_keep_s * other.sum_s;
     sum_t = keep_t * sum_t + other_keep_t * other.sum_t;
     max_s = new_max_s;

@@ -21,8 +21,7 @@ OPD_HOST_DEVICE bool ranks_before(float value_a, int32_t index_a, float value_b,
 // pass it, which makes a single pass over the row cheap even though insertion is O(k).
 class StreamingTopK {
  public:
-  OPD_HOST_DEVICE StreamingTopK(float* values, int32_t* indices, int k)
-      : values_(values), indices_(indices), k_(k) {}
+  OPD_HOST_DEVICE StreamingTopK(float* values, int32_t* indices, int k) : values_(values), indices_(indices), k_(k) {}
 
   OPD_HOST_DEVICE void push(float value, int32_t index) {
     if (size_ == k_) {

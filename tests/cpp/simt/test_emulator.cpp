@@ -245,9 +245,9 @@ TEST_F(Emulator, FlagsAMissingBarrierBeforeABlockResult) {
       [&] {
         opd::simt::check_schedules_agree([&] {
           std::vector<int> out(64);
-          EXPECT_EQ(opd::cuda::launch(block_result_without_barrier, dim3(1), dim3(64), 0, nullptr, in.data(),
-                                      out.data()),
-                    cudaSuccess);
+          EXPECT_EQ(
+              opd::cuda::launch(block_result_without_barrier, dim3(1), dim3(64), 0, nullptr, in.data(), out.data()),
+              cudaSuccess);
           return bytes_of(out);
         });
       },

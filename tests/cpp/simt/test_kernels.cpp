@@ -37,7 +37,9 @@ class Kernels : public ::testing::Test {
 };
 
 // Workspaces as the bindings hand them out: uninitialised (poisoned).
-std::vector<unsigned char> workspace(size_t bytes) { return std::vector<unsigned char>(bytes, opd::simt::poison_byte()); }
+std::vector<unsigned char> workspace(size_t bytes) {
+  return std::vector<unsigned char>(bytes, opd::simt::poison_byte());
+}
 
 struct Rows {
   int64_t rows, vocab;
@@ -77,8 +79,8 @@ std::vector<float> run_topk_overlap(const Rows& r, int k) {
   size_t bytes = 0;
   EXPECT_EQ(opd::cuda::topk_overlap_workspace_size(r.rows, r.vocab, k, &bytes), cudaSuccess);
   std::vector<unsigned char> ws = workspace(bytes);
-  const opd::cuda::TopKOverlapParams<float, float> p{r.student.data(), r.teacher.data(), r.vocab, r.vocab, r.rows,
-                                                      static_cast<int32_t>(r.vocab), k, out.data()};
+  const opd::cuda::TopKOverlapParams<float, float> p{
+      r.student.data(), r.teacher.data(), r.vocab, r.vocab, r.rows, static_cast<int32_t>(r.vocab), k, out.data()};
   EXPECT_EQ(opd::cuda::launch_topk_overlap(p, ws.data(), bytes, nullptr), cudaSuccess);
   return out;
 }
@@ -110,7 +112,7 @@ TEST_F(Kernels, TopKOverlapRejectsWhatItCannotRun) {
   const Rows r = random_rows(1, 3000, 1);
   std::vector<float> out(1);
   const opd::cuda::TopKOverlapParams<float, float> p{r.student.data(), r.teacher.data(), 3000, 3000, 1, 3000, 2000,
-                                                      out.data()};
+                                                     out.data()};
   size_t bytes = 0;
   EXPECT_EQ(opd::cuda::topk_overlap_workspace_size(1, 3000, 2000, &bytes), cudaErrorInvalidValue);
   EXPECT_EQ(opd::cuda::launch_topk_overlap(p, nullptr, 0, nullptr), cudaErrorInvalidValue);
@@ -162,10 +164,22 @@ TEST_F(Kernels, TokenStatsEveryPathMatchesFloat64) {
     for (int64_t i = 0; i < c.rows; ++i) tokens[i] = (i * 7919) % c.vocab;
     std::vector<float> out(8 * c.rows, -1.0f);
     float* o = out.data();
-    const opd::cuda::TokenStatsParams<float, float> p{
-        r.student.data(), r.teacher.data(), c.vocab, c.vocab, tokens.data(), c.rows,
-        static_cast<int>(c.vocab), 1.0f / tau, c.topk, o, o + c.rows, o + 2 * c.rows, o + 3 * c.rows,
-        o + 4 * c.rows, o + 5 * c.rows, o + 6 * c.rows};
+    const opd::cuda::TokenStatsParams<float, float> p{r.student.data(),
+                                                      r.teacher.data(),
+                                                      c.vocab,
+                                                      c.vocab,
+                                                      tokens.data(),
+                                                      c.rows,
+                                                      static_cast<int>(c.vocab),
+                                                      1.0f / tau,
+                                                      c.topk,
+                                                      o,
+                                                      o + c.rows,
+                                                      o + 2 * c.rows,
+                                                      o + 3 * c.rows,
+                                                      o + 4 * c.rows,
+                                                      o + 5 * c.rows,
+                                                      o + 6 * c.rows};
     size_t bytes = 0;
     ASSERT_EQ((opd::cuda::token_stats_workspace_size<float, float>(c.rows, c.vocab, c.topk, &bytes)), cudaSuccess);
     std::vector<unsigned char> ws = workspace(bytes);
@@ -197,7 +211,7 @@ TEST_F(Kernels, StudentStatsAndBackwardsMatchFloat64) {
       const Rows r = random_rows(rows, vocab, 11);
       std::vector<int64_t> tokens = {0, vocab / 2, vocab - 1};
       std::vector<float> logprob(rows), lse(rows);
-      const opd::cuda::StudentStatsParams<float> sp{r.student.data(), vocab, tokens.data(), rows,
+      const opd::cuda::StudentStatsParams<float> sp{r.student.data(),        vocab,      tokens.data(),  rows,
                                                     static_cast<int>(vocab), 1.0f / tau, logprob.data(), lse.data()};
       size_t bytes = 0;
       ASSERT_EQ(opd::cuda::student_stats_workspace_size<float>(rows, vocab, &bytes), cudaSuccess);
@@ -213,9 +227,9 @@ TEST_F(Kernels, StudentStatsAndBackwardsMatchFloat64) {
         kl[i] = static_cast<float>(h.reverse_kl);
         lse_t[i] = static_cast<float>(h.teacher_lse);
       }
-      const opd::cuda::PolicyGradientBackwardParams<float> pg{r.student.data(), vocab, grad.data(), coef.data(),
-                                                              tokens.data(), lse.data(), rows,
-                                                              static_cast<int>(vocab), 1.0f / tau};
+      const opd::cuda::PolicyGradientBackwardParams<float> pg{
+          r.student.data(),        vocab,     grad.data(), coef.data(), tokens.data(), lse.data(), rows,
+          static_cast<int>(vocab), 1.0f / tau};
       ASSERT_EQ(opd::cuda::launch_policy_gradient_backward(pg, nullptr, 0, nullptr), cudaSuccess);
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < vocab; j += 97) {
@@ -224,9 +238,18 @@ TEST_F(Kernels, StudentStatsAndBackwardsMatchFloat64) {
           EXPECT_NEAR(grad[i * vocab + j], want, 1e-6 + 1e-5 * std::abs(want)) << "policy gradient " << i << "," << j;
         }
       }
-      const opd::cuda::ReverseKlBackwardParams<float, float> rk{
-          r.student.data(), r.teacher.data(), vocab, vocab, grad.data(), coef.data(), lse.data(), lse_t.data(),
-          kl.data(), rows, static_cast<int>(vocab), 1.0f / tau};
+      const opd::cuda::ReverseKlBackwardParams<float, float> rk{r.student.data(),
+                                                                r.teacher.data(),
+                                                                vocab,
+                                                                vocab,
+                                                                grad.data(),
+                                                                coef.data(),
+                                                                lse.data(),
+                                                                lse_t.data(),
+                                                                kl.data(),
+                                                                rows,
+                                                                static_cast<int>(vocab),
+                                                                1.0f / tau};
       ASSERT_EQ(opd::cuda::launch_reverse_kl_backward(rk, nullptr, 0, nullptr), cudaSuccess);
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t j = 0; j < vocab; j += 89) {
@@ -246,8 +269,8 @@ struct HostState {
   explicit HostState(int64_t b)
       : ema(b, 1.0f), weight(b, 1.0f), drift_run(b), drift_events(b), length(b), budget(b, 1 << 20), stop_reason(b) {}
   opd::DriftStateArrays arrays() {
-    return {ema.data(), weight.data(), drift_run.data(), drift_events.data(), length.data(), stop_reason.data(),
-            budget.data()};
+    return {ema.data(),    weight.data(),      drift_run.data(), drift_events.data(),
+            length.data(), stop_reason.data(), budget.data()};
   }
 };
 
@@ -274,10 +297,25 @@ TEST_F(Kernels, DriftStepFollowsTheSharedStateMachine) {
         std::vector<float> overlap(batch), multiplier(batch), lp_s(batch), lp_t(batch), rkl(batch);
         std::vector<uint8_t> stopped_bytes(batch);
         bool* stopped = reinterpret_cast<bool*>(stopped_bytes.data());
-        const opd::cuda::DriftStepParams<float, float> p{
-            r.student.data(), r.teacher.data(), vocab, vocab, batch, static_cast<int32_t>(vocab), k, tokens.data(),
-            1.0f, nullptr, batch, config, dev.arrays(), overlap.data(), multiplier.data(), stopped, lp_s.data(),
-            lp_t.data(), rkl.data()};
+        const opd::cuda::DriftStepParams<float, float> p{r.student.data(),
+                                                         r.teacher.data(),
+                                                         vocab,
+                                                         vocab,
+                                                         batch,
+                                                         static_cast<int32_t>(vocab),
+                                                         k,
+                                                         tokens.data(),
+                                                         1.0f,
+                                                         nullptr,
+                                                         batch,
+                                                         config,
+                                                         dev.arrays(),
+                                                         overlap.data(),
+                                                         multiplier.data(),
+                                                         stopped,
+                                                         lp_s.data(),
+                                                         lp_t.data(),
+                                                         rkl.data()};
         size_t bytes = 0;
         ASSERT_EQ(opd::cuda::drift_step_workspace_size(batch, vocab, k, true, &bytes), cudaSuccess);
         std::vector<unsigned char> ws = workspace(bytes);
@@ -324,10 +362,11 @@ TEST_F(Kernels, DriftScanMatchesTheHostScan) {
   }
   const bool* valid = reinterpret_cast<const bool*>(valid_bytes.data());
   HostState dev(batch), host(batch);
-  std::vector<float> mult(batch * steps, -1), weights(batch * steps, -1), host_mult(batch * steps), host_weights(batch * steps);
+  std::vector<float> mult(batch * steps, -1), weights(batch * steps, -1), host_mult(batch * steps),
+      host_weights(batch * steps);
   std::vector<int64_t> stop(batch, -5);
-  const opd::cuda::DriftScanParams p{overlaps.data(), valid, batch, steps, config, dev.arrays(), mult.data(),
-                                     weights.data(), stop.data()};
+  const opd::cuda::DriftScanParams p{overlaps.data(), valid,       batch,          steps,      config,
+                                     dev.arrays(),    mult.data(), weights.data(), stop.data()};
   ASSERT_EQ(opd::cuda::launch_drift_scan(p, nullptr, 0, nullptr), cudaSuccess);
   const opd::DriftStateArrays h = host.arrays();
   for (int64_t b = 0; b < batch; ++b) {
@@ -391,8 +430,8 @@ void expect_pair_matches_float64(const char* pair) {
   for (const Case c : {Case{"h100", 5, 4099, 0, 0, 0}, Case{"h100", 3, 40000, 0, 1, 5}, Case{"tiny", 7, 1001, 0, 1, 2},
                        Case{"h100", 3, 5000, 100, 1, 5}}) {
     opd::simt::config().device = opd::simt::device_profile(c.device);
-    const std::string where_case = std::string(pair) + " " + c.device + " V=" + std::to_string(c.vocab) +
-                                   " offsets " + std::to_string(c.offset_s) + "," + std::to_string(c.offset_t);
+    const std::string where_case = std::string(pair) + " " + c.device + " V=" + std::to_string(c.vocab) + " offsets " +
+                                   std::to_string(c.offset_s) + "," + std::to_string(c.offset_t);
     const Rows r = random_rows(c.rows, c.vocab, 21);
     const Placed<S> s = place<S>(r.student, c.offset_s);
     const Placed<T> t = place<T>(r.teacher, c.offset_t);
@@ -402,8 +441,9 @@ void expect_pair_matches_float64(const char* pair) {
     std::vector<float> out(8 * c.rows, -1.0f);
     float* o = out.data();
     const opd::cuda::TokenStatsParams<S, T> p{
-        s.data(), t.data(), c.vocab, c.vocab, tokens.data(), c.rows, static_cast<int>(c.vocab), 1.0f / tau, c.topk,
-        o, o + c.rows, o + 2 * c.rows, o + 3 * c.rows, o + 4 * c.rows, o + 5 * c.rows, o + 6 * c.rows};
+        s.data(),       t.data(),      c.vocab, c.vocab,    tokens.data(),  c.rows,         static_cast<int>(c.vocab),
+        1.0f / tau,     c.topk,        o,       o + c.rows, o + 2 * c.rows, o + 3 * c.rows, o + 4 * c.rows,
+        o + 5 * c.rows, o + 6 * c.rows};
     size_t bytes = 0;
     ASSERT_EQ((opd::cuda::token_stats_workspace_size<S, T>(c.rows, c.vocab, c.topk, &bytes)), cudaSuccess);
     std::vector<unsigned char> ws = workspace(bytes);
@@ -433,9 +473,18 @@ void expect_pair_matches_float64(const char* pair) {
       kl[i] = static_cast<float>(host[i].reverse_kl);
     }
     std::vector<S> grad(c.rows * c.vocab, S(-7.0f));
-    const opd::cuda::ReverseKlBackwardParams<S, T> rk{
-        s.data(), t.data(), c.vocab, c.vocab, grad.data(), coef.data(), lse_s.data(), lse_t.data(), kl.data(),
-        c.rows, static_cast<int>(c.vocab), 1.0f / tau};
+    const opd::cuda::ReverseKlBackwardParams<S, T> rk{s.data(),
+                                                      t.data(),
+                                                      c.vocab,
+                                                      c.vocab,
+                                                      grad.data(),
+                                                      coef.data(),
+                                                      lse_s.data(),
+                                                      lse_t.data(),
+                                                      kl.data(),
+                                                      c.rows,
+                                                      static_cast<int>(c.vocab),
+                                                      1.0f / tau};
     ASSERT_EQ(opd::cuda::launch_reverse_kl_backward(rk, nullptr, 0, nullptr), cudaSuccess);
     for (int64_t i = 0; i < c.rows; ++i) {
       for (int64_t j = 0; j < c.vocab; ++j) {
@@ -443,8 +492,8 @@ void expect_pair_matches_float64(const char* pair) {
         const double lq = t.values[i * c.vocab + j] / tau - host[i].teacher_lse;
         const double want = coef[i] / tau * std::exp(lp) * (lp - lq - host[i].reverse_kl);
         const float got = static_cast<float>(grad[i * c.vocab + j]);
-        ASSERT_NEAR(got, want, 1e-6 + grad_rtol * std::abs(want)) << "reverse KL grad " << where_case << " " << i
-                                                                  << "," << j;
+        ASSERT_NEAR(got, want, 1e-6 + grad_rtol * std::abs(want))
+            << "reverse KL grad " << where_case << " " << i << "," << j;
       }
     }
 
@@ -452,18 +501,33 @@ void expect_pair_matches_float64(const char* pair) {
     std::vector<float> overlap(c.rows, -1.0f);
     ASSERT_EQ(opd::cuda::topk_overlap_workspace_size(c.rows, c.vocab, k, &bytes), cudaSuccess);
     ws = workspace(bytes);
-    const opd::cuda::TopKOverlapParams<S, T> tp{s.data(), t.data(), c.vocab, c.vocab, c.rows,
-                                                static_cast<int32_t>(c.vocab), k, overlap.data()};
+    const opd::cuda::TopKOverlapParams<S, T> tp{
+        s.data(), t.data(), c.vocab, c.vocab, c.rows, static_cast<int32_t>(c.vocab), k, overlap.data()};
     ASSERT_EQ(opd::cuda::launch_topk_overlap(tp, ws.data(), bytes, nullptr), cudaSuccess);
 
     opd::DriftConfig config;
     HostState state(c.rows);
     std::vector<float> drift_overlap(c.rows), multiplier(c.rows), lp_s(c.rows), lp_t(c.rows), rkl(c.rows);
     std::vector<uint8_t> stopped_bytes(c.rows);
-    const opd::cuda::DriftStepParams<S, T> dp{
-        s.data(), t.data(), c.vocab, c.vocab, c.rows, static_cast<int32_t>(c.vocab), k, tokens.data(), 1.0f / tau,
-        nullptr, c.rows, config, state.arrays(), drift_overlap.data(), multiplier.data(),
-        reinterpret_cast<bool*>(stopped_bytes.data()), lp_s.data(), lp_t.data(), rkl.data()};
+    const opd::cuda::DriftStepParams<S, T> dp{s.data(),
+                                              t.data(),
+                                              c.vocab,
+                                              c.vocab,
+                                              c.rows,
+                                              static_cast<int32_t>(c.vocab),
+                                              k,
+                                              tokens.data(),
+                                              1.0f / tau,
+                                              nullptr,
+                                              c.rows,
+                                              config,
+                                              state.arrays(),
+                                              drift_overlap.data(),
+                                              multiplier.data(),
+                                              reinterpret_cast<bool*>(stopped_bytes.data()),
+                                              lp_s.data(),
+                                              lp_t.data(),
+                                              rkl.data()};
     ASSERT_EQ(opd::cuda::drift_step_workspace_size(c.rows, c.vocab, k, true, &bytes), cudaSuccess);
     ws = workspace(bytes);
     ASSERT_EQ(opd::cuda::launch_drift_step(dp, ws.data(), bytes, nullptr), cudaSuccess);

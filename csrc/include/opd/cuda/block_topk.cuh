@@ -15,15 +15,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "opd/cuda/limits.h"
 #include "opd/topk.h"
 
 namespace opd::cuda {
-
-constexpr int kPairPassThreads = 128;
-constexpr int kMaxVectorElems = 8;  // 16-byte loads of 2-byte dtypes
-constexpr int kTopKCapacity = 2048;  // power of two for the bitonic sort
-// A tile appends at most kPairPassThreads * kMaxVectorElems candidates after a compaction left k.
-constexpr int kMaxStreamingTopK = kTopKCapacity - kPairPassThreads * kMaxVectorElems;
 
 struct TopKCandidates {
   float values[kTopKCapacity];
@@ -61,8 +56,7 @@ struct AdmissionThreshold {
   }
 };
 
-__device__ __forceinline__ void topk_offer(TopKCandidates* c, const AdmissionThreshold& thr, float x,
-                                           int32_t index) {
+__device__ __forceinline__ void topk_offer(TopKCandidates* c, const AdmissionThreshold& thr, float x, int32_t index) {
   if (!thr.active) return;
   if (x != x) {
     c->saw_nan = 1;
@@ -266,8 +260,8 @@ __device__ __forceinline__ void topk_store_partial(const TopKCandidates& c, floa
 
 // Loads `parts` partial top-k lists (each k long, contiguous) and keeps the best k. parts * k must
 // not exceed kTopKCapacity.
-__device__ __forceinline__ void topk_merge_partials(TopKCandidates& c, const float* values,
-                                                    const int32_t* indices, int parts) {
+__device__ __forceinline__ void topk_merge_partials(TopKCandidates& c, const float* values, const int32_t* indices,
+                                                    int parts) {
   const int total = parts * c.k;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     c.values[i] = values[i];
@@ -295,9 +289,7 @@ inline cudaError_t pair_pass_slices_per_row(int64_t rows, int64_t vocab, int64_t
 }
 
 // Slice starts on a multiple of 8 elements keep 16-byte loads possible inside every slice.
-inline int64_t pair_pass_slice_length(int64_t vocab, int slices) {
-  return ((vocab + slices - 1) / slices + 7) / 8 * 8;
-}
+inline int64_t pair_pass_slice_length(int64_t vocab, int slices) { return ((vocab + slices - 1) / slices + 7) / 8 * 8; }
 
 // The split pass's workspace: per row, side (student, teacher) and slice, a partial top-k list of
 // k (value, index) pairs and a NaN flag, laid out [row][side][slice] so the merge reads one

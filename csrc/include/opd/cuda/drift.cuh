@@ -73,11 +73,9 @@ __device__ void finish_row(int64_t i, const S* s_row, const T* t_row, bool saw_n
     const bool valid = y >= 0 && y < p.vocab;  // the Python wrapper rejects the others first
     // (x - centre) / τ - log Z, not x / τ - lse: lse rounds to ulp(max / τ), ~1e-3 at |logits| ~ 1e4.
     p.student_logprob[i] =
-        valid ? (static_cast<float>(s_row[y]) - centre(softmax.max_s)) * p.inv_temperature - logf(softmax.sum_s)
-              : kNaN;
+        valid ? (static_cast<float>(s_row[y]) - centre(softmax.max_s)) * p.inv_temperature - logf(softmax.sum_s) : kNaN;
     p.teacher_logprob[i] =
-        valid ? (static_cast<float>(t_row[y]) - centre(softmax.max_t)) * p.inv_temperature - logf(softmax.sum_t)
-              : kNaN;
+        valid ? (static_cast<float>(t_row[y]) - centre(softmax.max_t)) * p.inv_temperature - logf(softmax.sum_t) : kNaN;
     p.reverse_kl[i] = softmax.reverse_kl();
   }
   const int64_t row = p.rows != nullptr ? p.rows[i] : i;
@@ -142,9 +140,9 @@ __global__ void __launch_bounds__(kPairPassThreads)
   OPD_SHARED(TopKCandidates, top_s);
   OPD_SHARED(TopKCandidates, top_t);
   const RowSlice rs = this_row_slice(p.vocab, slice_len);
-  const opd::PairSoftmaxState softmax = read_rows(p.student + rs.row * p.student_row_stride + rs.begin,
-                                                  p.teacher + rs.row * p.teacher_row_stride + rs.begin, rs.len,
-                                                  rs.begin, top_s, top_t, p);
+  const opd::PairSoftmaxState softmax =
+      read_rows(p.student + rs.row * p.student_row_stride + rs.begin,
+                p.teacher + rs.row * p.teacher_row_stride + rs.begin, rs.len, rs.begin, top_s, top_t, p);
   store_pair_partials(top_s, top_t, partials, rs, p.k);
   if (p.tokens != nullptr && threadIdx.x == 0) partial_softmax[rs.row * rs.slices + rs.slice] = softmax;
 }
@@ -164,8 +162,8 @@ __global__ void __launch_bounds__(kPairPassThreads)
   if (p.tokens != nullptr) {
     for (int slice = 0; slice < slices; ++slice) softmax.merge(partial_softmax[i * slices + slice], p.inv_temperature);
   }
-  finish_row(i, p.student + i * p.student_row_stride, p.teacher + i * p.teacher_row_stride, saw_nan, common,
-             softmax, p);
+  finish_row(i, p.student + i * p.student_row_stride, p.teacher + i * p.teacher_row_stride, saw_nan, common, softmax,
+             p);
 }
 
 // A template (of the block size) so that this header defines no non-inline function.
@@ -245,8 +243,8 @@ cudaError_t launch_drift_step(const DriftStepParams<S, T>& p, void* workspace, s
       e != cudaSuccess) {
     return e;
   }
-  return launch(merge_kernel<S, T>, dim3(static_cast<unsigned>(p.active)), dim3(kPairPassThreads), 0, stream, p,
-                slices, w.partials, static_cast<const opd::PairSoftmaxState*>(w.softmax));
+  return launch(merge_kernel<S, T>, dim3(static_cast<unsigned>(p.active)), dim3(kPairPassThreads), 0, stream, p, slices,
+                w.partials, static_cast<const opd::PairSoftmaxState*>(w.softmax));
 }
 
 // drift_scan keeps everything in registers: no workspace.

@@ -8,7 +8,8 @@
 //   Under the emulator they are host functions (the synchronising ones as macros that record the
 //   call's file:line, so a divergent barrier names both sites);
 // * OPD_SHARED(type, name) instead of `__shared__ type name` (arrays too: OPD_SHARED(float[32], x);
-//   per-block storage, poisoned in the emulator), OPD_NOINLINE instead of __noinline__ (a name glibc's own attributes use);
+//   per-block storage, poisoned in the emulator), OPD_NOINLINE instead of __noinline__ (a name
+//   glibc's own attributes use);
 // * opd::cuda::fast_exp2, launch(), multiprocessor_count(), max_active_blocks_per_sm(),
 //   stream_is_capturing(), error_string() for what CUDA has no portable spelling of.
 //
@@ -46,8 +47,8 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), reporting a bad configuration the way
 // the runtime does (as an error code, not an exception).
 template <typename... Params, typename... Args>
-inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
-                          cudaStream_t stream, Args&&... args) {
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                          Args&&... args) {
   kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
   return cudaGetLastError();
 }
@@ -79,9 +80,8 @@ inline const char* error_string(cudaError_t e) { return cudaGetErrorString(e); }
 
 #include "simt/simt.h"  // defines the CUDA names above as host code
 
-#define OPD_SHARED(type, name)     \
-  std::type_identity_t<type>& name = \
-      ::opd::simt::block_shared<std::type_identity_t<type>>(OPD_SIMT_SHARED_KEY)
+#define OPD_SHARED(type, name) \
+  std::type_identity_t<type>& name = ::opd::simt::block_shared<std::type_identity_t<type>>(OPD_SIMT_SHARED_KEY)
 #define OPD_NOINLINE __attribute__((noinline))
 #define OPD_DEVICE
 #define OPD_DEVICE_INLINE inline
@@ -95,14 +95,13 @@ inline float fast_exp2(float x) {
 }
 
 template <typename... Params, typename... Args>
-inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
-                          cudaStream_t, Args&&... args) {
+inline cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t,
+                          Args&&... args) {
   // Parameters are copied at launch, as the hardware does: the emulated threads must not see
   // later changes of the host's variables.
-  return ::opd::simt::launch(grid, block, shared_bytes,
-                             [kernel, ... params = static_cast<Params>(std::forward<Args>(args))]() {
-                               kernel(params...);
-                             });
+  return ::opd::simt::launch(
+      grid, block, shared_bytes,
+      [kernel, ... params = static_cast<Params>(std::forward<Args>(args))]() { kernel(params...); });
 }
 
 inline cudaError_t multiprocessor_count(int* count) {
@@ -111,8 +110,7 @@ inline cudaError_t multiprocessor_count(int* count) {
 }
 
 template <typename... Params>
-inline cudaError_t max_active_blocks_per_sm(int* blocks, void (*)(Params...), int block_threads,
-                                            size_t shared_bytes) {
+inline cudaError_t max_active_blocks_per_sm(int* blocks, void (*)(Params...), int block_threads, size_t shared_bytes) {
   *blocks = ::opd::simt::device().max_active_blocks(block_threads, shared_bytes);
   return cudaSuccess;
 }

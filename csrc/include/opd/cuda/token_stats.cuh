@@ -135,7 +135,9 @@ template <typename... Ts>
 __device__ __forceinline__ int vector_head(int vocab, const Ts*... rows) {
   constexpr size_t kNarrowest = std::min({sizeof(Ts)...});
   int head = 0;
+  // clang-format off: a one-line fold over the pack
   ([&] { if constexpr (sizeof(Ts) == kNarrowest) head = elements_to_vector_boundary(rows); }(), ...);
+  // clang-format on
   const bool compatible =
       ((head % static_cast<int>(kVectorBytes / sizeof(Ts)) == elements_to_vector_boundary(rows)) && ...);
   return compatible ? std::min(head, vocab) : vocab;
@@ -178,8 +180,7 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[W]) {
 // Chunks first, first + stride, ... below last, kUnroll loads issued before any is consumed so a
 // thread keeps several 16-byte requests in flight across the consumer's branches.
 template <int kUnroll, typename Load, typename Consume>
-__device__ __forceinline__ void for_each_chunk(int first, int last, int stride, Load&& load,
-                                               Consume&& consume) {
+__device__ __forceinline__ void for_each_chunk(int first, int last, int stride, Load&& load, Consume&& consume) {
   int c = first;
   for (; c + (kUnroll - 1) * stride < last; c += kUnroll * stride) {
     decltype(load(c)) chunks[kUnroll];
@@ -206,15 +207,15 @@ struct RowTask {
 __device__ __forceinline__ RowTask row_task(int group_threads) {
   const int groups_per_block = kBlockThreads / group_threads;
   return RowTask{static_cast<int64_t>(blockIdx.x) * groups_per_block + threadIdx.x / group_threads,
-                 static_cast<int>(threadIdx.x % group_threads), group_threads,
-                 static_cast<int>(blockIdx.y), static_cast<int>(gridDim.y)};
+                 static_cast<int>(threadIdx.x % group_threads), group_threads, static_cast<int>(blockIdx.y),
+                 static_cast<int>(gridDim.y)};
 }
 
 // Visits the part of a row [0, vocab) that `task` owns: its share of the vector chunks between
 // `head` and the tail, and (first / last slice) the scalar head and tail elements.
 template <typename OnChunk, typename OnElement>
-__device__ __forceinline__ void visit_row_slice(const RowTask& task, int vocab, int head,
-                                                OnChunk&& on_chunks, OnElement&& on_element) {
+__device__ __forceinline__ void visit_row_slice(const RowTask& task, int vocab, int head, OnChunk&& on_chunks,
+                                                OnElement&& on_element) {
   const int chunks = (vocab - head) / kChunk;
   const int body_end = head + chunks * kChunk;
   const int per_split = (chunks + task.splits - 1) / task.splits;
@@ -249,7 +250,7 @@ struct PairTerms {
 // The rare paths stay out of line, so the streaming loop keeps its registers for loads in flight.
 // State in and out by value: a reference would take its address and move it to local memory.
 __device__ inline OPD_NOINLINE opd::PairSoftmaxState recentred(opd::PairSoftmaxState state, float max_s, float max_t,
-                                                        float inv_temperature) {
+                                                               float inv_temperature) {
   opd::PairSoftmaxState empty_at_new_maxima;
   empty_at_new_maxima.max_s = fmaxf(state.max_s, max_s);
   empty_at_new_maxima.max_t = fmaxf(state.max_t, max_t);
@@ -261,7 +262,7 @@ __device__ inline OPD_NOINLINE opd::PairSoftmaxState recentred(opd::PairSoftmaxS
 // registers' address, which would move every chunk of the hot loop to local memory.
 template <typename S, typename T>
 __device__ inline OPD_NOINLINE PairTerms exact_terms(const S* s_row, const T* t_row, int v, float inv_temperature,
-                                              float max_s, float max_t) {
+                                                     float max_s, float max_t) {
   using namespace opd::online_softmax_detail;
   PairTerms terms;
   for (int i = v; i < v + kChunk; ++i) {
@@ -492,8 +493,8 @@ struct PolicyGradientBackward {
 
   __device__ Row row(int64_t r) const {
     const int64_t token = p.tokens[r];
-    return {p.student + r * p.student_row_stride, p.grad + r * p.vocab, p.coef[r] * p.inv_temperature,
-            p.student_lse[r], token >= 0 && token < p.vocab ? static_cast<int>(token) : -1};
+    return {p.student + r * p.student_row_stride, p.grad + r * p.vocab, p.coef[r] * p.inv_temperature, p.student_lse[r],
+            token >= 0 && token < p.vocab ? static_cast<int>(token) : -1};
   }
   __device__ int head(const Row& row) const { return vector_head(p.vocab, row.s, static_cast<const S*>(row.grad)); }
   __device__ float grad_of(const Row& row, float s, int v) const {
@@ -531,8 +532,13 @@ struct ReverseKlBackward {
   Params p;
 
   __device__ Row row(int64_t r) const {
-    return {p.student + r * p.student_row_stride, p.teacher + r * p.teacher_row_stride, p.grad + r * p.vocab,
-            p.coef[r] * p.inv_temperature, p.student_lse[r], p.teacher_lse[r], p.reverse_kl[r]};
+    return {p.student + r * p.student_row_stride,
+            p.teacher + r * p.teacher_row_stride,
+            p.grad + r * p.vocab,
+            p.coef[r] * p.inv_temperature,
+            p.student_lse[r],
+            p.teacher_lse[r],
+            p.reverse_kl[r]};
   }
   __device__ int head(const Row& row) const {
     return vector_head(p.vocab, row.s, row.t, static_cast<const S*>(row.grad));
@@ -561,7 +567,8 @@ struct ReverseKlBackward {
 };
 
 template <typename Problem>
-__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm) row_backward_kernel(Problem problem, int group_threads) {
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSm)
+    row_backward_kernel(Problem problem, int group_threads) {
   const RowTask task = row_task(group_threads);
   if (task.row >= problem.p.rows) return;
   const auto row = problem.row(task.row);
@@ -678,9 +685,10 @@ cudaError_t launch_shape(void (*kernel)(KernelParams...), int64_t rows, int64_t 
     return e;
   }
   const double resident = std::max(1, sms * blocks_per_sm);
-  const int64_t max_splits = group_threads < kBlockThreads
-                                 ? 1
-                                 : std::clamp<int64_t>(chunks / (kBlockThreads * kMinChunksPerSplitThread), 1, kMaxSplits);
+  const int64_t max_splits =
+      group_threads < kBlockThreads
+          ? 1
+          : std::clamp<int64_t>(chunks / (kBlockThreads * kMinChunksPerSplitThread), 1, kMaxSplits);
   int splits = 1;
   double best_efficiency = 0.0;
   for (int candidate = 1; candidate <= max_splits; ++candidate) {
@@ -779,8 +787,8 @@ cudaError_t launch_token_stats(const TokenStatsParams<S, T>& p, void* workspace,
       p.topk < 0 || p.topk > p.vocab || p.topk > kMaxStreamingTopK) {
     return cudaErrorInvalidValue;
   }
-  return launch(token_stats_topk_kernel<S, T>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0,
-                stream, problem);
+  return launch(token_stats_topk_kernel<S, T>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0, stream,
+                problem);
 }
 
 template <typename S>

@@ -78,8 +78,7 @@ struct Plan {
 
 inline cudaError_t plan(int64_t rows, int64_t vocab, int k, Plan* out) {
   *out = {1, 0};
-  if (rows < 0 || rows > INT32_MAX || vocab < 1 || vocab > INT32_MAX || k < 1 || k > vocab ||
-      k > kMaxStreamingTopK) {
+  if (rows < 0 || rows > INT32_MAX || vocab < 1 || vocab > INT32_MAX || k < 1 || k > vocab || k > kMaxStreamingTopK) {
     return cudaErrorInvalidValue;
   }
   if (rows == 0) return cudaSuccess;
@@ -111,8 +110,7 @@ cudaError_t launch_topk_overlap(const TopKOverlapParams<S, T>& p, void* workspac
   if (const cudaError_t e = plan(p.rows, p.vocab, p.k, &pl); e != cudaSuccess) return e;
   if (p.rows == 0) return cudaSuccess;
   if (pl.slices == 1) {
-    return launch(whole_rows_kernel<S, T>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0, stream,
-                  p);
+    return launch(whole_rows_kernel<S, T>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0, stream, p);
   }
   if (const cudaError_t e = check_workspace(workspace, workspace_bytes, pl.workspace_bytes); e != cudaSuccess) {
     return e;
@@ -125,8 +123,8 @@ cudaError_t launch_topk_overlap(const TopKOverlapParams<S, T>& p, void* workspac
       e != cudaSuccess) {
     return e;
   }
-  return launch(merge_kernel<kPairPassThreads>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0,
-                stream, partials, pl.slices, p.k, p.out);
+  return launch(merge_kernel<kPairPassThreads>, dim3(static_cast<unsigned>(p.rows)), dim3(kPairPassThreads), 0, stream,
+                partials, pl.slices, p.k, p.out);
 }
 
 }  // namespace opd::cuda

@@ -1,92 +1,25 @@
-"""opd_ext on several processes (torch.distributed: NCCL on GPUs, gloo on CPU).
+"""Vocab-parallel ops: logits sharded contiguously over the vocabulary across a process group
+(Megatron's column-parallel lm_head, a DTensor placed ``Shard(-1)``), docs/spec.md §2."""
 
-Data parallelism (DDP, FSDP, DeepSpeed ZeRO, Megatron's DDP) averages gradients over the ranks of
-the data-parallel group. A loss normalised by the local token count then weighs a token on a rank
-with few tokens more than one on a rank with many; normalised by the global count it divides the
-gradient by the world size W. :func:`global_num_items` gives the one normaliser under which the
-averaged gradient equals the gradient of a single process on the whole batch.
-
-Tensor (vocab) parallelism shards the lm_head over the vocabulary: the ``vocab_parallel_*``
-functions take each rank's ``[..., V_r]`` shard of the logits and return what the single-device
-functions return on the whole rows, exchanging O(rows x (6 + k)) floats instead of O(rows x V);
-DTensor logits placed ``Shard(-1)`` reach them from the ordinary functions.
-"""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 
-from opd_ext import _meta  # noqa: F401  (registers the fake kernels)
-from opd_ext._extension import ops
-from opd_ext._validation import (
-    check_k,
-    check_logit_pair,
-    check_mask,
-    check_temperature,
-    check_tokens,
-    is_dtensor,
-    token_range_error,
-)
-from opd_ext.losses import (
+from opd_ext import ops
+from opd_ext._validation import check_k, check_logit_pair, check_temperature, check_tokens, token_range_error
+from opd_ext.objective import (
     DEFAULT_TOPK,
     TokenStats,
     TokenStatsWithForwardKL,
-    _check_vopd_options,
-    _loss_stats,
-    _policy_gradient_loss,
-    _ReverseKLObjective,
-    _scale_and_weights,
+    baseline_kl,
+    check_vopd_options,
+    loss_scale,
+    policy_gradient_loss,
+    reverse_kl_objective,
 )
-
-__all__ = ["VocabShard", "from_dtensors", "global_num_items", "is_dtensor", "vocab_parallel_reverse_kl_loss",
-           "vocab_parallel_token_stats", "vocab_parallel_topk_overlap", "vocab_parallel_vopd_loss", "vocab_shard"]
-
-Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def global_num_items(mask: Masks, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """``num_items`` for the opd_ext losses under data parallelism: ``global valid tokens / W``.
-
-    Every rank of ``group`` must call it (it runs one ``all_reduce`` of a single float). With
-    gradients averaged over the W ranks (the default of DDP, FSDP and ZeRO), passing the result as
-    ``num_items`` on every rank makes the averaged gradient exactly the gradient of one process
-    that sees all ranks' tokens: ``(1/W) Σ_r ∇ Σ_{t∈r} ℓ_t / (N/W) = ∇ Σ_t ℓ_t / N``.
-
-    Args:
-        mask: the loss mask ``[...]`` (bool or 0/1 integers, True where a token counts), or a
-            sequence of them: the micro-batches of one optimiser step when gradients accumulate
-            (every micro-batch's loss then takes the same ``num_items``).
-        group: the data-parallel process group (default: the world). Without an initialised
-            process group the count is local (W = 1).
-
-    Returns:
-        A float32 0-d tensor on the masks' device; not read on the host, so no device sync. Zero
-        when no rank has a valid token, which the losses turn into a loss of exactly 0.
-
-    If your framework *sums* gradients over ranks instead of averaging them, pass the global count
-    itself, ``global_num_items(mask) * W``.
-    """
-    if not isinstance(mask, (torch.Tensor, list, tuple)):
-        raise TypeError(f"mask must be a bool tensor [...] or a list of them (the micro-batches of one "
-                        f"step), got {type(mask).__name__}")
-    masks = [mask] if isinstance(mask, torch.Tensor) else list(mask)
-    if not masks:
-        raise ValueError("global_num_items needs at least one mask")
-    for m in masks:
-        if not isinstance(m, torch.Tensor):
-            raise TypeError(f"mask must be a tensor or a sequence of tensors, got {type(m).__name__}")
-        check_mask(m, m.unsqueeze(-1), "the mask itself")
-    device = masks[0].device
-    if any(m.device != device for m in masks):
-        raise ValueError(f"the masks are on different devices: {sorted({str(m.device) for m in masks})}")
-    count = torch.stack([m.bool().sum() for m in masks]).sum().to(torch.float32)
-    if not (dist.is_available() and dist.is_initialized()):
-        return count
-    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
-    return count / dist.get_world_size(group)
-
 
 # ---- vocab-parallel ops: logits sharded contiguously over V -------------------------------------------
 #
@@ -112,8 +45,9 @@ class VocabShard(NamedTuple):
     world_size: int
 
 
-def vocab_shard(local_vocab: int, group=None, vocab_start: Optional[int] = None,
-                vocab: Optional[int] = None, device=None) -> VocabShard:
+def vocab_shard(
+    local_vocab: int, group=None, vocab_start: Optional[int] = None, vocab: Optional[int] = None, device=None
+) -> VocabShard:
     """The contiguous layout of the shards: from ``vocab_start`` and ``vocab`` if given, else from one
     all_gather of every rank's ``V_r`` (shards in rank order, uneven sizes allowed)."""
     world = dist.get_world_size(group) if dist.is_initialized() else 1
@@ -148,7 +82,7 @@ def _centre(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), 0.0, m)
 
 
-def _merge_states(states: torch.Tensor, inv_tau: float):
+def merge_states(states: torch.Tensor, inv_tau: float):
     """Merge [W, N, 6] float32 pair states (opd/online_softmax.h, PairSoftmaxState::merge, here in
     float64 on the exact float32 parts). Returns per row (max_s, log Z_s, max_t, log Z_t, KL(p‖q),
     KL(q‖p)), float64: the large parts (raw maxima) never mix with the small ones before the end."""
@@ -257,15 +191,15 @@ def _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, gro
             t_cand = torch.cat([t_cand, t_cand.new_full((n, topk - t_cand.shape[-1]), float("-inf"))], -1)
         parts += [values, global_ids, t_cand, has_nan.float()[:, None]]
     gathered = _all_gather_rows(torch.cat(parts, -1), group, shard.world_size)
-    max_s, log_z_s, max_t, log_z_t, reverse, forward = _merge_states(gathered[..., :_STATE], inv_tau)
+    max_s, log_z_s, max_t, log_z_t, reverse, forward = merge_states(gathered[..., :_STATE], inv_tau)
     s_y, t_y = gathered[..., _STATE].double().amax(0), gathered[..., _STATE + 1].double().amax(0)
     logp_s = (s_y - _centre(max_s)) * inv_tau - log_z_s
     logp_t = (t_y - _centre(max_t)) * inv_tau - log_z_t
     topk_kl = None
     if topk:
         base = _STATE + 2
-        values, ids = gathered[..., base:base + topk], gathered[..., base + topk:base + 2 * topk]
-        t_values = gathered[..., base + 2 * topk:base + 3 * topk]
+        values, ids = gathered[..., base : base + topk], gathered[..., base + topk : base + 2 * topk]
+        t_values = gathered[..., base + 2 * topk : base + 3 * topk]
         nan_rows = gathered[..., base + 3 * topk].amax(0) > 0
         best_s, _, order = _global_topk(values, ids, topk)
         best_t = t_values.permute(1, 0, 2).reshape(n, -1).gather(-1, order)
@@ -275,8 +209,15 @@ def _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, gro
     def out(x):
         return x.float().reshape(lead)
 
-    return _Merged(out(logp_s), out(logp_t), out(reverse), out(forward), out(max_s * inv_tau + log_z_s),
-                   out(max_t * inv_tau + log_z_t), None if topk_kl is None else out(topk_kl))
+    return _Merged(
+        out(logp_s),
+        out(logp_t),
+        out(reverse),
+        out(forward),
+        out(max_s * inv_tau + log_z_s),
+        out(max_t * inv_tau + log_z_t),
+        None if topk_kl is None else out(topk_kl),
+    )
 
 
 def _support_kl(s: torch.Tensor, t: torch.Tensor, inv_tau: float) -> torch.Tensor:
@@ -307,9 +248,17 @@ def _setup(student_logits, teacher_logits, group, vocab_start, vocab):
     return shard
 
 
-def vocab_parallel_token_stats(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
-                               temperature: float = 1.0, forward_kl: bool = False, group=None,
-                               vocab_start: Optional[int] = None, vocab: Optional[int] = None):
+def vocab_parallel_token_stats(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    forward_kl: bool = False,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+):
     """:func:`opd_ext.token_stats` on logits sharded over the vocabulary across ``group``.
 
     Args:
@@ -333,11 +282,24 @@ def vocab_parallel_token_stats(student_logits: torch.Tensor, teacher_logits: tor
     return TokenStats(m.logp_s, m.logp_t, m.reverse)
 
 
-def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor, *,
-                             mask=None, weights=None, temperature: float = 1.0, baseline: str = "full",
-                             topk: int = DEFAULT_TOPK, kl: str = "reverse", num_items=None, group=None,
-                             vocab_start: Optional[int] = None, vocab: Optional[int] = None,
-                             reduction: str = "mean", return_stats: bool = False):
+def vocab_parallel_vopd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    mask=None,
+    weights=None,
+    temperature: float = 1.0,
+    baseline: str = "full",
+    topk: int = DEFAULT_TOPK,
+    kl: str = "reverse",
+    num_items=None,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
     """:func:`opd_ext.vopd_loss` on logits sharded over the vocabulary across ``group``.
 
     Arguments as in ``vopd_loss`` (``tokens`` are global ids; ``mask``, ``weights`` and
@@ -349,39 +311,78 @@ def vocab_parallel_vopd_loss(student_logits: torch.Tensor, teacher_logits: torch
     ``baseline="topk"`` (1.2 kB per token at the default k = 100).
     """
     shard = _setup(student_logits, teacher_logits, group, vocab_start, vocab)
-    _check_vopd_options(baseline, kl)
+    check_vopd_options(baseline, kl)
     temperature = check_temperature(temperature)
     topk = check_k(topk, shard.vocab, "topk", DEFAULT_TOPK) if baseline == "topk" else 0
-    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
+    scale, valid, w = loss_scale(student_logits, mask, weights, num_items, reduction)
     _check_global_tokens(tokens, student_logits, shard, valid)
     tokens = torch.where(valid, tokens, 0)
     m = _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, group, shard)
-    value = {"full": m.forward if kl == "forward" else m.reverse, "topk": m.topk_kl}.get(baseline)
+    value = baseline_kl(baseline, kl, reverse_kl=m.reverse, forward_kl=m.forward, topk_reverse_kl=m.topk_kl)
     local, _ = _local_ids(tokens, shard)
-    return _policy_gradient_loss(student_logits, local, m.logp_s, m.lse_s, m.logp_t, value, m.reverse, scale, valid,
-                                 w, temperature, reduction, return_stats)
+    return policy_gradient_loss(
+        student_logits,
+        local,
+        m.logp_s,
+        m.lse_s,
+        m.logp_t,
+        value,
+        m.reverse,
+        scale,
+        valid,
+        w,
+        temperature,
+        reduction,
+        return_stats,
+    )
 
 
-def vocab_parallel_reverse_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, mask=None,
-                                   weights=None, temperature: float = 1.0, num_items=None, group=None,
-                                   vocab_start: Optional[int] = None, vocab: Optional[int] = None,
-                                   reduction: str = "mean", return_stats: bool = False):
+def vocab_parallel_reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mask=None,
+    weights=None,
+    temperature: float = 1.0,
+    num_items=None,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
     """:func:`opd_ext.reverse_kl_loss` on logits sharded over the vocabulary across ``group``;
     arguments, result and gradient as in :func:`vocab_parallel_vopd_loss`. Communication: one
     all_gather of 8 float32 per row."""
     shard = _setup(student_logits, teacher_logits, group, vocab_start, vocab)
     temperature = check_temperature(temperature)
-    scale, valid, w = _scale_and_weights(student_logits, mask, weights, num_items, reduction)
+    scale, valid, w = loss_scale(student_logits, mask, weights, num_items, reduction)
     zeros = torch.zeros(student_logits.shape[:-1], dtype=torch.int64, device=student_logits.device)
     m = _merged_stats(student_logits, teacher_logits, zeros, temperature, 0, group, shard)
-    loss = _ReverseKLObjective.apply(student_logits, teacher_logits.detach(), m.reverse, m.lse_s, m.lse_t, scale,
-                                     temperature, reduction == "none")
-    return (loss, _loss_stats(valid, w, reverse_kl=m.reverse)) if return_stats else loss
+    return reverse_kl_objective(
+        student_logits,
+        teacher_logits,
+        m.reverse,
+        m.lse_s,
+        m.lse_t,
+        scale,
+        valid,
+        w,
+        temperature,
+        reduction,
+        return_stats,
+    )
 
 
-def vocab_parallel_topk_overlap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int = 16, *,
-                                group=None, vocab_start: Optional[int] = None,
-                                vocab: Optional[int] = None) -> torch.Tensor:
+def vocab_parallel_topk_overlap(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    k: int = 16,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+) -> torch.Tensor:
     """:func:`opd_ext.topk_overlap` on logits sharded over the vocabulary across ``group``: exactly
     the single-device result (same ranking: higher logit first, ties to the lower global id; NaN
     rows NaN). Each rank sends its shard's k best (value, id) per side: one all_gather of
@@ -395,42 +396,9 @@ def vocab_parallel_topk_overlap(student_logits: torch.Tensor, teacher_logits: to
     t_values, t_ids, _, t_nan = _topk_candidates(t, k, shard)
     packed = torch.cat([s_values, s_ids, t_values, t_ids, (s_nan | t_nan).float()[:, None]], -1)
     gathered = _all_gather_rows(packed, group, shard.world_size)
-    _, best_s, _ = _global_topk(gathered[..., :k], gathered[..., k:2 * k], k)
-    _, best_t, _ = _global_topk(gathered[..., 2 * k:3 * k], gathered[..., 3 * k:4 * k], k)
+    _, best_s, _ = _global_topk(gathered[..., :k], gathered[..., k : 2 * k], k)
+    _, best_t, _ = _global_topk(gathered[..., 2 * k : 3 * k], gathered[..., 3 * k : 4 * k], k)
     shared = (best_s.unsqueeze(-1) == best_t.unsqueeze(-2)).any(-1).sum(-1)
     overlap = shared.float() / k
     overlap = torch.where(gathered[..., 4 * k].amax(0) > 0, float("nan"), overlap)
     return overlap.reshape(lead)
-
-
-# ---- DTensor: logits placed Shard(-1) reach the vocab-parallel path from the ordinary functions ----
-
-
-def _vocab_sharded(name: str, x):
-    """(local shard, process group) of a DTensor sharded over its last dim on one mesh dimension
-    (replicated on any other)."""
-    from torch.distributed.tensor import Replicate, Shard
-
-    sharded = [d for d, p in enumerate(x.placements) if isinstance(p, Shard) and p.dim in (-1, x.dim() - 1)]
-    others_replicated = all(isinstance(p, Replicate) for d, p in enumerate(x.placements) if d not in sharded)
-    if len(sharded) != 1 or not others_replicated:
-        raise ValueError(f"{name} is a DTensor placed {x.placements}; opd_ext takes logits sharded over the "
-                         f"vocabulary (Shard(-1)) on one mesh dimension and replicated on the others: "
-                         f"redistribute it, or pass x.full_tensor()")
-    return x.to_local(), x.device_mesh.get_group(sharded[0])
-
-
-def _plain(x):
-    return x.full_tensor() if is_dtensor(x) else x
-
-
-def from_dtensors(fn, student_logits, teacher_logits, *args, **kwargs):
-    """Call the vocab-parallel ``fn`` on the local shards of DTensor logits; other DTensor
-    arguments (tokens, mask, weights: replicated) become plain tensors."""
-    student, group = _vocab_sharded("student_logits", student_logits)
-    teacher, teacher_group = _vocab_sharded("teacher_logits", teacher_logits)
-    if teacher_group is not group or student_logits.device_mesh != teacher_logits.device_mesh:
-        raise ValueError("student_logits and teacher_logits must be sharded alike over one device mesh")
-    args = [_plain(a) for a in args]
-    kwargs = {k: _plain(v) for k, v in kwargs.items()}
-    return fn(student, teacher, *args, group=group, **kwargs)
