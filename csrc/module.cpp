@@ -18,14 +18,15 @@ namespace {
 // than mirrored by hand: the CUDA streaming top-k limit and the drift stop-reason codes.
 PyObject* kernel_limits(PyObject*, PyObject*) {
   // clang-format off: one key and its value per line
-  return Py_BuildValue("{s:i,s:{s:i,s:i,s:i,s:i,s:i}}",
+  return Py_BuildValue("{s:i,s:{s:i,s:i,s:i,s:i,s:i,s:i}}",
                        "max_streaming_topk", opd::cuda::kMaxStreamingTopK,
                        "drift_stop_reasons",
                        "running", static_cast<int>(opd::kRunning),
                        "weight_exhausted", static_cast<int>(opd::kWeightExhausted),
                        "patience", static_cast<int>(opd::kPatience),
                        "budget", static_cast<int>(opd::kBudget),
-                       "finished", static_cast<int>(opd::kFinished));
+                       "finished", static_cast<int>(opd::kFinished),
+                       "repetition", static_cast<int>(opd::kRepetition));
   // clang-format on
 }
 

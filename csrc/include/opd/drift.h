@@ -39,6 +39,7 @@ enum DriftStopReason : int8_t {
   kPatience = 2,         // `patience` consecutive drift events
   kBudget = 3,           // length reached the sequence's budget (the dynamic window L)
   kFinished = 4,         // stopped from outside (EOS, max_new_tokens); never set here
+  kRepetition = 5,       // the rollout repeats itself (a degenerate loop); set by the caller's check, never here
 };
 
 // Plain values so the struct can be passed by value to a CUDA kernel.
