@@ -1,6 +1,6 @@
 // Every operator schema of opd_ext, in one place. Kernels register themselves per backend with
-// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; fake (meta) kernels and autograd live in Python
-// (opd_ext/_meta.py, opd_ext/losses.py).
+// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; each op's Python wrapper and fake (meta) kernel live
+// side by side in opd_ext/ops.py, the autograd of the losses in opd_ext/objective.py.
 //
 // Conventions: logits are [..., V] (float32 / bfloat16 / float16, or float32 on one side with
 // bfloat16 / float16 on the other), flattened to rows internally; every per-row output is float32 with the

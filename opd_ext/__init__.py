@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from opd_ext import (
-    ops,  # noqa: F401  (the op layer: registers the fake kernels once, before any op runs)
-    reference,
-)
-from opd_ext._extension import build_info, cuda_kernels_available
+from opd_ext import reference
+from opd_ext._extension import build_info
 from opd_ext._version import __version__
 from opd_ext.fused_linear import fused_linear_reverse_kl_loss, fused_linear_vopd_loss
 from opd_ext.losses import align_vocab, reverse_kl_loss, token_stats, topk_overlap, vopd_loss
@@ -19,6 +16,9 @@ from opd_ext.modules import (
     VOPDLossSparseTeacher,
 )
 from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL
+
+# opd_ext.ops, which every module above imports, registers each op's fake kernel once, at import.
+from opd_ext.ops import cuda_kernels_available
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
 from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, teacher_support, vopd_loss_sparse_teacher
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import re
-import threading
 
 import torch
 
@@ -83,35 +82,18 @@ if _release(_built_against).split(".")[:2] != _release(torch.__version__).split(
     raise ImportError(_torch_mismatch(_built_against) + _source_checkout_note())
 
 
+def build_config() -> dict:
+    """How the compiled extension was built (csrc/module.cpp): torch version, CUDA kernels, archs,
+    compilers; :func:`build_info` presents it."""
+    return _C.build_config()
+
+
 def kernel_limits() -> dict:
     """Constants of the compiled kernels that the Python layer must agree with, read from the
     headers that define them (csrc/module.cpp): ``max_streaming_topk`` (the largest k the CUDA
     kernels' streaming top-k keeps, csrc/include/opd/cuda/limits.h) and ``drift_stop_reasons``
     (name -> code of ``opd::DriftStopReason``, csrc/include/opd/drift.h)."""
     return _C.kernel_limits()
-
-
-# Set inside opd_ext.testing.emulated_cuda() (per thread, like the dispatch mode that routes the
-# ops): CPU tensors then run the CUDA kernels (emulated), so the Python API takes the same code
-# paths as for CUDA tensors.
-_emulation = threading.local()
-
-
-def set_emulating_cuda(active: bool) -> bool:
-    """Sets this thread's flag and returns its previous value (opd_ext.testing's context managers)."""
-    previous = getattr(_emulation, "active", False)
-    _emulation.active = active
-    return previous
-
-
-def runs_cuda_kernels(tensor: torch.Tensor) -> bool:
-    """True when opd_ext's ops on `tensor` run the CUDA kernels (on a GPU, or emulated)."""
-    return tensor.is_cuda or getattr(_emulation, "active", False)
-
-
-def cuda_kernels_available() -> bool:
-    """True when this build compiled the CUDA kernels (a GPU may still be absent)."""
-    return bool(_C.build_config()["with_cuda"])
 
 
 def _describe_archs(cmake_archs: str) -> list[str]:
@@ -137,7 +119,7 @@ def simt_available() -> bool:
 
 def build_info() -> dict:
     """Versions and capabilities of this installation (also: ``python -m opd_ext info``)."""
-    config = _C.build_config()
+    config = build_config()
     archs = _describe_archs(config["cuda_archs"])
     return {
         "opd_ext": __version__,

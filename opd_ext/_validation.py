@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from opd_ext import _extension
+from opd_ext import ops
 
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -42,7 +42,7 @@ def check_kernels_for(name: str, tensor: torch.Tensor) -> None:
     """CUDA tensors need a build with the CUDA kernels; say so instead of the dispatcher's
     "Could not run 'opd_ext::...' with arguments from the 'CUDA' backend" traceback."""
     if tensor.is_cuda:
-        if not _extension.cuda_kernels_available():
+        if not ops.cuda_kernels_available():
             raise RuntimeError(
                 f"{name} is on {tensor.device}, but this opd_ext build has no CUDA kernels (nvcc was not found "
                 f"when it was built); rebuild with the CUDA toolkit on PATH (pip install --no-build-isolation "

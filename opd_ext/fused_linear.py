@@ -52,11 +52,11 @@ from opd_ext.objective import (
     DEFAULT_TOPK,
     REDUCTIONS,
     advantage_coef,
-    baseline_kl,
     check_vopd_options,
     loss_scale,
     loss_stats,
     masked_terms,
+    vopd_baseline_kl,
 )
 
 __all__ = [
@@ -168,7 +168,7 @@ def fused_linear_vopd_loss(
 
     def chunk_loss(student_logits, teacher_logits, tokens, scale, valid, need_grad):
         stats = ops.token_stats(student_logits, teacher_logits, tokens, problem.temperature, topk)
-        value = baseline_kl(
+        value = vopd_baseline_kl(
             baseline,
             kl,
             reverse_kl=stats.reverse_kl,

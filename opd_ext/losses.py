@@ -27,12 +27,12 @@ from opd_ext.objective import (
     DEFAULT_TOPK,
     TokenStats,
     TokenStatsWithForwardKL,
-    baseline_kl,
     check_vopd_options,
     loss_scale,
     policy_gradient_loss,
     reverse_kl_objective,
     sampled_tokens,
+    vopd_baseline_kl,
 )
 
 
@@ -182,7 +182,7 @@ def vopd_loss(
     tokens = sampled_tokens(tokens, student_logits, valid)
 
     stats = ops.token_stats(student_logits.detach(), teacher_logits.detach(), tokens, temperature, topk)
-    value = baseline_kl(
+    value = vopd_baseline_kl(
         baseline, kl, reverse_kl=stats.reverse_kl, forward_kl=stats.forward_kl, topk_reverse_kl=stats.topk_reverse_kl
     )
     return policy_gradient_loss(

@@ -174,7 +174,7 @@ def check_reduction(reduction, num_items=None) -> None:
         )
 
 
-def baseline_kl(baseline: str, kl: str, *, reverse_kl=None, forward_kl=None, topk_reverse_kl=None):
+def vopd_baseline_kl(baseline: str, kl: str, *, reverse_kl=None, forward_kl=None, topk_reverse_kl=None):
     """The KL whose negation is the vOPD baseline ``b_t`` (docs/spec.md §1): KL(p‖q) or KL(q‖p) for
     ``"full"``, the top-k KL for ``"topk"``, None (no baseline) for ``"none"``."""
     if baseline == "full":
@@ -227,10 +227,10 @@ def masked_terms(coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(coef == 0, 0.0, coef * value)
 
 
-def advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_value) -> torch.Tensor:
-    """``∂L/∂log p(y)`` of the vOPD surrogate: ``-w/norm · A`` with ``A = log q(y) - log p(y) +
-    baseline_value`` (``baseline_value`` = KL = -b, or 0); 0 at masked positions."""
-    advantage = teacher_logprob - student_logprob + baseline_value
+def advantage_coef(scale, valid, teacher_logprob, student_logprob, baseline_kl) -> torch.Tensor:
+    """``∂L/∂log p(y)`` of the vOPD surrogate: ``-w/norm · A`` with ``A = r - b = log q(y) - log p(y)
+    + baseline_kl`` (the baseline is ``b = -baseline_kl``; 0 for no baseline); 0 at masked positions."""
+    advantage = teacher_logprob - student_logprob + baseline_kl
     return torch.where(valid, -scale * advantage, 0.0)
 
 

@@ -3,10 +3,10 @@ fallback rule (docs/architecture.md).
 
 Every call from the Python package into the compiled kernels goes through this module. The
 wrappers take the op's arguments as the schema names them (csrc/op_schemas.h) and do no argument
-checking: the public functions check (``opd_ext._validation``), and the C++ bindings check again
-with the same words (csrc/*_args.h). The fakes give output shapes and dtypes without computing, so
-``torch.compile`` traces the ops; they are registered once, when this module is imported, which
-``import opd_ext`` does.
+checking: the public functions check their arguments (the shared checks are in
+``opd_ext._validation``), and the C++ bindings check again with the same words (csrc/*_args.h).
+The fakes give output shapes and dtypes without computing, so ``torch.compile`` traces the ops;
+they are registered once, when this module is imported, which ``import opd_ext`` does.
 
 Fallback rule. An op runs its compiled kernel on every device it was built for. The one exception
 is a top-k wider than the CUDA kernels' streaming top-k keeps (:data:`MAX_STREAMING_TOPK`,
@@ -17,12 +17,13 @@ is no fallback case: the public entry points refuse it with a message saying how
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple, Optional
 
 import torch
 
 from opd_ext import torch_backend
-from opd_ext._extension import kernel_limits, runs_cuda_kernels
+from opd_ext._extension import build_config, kernel_limits
 
 _ops = torch.ops.opd_ext
 
@@ -31,6 +32,31 @@ _ops = torch.ops.opd_ext
 MAX_STREAMING_TOPK: int = kernel_limits()["max_streaming_topk"]
 # opd::kRunning (csrc/include/opd/drift.h): the stop reason of a sequence still generating.
 _STOP_RUNNING: int = kernel_limits()["drift_stop_reasons"]["running"]
+
+
+# ---- which kernels run where ----------------------------------------------------------------------
+
+# Set inside opd_ext.testing.emulated_cuda() (per thread, like the dispatch mode that routes the
+# ops): CPU tensors then run the CUDA kernels (emulated), so the Python layer takes the same code
+# paths as for CUDA tensors.
+_emulation = threading.local()
+
+
+def set_emulating_cuda(active: bool) -> bool:
+    """Sets this thread's flag and returns its previous value (opd_ext.testing's context managers)."""
+    previous = getattr(_emulation, "active", False)
+    _emulation.active = active
+    return previous
+
+
+def runs_cuda_kernels(tensor: torch.Tensor) -> bool:
+    """True when opd_ext's ops on `tensor` run the CUDA kernels (on a GPU, or emulated)."""
+    return tensor.is_cuda or getattr(_emulation, "active", False)
+
+
+def cuda_kernels_available() -> bool:
+    """True when this build compiled the CUDA kernels (a GPU may still be absent)."""
+    return bool(build_config()["with_cuda"])
 
 
 def exceeds_streaming_topk(logits: torch.Tensor, k: int) -> bool:

@@ -48,7 +48,7 @@ class StopReason:
     PATIENCE = 2  # `patience` consecutive drift events
     BUDGET = 3  # length reached the budget (window length L)
     FINISHED = 4  # stopped by the caller (EOS, max_new_tokens): finish()
-    REPETITION = 5  # the rollout repeats itself (PruneConfig.loop_span); set in Python, never by a kernel
+    REPETITION = 5  # the rollout repeats itself (PruneConfig.loop_window); set in Python, never by a kernel
 
     #: The reasons a drift-free run would not have had: the rollouts Prune-OPD cut short.
     PRUNED = (WEIGHT_EXHAUSTED, PATIENCE, BUDGET, REPETITION)
@@ -101,10 +101,12 @@ class PruneConfig:
     (inside a loop the next token is obvious to both), so neither the overlap nor the OPD reward
     sees a loop, and a looping rollout runs to the length cap teaching nothing:
 
-    * ``loop_span`` (None = off): stop a rollout with ``StopReason.REPETITION`` once its last
-      ``loop_span`` tokens repeat with a period of at most ``loop_max_period`` tokens (and contain
-      at least two periods). Needs the sampled tokens (:meth:`DriftMonitor.step` /
+    * ``loop_window`` (None = off): stop a rollout with ``StopReason.REPETITION`` once, for some
+      period ``p <= loop_max_period``, at least ``loop_match`` of its last ``loop_window`` tokens
+      equal the token ``p`` before them. Needs the sampled tokens (:meth:`DriftMonitor.step` /
       :meth:`~DriftMonitor.observe` / :func:`drift_scan` with ``tokens=``).
+    * ``loop_match`` (0.5): that fraction; 1 asks for an exact loop, lower values also catch
+      loops whose copies vary.
     * ``loop_max_period`` (64): the longest repeating unit looked for.
 
     Calibration (ours): :meth:`with_calibrated_threshold` sets ``threshold`` from a pair's own
@@ -143,7 +145,8 @@ class PruneConfig:
     window_margin: int = 32
     window_hit_ratio: float = 0.1
     window_shrink_patience: int = 3
-    loop_span: Optional[int] = None
+    loop_window: Optional[int] = None
+    loop_match: float = 0.5
     loop_max_period: int = 64
 
     def __post_init__(self):
@@ -161,7 +164,7 @@ class PruneConfig:
             and self.decay is None
             and self.w_base == 0.0
             and self.patience is None
-            and self.loop_span is None
+            and self.loop_window is None
         )
 
     def with_calibrated_threshold(
@@ -222,10 +225,10 @@ class PruneConfig:
 
         for name in ("k", "warmup", "window_min", "window_step", "window_margin", "window_shrink_patience"):
             need_int(name)
-        for name in ("patience", "window", "window_max", "loop_span"):
+        for name in ("patience", "window", "window_max", "loop_window"):
             need_int(name, optional=True)
         need_int("loop_max_period")
-        for name in ("ema_beta", "threshold", "w_drop", "w_base", "window_hit_ratio"):
+        for name in ("ema_beta", "threshold", "w_drop", "w_base", "window_hit_ratio", "loop_match"):
             need_number(name)
         for name in ("decay", "min_weight"):
             if getattr(self, name) is not None:
@@ -260,7 +263,8 @@ class PruneConfig:
         need(self.window_margin >= 0, "window_margin", "an int >= 0")
         need(0.0 < self.window_hit_ratio <= 1.0, "window_hit_ratio", "a batch fraction in (0, 1]")
         need(self.window_shrink_patience >= 1, "window_shrink_patience", "an int >= 1")
-        need(self.loop_span is None or self.loop_span >= 2, "loop_span", "None (off) or a token count >= 2")
+        need(self.loop_window is None or self.loop_window >= 2, "loop_window", "None (off) or a token count >= 2")
+        need(0.0 < self.loop_match <= 1.0, "loop_match", "a fraction of the window in (0, 1]")
         need(self.loop_max_period >= 1, "loop_max_period", "an int >= 1")
         return self
 
@@ -374,51 +378,57 @@ class DriftState(NamedTuple):
 
 
 class RepetitionTracker:
-    """The degeneration signal of Prune-OPD (``PruneConfig.loop_span``): per sequence, for every
-    period ``p <= loop_max_period``, how many of its latest tokens equal the token ``p`` before
-    them. A sequence is in a loop once, for some ``p``, that run covers ``max(loop_span - p, p)``
-    tokens: its last ``loop_span`` tokens (at least two periods) repeat with period ``p``.
+    """The degeneration signal of Prune-OPD (``PruneConfig.loop_window``). For every period
+    ``p <= loop_max_period`` it counts, over a sequence's last ``loop_window`` tokens, those equal
+    to the token ``p`` before them; the sequence is in a loop once some count reaches
+    ``ceil(loop_match * loop_window)``. ``loop_match=1`` asks for an exact loop (the last window
+    repeats with period ``p``); below 1 it also catches loops whose copies vary (a number that
+    changes, a word repeated with a few others between).
 
-    State: ``[B, P]`` int64 recent tokens and ``[B, P]`` int32 runs, updated in O(P) per token and
-    row on the tokens' device, without a device-to-host sync.
+    State per sequence: the last ``P`` tokens, a ring of ``W`` match bits per period and the
+    counts, updated in O(P) per token on the tokens' device without a device-to-host sync.
     """
 
     def __init__(self, batch_size: int, config: PruneConfig, device):
-        periods = config.loop_max_period
+        periods, window = config.loop_max_period, config.loop_window
+        self.window = window
         self.recent = torch.full((batch_size, periods), -1, dtype=torch.int64, device=device)
-        self.runs = torch.zeros(batch_size, periods, dtype=torch.int32, device=device)
-        period = torch.arange(1, periods + 1, device=device)
-        self.needed = torch.maximum(config.loop_span - period, period).to(torch.int32)
+        self.bits = torch.zeros(batch_size, periods, window, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(batch_size, periods, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.needed = max(1, math.ceil(config.loop_match * window - 1e-9))
 
     def scan(self, tokens: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         """Feed ``tokens`` ``[A, C]`` of state rows ``rows`` (positions where ``mask`` is False are
         skipped); returns int64 ``[A]``: the first chunk position at which the row is in a loop,
         -1 where it is not."""
-        recent, runs = self.recent.index_select(0, rows), self.runs.index_select(0, rows)
+        recent, bits = self.recent.index_select(0, rows), self.bits.index_select(0, rows)
+        counts, seen = self.counts.index_select(0, rows), self.seen.index_select(0, rows)
         first = torch.full((tokens.shape[0],), -1, dtype=torch.int64, device=tokens.device)
+        slot = torch.arange(self.window, device=tokens.device)
         for c in range(tokens.shape[1]):
             token = tokens[:, c : c + 1]
-            new_runs = torch.where(recent == token, runs + 1, 0)
-            new_recent = torch.cat([token, recent[:, :-1]], dim=1)
-            if mask is not None:
-                valid = mask[:, c : c + 1]
-                new_runs, new_recent = torch.where(valid, new_runs, runs), torch.where(valid, new_recent, recent)
-            runs, recent = new_runs, new_recent
-            looping = (runs >= self.needed).any(-1)
-            if mask is not None:
-                looping &= mask[:, c]
+            valid = torch.ones_like(token, dtype=torch.bool) if mask is None else mask[:, c : c + 1]
+            match = recent == token  # [A, P]: equal to the token p back (never before the row's p-th token)
+            at = (slot == (seen % self.window)[:, None])[:, None, :]  # [A, 1, W]: the ring slot leaving
+            leaving = (bits & at).any(-1)
+            counts = torch.where(valid, counts + match.int() - leaving.int(), counts)
+            bits = torch.where(valid[:, :, None] & at, match[:, :, None], bits)
+            recent = torch.where(valid, torch.cat([token, recent[:, :-1]], dim=1), recent)
+            seen = seen + valid[:, 0].long()
+            looping = valid[:, 0] & (counts >= self.needed).any(-1)
             first = torch.where((first < 0) & looping, c, first)
-        self.recent[rows], self.runs[rows] = recent, runs
+        self.recent[rows], self.bits[rows], self.counts[rows], self.seen[rows] = recent, bits, counts, seen
         return first
 
 
 def _check_loop_tokens(config: PruneConfig, tokens, like: torch.Tensor) -> None:
     """``tokens`` is needed (and shaped like ``like`` [A] or [A, C]) when the loop check is on."""
-    if config.loop_span is None:
+    if config.loop_window is None:
         return
     if tokens is None:
         raise ValueError(
-            "PruneConfig.loop_span is set: the repetition check needs the sampled tokens, pass tokens= "
+            "PruneConfig.loop_window is set: the repetition check needs the sampled tokens, pass tokens= "
             "(int64, one per overlap)"
         )
     if not isinstance(tokens, torch.Tensor) or tokens.dtype != torch.int64 or tokens.shape != like.shape:
@@ -497,7 +507,7 @@ class DriftMonitor:
             self.batch_size = batch_size
         self.state = DriftState.fresh(self.batch_size, self.device, budget)
         self._repetition = (
-            None if self.config.loop_span is None else RepetitionTracker(self.batch_size, self.config, self.device)
+            None if self.config.loop_window is None else RepetitionTracker(self.batch_size, self.config, self.device)
         )
         self.num_steps = 0
         self._capacity = 0
@@ -545,7 +555,7 @@ class DriftMonitor:
                 (raw: top-k ranks ignore temperature).
             tokens: optional int64 ``[A]`` sampled ids; then the token's student / teacher
                 log-probs (at ``temperature``) and the reverse KL are recorded in the same pass.
-                Required with ``PruneConfig.loop_span`` (the repetition check reads them).
+                Required with ``PruneConfig.loop_window`` (the repetition check reads them).
             rows: int64 ``[A]`` distinct indices into the batch for a shrinking active batch (the
                 caller drops stopped rows from its models); None means all ``B`` rows, in order.
 
@@ -676,7 +686,7 @@ class DriftMonitor:
             mask: bool ``[A, C]``, False at positions that hold no token (after EOS); None = all.
             rows: int64 ``[A]`` distinct batch indices, as in :meth:`step`.
             tokens: int64 ``[A, C]`` the chunk's sampled ids; required with
-                ``PruneConfig.loop_span`` (the repetition check), ignored otherwise.
+                ``PruneConfig.loop_window`` (the repetition check), ignored otherwise.
 
         Returns:
             int64 ``[A]``: the chunk position at which each row stopped, -1 if it did not stop in
@@ -890,7 +900,7 @@ def drift_scan(
             ``opd_ext.topk_overlap(student_logits, teacher_logits, config.k)`` on ``[B, T, V]`` logits.
         mask: bool ``[B, T]``, False at padding (skipped); None means every position is a token.
         budget: per-row length cap as in :class:`DriftMonitor`.
-        tokens: int64 ``[B, T]`` the sampled ids; required with ``PruneConfig.loop_span`` (the
+        tokens: int64 ``[B, T]`` the sampled ids; required with ``PruneConfig.loop_window`` (the
             repetition check), ignored otherwise.
 
     Truncate row ``b`` after ``stop_positions[b]`` (when >= 0) and weight its tokens by ``multipliers``.
@@ -900,7 +910,7 @@ def drift_scan(
     _check_loop_tokens(config, tokens, overlaps)
     batch = overlaps.shape[0]
     loop_at = None
-    if config.loop_span is not None:
+    if config.loop_window is not None:
         rows = torch.arange(batch, device=overlaps.device)
         loop_at = RepetitionTracker(batch, config, overlaps.device).scan(tokens, mask, rows)
         mask = _cut_after(mask, overlaps, loop_at)

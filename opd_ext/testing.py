@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from opd_ext import _extension
+from opd_ext import _extension, ops
 
 #: Device profiles the emulator knows (SM counts and occupancy limits of these GPUs; "tiny" has
 #: 2 SMs so that every fill-the-GPU decision is taken with a handful of rows).
@@ -61,7 +61,7 @@ def _module():
 
 def emulating() -> bool:
     """True in this thread inside :func:`emulated_cuda` (and not inside a :func:`cpu_kernels` in it)."""
-    return _extension.runs_cuda_kernels(torch.empty(0))
+    return ops.runs_cuda_kernels(torch.empty(0))
 
 
 def emulator_config() -> dict:
@@ -123,12 +123,12 @@ def emulated_cuda(
             sm_count=sm_count,
             registers_per_thread=registers_per_thread,
         )
-        previous = _extension.set_emulating_cuda(True)
+        previous = ops.set_emulating_cuda(True)
         try:
             with _RouteToEmulator():
                 yield
         finally:
-            _extension.set_emulating_cuda(previous)
+            ops.set_emulating_cuda(previous)
             simt.configure(
                 device=saved["device"],
                 schedule=saved["schedule"],
@@ -142,11 +142,11 @@ def emulated_cuda(
 def cpu_kernels() -> Iterator[None]:
     """Inside :func:`emulated_cuda`: run the CPU kernels again for the duration of this block (to
     compare the emulated CUDA kernels with them in one test)."""
-    previous = _extension.set_emulating_cuda(False)
+    previous = ops.set_emulating_cuda(False)
     try:
         yield
     finally:
-        _extension.set_emulating_cuda(previous)
+        ops.set_emulating_cuda(previous)
 
 
 def run_all_schedules(fn, *, device: str = "h100", random_seeds=(1, 2), sm_count: Optional[int] = None) -> dict:

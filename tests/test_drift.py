@@ -448,15 +448,16 @@ def test_topk_overlap_unchanged_by_the_shared_row_helper(k):
     assert torch.equal(opd_ext.topk_overlap(student, teacher, k), reference.topk_overlap(student, teacher, k))
 
 
-# ---- the repetition check (PruneConfig.loop_span) --------------------------------------------------
+# ---- the repetition check (PruneConfig.loop_window) ------------------------------------------------
 
-LOOP = PruneConfig(k=4, w_drop=0.0, w_base=0.5, min_weight=None, loop_span=6, loop_max_period=4)
+LOOP = PruneConfig(k=4, w_drop=0.0, w_base=0.5, min_weight=None, loop_window=6, loop_match=1.0, loop_max_period=4)
 
 
 def _looping_rows():
-    """Token rows: a period-3 loop from position 2 (1 2 3 1 2 3 ...: its 6-token span is complete
-    at position 7), a period-1 run of 5 (shorter than the span), a period-5 loop (beyond
-    loop_max_period) and a period-2 loop from position 0 (complete at position 5)."""
+    """Token rows: a period-3 loop from position 2 (1 2 3 1 2 3 ...: from position 5 on each token
+    equals the one 3 back, six of them by position 10), a period-1 run of 5 (four matches, fewer
+    than the window), a period-5 loop (beyond loop_max_period) and a period-2 loop from position 0
+    (six matches by position 7)."""
     return torch.tensor(
         [
             [5, 9, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1],
@@ -480,9 +481,9 @@ def test_repetition_stops_at_the_token_completing_the_loop():
         stop = monitor.step(s, s.clone(), tokens[active, t], rows=active)  # identical logits: no drift
         stopped_at[active[stop]] = t
         active = active[~stop]
-    assert stopped_at.tolist() == [7, -1, -1, 5]
+    assert stopped_at.tolist() == [10, -1, -1, 7]
     assert monitor.stop_reasons.tolist() == [StopReason.REPETITION, 0, 0, StopReason.REPETITION]
-    assert monitor.lengths.tolist() == [8, steps, steps, 6]
+    assert monitor.lengths.tolist() == [11, steps, steps, 8]
     assert StopReason.REPETITION in StopReason.PRUNED
 
 
@@ -516,21 +517,41 @@ def test_repetition_in_chunks_and_post_hoc_equals_steps(chunk):
         assert torch.equal(getattr(chunked, name), getattr(stepped, name)), name
     assert torch.equal(scan.stop_reasons, stepped.stop_reasons)
     assert torch.equal(scan.lengths, stepped.lengths)
-    assert scan.stop_positions.tolist() == [7, -1, 4, 5]
+    assert scan.stop_positions.tolist() == [10, -1, 4, 7]
 
 
 def test_repetition_needs_the_tokens():
     monitor = DriftMonitor(2, LOOP)
     s = torch.randn(2, 20)
-    with pytest.raises(ValueError, match="loop_span is set: the repetition check needs the sampled tokens"):
+    with pytest.raises(ValueError, match="loop_window is set: the repetition check needs the sampled tokens"):
         monitor.step(s, s)
     with pytest.raises(ValueError, match="needs the sampled tokens"):
         monitor.observe(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"tokens must be int64 of shape \(2, 3\)"):
         opd_ext.drift_scan(torch.ones(2, 3), LOOP, tokens=torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ValueError, match="loop_span"):
-        PruneConfig(loop_span=1)
+    with pytest.raises(ValueError, match="loop_window"):
+        PruneConfig(loop_window=1)
+    with pytest.raises(ValueError, match="loop_match"):
+        PruneConfig(loop_window=8, loop_match=0.0)
     assert not LOOP.is_disabled
+
+
+def test_repetition_with_loop_match_below_one_catches_varying_copies():
+    """A sentence repeated with one token that changes each time: no exact loop, but 5 of every 6
+    tokens equal the one 6 back. loop_match 0.75 stops it, 1.0 does not; text without repeats is
+    never stopped."""
+    varying = torch.tensor([[10, 11, 12, 13, 14, 20 + i] for i in range(6)]).reshape(1, -1)
+    plain = torch.arange(36).reshape(1, -1)
+    tokens = torch.cat([varying, plain])
+    overlaps = torch.ones(tokens.shape)
+    loose = dataclasses.replace(LOOP, loop_window=12, loop_match=0.75, loop_max_period=8)
+    scan = opd_ext.drift_scan(overlaps, loose, tokens=tokens)
+    # From position 6 on, five of every six tokens equal the one 6 back (6-10, 12-16, ...): the
+    # ninth match inside a 12-token window is position 15.
+    assert scan.stop_positions.tolist() == [15, -1]
+    assert opd_ext.drift_scan(
+        overlaps, dataclasses.replace(loose, loop_match=1.0), tokens=tokens
+    ).stop_positions.tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize("ema_beta", [0.0, 0.5])

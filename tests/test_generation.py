@@ -358,12 +358,12 @@ def test_lockstep_chunked_post_hoc_and_hf_agree(models, with_eos):
 
 
 def test_repetition_stops_agree_in_every_mode(models):
-    """The repetition check (PruneConfig.loop_span) stops the same rows at the same tokens in the
+    """The repetition check (PruneConfig.loop_window) stops the same rows at the same tokens in the
     lockstep loop, in chunks, post hoc and in HF generate(): greedy decoding of these small models
     falls into loops."""
     student, teacher = models
     ids, mask = prompts()
-    config = PruneConfig(k=8, w_drop=0.0, min_weight=None, loop_span=6, loop_max_period=4)
+    config = PruneConfig(k=8, w_drop=0.0, min_weight=None, loop_window=6, loop_match=1.0, loop_max_period=4)
     common = dict(max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD)
     full = generate_with_pruning(student, teacher, ids, mask, config=PruneConfig.disabled(k=8), **common)
     lockstep = generate_with_pruning(student, teacher, ids, mask, config=config, **common)
@@ -377,11 +377,10 @@ def test_repetition_stops_agree_in_every_mode(models):
     for name, run in runs.items():
         assert torch.equal(run.completion_mask, lockstep.completion_mask), name
         assert torch.equal(run.stop_reason, lockstep.stop_reason), name
-    # A stopped row's kept completion ends in max(loop_span, two periods) tokens of one period p.
+    # With loop_match 1 a stopped row's last 6 kept tokens each equal the one p back, some p <= 4.
     for row in repeating.nonzero().squeeze(-1).tolist():
         kept = lockstep.completions[row, : int(lockstep.lengths[row])]
-        tails = [kept[-max(6, 2 * p) :] for p in range(1, 5)]
-        assert any(len(t) == max(6, 2 * p) and torch.equal(t[p:], t[:-p]) for p, t in zip(range(1, 5), tails)), kept
+        assert any(torch.equal(kept[-6:], kept[-6 - p : -p]) for p in range(1, 5)), kept
     assert lockstep.tokens_saved == int((MAX_NEW - lockstep.lengths)[repeating].sum())
 
 

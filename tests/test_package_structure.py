@@ -126,6 +126,36 @@ def test_no_import_cycle():
     assert _cycles(_graph()) == []
 
 
+# docs/architecture.md's layers, bottom up: a module imports only from its own layer or below.
+LAYERS = [
+    ["opd_ext._version", "opd_ext._extension"],
+    ["opd_ext.torch_backend"],
+    ["opd_ext.ops"],
+    ["opd_ext._validation"],
+    ["opd_ext.objective"],
+    ["opd_ext.distributed*"],
+    ["opd_ext.losses", "opd_ext.sparse_teacher", "opd_ext.lm_head"],
+    ["opd_ext.fused_linear", "opd_ext.prune"],
+    ["opd_ext.modules", "opd_ext.served", "opd_ext.generation*"],
+    ["opd_ext.integrations*"],
+    # test support and the entry points on top
+    ["opd_ext.reference", "opd_ext.testing", "opd_ext.__main__", "opd_ext"],
+]
+
+
+def _layer(module: str) -> int:
+    for rank, names in enumerate(LAYERS):
+        for name in names:
+            if module == name or (name.endswith("*") and (module + ".").startswith(name[:-1] + ".")):
+                return rank
+    raise AssertionError(f"{module} is in no layer of LAYERS (docs/architecture.md): place it there")
+
+
+def test_dependencies_point_down_the_layers():
+    upward = [f"{m} -> {d}" for m, deps in _graph().items() for d in deps if _layer(d) > _layer(m)]
+    assert upward == []
+
+
 def test_the_cycle_check_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
@@ -209,7 +239,7 @@ def test_streaming_topk_limit_is_read_from_the_extension():
 def test_streaming_topk_limit_is_the_kernels(device):
     """The op layer's limit is where the CUDA kernel starts refusing k: at the limit the kernel
     runs, one past it the raw op raises and the op layer takes the torch backend."""
-    if not _extension.runs_cuda_kernels(torch.empty(0, device=device)):
+    if not ops.runs_cuda_kernels(torch.empty(0, device=device)):
         pytest.skip("the CPU kernels take any k")
     limit = ops.MAX_STREAMING_TOPK
     s, t = torch.randn(2, limit + 64, device=device), torch.randn(2, limit + 64, device=device)

@@ -5,8 +5,7 @@ import torch
 
 import opd_ext
 from opd_ext import reference
-from opd_ext._extension import runs_cuda_kernels
-from opd_ext.ops import MAX_STREAMING_TOPK
+from opd_ext.ops import MAX_STREAMING_TOPK, runs_cuda_kernels
 
 from conftest import DTYPE_PAIRS, STAT_FIELDS, assert_stats_match_reference, skip_if_emulated, stat_tolerance
 

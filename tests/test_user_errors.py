@@ -96,12 +96,12 @@ class _LooksLikeCuda(torch.Tensor):
 def test_cuda_tensors_on_a_build_without_cuda_kernels(monkeypatch):
     import opd_ext._extension
 
-    monkeypatch.setattr(opd_ext._extension, "cuda_kernels_available", lambda: False)
+    monkeypatch.setattr(opd_ext.ops, "cuda_kernels_available", lambda: False)
     fake = torch.zeros(2, 3).as_subclass(_LooksLikeCuda)
     with pytest.raises(RuntimeError, match=r"^student_logits is on cuda:0, but this opd_ext build has no CUDA kernels"):
         check_kernels_for("student_logits", fake)
     check_kernels_for("student_logits", torch.zeros(2, 3))  # CPU tensors are always served
-    monkeypatch.setattr(opd_ext._extension, "cuda_kernels_available", lambda: True)
+    monkeypatch.setattr(opd_ext.ops, "cuda_kernels_available", lambda: True)
     check_kernels_for("student_logits", fake)
 
 
@@ -110,7 +110,7 @@ def test_cuda_tensors_on_a_build_without_cuda_kernels(monkeypatch):
 def test_real_cuda_tensors_on_a_build_without_cuda_kernels(monkeypatch):
     import opd_ext._extension
 
-    monkeypatch.setattr(opd_ext._extension, "cuda_kernels_available", lambda: False)
+    monkeypatch.setattr(opd_ext.ops, "cuda_kernels_available", lambda: False)
     logits = torch.randn(2, 8, device="cuda")
     for call in (
         lambda: opd_ext.topk_overlap(logits, logits, 2),

@@ -171,10 +171,12 @@ def candidate_rules(teacher_data) -> dict:
         base = opd_ext.PruneConfig(k=k, ema_beta=0.9, w_drop=0.05)
         calibrated = base.with_calibrated_threshold(teacher_data[f"overlap_{k}"], mask, quantile=q)
         rules[f"calibrated k={k} q={q} (ema 0.9, w_drop 0.05)"] = calibrated
-    for span in (24, 48):
-        rules[f"repetition span={span}"] = opd_ext.PruneConfig(w_drop=0.0, min_weight=None, loop_span=span)
-    rules["calibrated k=16 + repetition span=48"] = dataclasses.replace(
-        rules["calibrated k=16 q=0.05 (ema 0.9, w_drop 0.05)"], loop_span=48
+    for window, match in ((32, 0.5), (48, 0.5), (32, 0.75)):
+        rules[f"repetition window={window} match={match}"] = opd_ext.PruneConfig(
+            w_drop=0.0, min_weight=None, loop_window=window, loop_match=match
+        )
+    rules["calibrated k=16 + repetition window=48"] = dataclasses.replace(
+        rules["calibrated k=16 q=0.05 (ema 0.9, w_drop 0.05)"], loop_window=48, loop_match=0.5
     )
     return rules
 

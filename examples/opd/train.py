@@ -67,7 +67,7 @@ COUNTING_PRUNE_CONFIG = dict(k=1, threshold=0.5, w_drop=1.0, w_base=0.5, warmup=
 # The real pair (--preset smollm2), from the drift evidence in docs/reproduction_real.md: the pair's
 # own top-16 agreement is low everywhere, so the authors' absolute 0.7 flags tokens evenly; what
 # ends rollouts that teach nothing is the repetition rule (a loop the teacher agrees with).
-SMOLLM2_PRUNE_CONFIG = dict(k=16, threshold=0.7, w_drop=0.0, w_base=0.5, warmup=0, loop_span=48)
+SMOLLM2_PRUNE_CONFIG = dict(k=16, threshold=0.7, w_drop=0.0, w_base=0.5, warmup=0, loop_window=48)
 PRUNE_PRESETS = {"task": None, "paper": PAPER_PRUNE_CONFIG}  # "task": the --preset's own (Preset.prune)
 
 # --dtype names, with the short spellings people type.
@@ -383,11 +383,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"completion tokens never counted as drift events {_from_prune_preset('warmup')}",
     )
     p.add_argument(
-        "--prune-loop-span",
+        "--prune-loop-window",
         type=POSITIVE_INT,
         default=None,
-        help="stop a rollout once its last N tokens repeat with a period of at most 64 tokens (a degenerate "
-        "loop); default: from the preset (48 for smollm2, off otherwise)",
+        help="stop a rollout once half of its last N tokens equal the token one period (at most 64) before "
+        "them, a degenerate loop (PruneConfig.loop_window); default: from the preset (48 for smollm2, off otherwise)",
     )
     p.add_argument(
         "--teacher",
@@ -483,7 +483,7 @@ def prune_config(args) -> opd_ext.PruneConfig:
         w_drop=args.prune_w_drop,
         w_base=args.prune_w_base,
         warmup=args.prune_warmup,
-        loop_span=args.prune_loop_span,
+        loop_window=args.prune_loop_window,
     )
 
 
@@ -786,8 +786,8 @@ def run_signature(args) -> dict:
         signature["dtype"] = args.dtype
     if args.no_chat_template:
         signature["no_chat_template"] = "True"
-    if args.prune_loop_span is not None:
-        signature["prune_loop_span"] = str(args.prune_loop_span)
+    if args.prune_loop_window is not None:
+        signature["prune_loop_window"] = str(args.prune_loop_window)
     return signature
 
 

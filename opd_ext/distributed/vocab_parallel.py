@@ -14,11 +14,11 @@ from opd_ext.objective import (
     DEFAULT_TOPK,
     TokenStats,
     TokenStatsWithForwardKL,
-    baseline_kl,
     check_vopd_options,
     loss_scale,
     policy_gradient_loss,
     reverse_kl_objective,
+    vopd_baseline_kl,
 )
 
 # ---- vocab-parallel ops: logits sharded contiguously over V -------------------------------------------
@@ -318,7 +318,7 @@ def vocab_parallel_vopd_loss(
     _check_global_tokens(tokens, student_logits, shard, valid)
     tokens = torch.where(valid, tokens, 0)
     m = _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, group, shard)
-    value = baseline_kl(baseline, kl, reverse_kl=m.reverse, forward_kl=m.forward, topk_reverse_kl=m.topk_kl)
+    value = vopd_baseline_kl(baseline, kl, reverse_kl=m.reverse, forward_kl=m.forward, topk_reverse_kl=m.topk_kl)
     local, _ = _local_ids(tokens, shard)
     return policy_gradient_loss(
         student_logits,

@@ -413,7 +413,7 @@ class OPDTrainer(DistillationTrainer):
 
     def _generate_with_pruning(self, prompt_ids: list) -> Rollout:
         input_ids, attention_mask = self._left_padded(prompt_ids)
-        with self._unwrapped_student("opd_ext.generate_with_pruning") as student:
+        with self._unwrapped_student("opd_ext.generation.generate_with_pruning") as student:
             # The teacher's forwards go through its own wrapper, which gathers sharded parameters.
             return generate_with_pruning(
                 student,
@@ -438,7 +438,7 @@ class OPDTrainer(DistillationTrainer):
         completions = pad(rows, padding_value=self._tokenizer.pad_token_id, padding_side="right")
         completion_mask = pad([torch.ones_like(row) for row in rows], padding_value=0, padding_side="right")
         sequences = torch.cat([input_ids, completions.to(input_ids.device)], dim=1)
-        with self._unwrapped_student("opd_ext.score_rollouts") as student:
+        with self._unwrapped_student("opd_ext.generation.score_rollouts") as student:
             return score_rollouts(
                 student,
                 self.teacher_model,
