@@ -253,3 +253,61 @@ def chat_prompts(tokenizer, problems: list[Problem]) -> list[Problem]:
         )
         out.append(Problem(text, p.completion, p.answer))
     return out
+
+
+# ---- held-out evaluation -----------------------------------------------------------------------------
+
+# What counts as degenerate on held-out replies: the repetition rule at the setting the drift
+# evidence chose (docs/reproduction_real.md).
+DEGENERATE = dict(loop_window=48, loop_match=0.5)
+
+
+@torch.no_grad()
+def held_out_report(student, teacher, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 16):
+    """The student's greedy replies to ``problems``, scored by the teacher: ``accuracy`` (the last
+    number of the reply is the answer), ``reverse_kl`` (mean per-token KL(student ‖ teacher) along
+    the replies, the quantity OPD minimises), ``degenerate`` (the fraction of replies the repetition
+    rule stops) and ``reached_cap`` (replies still going at ``max_new_tokens``)."""
+    import opd_ext
+    from examples.opd import models
+    from examples.opd.task import is_correct
+    from opd_ext.generation import generate_with_pruning
+
+    was_training = student.training
+    student.eval()
+    correct = kl_sum = tokens = degenerate = capped = 0
+    config = opd_ext.PruneConfig(w_drop=0.0, w_base=0.0, min_weight=None, **DEGENERATE)
+    for start in range(0, len(problems), batch_size):
+        batch = problems[start : start + batch_size]
+        device = next(student.parameters()).device
+        ids, mask = models.encode_prompts(tokenizer, [p.prompt for p in batch], device=device)
+        # The repetition rule only marks rows here: replies are scored to their end (or the cap).
+        marking = generate_with_pruning(
+            student,
+            teacher,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            config=opd_ext.PruneConfig.disabled(),
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        kept = marking.completion_mask
+        texts = tokenizer.batch_decode(
+            marking.completions.masked_fill(~kept, tokenizer.pad_token_id), skip_special_tokens=True
+        )
+        correct += sum(bool(p.answer) and is_correct(t, p.answer) for t, p in zip(texts, batch))
+        kl_sum += float(marking.reverse_kl[kept].sum())
+        tokens += int(kept.sum())
+        scan = opd_ext.drift_scan(marking.overlaps, config, mask=kept, tokens=marking.completions)
+        degenerate += int((scan.stop_reasons == opd_ext.StopReason.REPETITION).sum())
+        capped += int((marking.lengths >= max_new_tokens).sum())
+    student.train(was_training)
+    answered = sum(bool(p.answer) for p in problems)
+    return {
+        "accuracy": correct / max(1, answered),
+        "reverse_kl": kl_sum / max(1, tokens),
+        "degenerate": degenerate / len(problems),
+        "reached_cap": capped / len(problems),
+    }
