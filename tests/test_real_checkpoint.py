@@ -176,3 +176,37 @@ def test_the_repetition_rule_stops_a_real_loop(pair):
     assert scan.stop_positions.tolist() == [2 * period - 1]
     assert scan.stop_reasons.tolist() == [opd_ext.StopReason.REPETITION]
     assert opd_ext.drift_scan(torch.ones(once.shape), config, tokens=once).stop_positions.tolist() == [-1]
+
+
+def test_layer_removal_kl_ranks_the_layers(pair):
+    """The measurement that picks the student's layers: one KL per layer, the first layer by far
+    the most harmful to remove, and the choice never the first or last layer."""
+    teacher, _, tokenizer = pair
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris. It is a large city.")])
+    kls = real.layer_removal_kl(teacher, ids, torch.ones_like(ids))
+    assert len(kls) == 30 and all(k >= 0 for k in kls)
+    assert kls[0] == max(kls)
+    chosen = real.choose_layers(kls, 3)
+    assert len(chosen) == 3 and 0 not in chosen and 29 not in chosen
+    assert all(kls[i] <= kls[j] for i in chosen for j in range(1, 29) if j not in chosen)
+
+
+def test_drift_evidence_runs_end_to_end(tmp_path, capsys):
+    """The drift evidence tool on two tiny rollouts per model: the report has every k, both
+    policies and every candidate rule, and a rerun reuses the sampled rollouts."""
+    import json
+
+    from examples.opd import drift_evidence
+
+    argv = ["--layers", "17", "--prompts", "2", "--max-new-tokens", "8", "--batch", "2", "--quiet"]
+    argv += ["--cache", str(CACHE), "--out", str(tmp_path)]
+    drift_evidence.main(argv)
+    report = json.loads((tmp_path / "evidence.json").read_text())
+    assert set(report["by_policy"]) == {"student", "teacher"}
+    assert report["pair"]["dropped"] == [17]
+    for entry in report["by_policy"].values():
+        assert set(entry["overlap"]) == {str(k) for k in drift_evidence.KS}
+        assert set(entry["rules"]) == set(report["rules"])
+    assert (tmp_path / "overlap.png").stat().st_size > 0
+    drift_evidence.main(argv)
+    assert "reusing the rollouts" in capsys.readouterr().out

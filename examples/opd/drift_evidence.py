@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 import opd_ext
 from examples.opd import models, real
@@ -40,18 +41,29 @@ KS = (1, 4, 16, 64)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", choices=sorted(real.CHECKPOINTS), default="smollm2")
+    p.add_argument(
+        "--checkpoint", choices=sorted(real.CHECKPOINTS), default="smollm2", help="the teacher (default smollm2)"
+    )
     p.add_argument("--drop", type=int, default=3, help="decoder layers removed to make the student (default 3)")
+    p.add_argument(
+        "--layers",
+        type=lambda text: [int(i) for i in text.split(",")],
+        default=None,
+        help="remove these decoder layers (e.g. 4,5,17) instead of the --drop least important ones",
+    )
     p.add_argument("--prompts", type=int, default=32, help="rollouts per model (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="rollout length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--batch", type=int, default=16, help="rollouts generated at once (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompts and sampling (default 0)")
     p.add_argument(
         "--cache", type=Path, default=Path("runs/cache"), help="dequantized checkpoints (default runs/cache)"
     )
-    p.add_argument("--out", type=Path, default=Path("runs/drift_evidence"))
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/drift_evidence"), help="evidence.json, overlap.png, rollouts.pt"
+    )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
@@ -60,8 +72,12 @@ def parse_args(argv=None):
 
 def make_pair(args, log):
     teacher, tokenizer = real.load_teacher(args.checkpoint, args.cache)
-    student, pair = real.pruned_student(teacher, tokenizer, args.drop, args.cache / args.checkpoint, seed=args.seed)
-    log(f"student: the teacher without layers {pair['dropped']} of {len(pair['layer_removal_kl'])} (lowest removal KL)")
+    student, pair = real.pruned_student(
+        teacher, tokenizer, args.drop, args.cache / args.checkpoint, seed=args.seed, layers=args.layers
+    )
+    why = "as given" if args.layers is not None else "lowest removal KL"
+    log(f"student: the teacher without layers {pair['dropped']} of {len(real.decoder_layers(teacher))} ({why})")
+
     return teacher, student, tokenizer, pair
 
 
@@ -69,13 +85,14 @@ def make_pair(args, log):
 
 
 @torch.no_grad()
-def sample(policy, other, tokenizer, problems, args, seed):
+def sample(policy, other, tokenizer, problems, args, seed, desc="rollouts"):
     """Rollouts of ``policy`` (scored by ``other`` as it samples; nothing stops them), then both
     models' logits over them for the overlaps at every k. Returns a dict of [N, T] tensors."""
     rows = {"tokens": [], "mask": [], **{f"overlap_{k}": [] for k in KS}, "teacher_logprob": [], "reverse_kl": []}
     generator = torch.Generator().manual_seed(seed)
     texts = []
-    for start in range(0, len(problems), args.batch):
+    starts = range(0, len(problems), args.batch)
+    for start in tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True, disable=args.quiet):
         batch = problems[start : start + args.batch]
         ids, mask = models.encode_prompts(tokenizer, [p.prompt for p in batch])
         rollout = generate_with_pruning(
@@ -233,16 +250,16 @@ def main(argv=None):
     teacher, student, tokenizer, pair = make_pair(args, log)
     problems = real.chat_prompts(tokenizer, real.make_prompts(args.prompts, seed=args.seed))
     cache = args.out / "rollouts.pt"
-    settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "threads", "cache")}
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("out", "threads", "cache", "quiet")}
     saved = torch.load(cache, weights_only=False) if cache.exists() else None
     if saved is not None and saved["settings"] == settings:
         student_data, teacher_data = saved["student"], saved["teacher"]
         log(f"reusing the rollouts in {cache}")
     else:
         log(f"sampling {args.prompts} student rollouts (up to {args.max_new_tokens} tokens each)")
-        student_data = sample(student, teacher, tokenizer, problems, args, seed=args.seed)
+        student_data = sample(student, teacher, tokenizer, problems, args, seed=args.seed, desc="student rollouts")
         log(f"sampling {args.prompts} teacher rollouts")
-        teacher_data = sample(teacher, student, tokenizer, problems, args, seed=args.seed + 1)
+        teacher_data = sample(teacher, student, tokenizer, problems, args, seed=args.seed + 1, desc="teacher rollouts")
         torch.save({"settings": settings, "student": student_data, "teacher": teacher_data}, cache)
     log("scoring the rules")
 

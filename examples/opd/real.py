@@ -164,14 +164,17 @@ def choose_layers(kls: list[float], count: int, keep_first: int = 1, keep_last: 
     return sorted(sorted(candidates, key=lambda i: kls[i])[:count])
 
 
-def pruned_student(teacher, tokenizer, count: int, cache_dir: Path, seed: int = 0):
+def pruned_student(teacher, tokenizer, count: int, cache_dir: Path, seed: int = 0, layers=None):
     """(student, info): a copy of ``teacher`` without the ``count`` decoder layers whose removal
     moves its next-token distributions least on its own greedy replies to 8 prompts (the
-    measurement is cached in ``cache_dir``; ``info`` holds it and the layers removed)."""
+    measurement is cached in ``cache_dir``; ``info`` holds it and the layers removed). ``layers``
+    names the layers to remove instead, skipping the measurement."""
     import copy
 
     from examples.opd import models
 
+    if layers is not None:
+        return remove_layers(copy.deepcopy(teacher), layers), {"layer_removal_kl": None, "dropped": sorted(layers)}
     record = Path(cache_dir) / f"layer_removal_kl-seed{seed}.json"
     if record.is_file():
         kls = json.loads(record.read_text())["layer_removal_kl"]
