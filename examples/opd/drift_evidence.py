@@ -51,6 +51,12 @@ def parse_args(argv=None):
         default=None,
         help="remove these decoder layers (e.g. 4,5,17) instead of the --drop least important ones",
     )
+    p.add_argument(
+        "--student",
+        type=Path,
+        default=None,
+        help="a trained student checkpoint (e.g. a run's student/ folder) instead of the pruned teacher",
+    )
     p.add_argument("--prompts", type=int, default=32, help="rollouts per model (default 32)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="rollout length cap (default 128)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
@@ -72,6 +78,12 @@ def parse_args(argv=None):
 
 def make_pair(args, log):
     teacher, tokenizer = real.load_teacher(args.checkpoint, args.cache)
+    if args.student is not None:
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(args.student).eval()
+        log(f"student: {args.student} ({student.config.num_hidden_layers} layers)")
+        return teacher, student, tokenizer, {"student": str(args.student)}
     student, pair = real.pruned_student(
         teacher, tokenizer, args.drop, args.cache / args.checkpoint, seed=args.seed, layers=args.layers
     )

