@@ -617,27 +617,9 @@ class DriftMonitor:
             record("reverse_kl", out.reverse_kl)
         if self._repetition is None:
             return out.stopped
-        return out.stopped | self._stop_repeating(rows, tokens[:, None], None, was_running)[0]
-
-    def _stop_repeating(self, rows, tokens, mask, was_running):
-        """The repetition check over ``tokens`` [A, C] of ``rows``: rows still running that are in a
-        loop stop with ``StopReason.REPETITION``. Returns (bool [A] stopped by it, int64 [A] the
-        chunk position at which they stopped, -1 elsewhere)."""
-        first = self._repetition.scan(tokens, mask, rows)
-        running = self.state.stop_reason.index_select(0, rows) == StopReason.RUNNING
-        stopped = was_running & running & (first >= 0)
-        reason = self.state.stop_reason
-        reason[rows] = torch.where(stopped, StopReason.REPETITION, reason.index_select(0, rows)).to(reason.dtype)
-        return stopped, torch.where(stopped, first, -1)
-
-    def _mark_repetition(self, rows, was_running, stop_positions, loop_at):
-        """Rows whose drift scan did not stop them but that are in a loop at ``loop_at``: stopped
-        there with ``StopReason.REPETITION``. Returns the updated stop positions."""
-        reason = self.state.stop_reason
-        current = reason.index_select(0, rows)
-        looping = was_running & (current == StopReason.RUNNING) & (loop_at >= 0)
-        reason[rows] = torch.where(looping, StopReason.REPETITION, current).to(reason.dtype)
-        return torch.where(looping, loop_at, stop_positions)
+        loop_at = self._repetition.scan(tokens[:, None], None, rows)
+        no_stop = torch.full_like(loop_at, -1)
+        return out.stopped | (_stop_on_repetition(self.state.stop_reason, rows, was_running, loop_at, no_stop) >= 0)
 
     def _step_vocab_parallel(self, student_logits, teacher_logits, tokens, rows, temperature) -> torch.Tensor:
         """step() on vocabulary shards: the overlap and the token statistics from the merged
@@ -710,7 +692,7 @@ class DriftMonitor:
         for full, part in zip(self.state.mutable(), chunk.mutable()):
             full[rows] = part
         if loop_at is not None:
-            stop_positions = self._mark_repetition(rows, was_running, stop_positions, loop_at)
+            stop_positions = _stop_on_repetition(self.state.stop_reason, rows, was_running, loop_at, stop_positions)
 
         steps = overlaps.shape[1]
         valid = torch.ones_like(overlaps, dtype=torch.bool) if mask is None else mask
@@ -859,6 +841,16 @@ class DriftScan(NamedTuple):
     lengths: torch.Tensor  # int64 [B]: tokens consumed (up to and including the stop)
 
 
+def _stop_on_repetition(stop_reason, rows, was_running, loop_at, stop_positions) -> torch.Tensor:
+    """The rows ``rows`` of ``stop_reason`` that were running before this update, are still running
+    after the drift state machine's and are in a loop at ``loop_at`` (>= 0) stop there with
+    ``StopReason.REPETITION`` (in place). Returns ``stop_positions`` [A] with those rows' positions."""
+    current = stop_reason.index_select(0, rows)
+    looping = was_running & (current == StopReason.RUNNING) & (loop_at >= 0)
+    stop_reason[rows] = torch.where(looping, StopReason.REPETITION, current).to(stop_reason.dtype)
+    return torch.where(looping, loop_at, stop_positions)
+
+
 def _cut_after(mask: Optional[torch.Tensor], like: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """``mask`` (all True when None) with every position after ``position`` [A] (>= 0) False."""
     steps = torch.arange(like.shape[1], device=like.device)
@@ -917,7 +909,6 @@ def drift_scan(
     state = DriftState.fresh(batch, overlaps.device, budget)
     multipliers, weights, stop_positions = ops.drift_scan(overlaps, mask, *state, **config.kernel_args())
     if loop_at is not None:
-        looping = (state.stop_reason == StopReason.RUNNING) & (loop_at >= 0)
-        state.stop_reason.copy_(torch.where(looping, StopReason.REPETITION, state.stop_reason))
-        stop_positions = torch.where(looping, loop_at, stop_positions)
+        fresh = torch.ones(batch, dtype=torch.bool, device=overlaps.device)
+        stop_positions = _stop_on_repetition(state.stop_reason, rows, fresh, loop_at, stop_positions)
     return DriftScan(multipliers, weights, stop_positions, state.stop_reason.clone(), state.length.long())

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 import opd_ext
 from examples.opd import models, real
 from examples.opd.task import is_correct
+from examples.opd.train import sequence_logits
 from opd_ext.generation import generate_with_pruning
 
 KS = (1, 4, 16, 64)
@@ -121,8 +122,7 @@ def sample(policy, other, tokenizer, problems, args, seed, desc="rollouts"):
         )
         keep = rollout.completion_mask
         attention = torch.cat([mask, keep.long()], 1)
-        steps = keep.shape[1]
-        logits = [models_logits(m, rollout.sequences, attention, ids.shape[1], steps) for m in (policy, other)]
+        logits = [sequence_logits(m, rollout.sequences, attention, ids.shape[1]).float() for m in (policy, other)]
         for k in KS:
             rows[f"overlap_{k}"].append(_pad(opd_ext.topk_overlap(*logits, k), args.max_new_tokens))
         rows["tokens"].append(_pad(rollout.completions.masked_fill(~keep, -1), args.max_new_tokens, -1))
@@ -135,12 +135,6 @@ def sample(policy, other, tokenizer, problems, args, seed, desc="rollouts"):
     out = {name: torch.cat(parts) for name, parts in rows.items()}
     out["texts"] = texts
     return out
-
-
-def models_logits(model, sequences, attention, prompt_length, steps):
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=sequences, attention_mask=attention, position_ids=positions, use_cache=False).logits
-    return logits[:, prompt_length - 1 : prompt_length - 1 + steps].float()
 
 
 def _pad(x, width, value=0.0):
