@@ -21,6 +21,7 @@ from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL
 from opd_ext.ops import cuda_kernels_available
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
 from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, teacher_support, vopd_loss_sparse_teacher
+from opd_ext.topk_kl import TopkKLStats, topk_kl_loss
 
 __all__ = [
     "__version__",
@@ -43,6 +44,9 @@ __all__ = [
     "token_stats",
     "vopd_loss",
     "vopd_loss_sparse_teacher",
+    # the top-k KL family on a served teacher's top-k (opd_ext/topk_kl.py)
+    "TopkKLStats",
+    "topk_kl_loss",
     # nn.Module forms of the losses (opd_ext/modules.py)
     "FusedLinearReverseKLLoss",
     "FusedLinearVOPDLoss",

@@ -184,6 +184,81 @@ def vopd_baseline_kl(baseline: str, kl: str, *, reverse_kl=None, forward_kl=None
     return None
 
 
+# ---- the top-k KL family on a served teacher's top-k (docs/spec.md §1.11) ---------------------------
+
+#: Divergences of :func:`opd_ext.topk_kl_loss` over the teacher's top-k support S (docs/spec.md §1.11).
+TOPK_DIVERGENCES = (
+    "forward",
+    "forward_renormalized",
+    "forward_tail",
+    "reverse_renormalized",
+    "reverse_tail",
+    "generalized",
+)
+
+#: The floor of a tail mass inside a log (float64): a teacher whose served top-k sums to 1 up to
+#: rounding leaves no tail, and without a floor any student tail mass would make the tail term
+#: infinite. At the floor the term is finite; above it the divergence is exact.
+TAIL_FLOOR = 1e-12
+
+
+def _tail_term(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x·(log x - log y) for tail masses, 0 where x = 0, logs of masses floored at TAIL_FLOOR."""
+    return torch.where(x > 0, x * (x.clamp_min(TAIL_FLOOR).log() - y.clamp_min(TAIL_FLOOR).log()), 0.0)
+
+
+class TopkDivergence(NamedTuple):
+    """Per-position values of :func:`topk_divergence`, float64 ``[...]``."""
+
+    divergence: torch.Tensor  # the chosen divergence; 0 where the support is empty
+    student_mass: torch.Tensor  # P = Σ_S p_k, the student's full-softmax mass on the support
+    teacher_mass: torch.Tensor  # Q = Σ_S q_k, as served
+    teacher_entropy: torch.Tensor  # -Σ_S q_k log q_k - (1-Q) log(1-Q): the teacher's top-k + tail bucket
+
+
+def topk_divergence(
+    student_logprobs: torch.Tensor, teacher_logprobs: torch.Tensor, support: torch.Tensor, divergence: str
+) -> TopkDivergence:
+    """One divergence of the top-k KL family (docs/spec.md §1.11) from ``[..., k]`` log-probs: the
+    student's full-softmax ``log p`` at the teacher's ids and the teacher's served ``log q``, over the
+    slots where ``support`` is True. Plain differentiable torch on ``[..., k]``: no clamp of the
+    result, so a divergence that can be negative (``"forward"`` on unnormalised masses) stays so.
+    Slots outside the support may hold anything (-inf, NaN): they never reach a value or gradient.
+    """
+    any_slot = support.any(-1)
+    a = torch.where(support, student_logprobs, 0.0)
+    t = torch.where(support, teacher_logprobs, 0.0)
+    p = torch.where(support, a.exp(), 0.0)
+    q = torch.where(support, t.exp(), 0.0)
+    neg_inf = torch.tensor(float("-inf"), dtype=a.dtype, device=a.device)
+    lse_a = torch.where(any_slot, torch.where(support, a, neg_inf).logsumexp(-1), 0.0)
+    lse_t = torch.where(any_slot, torch.where(support, t, neg_inf).logsumexp(-1), 0.0)
+    # Tail masses 1 - P and 1 - Q computed as -expm1(log P): exact to relative rounding even when the
+    # top-k holds nearly all the mass; a served top-k summing past 1 by rounding leaves a tail of 0.
+    tail_p = torch.where(any_slot, -torch.expm1(lse_a), 1.0).clamp_min(0.0)
+    tail_q = torch.where(any_slot, -torch.expm1(lse_t), 1.0).clamp_min(0.0)
+    forward_terms = (q * (t - a)).sum(-1)
+    if divergence == "forward":
+        value = forward_terms
+    elif divergence == "generalized":
+        value = forward_terms - q.sum(-1) + p.sum(-1)
+    elif divergence == "forward_tail":
+        value = forward_terms + _tail_term(tail_q, tail_p)
+    elif divergence == "reverse_tail":
+        value = (p * (a - t)).sum(-1) + _tail_term(tail_p, tail_q)
+    else:
+        log_p_bar = torch.where(support, a - lse_a.unsqueeze(-1), 0.0)
+        log_q_bar = torch.where(support, t - lse_t.unsqueeze(-1), 0.0)
+        if divergence == "forward_renormalized":
+            value = (torch.where(support, log_q_bar.exp(), 0.0) * (log_q_bar - log_p_bar)).sum(-1)
+        else:
+            value = (torch.where(support, log_p_bar.exp(), 0.0) * (log_p_bar - log_q_bar)).sum(-1)
+    value = torch.where(any_slot, value, 0.0)
+    with torch.no_grad():
+        entropy = -(q * t).sum(-1) - _tail_term(tail_q, torch.ones_like(tail_q))
+    return TopkDivergence(value, p.sum(-1).detach(), q.sum(-1), entropy)
+
+
 # ---- normalisation --------------------------------------------------------------------------------
 
 

@@ -23,6 +23,10 @@ fi
 
 source "$OPD_ROOT/scripts/setup_env.sh" test
 cd "$OPD_ROOT"
+# The pinned verl, in its own environment, for tests/test_verl_integration.py; required here, so a
+# failed install fails the run instead of skipping those tests.
+OPD_VERL_PYTHON=$("$OPD_ROOT/scripts/setup_verl_env.sh")
+export OPD_VERL_PYTHON OPD_REQUIRE_VERL=1
 
 "$OPD_ROOT/scripts/lint.sh"
 

@@ -134,7 +134,7 @@ LAYERS = [
     ["opd_ext._validation"],
     ["opd_ext.objective"],
     ["opd_ext.distributed*"],
-    ["opd_ext.losses", "opd_ext.sparse_teacher", "opd_ext.lm_head", "opd_ext.fused_linear"],
+    ["opd_ext.losses", "opd_ext.sparse_teacher", "opd_ext.topk_kl", "opd_ext.lm_head", "opd_ext.fused_linear"],
     ["opd_ext.prune"],
     ["opd_ext.modules", "opd_ext.served", "opd_ext.generation*"],
     ["opd_ext.integrations*"],

@@ -1,0 +1,162 @@
+"""The top-k KL family on a served teacher's top-k: forward KL (as verl and NeMo-RL compute it,
+renormalised, or with a tail bucket), reverse KL (renormalised or with a tail bucket) and the
+generalized (unnormalised) KL, with the masses and the teacher's entropy from the same pass
+(docs/spec.md §1.11).
+
+The student is read in full once (``student_stats``: its log-normaliser), then only ``[..., k]``
+values are gathered; the backward is one fused pass that writes ``-G·p/τ`` (``G`` the row's summed
+gradient of the gathered log-probs) and adds the ``[..., k]`` gradients at their ids. So every one
+of the k entries and the student's full softmax get their exact gradient, without a ``[N, V]``
+temporary and without a clamp. ``mask``, ``weights``, ``num_items``, ``reduction``,
+``return_stats`` and ``temperature`` follow the conventions of :mod:`opd_ext.objective`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from opd_ext import ops
+from opd_ext._validation import check_choice, check_logits, check_temperature
+from opd_ext.objective import TOPK_DIVERGENCES, loss_scale, topk_divergence
+from opd_ext.sparse_teacher import support_at_valid_positions
+
+
+class TopkKLStats(NamedTuple):
+    """Per-position statistics of :func:`topk_kl_loss` (``return_stats=True``): detached float32
+    ``[...]`` (``student_topk_logprob`` ``[..., k]``), exactly 0 at masked positions (``mask`` is bool)."""
+
+    divergence: torch.Tensor  # the chosen divergence, unweighted
+    student_mass: torch.Tensor  # P = Σ_S p_k, the student's full-softmax mass on the teacher's support
+    teacher_mass: torch.Tensor  # Q = Σ_S q_k, as served
+    teacher_entropy: torch.Tensor  # -Σ_S q_k log q_k - (1 - Q) log(1 - Q) (top-k plus a tail bucket)
+    student_topk_logprob: torch.Tensor  # [..., k]: log p at the teacher's ids (0 outside the support)
+    weights: torch.Tensor  # w_t (1 when omitted)
+    mask: torch.Tensor
+
+    def means(self) -> dict:
+        """``{name: mean over valid positions}`` of the four statistics (0-d tensors)."""
+        n = self.mask.sum().clamp(min=1)
+        return {
+            name: getattr(self, name).sum() / n
+            for name in ("divergence", "student_mass", "teacher_mass", "teacher_entropy")
+        }
+
+
+class StudentLogprobsAt(torch.autograd.Function):
+    """``log softmax(s / τ)`` at the support's ids ``[..., k]`` (float64), from one ``student_stats``
+    pass. The backward ``(scatter(g) - G·p) / τ`` (``G = Σ_k g_k``) is written by
+    ``policy_gradient_backward`` (``-G·p/τ`` over the row, one pass) and then, at the k ids, overwritten
+    with the whole value computed in float64: adding ``g`` to an already rounded bfloat16 ``-G·p``
+    would round twice where the two nearly cancel. Slots outside the support point at the row's first
+    support id (whose value they then repeat), so every written id gets one value."""
+
+    @staticmethod
+    def forward(ctx, student_logits, ids, support, temperature):
+        logits = student_logits.detach()
+        k = ids.shape[-1]
+        first = support.to(torch.uint8).argmax(-1, keepdim=True)
+        source = torch.where(support, torch.arange(k, device=ids.device), first)
+        filled = torch.where(support.any(-1, keepdim=True), ids.gather(-1, source), 0)
+        no_token = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+        _, lse = ops.student_stats(logits, no_token, temperature)
+        logprobs = logits.gather(-1, filled).double() / temperature - lse.double().unsqueeze(-1)
+        ctx.save_for_backward(student_logits, filled, source, support, lse, logprobs)
+        ctx.temperature = temperature
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        student_logits, filled, source, support, lse, logprobs = ctx.saved_tensors
+        g = torch.where(support, grad_logprobs, 0.0)
+        row = g.sum(-1, keepdim=True)
+        outside = torch.full(lse.shape, -1, dtype=torch.int64, device=lse.device)  # no one-hot term
+        grad = ops.policy_gradient_backward(
+            row.squeeze(-1).float(), student_logits.detach(), outside, lse, ctx.temperature
+        )
+        at_ids = (g.gather(-1, source) - row * logprobs.exp()) / ctx.temperature
+        grad.scatter_(-1, filled, at_ids.to(grad.dtype))
+        return grad, None, None, None
+
+
+def topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_tail",
+    teacher_topk_mask: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    num_items=None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """A divergence of the top-k KL family between the student and a teacher served as top-k
+    log-probs (vLLM ``prompt_logprobs=k``, SGLang ``top_logprobs_num``), ``Σ_t w_t D_t / norm``.
+
+    With ``S`` the teacher's support at a position (the set of its top-k ids, :func:`teacher_support`),
+    ``p_k`` the student's *full-vocabulary* softmax at ``τ`` and ``q_k`` the served probabilities,
+    ``P = Σ_S p``, ``Q = Σ_S q`` (docs/spec.md §1.11):
+
+    * ``"forward"``: ``Σ_S q (log q - log p)``, verl's and NeMo-RL's ``forward_kl_topk``; it can be
+      negative (both masses are partial) and is *not* clamped here, so its gradient stays exact;
+    * ``"forward_renormalized"``: KL(q̄‖p̄), both renormalised over S;
+    * ``"forward_tail"`` (default): KL over the k + 1 buckets S and "the rest":
+      ``Σ_S q log(q/p) + (1-Q) log((1-Q)/(1-P))``, always ≥ 0;
+    * ``"reverse_renormalized"``: KL(p̄‖q̄) over S (as :func:`opd_ext.reverse_kl_loss_sparse_teacher`);
+    * ``"reverse_tail"``: ``Σ_S p log(p/q) + (1-P) log((1-P)/(1-Q))``, always ≥ 0;
+    * ``"generalized"``: ``Σ_S [q log(q/p) - q + p]``, the KL of unnormalised measures, ≥ 0 term by term.
+
+    Tail masses enter the logs floored at ``opd_ext.objective.TAIL_FLOOR`` (1e-12), so a served top-k
+    that sums to 1 up to rounding gives a finite tail term. A valid position with an empty support
+    contributes 0. The ``[..., k]`` arithmetic runs in float64.
+
+    Args:
+        student_logits: ``[..., V]`` float32, bfloat16 or float16; only read in full once forward and
+            once backward.
+        teacher_topk_ids: int64 ``[..., k]``; ids in ``[0, V)`` in the slots that are read.
+        teacher_topk_logprobs: ``[..., k]`` log-probs as served (normalised over the teacher's full
+            vocabulary); ``-inf`` marks a padded slot. ``temperature`` scales the student only.
+        divergence: one of ``opd_ext.objective.TOPK_DIVERGENCES`` (above).
+        teacher_topk_mask: optional bool ``[..., k]``, False at slots to ignore.
+        mask, weights, num_items, temperature, reduction: conventions of :mod:`opd_ext.objective`.
+        return_stats: also return a :class:`TopkKLStats` (divergence, masses, teacher entropy).
+
+    Returns:
+        A float32 scalar (``"mean"``, ``"sum"``) or ``[...]`` terms ``w_t·D_t/norm`` (``"none"``);
+        with ``return_stats``, ``(loss, TopkKLStats)``.
+
+    Raises:
+        ValueError / TypeError naming the argument: shapes, dtypes, devices, an unknown
+        ``divergence`` or ``reduction``, ids outside ``[0, V)`` in a slot that is read.
+    """
+    temperature = check_temperature(temperature)
+    check_logits("student_logits", student_logits)
+    check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    scale, valid, w = loss_scale(student_logits, mask, weights, num_items, reduction)
+    support = support_at_valid_positions(
+        student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask, valid
+    )
+    student_logprobs = StudentLogprobsAt.apply(student_logits, teacher_topk_ids, support, temperature)
+    values = topk_divergence(student_logprobs, teacher_topk_logprobs.detach().double(), support, divergence)
+    terms = torch.where(valid, scale.double() * values.divergence, 0.0)
+    loss = (terms if reduction == "none" else terms.sum()).float()
+    if not return_stats:
+        return loss
+
+    def clean(x):
+        return torch.where(valid, x.detach().float(), 0.0)
+
+    stats = TopkKLStats(
+        clean(values.divergence),
+        clean(values.student_mass),
+        clean(values.teacher_mass),
+        clean(values.teacher_entropy),
+        torch.where(support, student_logprobs.detach().float(), 0.0),
+        w,
+        valid,
+    )
+    return loss, stats
