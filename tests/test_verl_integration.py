@@ -77,6 +77,17 @@ def test_forward_mode_equals_verls_own_forward_kl_topk(report):
         assert diff <= 1e-5, name
 
 
+def test_verls_trainer_config_selects_the_mode(report):
+    # ppo_trainer.yaml composed through Hydra with docs/verl.md's overrides, as verl's workers get it.
+    assert report["composed"] == {
+        "actor": "FSDPActorConfig",
+        "strategy": "fsdp2",
+        "loss_mode": "opd_ext_reverse_kl_topk_tail",
+        "use_topk": True,
+        "loss_agg_mode": "token-mean",
+    }
+
+
 def test_unsupported_verl_release_is_refused_with_the_range(report):
     assert ">=0.9,<0.10" in report["old_version_refused"]
     assert "0.8.2" in report["old_version_refused"]

@@ -16,6 +16,44 @@ from verl.trainer.distillation import losses as verl_losses
 from verl.trainer.distillation.losses import distillation_ppo_loss
 from verl.workers.config import ActorConfig, DistillationConfig, DistillationLossConfig
 
+# The overrides of docs/verl.md's command (model paths are only names here: nothing is loaded).
+OVERRIDES = [
+    "actor_rollout_ref.model.path=Qwen/Qwen3-1.7B",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.rollout.n=4",
+    "distillation.enabled=True",
+    "distillation.n_gpus_per_node=8",
+    "distillation.nnodes=1",
+    "distillation.teacher_models.teacher_model.model_path=Qwen/Qwen3-8B",
+    "distillation.teacher_models.teacher_model.num_replicas=1",
+    "distillation.distillation_loss.loss_mode=opd_ext_forward_kl_topk_tail",
+    "distillation.distillation_loss.topk=32",
+    "distillation.distillation_loss.use_policy_gradient=False",
+    "distillation.distillation_loss.use_task_rewards=False",
+]
+
+
+def composed_configs(mode, k):
+    """verl's own trainer config (ppo_trainer.yaml through Hydra) with OVERRIDES and this mode: the
+    actor and distillation dataclasses verl's workers get."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    overrides = [
+        o
+        for o in OVERRIDES
+        if not o.startswith(("distillation.distillation_loss.loss_mode", "distillation.distillation_loss.topk"))
+    ]
+    overrides += [f"distillation.distillation_loss.loss_mode={mode}", f"distillation.distillation_loss.topk={k}"]
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    return omega_conf_to_dataclass(cfg.actor_rollout_ref.actor), omega_conf_to_dataclass(cfg.distillation)
+
 
 def packed_batch(prompt_lens, response_lens, vocab, k, seed=0):
     """A micro-batch as verl's FSDP engine holds it with remove-padding: nested prompts / responses /
@@ -65,17 +103,20 @@ def response_positions(prompt_lens, response_lens):
     return torch.tensor(out)
 
 
-def verl_loss(mode, data, student, k):
-    actor = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
-    loss_config = DistillationLossConfig(
-        loss_mode=mode,
-        topk=k,
-        use_policy_gradient=False,
-        use_task_rewards=False,
-        loss_max_clamp=None,
-        log_prob_min_clamp=None,
-    )
-    distillation = DistillationConfig(enabled=False, distillation_loss=loss_config)
+def verl_loss(mode, data, student, k, *, composed=True):
+    if composed:
+        actor, distillation = composed_configs(mode, k)
+    else:  # verl's own forward_kl_topk, its clamps off so that values compare
+        actor = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, ppo_mini_batch_size=1, rollout_n=1)
+        loss_config = DistillationLossConfig(
+            loss_mode=mode,
+            topk=k,
+            use_policy_gradient=False,
+            use_task_rewards=False,
+            loss_max_clamp=None,
+            log_prob_min_clamp=None,
+        )
+        distillation = DistillationConfig(enabled=False, distillation_loss=loss_config)
     outputs = distillation_ppo_loss(config=actor, distillation_config=distillation, data=data, student_logits=student)
     model_output = {name: value.squeeze(0) for name, value in outputs.items()}
     loss, metrics = distillation_ppo_loss(
@@ -104,15 +145,15 @@ def main():
         (want_grad,) = torch.autograd.grad(want, x)
         modes[mode] = {
             "loss": float(loss),
-            "opd_ext_loss": float(want),
+            "opd_ext_loss": float(want.detach()),
             "max_grad_diff": float((grad - want_grad).abs().max()),
             "max_grad": float(want_grad.abs().max()),
             "metrics": metrics,
             "output_shapes": {name: list(v.shape) for name, v in outputs.items()},
         }
-    loss, grad, outputs, metrics = verl_loss("forward_kl_topk", data, student, k)
+    loss, grad, outputs, metrics = verl_loss("forward_kl_topk", data, student, k, composed=False)
     ours = modes["opd_ext_forward_kl_topk"]
-    _, our_grad, our_outputs, _ = verl_loss("opd_ext_forward_kl_topk", data, student, k)
+    _, our_grad, our_outputs, _ = verl_loss("opd_ext_forward_kl_topk", data, student, k, composed=False)
     report["verl_forward_kl_topk"] = {
         "loss": float(loss),
         "opd_ext_loss": ours["loss"],
@@ -132,6 +173,14 @@ def main():
         },
     }
     report["modes"] = modes
+    actor, distillation = composed_configs("opd_ext_reverse_kl_topk_tail", k)
+    report["composed"] = {
+        "actor": type(actor).__name__,
+        "strategy": actor.strategy,
+        "loss_mode": distillation.distillation_loss.loss_mode,
+        "use_topk": distillation.distillation_loss.loss_settings.use_topk,
+        "loss_agg_mode": actor.loss_agg_mode,
+    }
     try:
         plugin.check_verl_version("0.8.2")
         report["old_version_refused"] = None
