@@ -2,7 +2,7 @@
 sparse-teacher functions take (:mod:`opd_ext.sparse_teacher`: the losses, the top-k overlap against a
 served top-k for Prune-OPD drift tracking, and the per-token statistics for trainers that own their
 policy-gradient loss; the last two are also exported here as :func:`topk_overlap` and
-:func:`sparse_teacher_stats`).
+:func:`sparse_teacher_stats`, with :func:`topk_overlap_between` for two served id lists).
 
 A served teacher scores a rollout as a prompt: send prompt + completion, ask for the top-k
 log-probs of every prompt position and generate one token.
@@ -47,7 +47,12 @@ from typing import NamedTuple, Optional
 import torch
 
 from opd_ext._validation import check_device
-from opd_ext.sparse_teacher import SparseTeacherStats, sparse_teacher_stats, topk_overlap_sparse_teacher
+from opd_ext.sparse_teacher import (
+    SparseTeacherStats,
+    sparse_teacher_stats,
+    topk_overlap_between,
+    topk_overlap_sparse_teacher,
+)
 
 __all__ = [
     "ServedTeacher",
@@ -56,6 +61,7 @@ __all__ = [
     "from_vllm_prompt_logprobs",
     "sparse_teacher_stats",
     "topk_overlap",
+    "topk_overlap_between",
 ]
 
 # The statistics of a served teacher live with its losses (opd_ext.sparse_teacher); this module's

@@ -344,6 +344,67 @@ def topk_overlap_sparse_teacher(
     return overlap.squeeze(0) if squeeze else overlap
 
 
+def topk_overlap_between(
+    student_topk_ids: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    student_topk_mask: Optional[torch.Tensor] = None,
+    teacher_topk_mask: Optional[torch.Tensor] = None,
+    *,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Top-k overlap of two served id lists: ``|A ∩ B| / min(|A|, |B|)`` per position, ``A`` the set
+    of the student's valid top-k ids (an engine's sampled-token ``logprobs=k``) and ``B`` the
+    teacher's (its ``prompt_logprobs=k``), so neither model's logits are needed.
+
+    An id listed twice counts once; slots where a mask is False are ignored (ragged lists). With both
+    lists the true top-k of the two models (k distinct ids each) this is §1.7's overlap ``|A ∩ B| / k``;
+    ties at the k-th place follow whatever order each engine reported.
+
+    Args:
+        student_topk_ids, teacher_topk_ids: int64 ``[..., k_s]`` and ``[..., k_t]`` (k may differ).
+        student_topk_mask, teacher_topk_mask: optional bool of the same shapes, False at padded slots.
+        mask: optional bool ``[...]``: the overlap is 0 at positions where it is False.
+
+    Returns:
+        float32 ``[...]`` in ``[0, 1]``; NaN at a valid position where either list is empty. Cost
+        O(k log k) per position (a sort and a binary search, no ``k_s × k_t`` comparison).
+
+    Raises:
+        TypeError / ValueError naming the argument: non-int64 ids, shapes that differ before the
+        last dimension, masks of the wrong shape.
+    """
+    for name, ids in (("student_topk_ids", student_topk_ids), ("teacher_topk_ids", teacher_topk_ids)):
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() < 1:
+            raise TypeError(f"{name} must be an int64 tensor [..., k], got {getattr(ids, 'dtype', type(ids).__name__)}")
+    if student_topk_ids.shape[:-1] != teacher_topk_ids.shape[:-1]:
+        raise ValueError(
+            f"student_topk_ids {tuple(student_topk_ids.shape)} and teacher_topk_ids {tuple(teacher_topk_ids.shape)} "
+            f"must agree before the last dimension"
+        )
+    for name, m, ids in (
+        ("student_topk_mask", student_topk_mask, student_topk_ids),
+        ("teacher_topk_mask", teacher_topk_mask, teacher_topk_ids),
+    ):
+        if m is not None and m.shape != ids.shape:
+            raise ValueError(f"{name} {tuple(m.shape)} must have the shape of its ids {tuple(ids.shape)}")
+    if mask is not None and mask.shape != student_topk_ids.shape[:-1]:
+        raise ValueError(f"mask {tuple(mask.shape)} must have shape {tuple(student_topk_ids.shape[:-1])}")
+    no_logprobs_s = torch.zeros((), device=student_topk_ids.device).expand(student_topk_ids.shape)
+    no_logprobs_t = torch.zeros((), device=teacher_topk_ids.device).expand(teacher_topk_ids.shape)
+    a_valid = teacher_support(student_topk_ids, no_logprobs_s, student_topk_mask)  # distinct valid ids
+    b_valid = teacher_support(teacher_topk_ids, no_logprobs_t, teacher_topk_mask)
+    # Invalid slots get sentinels that match nothing: -1 in the sorted list, -2 in the queries.
+    b = torch.where(b_valid, teacher_topk_ids, -1).sort(-1).values
+    a = torch.where(a_valid, student_topk_ids, -2)
+    at = torch.searchsorted(b.contiguous(), a.contiguous()).clamp(max=b.shape[-1] - 1)
+    hits = (b.gather(-1, at) == a).sum(-1)
+    size = torch.minimum(a_valid.sum(-1), b_valid.sum(-1))
+    overlap = hits.float() / size.float()  # 0 / 0 = NaN where either list is empty
+    if mask is not None:
+        overlap = torch.where(mask.bool(), overlap, 0.0)
+    return overlap
+
+
 def sparse_teacher_stats(
     student_logits: torch.Tensor,
     tokens: torch.Tensor,

@@ -1,8 +1,8 @@
 """Prune-OPD during generation: stop drifted rollouts inside the batch, so the saved compute is real.
 
 A :class:`~opd_ext.prune.DriftMonitor` decides, token by token, when a rollout has drifted away
-from what the teacher can supervise. This module runs it over student rollouts four ways, all
-returning the same :class:`Rollout` record (sequences, completion mask, per-token multipliers,
+from what the teacher can supervise. This module runs it over student rollouts five ways; four
+return the same :class:`Rollout` record (sequences, completion mask, per-token multipliers,
 overlaps, the sampled tokens' student / teacher log-probs and reverse KL, stop reasons, costs):
 
 * :func:`generate_with_pruning` (``chunk_size=1``): our own decode loop. Student and teacher run
@@ -16,6 +16,9 @@ overlaps, the sampled tokens' student / teacher log-probs and reverse KL, stop r
 * :class:`PruneOPDHook`: the same decisions inside Hugging Face ``model.generate()`` through a
   ``LogitsProcessor`` (runs the teacher incrementally) and a ``StoppingCriteria`` (steps the monitor,
   returns the per-row stop mask); :func:`generate_hf_with_pruning` wraps the three calls.
+* :func:`generate_served_with_pruning`: inside a served engine (vLLM, SGLang): the student's
+  requests are decoded in chunks, the overlap comes from the two engines' top-k id lists, drifted
+  requests are not continued (:mod:`opd_ext.generation.served`).
 * :func:`score_rollouts`: post hoc, for rollouts from another engine (vLLM, SGLang): one teacher
   forward over the finished sequences, then weights and truncation points.
 
@@ -42,6 +45,13 @@ from opd_ext.generation.hf import (
     generate_hf_with_pruning,
 )
 from opd_ext.generation.rollout import Rollout, completion_mask, sample_tokens
+from opd_ext.generation.served import (
+    SampledChunk,
+    ServedRollout,
+    SGLangEngine,
+    VLLMEngine,
+    generate_served_with_pruning,
+)
 
 __all__ = [
     "Rollout",
@@ -53,4 +63,9 @@ __all__ = [
     "generate_hf_with_pruning",
     "completion_mask",
     "sample_tokens",
+    "generate_served_with_pruning",
+    "ServedRollout",
+    "SampledChunk",
+    "VLLMEngine",
+    "SGLangEngine",
 ]
