@@ -15,13 +15,13 @@ from opd_ext.modules import (
     VOPDLoss,
     VOPDLossSparseTeacher,
 )
-from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL
+from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL, TopkKLStats, teacher_support
 
 # opd_ext.ops, which every module above imports, registers each op's fake kernel once, at import.
 from opd_ext.ops import cuda_kernels_available
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
-from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, teacher_support, vopd_loss_sparse_teacher
-from opd_ext.topk_kl import TopkKLStats, topk_kl_loss
+from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, vopd_loss_sparse_teacher
+from opd_ext.topk_kl import topk_kl_loss
 
 __all__ = [
     "__version__",

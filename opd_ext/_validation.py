@@ -56,7 +56,9 @@ def is_dtensor(*tensors) -> bool:
     return any(type(t).__name__ == "DTensor" and hasattr(t, "device_mesh") for t in tensors)
 
 
-def check_logits(name: str, logits) -> None:
+def check_logits(name: str, logits, *, shard: bool = False) -> None:
+    """Logits [..., V] the kernels take; ``shard=True``: a vocabulary shard, which may be empty
+    (V_r = 0 on some ranks of torch.chunk-style layouts)."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of logits [..., V], got {type(logits).__name__}")
     if is_dtensor(logits):
@@ -71,7 +73,7 @@ def check_logits(name: str, logits) -> None:
         raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
     if logits.dtype not in LOGIT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.shape[-1] == 0:
+    if logits.shape[-1] == 0 and not shard:
         raise ValueError(f"{name} has an empty vocabulary dimension ({_describe(logits)})")
 
 
@@ -227,12 +229,19 @@ def check_num_items(num_items):
 
 
 def check_teacher_topk(
-    teacher_topk_ids, teacher_topk_logprobs, student_logits: torch.Tensor, teacher_topk_mask=None, valid=None
+    teacher_topk_ids,
+    teacher_topk_logprobs,
+    student_logits: torch.Tensor,
+    teacher_topk_mask=None,
+    valid=None,
+    vocab: Optional[int] = None,
 ) -> int:
     """A served teacher's top-k: ids int64 [..., k] and log-probs [..., k] (and an optional bool
     slot mask [..., k]); ids in [0, V) wherever they are read: slots not masked out and not padded
-    with a -inf log-prob, at valid positions (``valid`` [...]). Returns k."""
-    lead, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    with a -inf log-prob, at valid positions (``valid`` [...]). ``vocab`` is V when the logits are
+    a vocabulary shard (default: their last dimension). Returns k."""
+    lead = tuple(student_logits.shape[:-1])
+    vocab = student_logits.shape[-1] if vocab is None else vocab
     for name, tensor, dtypes, what in (
         ("teacher_topk_ids", teacher_topk_ids, (torch.int64,), "int64 token ids"),
         ("teacher_topk_logprobs", teacher_topk_logprobs, LOGIT_DTYPES + (torch.float64,), "floating log-probs"),

@@ -39,6 +39,7 @@ from opd_ext._validation import (
     check_choice,
     check_mask,
     check_num_items,
+    check_teacher_topk,
     check_tokens,
     check_weights,
 )
@@ -184,6 +185,45 @@ def vopd_baseline_kl(baseline: str, kl: str, *, reverse_kl=None, forward_kl=None
     return None
 
 
+# ---- a served teacher's support (docs/spec.md §1.9) ---------------------------------------------------
+
+
+def teacher_support(
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Which slots of a served teacher's top-k form its support: bool ``[..., k]``.
+
+    A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob is not
+    ``-inf`` (servers pad ragged top-k lists with ``-inf``) and its id did not already appear in an
+    earlier slot of the row: lists that append the sampled token to the top-k can name an id twice
+    (with the same log-prob); the support is a set and the first slot stands for the id. A sampled
+    token appended from *outside* the top-k (vLLM's (k+1)-th entry) should be masked out
+    (``opd_ext.served`` does): a support that contains the sampled action makes the top-k baseline
+    depend on the action, which biases the policy gradient.
+    NaN log-probs stay in the support, so they surface as NaN instead of vanishing. O(k log k) per
+    position; the ids of slots outside the support are never read.
+    """
+    keep = teacher_topk_logprobs != float("-inf")
+    if teacher_topk_mask is not None:
+        keep = keep & teacher_topk_mask.bool()
+    if teacher_topk_ids.shape[-1] > 1:
+        # A stable sort keeps equal ids in slot order, so each run of equal ids starts at its
+        # first slot; slots outside the support sort last under a key no id reaches (-1 < 0).
+        key = torch.where(keep, teacher_topk_ids, -1)
+        sorted_key, order = torch.sort(key, dim=-1, stable=True, descending=True)
+        repeat = torch.zeros_like(keep)
+        repeat[..., 1:] = (sorted_key[..., 1:] == sorted_key[..., :-1]) & (sorted_key[..., 1:] >= 0)
+        keep = keep & ~torch.zeros_like(keep).scatter(-1, order, repeat)
+    return keep
+
+
+def support_at_valid_positions(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask, valid):
+    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits, teacher_topk_mask, valid)
+    return teacher_support(teacher_topk_ids, teacher_topk_logprobs.detach(), teacher_topk_mask) & valid.unsqueeze(-1)
+
+
 # ---- the top-k KL family on a served teacher's top-k (docs/spec.md §1.11) ---------------------------
 
 #: Divergences of :func:`opd_ext.topk_kl_loss` over the teacher's top-k support S (docs/spec.md §1.11).
@@ -257,6 +297,54 @@ def topk_divergence(
     with torch.no_grad():
         entropy = -(q * t).sum(-1) - _tail_term(tail_q, torch.ones_like(tail_q))
     return TopkDivergence(value, p.sum(-1).detach(), q.sum(-1), entropy)
+
+
+class TopkKLStats(NamedTuple):
+    """Per-position statistics of :func:`topk_kl_loss` (``return_stats=True``): detached float32
+    ``[...]`` (``student_topk_logprob`` ``[..., k]``), exactly 0 at masked positions (``mask`` is bool)."""
+
+    divergence: torch.Tensor  # the chosen divergence, unweighted
+    student_mass: torch.Tensor  # P = Σ_S p_k, the student's full-softmax mass on the teacher's support
+    teacher_mass: torch.Tensor  # Q = Σ_S q_k, as served
+    teacher_entropy: torch.Tensor  # -Σ_S q_k log q_k - (1 - Q) log(1 - Q) (top-k plus a tail bucket)
+    student_topk_logprob: torch.Tensor  # [..., k]: log p at the teacher's ids (0 outside the support)
+    weights: torch.Tensor  # w_t (1 when omitted)
+    mask: torch.Tensor
+
+    def means(self) -> dict:
+        """``{name: mean over valid positions}`` of the four statistics (0-d tensors)."""
+        n = self.mask.sum().clamp(min=1)
+        return {
+            name: getattr(self, name).sum() / n
+            for name in ("divergence", "student_mass", "teacher_mass", "teacher_entropy")
+        }
+
+
+def topk_kl_objective(
+    student_logprobs, teacher_topk_logprobs, support, divergence, scale, valid, w, reduction, return_stats
+):
+    """The loss of the top-k KL family from the student's log-probs at the teacher's ids (float64
+    ``[..., k]``, differentiable: single-device or vocab-parallel gather) and the support: the
+    reduction and the :class:`TopkKLStats` (docs/spec.md §1.11)."""
+    values = topk_divergence(student_logprobs, teacher_topk_logprobs.detach().double(), support, divergence)
+    terms = torch.where(valid, scale.double() * values.divergence, 0.0)
+    loss = (terms if reduction == "none" else terms.sum()).float()
+    if not return_stats:
+        return loss
+
+    def clean(x):
+        return torch.where(valid, x.detach().float(), 0.0)
+
+    stats = TopkKLStats(
+        clean(values.divergence),
+        clean(values.student_mass),
+        clean(values.teacher_mass),
+        clean(values.teacher_entropy),
+        torch.where(support, student_logprobs.detach().float(), 0.0),
+        w,
+        valid,
+    )
+    return loss, stats
 
 
 # ---- normalisation --------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from opd_ext.objective import (
     loss_stats,
     policy_gradient_loss,
     sampled_tokens,
+    support_at_valid_positions,
+    teacher_support,
 )
 
 
@@ -40,37 +42,6 @@ class SparseTeacherStats(NamedTuple):
     reward: torch.Tensor  # r = log q(y) - log p(y)
     topk_kl: torch.Tensor  # KL(p̄‖q̄) over the teacher's support; the baseline is b = -topk_kl
     advantage: torch.Tensor  # A = r - b = r + topk_kl
-
-
-def teacher_support(
-    teacher_topk_ids: torch.Tensor,
-    teacher_topk_logprobs: torch.Tensor,
-    teacher_topk_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Which slots of a served teacher's top-k form its support: bool ``[..., k]``.
-
-    A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob is not
-    ``-inf`` (servers pad ragged top-k lists with ``-inf``) and its id did not already appear in an
-    earlier slot of the row: lists that append the sampled token to the top-k can name an id twice
-    (with the same log-prob); the support is a set and the first slot stands for the id. A sampled
-    token appended from *outside* the top-k (vLLM's (k+1)-th entry) should be masked out
-    (``opd_ext.served`` does): a support that contains the sampled action makes the top-k baseline
-    depend on the action, which biases the policy gradient.
-    NaN log-probs stay in the support, so they surface as NaN instead of vanishing. O(k log k) per
-    position; the ids of slots outside the support are never read.
-    """
-    keep = teacher_topk_logprobs != float("-inf")
-    if teacher_topk_mask is not None:
-        keep = keep & teacher_topk_mask.bool()
-    if teacher_topk_ids.shape[-1] > 1:
-        # A stable sort keeps equal ids in slot order, so each run of equal ids starts at its
-        # first slot; slots outside the support sort last under a key no id reaches (-1 < 0).
-        key = torch.where(keep, teacher_topk_ids, -1)
-        sorted_key, order = torch.sort(key, dim=-1, stable=True, descending=True)
-        repeat = torch.zeros_like(keep)
-        repeat[..., 1:] = (sorted_key[..., 1:] == sorted_key[..., :-1]) & (sorted_key[..., 1:] >= 0)
-        keep = keep & ~torch.zeros_like(keep).scatter(-1, order, repeat)
-    return keep
 
 
 class _GatherLogits(torch.autograd.Function):
@@ -117,11 +88,6 @@ def support_reverse_kl(student_logits, teacher_topk_ids, teacher_topk_logprobs, 
     p = log_p.exp()
     kl = (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
     return torch.where(any_slot.squeeze(-1), kl, 0.0)
-
-
-def support_at_valid_positions(student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask, valid):
-    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits, teacher_topk_mask, valid)
-    return teacher_support(teacher_topk_ids, teacher_topk_logprobs.detach(), teacher_topk_mask) & valid.unsqueeze(-1)
 
 
 def vopd_loss_sparse_teacher(

@@ -13,35 +13,14 @@ temporary and without a clamp. ``mask``, ``weights``, ``num_items``, ``reduction
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from opd_ext import ops
-from opd_ext._validation import check_choice, check_logits, check_temperature
-from opd_ext.objective import TOPK_DIVERGENCES, loss_scale, topk_divergence
-from opd_ext.sparse_teacher import support_at_valid_positions
-
-
-class TopkKLStats(NamedTuple):
-    """Per-position statistics of :func:`topk_kl_loss` (``return_stats=True``): detached float32
-    ``[...]`` (``student_topk_logprob`` ``[..., k]``), exactly 0 at masked positions (``mask`` is bool)."""
-
-    divergence: torch.Tensor  # the chosen divergence, unweighted
-    student_mass: torch.Tensor  # P = Σ_S p_k, the student's full-softmax mass on the teacher's support
-    teacher_mass: torch.Tensor  # Q = Σ_S q_k, as served
-    teacher_entropy: torch.Tensor  # -Σ_S q_k log q_k - (1 - Q) log(1 - Q) (top-k plus a tail bucket)
-    student_topk_logprob: torch.Tensor  # [..., k]: log p at the teacher's ids (0 outside the support)
-    weights: torch.Tensor  # w_t (1 when omitted)
-    mask: torch.Tensor
-
-    def means(self) -> dict:
-        """``{name: mean over valid positions}`` of the four statistics (0-d tensors)."""
-        n = self.mask.sum().clamp(min=1)
-        return {
-            name: getattr(self, name).sum() / n
-            for name in ("divergence", "student_mass", "teacher_mass", "teacher_entropy")
-        }
+from opd_ext._validation import check_choice, check_logits, check_temperature, is_dtensor
+from opd_ext.distributed import from_student_dtensor, vocab_parallel_topk_kl_loss
+from opd_ext.objective import TOPK_DIVERGENCES, loss_scale, support_at_valid_positions, topk_kl_objective
 
 
 class StudentLogprobsAt(torch.autograd.Function):
@@ -125,6 +104,9 @@ def topk_kl_loss(
         mask, weights, num_items, temperature, reduction: conventions of :mod:`opd_ext.objective`.
         return_stats: also return a :class:`TopkKLStats` (divergence, masses, teacher entropy).
 
+    A DTensor ``student_logits`` placed ``Shard(-1)`` takes
+    :func:`opd_ext.distributed.vocab_parallel_topk_kl_loss` on its local shards.
+
     Returns:
         A float32 scalar (``"mean"``, ``"sum"``) or ``[...]`` terms ``w_t·D_t/norm`` (``"none"``);
         with ``return_stats``, ``(loss, TopkKLStats)``.
@@ -133,6 +115,21 @@ def topk_kl_loss(
         ValueError / TypeError naming the argument: shapes, dtypes, devices, an unknown
         ``divergence`` or ``reduction``, ids outside ``[0, V)`` in a slot that is read.
     """
+    if is_dtensor(student_logits):
+        return from_student_dtensor(
+            vocab_parallel_topk_kl_loss,
+            student_logits,
+            teacher_topk_ids,
+            teacher_topk_logprobs,
+            divergence=divergence,
+            teacher_topk_mask=teacher_topk_mask,
+            mask=mask,
+            weights=weights,
+            temperature=temperature,
+            num_items=num_items,
+            reduction=reduction,
+            return_stats=return_stats,
+        )
     temperature = check_temperature(temperature)
     check_logits("student_logits", student_logits)
     check_choice("divergence", divergence, TOPK_DIVERGENCES)
@@ -141,22 +138,6 @@ def topk_kl_loss(
         student_logits, teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask, valid
     )
     student_logprobs = StudentLogprobsAt.apply(student_logits, teacher_topk_ids, support, temperature)
-    values = topk_divergence(student_logprobs, teacher_topk_logprobs.detach().double(), support, divergence)
-    terms = torch.where(valid, scale.double() * values.divergence, 0.0)
-    loss = (terms if reduction == "none" else terms.sum()).float()
-    if not return_stats:
-        return loss
-
-    def clean(x):
-        return torch.where(valid, x.detach().float(), 0.0)
-
-    stats = TopkKLStats(
-        clean(values.divergence),
-        clean(values.student_mass),
-        clean(values.teacher_mass),
-        clean(values.teacher_entropy),
-        torch.where(support, student_logprobs.detach().float(), 0.0),
-        w,
-        valid,
+    return topk_kl_objective(
+        student_logprobs, teacher_topk_logprobs, support, divergence, scale, valid, w, reduction, return_stats
     )
-    return loss, stats

@@ -15,11 +15,13 @@ DTensor logits placed ``Shard(-1)`` reach them from the ordinary functions.
 from __future__ import annotations
 
 from opd_ext.distributed.data_parallel import global_num_items
-from opd_ext.distributed.dtensor import from_dtensors, is_dtensor
+from opd_ext.distributed.dtensor import from_dtensors, from_student_dtensor, is_dtensor
 from opd_ext.distributed.vocab_parallel import (
     VocabShard,
+    vocab_parallel_in_topk,
     vocab_parallel_reverse_kl_loss,
     vocab_parallel_token_stats,
+    vocab_parallel_topk_kl_loss,
     vocab_parallel_topk_overlap,
     vocab_parallel_vopd_loss,
     vocab_shard,
@@ -28,10 +30,13 @@ from opd_ext.distributed.vocab_parallel import (
 __all__ = [
     "VocabShard",
     "from_dtensors",
+    "from_student_dtensor",
     "global_num_items",
     "is_dtensor",
+    "vocab_parallel_in_topk",
     "vocab_parallel_reverse_kl_loss",
     "vocab_parallel_token_stats",
+    "vocab_parallel_topk_kl_loss",
     "vocab_parallel_topk_overlap",
     "vocab_parallel_vopd_loss",
     "vocab_shard",

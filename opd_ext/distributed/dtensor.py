@@ -35,3 +35,12 @@ def from_dtensors(fn, student_logits, teacher_logits, *args, **kwargs):
     args = [_plain(a) for a in args]
     kwargs = {k: _plain(v) for k, v in kwargs.items()}
     return fn(student, teacher, *args, group=group, **kwargs)
+
+
+def from_student_dtensor(fn, student_logits, *args, **kwargs):
+    """Call the vocab-parallel ``fn`` on the local shard of DTensor student logits (a served teacher
+    has no logits to shard); other DTensor arguments become plain tensors."""
+    student, group = _vocab_sharded("student_logits", student_logits)
+    args = [_plain(a) for a in args]
+    kwargs = {k: _plain(v) for k, v in kwargs.items()}
+    return fn(student, *args, group=group, **kwargs)

@@ -9,15 +9,27 @@ import torch
 import torch.distributed as dist
 
 from opd_ext import ops
-from opd_ext._validation import check_k, check_logit_pair, check_temperature, check_tokens, token_range_error
+from opd_ext._validation import (
+    check_choice,
+    check_k,
+    check_logit_pair,
+    check_logits,
+    check_teacher_topk,
+    check_temperature,
+    check_tokens,
+    token_range_error,
+)
 from opd_ext.objective import (
     DEFAULT_TOPK,
+    TOPK_DIVERGENCES,
     TokenStats,
     TokenStatsWithForwardKL,
     check_vopd_options,
     loss_scale,
     policy_gradient_loss,
     reverse_kl_objective,
+    teacher_support,
+    topk_kl_objective,
     vopd_baseline_kl,
 )
 
@@ -402,3 +414,127 @@ def vocab_parallel_topk_overlap(
     overlap = shared.float() / k
     overlap = torch.where(gathered[..., 4 * k].amax(0) > 0, float("nan"), overlap)
     return overlap.reshape(lead)
+
+
+class _VocabParallelLogprobsAt(torch.autograd.Function):
+    """``opd_ext.topk_kl.StudentLogprobsAt`` on a vocabulary shard: the full rows' log-probs at the
+    support's (global) ids, replicated on every rank, from one all_gather of ``1 + k`` floats per row
+    (each rank's log-normaliser and its own columns' logits at the ids). The backward is local: each
+    rank writes ``-G·p/τ`` over its columns (``policy_gradient_backward`` with the merged
+    log-normaliser) and the exact value at the ids it owns; no communication."""
+
+    @staticmethod
+    def forward(ctx, student_logits, ids, support, temperature, group, shard):
+        logits = student_logits.detach()
+        lead, k = logits.shape[:-1], ids.shape[-1]
+        first = support.to(torch.uint8).argmax(-1, keepdim=True)
+        source = torch.where(support, torch.arange(k, device=ids.device), first)
+        filled = torch.where(support.any(-1, keepdim=True), ids.gather(-1, source), 0)
+        local, owned = _local_ids(filled, shard)
+        neg_inf = torch.tensor(float("-inf"), device=logits.device)
+        if shard.size > 0:
+            no_token = torch.zeros(lead, dtype=torch.int64, device=logits.device)
+            _, lse_local = ops.student_stats(logits, no_token, temperature)
+            at = torch.where(owned, logits.gather(-1, local.clamp(min=0)).float(), neg_inf)
+        else:  # an empty shard (torch.chunk layouts): it owns no id and adds no mass
+            lse_local = torch.full(lead, float("-inf"), device=logits.device)
+            at = torch.full(ids.shape, float("-inf"), device=logits.device)
+        packed = torch.cat([lse_local.reshape(-1, 1).float(), at.reshape(-1, k)], -1)
+        gathered = _all_gather_rows(packed, group, shard.world_size).double()
+        lse = torch.logsumexp(gathered[..., 0], 0).reshape(lead)
+        logprobs = gathered[..., 1:].amax(0).reshape(ids.shape) / temperature - lse.unsqueeze(-1)
+        ctx.save_for_backward(student_logits, local, owned, source, support, lse.float(), logprobs)
+        ctx.temperature, ctx.shard = temperature, shard
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        student_logits, local, owned, source, support, lse, logprobs = ctx.saved_tensors
+        g = torch.where(support, grad_logprobs, 0.0)
+        row = g.sum(-1, keepdim=True)
+        if ctx.shard.size == 0:
+            return torch.zeros_like(student_logits), None, None, None, None, None
+        outside = torch.full(lse.shape, -1, dtype=torch.int64, device=lse.device)
+        grad = ops.policy_gradient_backward(
+            row.squeeze(-1).float(), student_logits.detach(), outside, lse, ctx.temperature
+        )
+        at_ids = ((g.gather(-1, source) - row * logprobs.exp()) / ctx.temperature).to(grad.dtype)
+        flat = grad.view(-1, grad.shape[-1])
+        k = local.shape[-1]
+        rows = torch.arange(flat.shape[0], device=grad.device).unsqueeze(-1).expand(-1, k)
+        own = owned.reshape(-1, k)
+        flat[rows[own], local.reshape(-1, k)[own]] = at_ids.reshape(-1, k)[own]
+        return grad, None, None, None, None, None
+
+
+def vocab_parallel_topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    *,
+    divergence: str = "forward_tail",
+    teacher_topk_mask=None,
+    mask=None,
+    weights=None,
+    temperature: float = 1.0,
+    num_items=None,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """:func:`opd_ext.topk_kl_loss` on student logits sharded over the vocabulary across ``group``
+    (Megatron's column-parallel lm_head; verl's Megatron strategy): every rank passes its shard
+    ``[..., V_r]`` and the same (global-id) teacher top-k, and gets the single-device loss and its
+    own columns of the single-device gradient. Shards may be empty (``V_r = 0``).
+
+    Communication: one all_gather of ``1 + k`` float32 per row in the forward, none in the backward.
+    ``vocab_start`` / ``vocab`` give the shard's place (else one all_gather of the shard sizes).
+    Other arguments, result and errors as in :func:`opd_ext.topk_kl_loss`.
+    """
+    check_logits("student_logits", student_logits, shard=True)
+    if dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
+        raise ValueError("this rank is not a member of `group`")
+    shard = vocab_shard(student_logits.shape[-1], group, vocab_start, vocab, student_logits.device)
+    temperature = check_temperature(temperature)
+    check_choice("divergence", divergence, TOPK_DIVERGENCES)
+    scale, valid, w = loss_scale(student_logits, mask, weights, num_items, reduction)
+    if shard.vocab == 0:  # the same on every rank, so every rank raises
+        raise ValueError("student_logits: every shard is empty (V = 0)")
+    check_teacher_topk(teacher_topk_ids, teacher_topk_logprobs, student_logits, teacher_topk_mask, valid, shard.vocab)
+    support = teacher_support(teacher_topk_ids, teacher_topk_logprobs.detach(), teacher_topk_mask) & valid.unsqueeze(-1)
+    logprobs = _VocabParallelLogprobsAt.apply(student_logits, teacher_topk_ids, support, temperature, group, shard)
+    return topk_kl_objective(
+        logprobs, teacher_topk_logprobs, support, divergence, scale, valid, w, reduction, return_stats
+    )
+
+
+def vocab_parallel_in_topk(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    k: int,
+    *,
+    group=None,
+    vocab_start: Optional[int] = None,
+    vocab: Optional[int] = None,
+) -> torch.Tensor:
+    """Whether each (global) id of ``ids`` ``[..., m]`` is among the ``k`` largest logits of its row,
+    the rows sharded over the vocabulary across ``group``: bool ``[..., m]``, replicated. An id tied
+    with the k-th largest logit counts as inside (verl's overlap diagnostics). Communication: one
+    all_gather of ``k + m`` float32 per row."""
+    check_logits("student_logits", student_logits, shard=True)
+    shard = vocab_shard(student_logits.shape[-1], group, vocab_start, vocab, student_logits.device)
+    lead, m = student_logits.shape[:-1], ids.shape[-1]
+    logits = student_logits.detach().reshape(-1, shard.size).float()
+    take = min(k, shard.size)
+    best = logits.topk(take, dim=-1).values if take else logits.new_empty(logits.shape[0], 0)
+    if take < k:
+        best = torch.cat([best, best.new_full((best.shape[0], k - take), float("-inf"))], -1)
+    local, owned = _local_ids(ids.reshape(-1, m), shard)
+    at = torch.where(
+        owned, logits.gather(-1, local.clamp(min=0)) if shard.size else logits.new_zeros(owned.shape), float("-inf")
+    )
+    gathered = _all_gather_rows(torch.cat([best, at], -1), group, shard.world_size)
+    kth = gathered[..., :k].permute(1, 0, 2).reshape(logits.shape[0], -1).topk(k, dim=-1).values[:, -1:]
+    return (gathered[..., k:].amax(0) >= kth).reshape(*lead, m)

@@ -14,9 +14,10 @@ top-k path expects: ``distillation_losses``, ``student_mass``, ``teacher_mass``,
 and ``overlap_token_advantage``, plus ``teacher_entropy``. The loss then reports verl's metrics
 (``distillation/student_mass``, ``distillation/overlap_ratio``, ...) and ``distillation/teacher_entropy``.
 
-Supported: verl >= 0.9, < 0.10 (tested against 0.9.1), FSDP / FSDP2 / VeOmni strategies with
-Ulysses sequence parallelism. verl's Megatron strategy hands the logits processor vocabulary shards;
-these modes refuse it with a clear error (use ``forward_kl_topk`` there).
+Supported: verl >= 0.9, < 0.10 (tested against 0.9.1); the FSDP / FSDP2 / VeOmni strategies (with
+Ulysses sequence parallelism) and the Megatron strategy, whose logits processor gets vocabulary
+shards: there :func:`opd_ext.distributed.vocab_parallel_topk_kl_loss` runs over Megatron's
+tensor-parallel group, after verl's own context-parallel split of the teacher's top-k.
 
 verl's ``compute_topk_loss`` picks its forward-KL function by strategy only, so registering a loss
 mode alone would still compute forward KL in the logits processor. :func:`register` therefore wraps
@@ -26,10 +27,11 @@ other mode reaches verl's function unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
+from opd_ext.distributed import vocab_parallel_in_topk, vocab_parallel_topk_kl_loss
 from opd_ext.objective import TOPK_DIVERGENCES
 from opd_ext.topk_kl import topk_kl_loss
 
@@ -63,7 +65,14 @@ def check_verl_version(version: str) -> None:
         )
 
 
-def topk_outputs(student_logits: torch.Tensor, teacher_topk_ids, teacher_topk_logprobs, divergence: str) -> dict:
+def topk_outputs(
+    student_logits: torch.Tensor,
+    teacher_topk_ids,
+    teacher_topk_logprobs,
+    divergence: str,
+    *,
+    tensor_parallel: Optional[tuple] = None,
+) -> dict:
     """What verl's top-k logits processor returns, for one divergence: per-token ``[...]`` tensors
     ``distillation_losses`` (differentiable; float32), ``student_mass``, ``teacher_mass``,
     ``teacher_entropy``, ``overlap_count`` (int64: teacher slots whose id is among the student's top-k,
@@ -71,20 +80,38 @@ def topk_outputs(student_logits: torch.Tensor, teacher_topk_ids, teacher_topk_lo
     mean of ``-q (log q - log p)`` over those slots, 0 without any), as verl 0.9 defines them.
 
     Args:
-        student_logits: ``[..., V]`` (verl: ``[1, total_nnz, V]``, already divided by the temperature).
-        teacher_topk_ids: integer ``[..., k]`` (verl sends int32).
+        student_logits: ``[..., V]`` (verl: ``[1, total_nnz, V]``, already divided by the temperature),
+            or this rank's vocabulary shard ``[..., V/tp]`` with ``tensor_parallel``.
+        teacher_topk_ids: integer ``[..., k]`` (verl sends int32), global ids.
         teacher_topk_logprobs: ``[..., k]`` as served.
         divergence: one of ``opd_ext.objective.TOPK_DIVERGENCES``.
+        tensor_parallel: ``(group, vocab_start, vocab)`` when the logits are a vocabulary shard
+            (Megatron's tensor parallelism): the vocab-parallel loss runs instead.
     """
     ids = teacher_topk_ids.long()
-    losses, stats = topk_kl_loss(
-        student_logits, ids, teacher_topk_logprobs, divergence=divergence, reduction="none", return_stats=True
-    )
+    k = ids.shape[-1]
+    if tensor_parallel is None:
+        losses, stats = topk_kl_loss(
+            student_logits, ids, teacher_topk_logprobs, divergence=divergence, reduction="none", return_stats=True
+        )
+        with torch.no_grad():
+            logits = student_logits.detach()
+            kth = logits.topk(k, dim=-1).values[..., -1:]
+            inside = logits.gather(-1, ids) >= kth
+    else:
+        group, vocab_start, vocab = tensor_parallel
+        where = dict(group=group, vocab_start=vocab_start, vocab=vocab)
+        losses, stats = vocab_parallel_topk_kl_loss(
+            student_logits,
+            ids,
+            teacher_topk_logprobs,
+            divergence=divergence,
+            reduction="none",
+            return_stats=True,
+            **where,
+        )
+        inside = vocab_parallel_in_topk(student_logits, ids, k, **where)
     with torch.no_grad():
-        logits = student_logits.detach()
-        k = ids.shape[-1]
-        kth = logits.topk(k, dim=-1).values[..., -1:]
-        inside = logits.gather(-1, ids) >= kth
         q = teacher_topk_logprobs.detach().float()
         token_kl = q.exp() * (q - stats.student_topk_logprob)
         count = inside.sum(-1)
@@ -101,11 +128,13 @@ def topk_outputs(student_logits: torch.Tensor, teacher_topk_ids, teacher_topk_lo
 
 def _logits_processor(config, distillation_config, data, student_logits, data_format) -> dict:
     """verl's ``compute_topk_loss`` for the opd_ext modes (same arguments, same outputs)."""
+    divergence = LOSS_MODES[distillation_config.distillation_loss.loss_mode]
+    if config.strategy == "megatron":
+        return _megatron_outputs(data, student_logits, data_format, divergence)
     if config.strategy not in _FSDP_STRATEGIES:
         raise NotImplementedError(
-            f"opd_ext loss modes run under the FSDP, FSDP2 and VeOmni strategies; strategy "
-            f"{config.strategy!r} gives the logits processor vocabulary shards, which they do not take yet. "
-            f"Use loss_mode=forward_kl_topk there."
+            f"opd_ext loss modes run under the {', '.join(_FSDP_STRATEGIES)} and megatron strategies, "
+            f"not {config.strategy!r}"
         )
     from verl.utils.ulysses import get_ulysses_sequence_parallel_world_size, slice_input_tensor
 
@@ -114,13 +143,37 @@ def _logits_processor(config, distillation_config, data, student_logits, data_fo
         ids, logprobs = ids.values().unsqueeze(0), logprobs.values().unsqueeze(0)  # (1, total_nnz, k)
     if get_ulysses_sequence_parallel_world_size() > 1:
         ids, logprobs = slice_input_tensor(ids, dim=1), slice_input_tensor(logprobs, dim=1)
+    _check_aligned(ids, student_logits, data_format)
+    return topk_outputs(student_logits, ids, logprobs, divergence)
+
+
+def _megatron_outputs(data, student_logits, data_format, divergence) -> dict:
+    """Megatron: ``student_logits`` is this rank's vocabulary shard ``(bsz, seqlen/cp, V/tp)``; the
+    teacher's top-k is split over context parallelism as verl's own Megatron loss splits it."""
+    from megatron.core.parallel_state import (
+        get_tensor_model_parallel_group,
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+    from verl.models.mcore.util import preprocess_bshd_engine, preprocess_thd_engine
+
+    split = preprocess_thd_engine if data_format == "thd" else preprocess_bshd_engine
+    logprobs, *_ = split(data["teacher_logprobs"], pre_process=True)
+    ids, *_ = split(data["teacher_ids"], pre_process=True)
+    _check_aligned(ids, student_logits, data_format)
+    local = student_logits.shape[-1]
+    world = get_tensor_model_parallel_world_size()
+    # Megatron's vocabulary-parallel layout: equal contiguous shards in rank order.
+    where = (get_tensor_model_parallel_group(), get_tensor_model_parallel_rank() * local, local * world)
+    return topk_outputs(student_logits, ids, logprobs, divergence, tensor_parallel=where)
+
+
+def _check_aligned(ids, student_logits, data_format) -> None:
     if ids.shape[:2] != student_logits.shape[:2]:
         raise ValueError(
             f"teacher top-k {tuple(ids.shape)} does not line up with the student logits "
             f"{tuple(student_logits.shape)} (data_format={data_format!r})"
         )
-    divergence = LOSS_MODES[distillation_config.distillation_loss.loss_mode]
-    return topk_outputs(student_logits, ids, logprobs, divergence)
 
 
 def _loss(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
