@@ -12,6 +12,7 @@ from opd_ext.modules import (
     FusedLinearVOPDLoss,
     ReverseKLLoss,
     ReverseKLLossSparseTeacher,
+    TopkKLLoss,
     VOPDLoss,
     VOPDLossSparseTeacher,
 )
@@ -21,7 +22,7 @@ from opd_ext.objective import LossStats, TokenStats, TokenStatsWithForwardKL, To
 from opd_ext.ops import cuda_kernels_available
 from opd_ext.prune import DriftMonitor, DynamicWindow, PruneConfig, StopReason, drift_scan
 from opd_ext.sparse_teacher import reverse_kl_loss_sparse_teacher, vopd_loss_sparse_teacher
-from opd_ext.topk_kl import topk_kl_loss
+from opd_ext.topk_kl import student_topk_kl_loss, topk_kl_loss
 
 __all__ = [
     "__version__",
@@ -46,12 +47,14 @@ __all__ = [
     "vopd_loss_sparse_teacher",
     # the top-k KL family on a served teacher's top-k (opd_ext/topk_kl.py)
     "TopkKLStats",
+    "student_topk_kl_loss",
     "topk_kl_loss",
     # nn.Module forms of the losses (opd_ext/modules.py)
     "FusedLinearReverseKLLoss",
     "FusedLinearVOPDLoss",
     "ReverseKLLoss",
     "ReverseKLLossSparseTeacher",
+    "TopkKLLoss",
     "VOPDLoss",
     "VOPDLossSparseTeacher",
     # Prune-OPD (opd_ext/prune.py; generation hooks in opd_ext.generation)

@@ -3,7 +3,7 @@
 
 Each module stores the loss options (baseline, temperature, reduction, ...) at construction and
 calls the function of the same name in :mod:`opd_ext.losses`, :mod:`opd_ext.sparse_teacher` or
-:mod:`opd_ext.fused_linear` with
+:mod:`opd_ext.fused_linear` (or :mod:`opd_ext.topk_kl`) with
 the per-batch tensors; results, gradients and errors are exactly the function's. The modules hold
 no parameters or buffers: the fused-linear ones take the lm_head (module or weight) per call, so a
 loss object never registers, moves or saves the model's head.
@@ -15,15 +15,22 @@ from typing import Optional
 
 import torch
 
-from opd_ext import fused_linear, losses, sparse_teacher
+from opd_ext import fused_linear, losses, sparse_teacher, topk_kl
 from opd_ext._validation import check_choice, check_temperature
-from opd_ext.objective import DEFAULT_TOPK, SPARSE_TEACHER_BASELINES, check_reduction, check_vopd_options
+from opd_ext.objective import (
+    DEFAULT_TOPK,
+    SPARSE_TEACHER_BASELINES,
+    TOPK_DIVERGENCES,
+    check_reduction,
+    check_vopd_options,
+)
 
 __all__ = [
     "FusedLinearReverseKLLoss",
     "FusedLinearVOPDLoss",
     "ReverseKLLoss",
     "ReverseKLLossSparseTeacher",
+    "TopkKLLoss",
     "VOPDLoss",
     "VOPDLossSparseTeacher",
 ]
@@ -161,6 +168,44 @@ class ReverseKLLossSparseTeacher(_Loss):
         num_items=None,
     ):
         return sparse_teacher.reverse_kl_loss_sparse_teacher(
+            student_logits,
+            teacher_topk_ids,
+            teacher_topk_logprobs,
+            teacher_topk_mask=teacher_topk_mask,
+            mask=mask,
+            weights=weights,
+            num_items=num_items,
+            **self._options(),
+        )
+
+
+class TopkKLLoss(_Loss):
+    """:func:`opd_ext.topk_kl_loss` as a module: ``TopkKLLoss(divergence="forward_tail",
+    temperature=1.0, reduction="mean", return_stats=False)``; ``forward(student_logits,
+    teacher_topk_ids, teacher_topk_logprobs, teacher_topk_mask=None, mask=None, weights=None,
+    num_items=None)``. Shapes, results and errors as the function's."""
+
+    def __init__(
+        self,
+        divergence: str = "forward_tail",
+        temperature: float = 1.0,
+        reduction: str = "mean",
+        return_stats: bool = False,
+    ):
+        check_choice("divergence", divergence, TOPK_DIVERGENCES)
+        super().__init__(temperature, reduction, return_stats, divergence=divergence)
+
+    def forward(
+        self,
+        student_logits,
+        teacher_topk_ids,
+        teacher_topk_logprobs,
+        teacher_topk_mask=None,
+        mask=None,
+        weights=None,
+        num_items=None,
+    ):
+        return topk_kl.topk_kl_loss(
             student_logits,
             teacher_topk_ids,
             teacher_topk_logprobs,

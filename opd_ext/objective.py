@@ -236,6 +236,9 @@ TOPK_DIVERGENCES = (
     "generalized",
 )
 
+#: Divergences of :func:`opd_ext.student_topk_kl_loss`, over the student's own top-k.
+STUDENT_TOPK_DIVERGENCES = ("reverse_tail", "reverse_renormalized")
+
 #: The floor of a tail mass inside a log (float64): a teacher whose served top-k sums to 1 up to
 #: rounding leaves no tail, and without a floor any student tail mass would make the tail term
 #: infinite. At the floor the term is finite; above it the divergence is exact.

@@ -18,9 +18,15 @@ from typing import Optional
 import torch
 
 from opd_ext import ops
-from opd_ext._validation import check_choice, check_logits, check_temperature, is_dtensor
+from opd_ext._validation import check_choice, check_k, check_logit_pair, check_logits, check_temperature, is_dtensor
 from opd_ext.distributed import from_student_dtensor, vocab_parallel_topk_kl_loss
-from opd_ext.objective import TOPK_DIVERGENCES, loss_scale, support_at_valid_positions, topk_kl_objective
+from opd_ext.objective import (
+    STUDENT_TOPK_DIVERGENCES,
+    TOPK_DIVERGENCES,
+    loss_scale,
+    support_at_valid_positions,
+    topk_kl_objective,
+)
 
 
 class StudentLogprobsAt(torch.autograd.Function):
@@ -140,4 +146,57 @@ def topk_kl_loss(
     student_logprobs = StudentLogprobsAt.apply(student_logits, teacher_topk_ids, support, temperature)
     return topk_kl_objective(
         student_logprobs, teacher_topk_logprobs, support, divergence, scale, valid, w, reduction, return_stats
+    )
+
+
+def student_topk_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    k: int = 16,
+    divergence: str = "reverse_tail",
+    mask: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    num_items=None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """Reverse KL over the *student's* top-k (verl's proposal for a colocated teacher): the support
+    at each position is the k ids of the largest student logits, both models' full-vocabulary
+    log-probs are taken there and compared with ``"reverse_tail"`` (default: the k ids plus one tail
+    bucket, ≥ 0) or ``"reverse_renormalized"`` (both renormalised over the k ids), docs/spec.md §1.11.
+
+    The teacher's logits are read once (their log-normaliser) and gathered at the k ids; the student
+    as in :func:`topk_kl_loss`. The choice of ids is not differentiated (a set), the values are, for
+    every one of the k entries and the student's whole softmax. ``temperature`` divides both models'
+    logits. In the statistics the roles follow the support: ``teacher_mass`` is the teacher's mass on
+    the student's top-k.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` (a supported dtype pair, as :func:`opd_ext.vopd_loss`).
+        k: ids per position, 1 <= k <= V, chosen by ``torch.topk`` (which of several ids tied at the
+            k-th logit is taken is unspecified).
+        divergence: ``"reverse_tail"`` or ``"reverse_renormalized"``.
+        mask, weights, num_items, temperature, reduction, return_stats: as in :func:`topk_kl_loss`.
+
+    Raises:
+        ValueError / TypeError naming the argument, as :func:`topk_kl_loss`, and for ``k``.
+    """
+    check_logit_pair(student_logits, teacher_logits)
+    temperature = check_temperature(temperature)
+    k = check_k(k, student_logits.shape[-1])
+    check_choice("divergence", divergence, STUDENT_TOPK_DIVERGENCES)
+    scale, valid, w = loss_scale(student_logits, mask, weights, num_items, reduction)
+    with torch.no_grad():
+        ids = torch.topk(student_logits.detach(), k, dim=-1).indices
+        no_token = torch.zeros(ids.shape[:-1], dtype=torch.int64, device=ids.device)
+        _, teacher_lse = ops.student_stats(teacher_logits.detach(), no_token, temperature)
+        teacher_logprobs = (
+            teacher_logits.detach().gather(-1, ids).double() / temperature - teacher_lse.double()[..., None]
+        )
+    support = valid.unsqueeze(-1).expand(ids.shape)
+    student_logprobs = StudentLogprobsAt.apply(student_logits, ids, support, temperature)
+    return topk_kl_objective(
+        student_logprobs, teacher_logprobs, support, divergence, scale, valid, w, reduction, return_stats
     )

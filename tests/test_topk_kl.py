@@ -195,3 +195,46 @@ def test_bad_divergence_is_named():
     student, ids, logq = make_case(rows=6)
     with pytest.raises(ValueError, match="divergence"):
         opd_ext.topk_kl_loss(student, ids, logq, divergence="backward")
+
+
+@pytest.mark.parametrize("divergence", ["reverse_tail", "reverse_renormalized"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_student_topk_reverse_kl_matches_float64(device, divergence, dtype):
+    g = torch.Generator().manual_seed(1)
+    teacher = torch.randn(7, 131, generator=g) * 2
+    student = (teacher + torch.randn(7, 131, generator=g)).to(dtype)
+    mask = torch.tensor([True, True, False, True, True, True, True])
+    k, tau = 5, 0.9
+    x = student.clone().requires_grad_(True)
+    loss = opd_ext.student_topk_kl_loss(x, teacher, k=k, divergence=divergence, mask=mask, temperature=tau)
+    loss.backward()
+
+    ref = student.double().clone().requires_grad_(True)
+    ids = student.double().topk(k, dim=-1).indices
+    a = torch.log_softmax(ref / tau, -1).gather(-1, ids)
+    t = torch.log_softmax(teacher.double() / tau, -1).gather(-1, ids)
+    p, q = a.exp(), t.exp()
+    if divergence == "reverse_tail":
+        tail_p, tail_q = 1 - p.sum(-1), 1 - q.sum(-1)
+        per_row = (p * (a - t)).sum(-1) + tail_p * (tail_p.log() - tail_q.log())
+    else:
+        pb = p / p.sum(-1, keepdim=True)
+        qb = q / q.sum(-1, keepdim=True)
+        per_row = (pb * (pb.log() - qb.log())).sum(-1)
+    want = (per_row * mask).sum() / mask.sum()
+    want.backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss.double(), want.detach(), **tol)
+    grad_tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref.grad, **grad_tol)
+
+
+def test_topk_kl_module_is_the_function():
+    student, ids, logq = make_case()
+    module = opd_ext.TopkKLLoss(divergence="reverse_tail", temperature=0.8)
+    assert "reverse_tail" in repr(module)
+    torch.testing.assert_close(
+        module(student, ids, logq), opd_ext.topk_kl_loss(student, ids, logq, divergence="reverse_tail", temperature=0.8)
+    )
+    with pytest.raises(ValueError, match="divergence"):
+        opd_ext.TopkKLLoss(divergence="nope")
