@@ -166,6 +166,33 @@ CASES = {
         ),
         ("student",),
     ),
+    "topk_kl_forward_tail_served": (
+        lambda x, tau: opd_ext.topk_kl_loss(
+            x["student"],
+            x["served_ids"],
+            x["served_logprobs"],
+            teacher_topk_mask=x["slot_mask"],
+            mask=x["mask"],
+            weights=x["weights"],
+            temperature=tau,
+        ),
+        ("student",),
+    ),
+    "topk_kl_forward_stats": (
+        # The loss and its statistics (loss first, so the gradient is the loss's).
+        lambda x, tau: (lambda loss, stats: (loss, *(s.sum() for s in stats[:4])))(
+            *opd_ext.topk_kl_loss(
+                x["student"], x["ids"], x["topk_logprobs"], divergence="forward", mask=x["mask"], return_stats=True
+            )
+        ),
+        ("student",),
+    ),
+    "student_topk_kl": (
+        lambda x, tau: opd_ext.student_topk_kl_loss(
+            x["student"], x["teacher"], k=K, mask=x["mask"], weights=x["weights"], temperature=tau
+        ),
+        ("student",),
+    ),
     "fused_linear_vopd_masked": (
         lambda x, tau: opd_ext.fused_linear_vopd_loss(
             x["hidden"],
@@ -285,6 +312,8 @@ def test_every_public_op_and_loss_is_covered():
         "vopd_loss_sparse_teacher",
         "teacher_support",
         "reverse_kl_loss_sparse_teacher",
+        "topk_kl_loss",
+        "student_topk_kl_loss",
         "fused_linear_vopd_loss",
         "fused_linear_reverse_kl_loss",
         "drift_scan",
