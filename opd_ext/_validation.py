@@ -228,6 +228,19 @@ def check_num_items(num_items):
     return num_items
 
 
+#: A log-prob below this has probability exactly 0 even in float64 (the log of the smallest positive
+#: float64, about -744.44). Servers send such finite values for "no mass": vLLM's JSON -9999.0,
+#: SGLang's -FLT_MAX, -1e9, a dtype's min. A served top-k slot holding one is padding, like -inf
+#: (docs/spec.md §1.9).
+MASSLESS_LOGPROB = math.log(math.ulp(0.0))
+
+
+def has_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """bool: False where a served log-prob carries no probability (-inf or a finite stand-in below
+    MASSLESS_LOGPROB); NaN stays True, so it surfaces instead of vanishing."""
+    return ~(logprobs < MASSLESS_LOGPROB)
+
+
 def check_teacher_topk(
     teacher_topk_ids,
     teacher_topk_logprobs,
@@ -238,7 +251,7 @@ def check_teacher_topk(
 ) -> int:
     """A served teacher's top-k: ids int64 [..., k] and log-probs [..., k] (and an optional bool
     slot mask [..., k]); ids in [0, V) wherever they are read: slots not masked out and not padded
-    with a -inf log-prob, at valid positions (``valid`` [...]). ``vocab`` is V when the logits are
+    with a massless log-prob (``has_mass``), at valid positions (``valid`` [...]). ``vocab`` is V when the logits are
     a vocabulary shard (default: their last dimension). Returns k."""
     lead = tuple(student_logits.shape[:-1])
     vocab = student_logits.shape[-1] if vocab is None else vocab
@@ -271,7 +284,7 @@ def check_teacher_topk(
         raise ValueError(f"the teacher's top-k size k={k} (last dim of teacher_topk_ids) must be at least 1")
     # A data-dependent check: skipped while torch.compile traces (gather still bounds-checks on CPU).
     if not torch.compiler.is_compiling() and teacher_topk_ids.numel() > 0:
-        read = teacher_topk_logprobs != float("-inf")
+        read = has_mass(teacher_topk_logprobs)
         if teacher_topk_mask is not None:
             read = read & teacher_topk_mask.bool()
         if valid is not None:
@@ -282,7 +295,7 @@ def check_teacher_topk(
             raise ValueError(
                 f"teacher_topk_ids must be in [0, V={vocab}) at the slots that are read, got values in "
                 f"[{values.min().item()}, {values.max().item()}]; mark padded slots with teacher_topk_mask=False "
-                f"or a -inf log-prob"
+                f"or a -inf log-prob (or any below {MASSLESS_LOGPROB:.1f})"
             )
     return k
 

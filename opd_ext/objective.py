@@ -42,6 +42,7 @@ from opd_ext._validation import (
     check_teacher_topk,
     check_tokens,
     check_weights,
+    has_mass,
 )
 
 #: Baselines of the vOPD loss on full teacher logits (docs/spec.md §1).
@@ -195,8 +196,10 @@ def teacher_support(
 ) -> torch.Tensor:
     """Which slots of a served teacher's top-k form its support: bool ``[..., k]``.
 
-    A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob is not
-    ``-inf`` (servers pad ragged top-k lists with ``-inf``) and its id did not already appear in an
+    A slot counts when ``teacher_topk_mask`` (if given) marks it valid, its log-prob carries
+    probability (neither ``-inf``, with which servers pad ragged top-k lists, nor a finite stand-in
+    below ``MASSLESS_LOGPROB`` ≈ -744.4 whose probability is 0 even in float64: vLLM's JSON
+    -9999.0, SGLang's -3.4e38, -1e9) and its id did not already appear in an
     earlier slot of the row: lists that append the sampled token to the top-k can name an id twice
     (with the same log-prob); the support is a set and the first slot stands for the id. A sampled
     token appended from *outside* the top-k (vLLM's (k+1)-th entry) should be masked out
@@ -205,7 +208,7 @@ def teacher_support(
     NaN log-probs stay in the support, so they surface as NaN instead of vanishing. O(k log k) per
     position; the ids of slots outside the support are never read.
     """
-    keep = teacher_topk_logprobs != float("-inf")
+    keep = has_mass(teacher_topk_logprobs)
     if teacher_topk_mask is not None:
         keep = keep & teacher_topk_mask.bool()
     if teacher_topk_ids.shape[-1] > 1:

@@ -46,7 +46,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from opd_ext._validation import check_device
+from opd_ext._validation import check_device, has_mass
 from opd_ext.sparse_teacher import (
     SparseTeacherStats,
     sparse_teacher_stats,
@@ -217,8 +217,9 @@ class _Rows:
         mask = positions(self.valid, False, torch.bool)
         ids = torch.tensor(flat_ids, dtype=torch.int64).reshape(rows, steps, width)
         lps = torch.tensor(flat_lps, dtype=torch.float32).reshape(rows, steps, width)
-        # A -inf slot has no mass, so it is not part of the support the losses see (teacher_support).
-        slots = torch.tensor(flat_slots, dtype=torch.bool).reshape(rows, steps, width) & (lps != _NEG_INF)
+        # A slot without mass (-inf, or a server's finite stand-in such as vLLM's JSON -9999.0) is
+        # padding: not part of the support the losses see (teacher_support), -inf in the output.
+        slots = torch.tensor(flat_slots, dtype=torch.bool).reshape(rows, steps, width) & has_mass(lps)
         # Slots by decreasing log-prob, padding last: `[..., :k]` is then the teacher's top-k.
         order = torch.sort(torch.where(slots, lps, _NEG_INF), dim=-1, descending=True, stable=True).indices
         ids, lps, slots = (x.gather(-1, order) for x in (ids, lps, slots))
