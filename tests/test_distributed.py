@@ -2,7 +2,8 @@
 them on GPUs with NCCL."""
 
 import os
-import socket
+import tempfile
+from datetime import timedelta
 
 import pytest
 import torch
@@ -15,24 +16,29 @@ from opd_ext.distributed import global_num_items
 VOCAB, HIDDEN = 40, 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(fn, world_size, *args):
     """Run fn(rank, world_size, *args) in world_size processes joined in a gloo group; a failure on
-    any rank fails the test with that rank's traceback."""
-    mp.spawn(_init_and_run, args=(fn, world_size, _free_port(), args), nprocs=world_size, join=True)
+    any rank fails the test with that rank's traceback, named by rank.
+
+    The ranks meet through a file store in a fresh directory, not a TCP port: picking a free port
+    and binding it later races with every other process on the machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        mp.spawn(_init_and_run, args=(fn, world_size, store, args), nprocs=world_size, join=True)
 
 
-def _init_and_run(rank, fn, world_size, port, args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init_and_run(rank, fn, world_size, store, args):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+    )
     try:
         fn(rank, world_size, *args)
+        # No rank tears the group down while another still talks to it (gloo aborts the process
+        # with "terminate called without an active exception" when its peer vanishes mid-call).
+        dist.barrier()
+    except BaseException as error:
+        raise RuntimeError(f"rank {rank} of {world_size} failed: {type(error).__name__}: {error}") from error
     finally:
         dist.destroy_process_group()
 
