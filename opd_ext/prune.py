@@ -358,7 +358,9 @@ class DriftState(NamedTuple):
                 torch._assert_async(~(budget < 1).any(), "budget must be >= 1 token for every row")
             elif bool((budget < 1).any()):
                 raise ValueError("budget must be >= 1 token for every row")
-            budget_tensor = budget.to(device=device, dtype=torch.int32)
+            # The kernels keep budgets as int32: larger budgets mean "no cap", as for an int budget,
+            # instead of wrapping to a negative budget that would stop the row at once.
+            budget_tensor = budget.clamp(max=NO_BUDGET).to(device=device, dtype=torch.int32)
         else:
             if budget is not None and (not _is_int(budget) or budget < 1):
                 raise ValueError(f"budget must be None (no cap) or an int >= 1, got {budget!r}")
@@ -458,7 +460,8 @@ class DriftMonitor:
             and ``vocab`` (the full V) spare one all_gather of the shard widths per step.
         budget: per-sequence length cap: None (no cap), an int, or an int tensor ``[B]``
             (typically :attr:`DynamicWindow.length`). A row reaching it stops with
-            ``StopReason.BUDGET``.
+            ``StopReason.BUDGET``. Budgets of ``2**31 - 1`` tokens or more (int or int64 tensor)
+            mean no cap: the kernels count in int32, and a budget is never wrapped.
 
     Feed it one token per active row with :meth:`step` (fused decode-step kernel: one read of the
     logits), or a chunk of tokens with :meth:`observe` (chunked / post-hoc scoring); both advance

@@ -585,3 +585,16 @@ def _event_fraction(overlaps, mask, ema_beta, warmup, threshold):
                 events += ema < threshold
             seen += 1
     return events / counted
+
+
+def test_budgets_beyond_int32_mean_no_cap_and_never_wrap():
+    # An int64 tensor budget of 2**40 used to wrap to 0 in the int32 state and stop the row at once.
+    config = opd_ext.PruneConfig(k=2, threshold=0.5)
+    overlaps = torch.ones(2, 6)
+    for budget in (torch.tensor([2**40, 4]), torch.tensor([2**31, 4]), torch.tensor([2**32 + 3, 4])):
+        scan = opd_ext.drift_scan(overlaps, config, budget=budget)
+        assert scan.stop_positions.tolist() == [-1, 3]
+        monitor = opd_ext.DriftMonitor(2, config, budget=budget)
+        monitor.observe(overlaps)
+        assert monitor.stop_reasons.tolist() == [opd_ext.StopReason.RUNNING, opd_ext.StopReason.BUDGET]
+    assert opd_ext.DriftMonitor(1, config, budget=2**40).state.budget.tolist() == [2**31 - 1]
