@@ -94,10 +94,11 @@ SUPPORTED_DTYPE_PAIRS = (
 )
 
 
-def check_logit_pair(student_logits, teacher_logits) -> None:
-    """Same leading shape, same vocabulary, same device, and a supported dtype pair."""
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
+def check_logit_pair(student_logits, teacher_logits, *, shard: bool = False) -> None:
+    """Same leading shape, same vocabulary, same device, and a supported dtype pair; ``shard``: the
+    pair is a vocabulary shard, which may be empty."""
+    check_logits("student_logits", student_logits, shard=shard)
+    check_logits("teacher_logits", teacher_logits, shard=shard)
     s, t = student_logits, teacher_logits
     if s.device != t.device:
         raise ValueError(

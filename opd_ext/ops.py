@@ -129,7 +129,12 @@ def _token_stats_fake(student_logits, teacher_logits, tokens, temperature, topk)
 
 def pair_softmax_state(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """float32 ``[..., 6]``: the raw online-softmax state of each row pair (opd/online_softmax.h),
-    which merges associatively over vocabulary slices (opd_ext.distributed)."""
+    which merges associatively over vocabulary slices (opd_ext.distributed). An empty slice (a
+    vocabulary shard with no columns) gives the empty state, (-inf, 0, -inf, 0, 0, 0): it adds
+    nothing to a merge."""
+    if student_logits.shape[-1] == 0 and teacher_logits.shape[-1] == 0:
+        state = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0, 0.0, 0.0], device=student_logits.device)
+        return state.expand(*student_logits.shape[:-1], 6).contiguous()
     return _ops.pair_softmax_state(student_logits, teacher_logits, temperature)
 
 
@@ -158,7 +163,9 @@ def policy_gradient_backward(
     temperature: float,
 ) -> torch.Tensor:
     """``∂(coef · log p(y))/∂s`` ``[..., V]`` in the student's dtype; token -1: y is outside these
-    logits (a vocabulary shard)."""
+    logits (a vocabulary shard). An empty shard gets its empty gradient."""
+    if student_logits.shape[-1] == 0:
+        return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
     return _ops.policy_gradient_backward(coef, student_logits, tokens, student_lse, temperature)
 
 
@@ -177,7 +184,9 @@ def reverse_kl_backward(
     reverse_kl: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
-    """``∂(coef · KL(p‖q))/∂s`` ``[..., V]`` in the student's dtype."""
+    """``∂(coef · KL(p‖q))/∂s`` ``[..., V]`` in the student's dtype (empty for an empty shard)."""
+    if student_logits.shape[-1] == 0:
+        return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
     return _ops.reverse_kl_backward(
         coef, student_logits, teacher_logits, student_lse, teacher_lse, reverse_kl, temperature
     )

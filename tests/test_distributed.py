@@ -139,7 +139,9 @@ def test_without_a_process_group_the_count_is_local():
 from opd_ext import distributed as opd_dist  # noqa: E402
 
 # Shard widths per world size: even, uneven, and one narrower than k (the top-k candidates pad).
-SHARDINGS = {2: [[32, 32], [41, 23]], 4: [[16, 16, 16, 16], [10, 37, 3, 14]]}
+# The last of each: torch.chunk-style layouts with an empty shard (V = 64 over 4 ranks as 22, 22, 20,
+# 0), on which every op must give the single-device result with no rank raising alone.
+SHARDINGS = {2: [[32, 32], [41, 23], [64, 0]], 4: [[16, 16, 16, 16], [10, 37, 3, 14], [22, 22, 20, 0]]}
 K = 5
 
 
@@ -405,3 +407,33 @@ def _topk_kl_dtensor_worker(rank, world_size):
 
 def test_topk_kl_loss_on_a_dtensor_takes_the_vocab_parallel_path():
     _spawn(_topk_kl_dtensor_worker, 2)
+
+
+def _dtensor_empty_shard_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 6, 5, generator=g) * 2
+    teacher = student + torch.randn(2, 6, 5, generator=g)
+    tokens = torch.randint(0, 5, (2, 6), generator=g)
+    mask = torch.rand(2, 6, generator=g) > 0.2
+    weights = torch.rand(2, 6, generator=g) + 0.5
+    d_student = distribute_tensor(student, mesh, [Shard(-1)]).requires_grad_()
+    d_teacher = distribute_tensor(teacher, mesh, [Shard(-1)])
+    assert d_student.to_local().shape[-1] == [2, 2, 1, 0][rank]  # torch.chunk's layout of 5 over 4
+    loss = opd_ext.vopd_loss(d_student, d_teacher, tokens, mask=mask, weights=weights)
+    loss.backward()
+    x = student.clone().requires_grad_()
+    want = opd_ext.vopd_loss(x, teacher, tokens, mask=mask, weights=weights)
+    want.backward()
+    _assert_close(loss, want, torch.float32, "vopd_loss on DTensors with an empty shard")
+    _assert_close(d_student.grad.full_tensor(), x.grad, torch.float32, "its gradient")
+    torch.testing.assert_close(
+        opd_ext.topk_overlap(d_student, d_teacher, 2), opd_ext.topk_overlap(student, teacher, 2), equal_nan=True
+    )
+
+
+def test_dtensor_logits_with_an_empty_shard():
+    _spawn(_dtensor_empty_shard_worker, 4)

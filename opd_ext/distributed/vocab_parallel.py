@@ -90,6 +90,11 @@ def _all_gather_single(out: torch.Tensor, tensor: torch.Tensor, group) -> None:
     gather(out, tensor, group=group)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., V_r] -> [N, V_r]; also for an empty shard (V_r = 0), where reshape(-1, 0) is ambiguous."""
+    return x.reshape(x.shape[:-1].numel(), x.shape[-1])
+
+
 def _centre(m: torch.Tensor) -> torch.Tensor:
     return torch.where(m == float("-inf"), 0.0, m)
 
@@ -165,7 +170,9 @@ def _global_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
 
 
 def _check_vocab_parallel(student_logits, teacher_logits, group):
-    check_logit_pair(student_logits, teacher_logits)
+    # A shard may be empty (torch.chunk-style layouts): every rank takes the same path through the
+    # collectives, so no rank raises alone and leaves the others waiting.
+    check_logit_pair(student_logits, teacher_logits, shard=True)
     if dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
         raise ValueError("this rank is not a member of `group`")
 
@@ -185,16 +192,15 @@ def _merged_stats(student_logits, teacher_logits, tokens, temperature, topk, gro
     unsharded logits. ``tokens`` are global ids (any value where not needed: pass zeros)."""
     inv_tau = 1.0 / temperature
     lead = student_logits.shape[:-1]
-    s = student_logits.detach().reshape(-1, student_logits.shape[-1])
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    s, t = _rows(student_logits.detach()), _rows(teacher_logits.detach())
     n = s.shape[0]
     state = ops.pair_softmax_state(s, t, temperature)
     local, owned = _local_ids(tokens.reshape(-1), shard)
     safe = local.clamp(min=0).unsqueeze(-1)
     neg_inf = torch.tensor(float("-inf"), device=s.device)
-    # NaN stays NaN through the max over ranks: amax propagates it.
-    s_y = torch.where(owned, s.gather(-1, safe).squeeze(-1).float(), neg_inf)
-    t_y = torch.where(owned, t.gather(-1, safe).squeeze(-1).float(), neg_inf)
+    # NaN stays NaN through the max over ranks: amax propagates it. An empty shard owns no token.
+    s_y = torch.where(owned, s.gather(-1, safe).squeeze(-1).float(), neg_inf) if shard.size else neg_inf.expand(n)
+    t_y = torch.where(owned, t.gather(-1, safe).squeeze(-1).float(), neg_inf) if shard.size else neg_inf.expand(n)
     parts = [state, s_y[:, None], t_y[:, None]]
     if topk:
         values, global_ids, local_cand, has_nan = _topk_candidates(s.float(), topk, shard)
@@ -402,8 +408,7 @@ def vocab_parallel_topk_overlap(
     shard = _setup(student_logits, teacher_logits, group, vocab_start, vocab)
     check_k(k, shard.vocab)
     lead = student_logits.shape[:-1]
-    s = student_logits.detach().reshape(-1, student_logits.shape[-1]).float()
-    t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
+    s, t = _rows(student_logits.detach()).float(), _rows(teacher_logits.detach()).float()
     s_values, s_ids, _, s_nan = _topk_candidates(s, k, shard)
     t_values, t_ids, _, t_nan = _topk_candidates(t, k, shard)
     packed = torch.cat([s_values, s_ids, t_values, t_ids, (s_nan | t_nan).float()[:, None]], -1)
@@ -526,7 +531,7 @@ def vocab_parallel_in_topk(
     check_logits("student_logits", student_logits, shard=True)
     shard = vocab_shard(student_logits.shape[-1], group, vocab_start, vocab, student_logits.device)
     lead, m = student_logits.shape[:-1], ids.shape[-1]
-    logits = student_logits.detach().reshape(-1, shard.size).float()
+    logits = _rows(student_logits.detach()).float()
     take = min(k, shard.size)
     best = logits.topk(take, dim=-1).values if take else logits.new_empty(logits.shape[0], 0)
     if take < k:
