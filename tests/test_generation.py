@@ -537,6 +537,28 @@ def test_hf_hook_misuse_is_reported(models):
             max_new_tokens=3,
             pad_token_id=PAD,
         )
+    # A hook used with num_beams directly, and the setting in the student's generation config: the
+    # error names the option, not only the shape.
+    with PruneOPDHook(student, teacher, ids, mask, config=CONFIG, pad_token_id=PAD) as hook:
+        with pytest.raises(ValueError, match=r"num_beams or num_return_sequences is 2"):
+            student.generate(
+                ids,
+                attention_mask=mask,
+                num_beams=2,
+                do_sample=False,
+                max_new_tokens=3,
+                pad_token_id=PAD,
+                **hook.generate_kwargs(),
+            )
+    original = student.generation_config.num_return_sequences
+    student.generation_config.num_return_sequences = 2
+    try:
+        with pytest.raises(ValueError, match=r"generation_config.num_return_sequences=2"):
+            generate_hf_with_pruning(
+                student, teacher, ids, mask, config=CONFIG, do_sample=True, max_new_tokens=3, pad_token_id=PAD
+            )
+    finally:
+        student.generation_config.num_return_sequences = original
 
 
 # ---- every cache the models bring, wrapped models, vocabularies ---------------------------------

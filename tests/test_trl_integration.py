@@ -434,6 +434,27 @@ def test_construction_errors(tmp_path):
         softcapped = tiny_lm(1)
         softcapped.config.final_logit_softcapping = 30.0
         trainer(tmp_path, teacher=softcapped, fused_linear=True)
+    # A sampling temperature other than the loss temperature is refused, naming both options.
+    with pytest.raises(ValueError, match=r"generation_kwargs\['temperature'\]=0.7 differs from temperature=1.0"):
+        trainer(tmp_path, generation_kwargs={"temperature": 0.7})
+    trainer(tmp_path, generation_kwargs={"temperature": 1.0})
+    # A transform under no known name (here: a subclass whose forward doubles the logits) is refused
+    # by the probe; the same model without it passes.
+    plain_lm = tiny_lm(1)
+    with torch.no_grad():  # non-zero logits, so that doubling them shows
+        plain_lm.lm_head.weight.normal_()
+
+    class ScaledLogits(type(plain_lm)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    scaled = ScaledLogits(plain_lm.config)
+    scaled.load_state_dict(plain_lm.state_dict())
+    with pytest.raises(ValueError, match="other logits"):
+        trainer(tmp_path, teacher=scaled, fused_linear=True)
+    trainer(tmp_path, teacher=plain_lm, fused_linear=True)
     # A plain DistillationConfig works, with the OPD defaults.
     plain = trl.DistillationConfig(
         **{f.name: getattr(config(tmp_path), f.name) for f in dataclasses.fields(trl.DistillationConfig) if f.init}

@@ -202,10 +202,18 @@ class PruneOPDHook:
         student = self._tap.take()
         if not self._started:
             if input_ids.shape != self._prompt.shape or not torch.equal(input_ids, self._prompt):
+                rows, prompts = input_ids.shape[0], self._prompt.shape[0]
+                if rows != prompts and rows % prompts == 0:
+                    raise ValueError(
+                        f"generate() expanded the {prompts} prompts to {rows} rows: num_beams or "
+                        f"num_return_sequences is {rows // prompts} (in the generate() call or the model's "
+                        f"generation_config); Prune-OPD needs num_beams=1 and num_return_sequences=1: repeat "
+                        f"the prompts (input_ids.repeat_interleave(n, 0)) for several samples per prompt"
+                    )
                 raise ValueError(
                     f"generate() started from input_ids of shape {tuple(input_ids.shape)}, not the "
                     f"{tuple(self._prompt.shape)} prompts this hook was built for: build one hook per "
-                    f"generate() call (beams / num_return_sequences > 1 are not supported)"
+                    f"generate() call"
                 )
             teacher, self._teacher_next = self._teacher_next, None
             self._started = True
@@ -303,6 +311,15 @@ def generate_hf_with_pruning(
     if generate is None:
         raise TypeError(f"the student ({type(student).__name__}) has no generate() method")
     defaults = generate_kwargs.get("generation_config") or wrapped_attribute(student, "generation_config")
+    # generate() takes these from the generation config too: refuse them there by name as well.
+    for name in ("num_beams", "num_return_sequences"):
+        value = getattr(defaults, name, 1) if name not in generate_kwargs else 1
+        if value not in (None, 1):
+            where = "generation_config" if "generation_config" in generate_kwargs else "the student's generation_config"
+            raise ValueError(
+                f"{where}.{name}={value} is not supported with Prune-OPD: pass {name}=1 (or set it in the "
+                f"generation config) and repeat the prompts for several samples per prompt"
+            )
     eos = generate_kwargs.pop("eos_token_id", defaults.eos_token_id)
     eos_ids = check_token_ids("eos_token_id", eos, input_ids.device)
     pad = generate_kwargs.pop("pad_token_id", defaults.pad_token_id)

@@ -91,14 +91,19 @@ _LOOP_GENERATION_KEYS = {
     "bos_token_id",
 }
 
-# Config attributes by which models rescale or cap their logits after the lm_head (the ones TRL's own
-# chunked loss reads): the fused-linear loss forms the logits from the head alone and would miss them.
+# Config attributes (of the model's text config) by which transformers' model families rescale or cap
+# their logits around the lm_head: Cohere (logit_scale), Granite (logits_scaling), Falcon-H1
+# (lm_head_multiplier), Gemma 2/3/4 and nanochat (final_logit_softcapping), models with an
+# output_multiplier, Inkling (logits_mup_width_multiplier, dividing the hidden state before the head).
+# The fused-linear loss forms the logits from the head alone and would miss them; any transform not
+# named here is caught by the probe in OPDTrainer._check_plain_head.
 _LOGIT_POSTPROCESSING = (
     "logit_scale",
     "output_multiplier",
     "lm_head_multiplier",
     "logits_scaling",
     "final_logit_softcapping",
+    "logits_mup_width_multiplier",
 )
 
 
@@ -297,6 +302,16 @@ class OPDTrainer(DistillationTrainer):
             )
         if self.prune is not None and not self.use_vllm:
             self._sampling = self._loop_sampling()
+        sampling = (self.args.generation_kwargs or {}).get("temperature")
+        if sampling is not None and sampling != self.temperature:
+            # TRL samples with generation_kwargs' temperature but computes its loss (and opd_ext its
+            # vOPD loss and drift scores) at `temperature`: the loss would train a distribution other
+            # than the one the rollouts came from.
+            raise ValueError(
+                f"generation_kwargs['temperature']={sampling} differs from temperature={self.temperature}: "
+                f"OPDConfig.temperature is both the sampling and the loss temperature; set "
+                f"temperature={sampling} and remove it from generation_kwargs"
+            )
         if self.opd_options.fused_linear:
             for name, lm in (("student", self.model), ("teacher", self.teacher_model)):
                 self._check_plain_head(name, lm)
@@ -340,8 +355,11 @@ class OPDTrainer(DistillationTrainer):
             "top_p": None if top_p is None or top_p >= 1.0 else top_p,
         }
 
-    @staticmethod
-    def _check_plain_head(name: str, model) -> None:
+    def _check_plain_head(self, name: str, model) -> None:
+        """fused_linear=True forms logits as lm_head(last hidden state): refuse a model whose logits are
+        anything else, by its config (the known attributes) and by a probe (one forward of four tokens,
+        its logits against lm_head of its backbone's last hidden state), so that a transform under
+        any other name, remote code included, is refused too instead of silently skipped."""
         config = model.config.get_text_config()
         found = {
             attr: getattr(config, attr)
@@ -352,6 +370,29 @@ class OPDTrainer(DistillationTrainer):
             raise ValueError(
                 f"fused_linear=True forms the {name}'s logits as lm_head(hidden) but its config "
                 f"post-processes them ({found}); use fused_linear=False"
+            )
+        head = model.get_output_embeddings()
+        device = next(model.parameters()).device
+        # Ids 1..4, not 0: a padding id may have a zero embedding, whose logits are 0 whatever the scale.
+        vocab = config.vocab_size
+        ids = (torch.arange(1, 5, device=device) % vocab).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits = self._completion_logits(model, ids, mask, 3).float()
+                from_head = head(self._completion_hidden(model, ids, mask, 3)).float()
+        finally:
+            model.train(was_training)
+        tolerance = 1e-4 if logits.dtype == torch.float32 and head.weight.dtype == torch.float32 else 2e-2
+        gap = (logits - from_head).abs().max()
+        if not bool(gap <= tolerance * logits.abs().max().clamp(min=1.0)):
+            raise ValueError(
+                f"fused_linear=True forms the {name}'s logits as lm_head(last hidden state), but its forward "
+                f"returns other logits (largest difference {float(gap):.3g} on a four-token probe): it "
+                f"transforms them after or before the head (a soft-cap or scale under a name opd_ext does "
+                f"not know, or remote code); use fused_linear=False"
             )
 
     # ---- generation ------------------------------------------------------------------------------
