@@ -313,6 +313,15 @@ class _Problem:
             teacher_device, teacher_dtype = teacher_logits.device, teacher_logits.dtype
             flat_teacher = teacher_logits.detach().reshape(-1, self.vocab)
             self.teacher_logits = lambda rows: flat_teacher[rows]
+            # Under torch.autocast the student's chunk logits come out in the autocast dtype, which
+            # may not pair with the teacher's (bfloat16 beside float16): read the teacher's chunks
+            # as float32 then (exact), instead of failing inside a kernel.
+            autocast = torch.is_autocast_enabled(device.type)
+            chunk_dtype = torch.get_autocast_dtype(device.type) if autocast else dtype
+            if not is_supported_dtype_pair(chunk_dtype, teacher_dtype) and is_supported_dtype_pair(
+                dtype, teacher_dtype
+            ):
+                self.teacher_logits = lambda rows: flat_teacher[rows].float()
         else:
             if teacher_hidden is None or teacher_weight is None:
                 raise ValueError("the teacher as hidden states needs both teacher_hidden and teacher_weight")

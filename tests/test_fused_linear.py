@@ -384,3 +384,34 @@ def test_device_mismatch():
             teacher_weight=data["teacher_weight"].cuda(),
             teacher_bias=None,
         )
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+def test_autocast_runs_with_every_teacher_dtype(autocast_dtype, teacher_dtype, teacher_form):
+    # Under autocast the chunks' logits take the autocast dtype, which need not pair with the
+    # teacher's (bfloat16 beside float16 logits): that used to fail inside a kernel after validation.
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 6, 8, 50
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    tokens = torch.randint(0, v, (n,), generator=g)
+    t_hidden, t_weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    teacher = (
+        dict(teacher_logits=(t_hidden @ t_weight.T).to(teacher_dtype))
+        if teacher_form == "logits"
+        else dict(teacher_hidden=t_hidden.to(teacher_dtype), teacher_weight=t_weight.to(teacher_dtype))
+    )
+    x = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        loss = opd_ext.fused_linear_vopd_loss(x, weight, tokens, **teacher)
+        student_logits = torch.nn.functional.linear(hidden, weight)
+        teacher_logits = (
+            teacher["teacher_logits"]
+            if teacher_form == "logits"
+            else torch.nn.functional.linear(teacher["teacher_hidden"], teacher["teacher_weight"])
+        )
+    loss.backward()
+    want = opd_ext.vopd_loss(student_logits.float(), teacher_logits.float(), tokens)
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(loss, want, rtol=2e-2, atol=2e-2)
