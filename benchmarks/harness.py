@@ -59,6 +59,8 @@ if importlib.util.find_spec("opd_ext") is None:
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# --dtypes also takes torch's names (float32, bfloat16, float16, half).
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
 # Real-use sizes (docs/spec.md §5): decode steps see [B, V] rows, training steps [N, V].
 DECODE_BATCHES = (1, 8, 64, 256)
@@ -471,7 +473,11 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
         action="store_true",
         help="smoke run: small cases, eager baseline only, no peak memory (well under a minute)",
     )
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32,bf16,fp16")
+    p.add_argument(
+        "--dtypes",
+        default="fp32,bf16",
+        help="comma list of fp32,bf16,fp16 (or torch's names: float32,bfloat16,float16)",
+    )
     p.add_argument("--shapes", default=None, help="comma list of logits shapes, e.g. 8x32000,1x151936")
     p.add_argument(
         "--baselines",
@@ -501,7 +507,13 @@ def parse_args(argv, description: str, extra_args: Callable[[argparse.ArgumentPa
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.device = torch.device(args.device)
-    args.dtypes = [DTYPES[d] for d in args.dtypes.split(",") if d]
+    names = [
+        DTYPE_ALIASES.get(d.strip().removeprefix("torch."), d.strip()) for d in args.dtypes.split(",") if d.strip()
+    ]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtypes: unknown {', '.join(unknown)}; use fp32, bf16, fp16 (or float32, bfloat16, float16)")
+    args.dtypes = [DTYPES[d] for d in names]
     if args.shapes:
         args.shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
     default_baselines = "eager" if args.quick else "eager,compile"

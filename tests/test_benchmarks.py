@@ -147,3 +147,10 @@ def test_gpu_verify_runs_on_cpu_and_says_what_it_skips(tmp_path):
     assert "| cuda-tests | SKIP |" in summary
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and {"summary.md", "verify.log", "details.tar.gz"} <= set(files)
+
+
+def test_dtypes_take_torch_names_and_name_unknown_ones():
+    args = harness.parse_args(["--dtypes", "float32,torch.bfloat16,fp16"], "x", None)
+    assert args.dtypes == [torch.float32, torch.bfloat16, torch.float16]
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--dtypes", "float64"], "x", None)
