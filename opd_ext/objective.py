@@ -313,7 +313,7 @@ class TopkKLStats(NamedTuple):
     student_mass: torch.Tensor  # P = Σ_S p_k, the student's full-softmax mass on the teacher's support
     teacher_mass: torch.Tensor  # Q = Σ_S q_k, as served
     teacher_entropy: torch.Tensor  # -Σ_S q_k log q_k - (1 - Q) log(1 - Q) (top-k plus a tail bucket)
-    student_topk_logprob: torch.Tensor  # [..., k]: log p at the teacher's ids (0 outside the support)
+    student_topk_logprob: torch.Tensor  # [..., k]: log p at the teacher's ids; 0 (not a log-prob) at padded slots
     weights: torch.Tensor  # w_t (1 when omitted)
     mask: torch.Tensor
 

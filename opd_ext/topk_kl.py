@@ -90,9 +90,9 @@ def topk_kl_loss(
       negative (both masses are partial) and is *not* clamped here, so its gradient stays exact;
     * ``"forward_renormalized"``: KL(q̄‖p̄), both renormalised over S;
     * ``"forward_tail"`` (default): KL over the k + 1 buckets S and "the rest":
-      ``Σ_S q log(q/p) + (1-Q) log((1-Q)/(1-P))``, always ≥ 0;
+      ``Σ_S q log(q/p) + (1-Q) log((1-Q)/(1-P))``, ≥ 0 (up to float rounding);
     * ``"reverse_renormalized"``: KL(p̄‖q̄) over S (as :func:`opd_ext.reverse_kl_loss_sparse_teacher`);
-    * ``"reverse_tail"``: ``Σ_S p log(p/q) + (1-P) log((1-P)/(1-Q))``, always ≥ 0;
+    * ``"reverse_tail"``: ``Σ_S p log(p/q) + (1-P) log((1-P)/(1-Q))``, ≥ 0 (up to float rounding);
     * ``"generalized"``: ``Σ_S [q log(q/p) - q + p]``, the KL of unnormalised measures, ≥ 0 term by term.
 
     Tail masses enter the logs floored at ``opd_ext.objective.TAIL_FLOOR`` (1e-12), so a served top-k
@@ -104,7 +104,9 @@ def topk_kl_loss(
             once backward.
         teacher_topk_ids: int64 ``[..., k]``; ids in ``[0, V)`` in the slots that are read.
         teacher_topk_logprobs: ``[..., k]`` log-probs as served (normalised over the teacher's full
-            vocabulary); ``-inf`` marks a padded slot. ``temperature`` scales the student only.
+            vocabulary); ``-inf``, or any value below -744.4 (a server's finite stand-in such as
+            vLLM's JSON -9999.0, docs/spec.md §1.6), marks a padded slot. ``temperature`` scales the
+            student only.
         divergence: one of ``opd_ext.objective.TOPK_DIVERGENCES`` (above).
         teacher_topk_mask: optional bool ``[..., k]``, False at slots to ignore.
         mask, weights, num_items, temperature, reduction: conventions of :mod:`opd_ext.objective`.

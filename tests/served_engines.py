@@ -146,12 +146,13 @@ class FakeSGLang:
         logprob_start_len=None,
     ):
         responses = []
-        for tokens in input_ids:
+        starts = logprob_start_len if isinstance(logprob_start_len, list) else [logprob_start_len] * len(input_ids)
+        for tokens, start_len in zip(input_ids, starts):
             tokens = list(tokens)
-            self.calls.append((len(tokens), sampling_params.get("max_new_tokens"), logprob_start_len))
+            self.calls.append((len(tokens), sampling_params.get("max_new_tokens"), start_len))
             meta = {}
             if return_logprob:
-                start = 0 if logprob_start_len is None or logprob_start_len < 0 else logprob_start_len
+                start = 0 if start_len is None or start_len < 0 else start_len
                 scored = torch.log_softmax(self.model.logits_at(tokens), -1)
                 top = []
                 for position in range(start, len(tokens)):
@@ -172,6 +173,10 @@ class FakeSGLang:
                 order = torch.argsort(lp, descending=True)[:top_logprobs_num]
                 out_top.append([(float(lp[i]), int(i), None) for i in order])
                 out.append(token)
+                # SGLang's scheduler checks the length cap before EOS: an EOS on the last allowed
+                # step is reported as "length".
+                if len(out) == sampling_params.get("max_new_tokens"):
+                    break
                 if token == EOS:
                     reason = {"type": "stop", "matched": EOS}
                     break

@@ -106,18 +106,24 @@ def test_pruning_saves_decode_steps_against_the_unpruned_run():
     )
 
 
-def test_sglang_engine_gives_the_same_decisions():
+@pytest.mark.parametrize("chunk_tokens", [1, 6])
+def test_sglang_engine_gives_the_same_decisions(chunk_tokens):
     teacher, student = bigram_pair()
     out = generate_served_with_pruning(
-        SGLangEngine(FakeSGLang(student)),
+        SGLangEngine(FakeSGLang(student), eos_token_id=EOS),
         SGLangEngine(FakeSGLang(teacher)),
         PROMPTS,
         max_new_tokens=30,
-        chunk_tokens=6,
+        chunk_tokens=chunk_tokens,
         config=CONFIG,
     )
     assert any(out.pruned())
     for i, prompt in enumerate(PROMPTS):
+        # The stand-in reports an EOS on a chunk's last step as "length", as SGLang does: the request
+        # must still end there (with chunk_tokens=1 every EOS is such a one).
+        assert EOS not in out.completions[i][:-1]
+        if out.completions[i][-1:] == [EOS] and not out.pruned()[i]:
+            assert out.stop_reasons[i] == "eos"
         torch.testing.assert_close(
             torch.tensor(out.overlaps[i]), dense_overlaps(student, teacher, prompt, out.completions[i], CONFIG.k)
         )
@@ -140,6 +146,14 @@ def test_repetition_rule_stops_a_looping_request():
     assert out.stop_reasons == ["repetition", "eos"]
     assert len(out.completions[0]) < 16 and out.decode_steps[0] < 20
     assert out.completions[1] == [4, 5, 6, 0]
+
+
+def test_without_its_eos_id_a_length_report_would_continue_past_eos():
+    # Why the adapters take eos_token_id: the engine alone cannot tell an EOS on the last step.
+    teacher, student = bigram_pair()
+    engines = (SGLangEngine(FakeSGLang(student)), SGLangEngine(FakeSGLang(teacher)))
+    out = generate_served_with_pruning(*engines, PROMPTS, max_new_tokens=30, chunk_tokens=1, config=CONFIG)
+    assert any(EOS in c[:-1] for c in out.completions)
 
 
 def test_engine_requests_follow_the_apis():

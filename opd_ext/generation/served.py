@@ -217,6 +217,19 @@ def _prefix_seed(seed: int, sequence: Sequence[int]) -> int:
     return h & 0x7FFFFFFF
 
 
+def _stop_ids(eos_token_id) -> frozenset:
+    if eos_token_id is None:
+        return frozenset()
+    return frozenset([int(eos_token_id)] if isinstance(eos_token_id, int) else (int(i) for i in eos_token_id))
+
+
+def _finished(token_ids: Sequence[int], reported_stop: bool, stop_ids: frozenset) -> bool:
+    """Whether a chunk ended its request: the engine says so, or its last token is a stop id. The
+    second matters when the EOS is the chunk's last token: engines that check the length cap before
+    EOS (SGLang, older vLLM V1) then report "length", and the request would be continued past it."""
+    return reported_stop or (len(token_ids) > 0 and int(token_ids[-1]) in stop_ids)
+
+
 def _ranked_ids(entry: dict, k: int) -> list[int]:
     """The k best ids of one vLLM logprobs dict (``{id: Logprob(logprob, rank, decoded_token)}``,
     k entries plus the sampled token when it ranks below k), by rank."""
@@ -238,16 +251,27 @@ class VLLMEngine:
             chunk's seed is derived from it and the sequence so far, so a request's tokens do not
             depend on which other requests share the batch (a pruned and an unpruned run decode the
             same tokens until the stop).
+        eos_token_id: the id (or ids) that end a request; a chunk whose last token is one ends it
+            even when the engine reports ``"length"`` (the EOS fell on the chunk's last step, and
+            some engine versions check the length cap first).
         sampling_params: the ``SamplingParams`` class (default ``vllm.SamplingParams``).
     """
 
     def __init__(
-        self, llm, *, temperature: float = 1.0, top_p: float = 1.0, seed: Optional[int] = None, sampling_params=None
+        self,
+        llm,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: Optional[int] = None,
+        eos_token_id=None,
+        sampling_params=None,
     ):
         if sampling_params is None:
             from vllm import SamplingParams as sampling_params  # noqa: N813
         self.llm, self.params = llm, sampling_params
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.stop_ids = _stop_ids(eos_token_id)
 
     def _prompts(self, sequences):
         return [{"prompt_token_ids": list(s)} for s in sequences]
@@ -268,7 +292,10 @@ class VLLMEngine:
         for out in outputs:
             completion = out.outputs[0]
             topk = [_ranked_ids(entry, k) for entry in (completion.logprobs or [])]
-            chunks.append(SampledChunk(list(completion.token_ids), topk, completion.finish_reason == "stop"))
+            tokens = list(completion.token_ids)
+            chunks.append(
+                SampledChunk(tokens, topk, _finished(tokens, completion.finish_reason == "stop", self.stop_ids))
+            )
         return chunks
 
     def prompt_topk_ids(self, sequences, starts, k):
@@ -286,12 +313,14 @@ class SGLangEngine:
     The student side calls ``engine.generate(input_ids=[...], sampling_params={"max_new_tokens": chunk,
     "temperature": ...}, return_logprob=True, top_logprobs_num=k)`` and reads ``output_ids`` and
     ``meta_info["output_top_logprobs"]`` (per token, ``(logprob, token_id, text)`` best first) and
-    ``meta_info["finish_reason"]``; the teacher side asks ``max_new_tokens=0`` with
-    ``logprob_start_len=start`` and reads ``meta_info["input_top_logprobs"]``.
+    ``meta_info["finish_reason"]``; the teacher side asks, in one call for all sequences,
+    ``max_new_tokens=0`` with a per-request ``logprob_start_len`` and reads
+    ``meta_info["input_top_logprobs"]``. ``eos_token_id`` as in :class:`VLLMEngine`.
     """
 
-    def __init__(self, engine, *, temperature: float = 1.0, top_p: float = 1.0):
+    def __init__(self, engine, *, temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None):
         self.engine, self.temperature, self.top_p = engine, temperature, top_p
+        self.stop_ids = _stop_ids(eos_token_id)
 
     def sample_chunk(self, sequences, max_tokens, k):
         params = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
@@ -303,22 +332,22 @@ class SGLangEngine:
             meta = r["meta_info"]
             topk = [[int(e[1]) for e in entries[:k]] for entries in meta["output_top_logprobs"]]
             reason = meta.get("finish_reason") or {}
-            chunks.append(SampledChunk(list(r["output_ids"]), topk, reason.get("type") == "stop"))
+            tokens = list(r["output_ids"])
+            chunks.append(SampledChunk(tokens, topk, _finished(tokens, reason.get("type") == "stop", self.stop_ids)))
         return chunks
 
     def prompt_topk_ids(self, sequences, starts, k):
-        out = []
-        for s, start in zip(sequences, starts):
-            (r,) = self.engine.generate(
-                input_ids=[list(s)],
-                sampling_params={"max_new_tokens": 0},
-                return_logprob=True,
-                top_logprobs_num=k,
-                logprob_start_len=start - 1,
-            )
-            # input_top_logprobs[j] (from logprob_start_len) scores token start - 1 + j; the entry of
-            # the first input token is None. Position p predicts token p + 1: tokens start: are scored
-            # by entries 1: here.
-            entries = r["meta_info"]["input_top_logprobs"][1:]
-            out.append([[int(e[1]) for e in (row or [])[:k]] for row in entries])
-        return out
+        responses = self.engine.generate(
+            input_ids=[list(s) for s in sequences],
+            sampling_params={"max_new_tokens": 0},
+            return_logprob=True,
+            top_logprobs_num=k,
+            logprob_start_len=[start - 1 for start in starts],
+        )
+        # input_top_logprobs[j] (from logprob_start_len) scores token start - 1 + j; the entry of the
+        # first listed token is None. Position p predicts token p + 1: tokens start: are scored by
+        # entries 1: here.
+        return [
+            [[int(e[1]) for e in (row or [])[:k]] for row in r["meta_info"]["input_top_logprobs"][1:]]
+            for r in responses
+        ]

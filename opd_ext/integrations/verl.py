@@ -27,6 +27,7 @@ other mode reaches verl's function unchanged.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -211,7 +212,13 @@ def register() -> None:
         ) from error
     from verl.trainer.distillation import losses as verl_losses
 
-    check_verl_version(verl.__version__)
+    try:
+        check_verl_version(verl.__version__)
+    except ImportError as error:
+        # verl loads plugins inside `except Exception` and logs failures at DEBUG level only: say it
+        # where a user sees it, or the first sign would be "Unsupported loss mode" much later.
+        warnings.warn(str(error), stacklevel=2)
+        raise
     settings = verl_losses.DistillationLossSettings(names=list(LOSS_MODES), use_topk=True)
     verl_losses.register_distillation_loss(settings)(_loss)
     verls_compute_topk_loss = verl_losses.compute_topk_loss
