@@ -210,3 +210,27 @@ def test_drift_evidence_runs_end_to_end(tmp_path, capsys):
     assert (tmp_path / "overlap.png").stat().st_size > 0
     drift_evidence.main(argv)
     assert "reusing the rollouts" in capsys.readouterr().out
+
+
+def test_method_comparison_runs_end_to_end(tmp_path):
+    """The four-method comparison driver on one tiny step of two methods: each run trains in its own
+    process, the report compares them at the held-out level both reached, and a rerun trains nothing."""
+    import json
+
+    from examples.opd import compare_real
+
+    argv = ["--methods", "opd", "prune_repetition", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "8"]
+    argv += ["--eval-every", "1", "--eval-size", "2", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "r")]
+    compare_real.main(argv + ["--quiet"])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["runs"]) == {"opd", "prune_repetition"}
+    level = report["level_heldout_reverse_kl"]
+    for run in report["runs"].values():
+        assert [e["step"] for e in run["evals"]] == [0, 1]
+        assert min(e["heldout_reverse_kl"] for e in run["evals"]) <= level
+        assert run["to_level"]["step"] in (0, 1)
+        assert run["tokens_generated"] > 0
+    assert (tmp_path / "r.png").stat().st_size > 0
+    logs = [(tmp_path / "runs" / m / "metrics.jsonl").read_text() for m in report["runs"]]
+    compare_real.main(argv + ["--quiet"])  # finished runs are not trained again
+    assert [(tmp_path / "runs" / m / "metrics.jsonl").read_text() for m in report["runs"]] == logs
