@@ -243,6 +243,26 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(report: dict) -> str:
+    """The report as a Markdown table: one row per run, held-out figures at each evaluation."""
+    lines = [
+        "| run | held-out reverse KL by step | loops / at the cap, last eval | decode tokens | rollouts stopped | "
+        "mean step (s) | to the common level: step, tokens, s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"].values():
+        kl = " → ".join(f"{e['heldout_reverse_kl']:.3f} ({e['step']})" for e in run["evals"])
+        last = run["evals"][-1]
+        reach = run.get("to_level")
+        reached = f"{reach['step']}, {reach['tokens_generated_total']}, {reach['wall_time']:.0f}" if reach else "-"
+        lines.append(
+            f"| {run['label']} | {kl} | {last['heldout_degenerate']:.2f} / {last['heldout_reached_cap']:.2f} | "
+            f"{run['tokens_generated']} | {run['rollouts_stopped']} / {run['rollouts']} | "
+            f"{run['mean_step_seconds']:.0f} | {reached} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if not args.report_only:
@@ -265,6 +285,7 @@ def main(argv=None) -> None:
                 else ""
             )
         )
+    print(markdown_table(report))
     print(f"report: {args.out.with_suffix('.json')}, {args.out.with_suffix('.png')}")
 
 
