@@ -179,8 +179,8 @@ CASES = {
         ("student",),
     ),
     "topk_kl_forward_stats": (
-        # The loss and its statistics (loss first, so the gradient is the loss's).
-        lambda x, tau: (lambda loss, stats: (loss, *(s.sum() for s in stats[:4])))(
+        # The loss plus its (detached) statistics, summed: one tensor, as the other cases return.
+        lambda x, tau: (lambda loss, stats: loss + sum(s.sum() for s in stats[:4]))(
             *opd_ext.topk_kl_loss(
                 x["student"], x["ids"], x["topk_logprobs"], divergence="forward", mask=x["mask"], return_stats=True
             )
