@@ -171,7 +171,9 @@ def generate_served_with_pruning(
         rows = torch.tensor(active)
         stops = monitor.observe(overlap, mask, rows=rows, tokens=tokens)
         for a, i in enumerate(active):
-            decode_steps[i] += lengths[a]
+            # What the engine decoded, including tokens past the request's own cap (a chunk asks every
+            # request for the longest remaining length) and past a stop within the chunk.
+            decode_steps[i] += len(sampled[a].token_ids)
             keep = lengths[a] if stops[a] < 0 else int(stops[a]) + 1
             completions[i] += tokens[a, :keep].tolist()
         done = {i for a, i in enumerate(active) if stops[a] >= 0 or finished[a]}
