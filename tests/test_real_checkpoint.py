@@ -234,3 +234,5 @@ def test_method_comparison_runs_end_to_end(tmp_path):
     logs = [(tmp_path / "runs" / m / "metrics.jsonl").read_text() for m in report["runs"]]
     compare_real.main(argv + ["--quiet"])  # finished runs are not trained again
     assert [(tmp_path / "runs" / m / "metrics.jsonl").read_text() for m in report["runs"]] == logs
+    with pytest.raises(SystemExit, match="other settings"):  # never a report of mixed settings
+        compare_real.main([*argv, "--batch-size", "4", "--quiet"])  # argparse: the last value wins

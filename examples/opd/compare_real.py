@@ -1,8 +1,13 @@
-"""The four methods on the real pair: OPD, vOPD, Prune-OPD (the authors' rule and the repetition rule)
-and Prune-OPD + vOPD, trained from the same layer-pruned SmolLM2-135M student towards the same teacher.
+"""The methods compared on the real pair, five runs: OPD, vOPD, Prune-OPD with the authors' rule and with
+the repetition rule, and Prune-OPD + vOPD, trained from the same layer-pruned SmolLM2-135M student
+towards the same teacher.
 
-    python -m examples.opd.compare_real                      # ~80 min on 2 CPU cores, resumable
+    python -m examples.opd.compare_real                      # ~60-80 min on 2 CPU cores, resumable
     python -m examples.opd.compare_real --report-only        # the report from whatever has finished
+
+Disk: every run keeps a checkpoint of the student and its optimiser (about 1.5 GB; 7.5 GB for the
+five). The settings of a runs folder are recorded in <runs>/settings.json: rerunning with other
+settings is refused (use another --runs) instead of mixing runs of different settings.
 
 Every run is `examples/train_opd.py --preset smollm2` with the same seed (so the same prompts and the
 same first rollouts), checkpointed after every step: interrupt at any time and rerun the same command
@@ -110,6 +115,27 @@ def read_rows(path: Path) -> list[dict]:
 def steps_done(args, name: str) -> int:
     rows = read_rows(args.runs / name / "metrics.jsonl")
     return max((r["step"] for r in rows), default=0)
+
+
+SETTINGS = ("steps", "batch_size", "max_new_tokens", "eval_every", "eval_size", "seed")
+
+
+def check_settings(args) -> None:
+    """Record the settings of the runs folder on first use; refuse others later, so a report never
+    labels runs with settings they were not trained with."""
+    path = args.runs / "settings.json"
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+        if changed:
+            raise SystemExit(
+                f"{args.runs} holds runs with other settings (recorded, given: {changed}); pass --runs "
+                f"<another folder>, or the recorded values"
+            )
+    elif not args.report_only:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def run_all(args) -> None:
@@ -221,22 +247,28 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for run in report["runs"].values():
+    # Runs that make the same updates draw the same line: distinct dashes and markers keep both visible.
+    styles = [("-", "o"), ("-", "s"), ("--", "^"), (":", "x"), ("-.", "+")]
+    for (linestyle, marker), run in zip(styles, report["runs"].values()):
         ev = run["evals"]
-        kw = dict(marker="o", markersize=3, label=run["label"])
+        kw = dict(marker=marker, markersize=5, linestyle=linestyle, label=run["label"])
         axes[0].plot([e["tokens_generated_total"] for e in ev], [e["heldout_reverse_kl"] for e in ev], **kw)
         axes[1].plot([e["wall_time"] for e in ev], [e["heldout_reverse_kl"] for e in ev], **kw)
         axes[2].plot([e["step"] for e in ev], [e["heldout_degenerate"] for e in ev], **kw)
     if report["level_heldout_reverse_kl"] is not None:
         for ax in axes[:2]:
-            ax.axhline(report["level_heldout_reverse_kl"], color="grey", linestyle=":", linewidth=1)
+            ax.axhline(
+                report["level_heldout_reverse_kl"], color="grey", linestyle=":", linewidth=1, label="level all reached"
+            )
     axes[0].set_xlabel("student decode tokens (training rollouts)")
     axes[1].set_xlabel("OPD wall time (s, evaluation excluded)")
+    axes[1].set_title("wall times compare only runs that had the machine alone", fontsize=8)
     axes[2].set_xlabel("OPD step")
     for ax in axes[:2]:
         ax.set_ylabel("held-out reverse KL, teacher-scored (nats/token)")
     axes[2].set_ylabel("held-out greedy replies that loop (fraction)")
     axes[0].legend(fontsize=7)
+    axes[0].set_title("overlapping lines: runs that made identical updates", fontsize=8)
     fig.suptitle(f"SmolLM2-135M-Instruct, student without 3 decoder layers (seed {report['seed']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -265,6 +297,7 @@ def markdown_table(report: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_settings(args)
     if not args.report_only:
         run_all(args)
     report = summarize(args)
