@@ -305,6 +305,29 @@ def topk_divergence(
     return TopkDivergence(value, p.sum(-1).detach(), q.sum(-1), entropy)
 
 
+def support_slots(ids: torch.Tensor, support: torch.Tensor):
+    """``(source, filled)`` for reading a student row at a support's ids ``[..., k]``: ``source`` the
+    slot each slot takes its id from (itself inside the support, the row's first support slot
+    outside it) and ``filled`` those ids (0 in a row without support). Every id a backward writes is
+    then written with one value: slots outside the support repeat a support slot's."""
+    k = ids.shape[-1]
+    first = support.to(torch.uint8).argmax(-1, keepdim=True)
+    source = torch.where(support, torch.arange(k, device=ids.device), first)
+    filled = torch.where(support.any(-1, keepdim=True), ids.gather(-1, source), 0)
+    return source, filled
+
+
+def logprob_gradient_at_ids(grad_logprobs, support, source, logprobs, temperature: float):
+    """The backward of ``log softmax(s / τ)`` gathered at ``filled`` ids (:func:`support_slots`):
+    ``(G [...], at_ids [..., k])`` with ``G = Σ_k g_k`` over the support, the factor of the
+    ``-G·p/τ`` written over the whole row, and ``at_ids = (g_k - G·p_k) / τ`` the complete value at
+    the ids, in float64 (adding ``g`` to an already rounded ``-G·p`` would round twice where the two
+    nearly cancel)."""
+    g = torch.where(support, grad_logprobs, 0.0)
+    row = g.sum(-1, keepdim=True)
+    return row.squeeze(-1), (g.gather(-1, source) - row * logprobs.exp()) / temperature
+
+
 class TopkKLStats(NamedTuple):
     """Per-position statistics of :func:`topk_kl_loss` (``return_stats=True``): detached float32
     ``[...]`` (``student_topk_logprob`` ``[..., k]``), exactly 0 at masked positions (``mask`` is bool)."""

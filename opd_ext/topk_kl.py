@@ -5,7 +5,7 @@ generalized (unnormalised) KL, with the masses and the teacher's entropy from th
 
 The student is read in full once (``student_stats``: its log-normaliser), then only ``[..., k]``
 values are gathered; the backward is one fused pass that writes ``-G·p/τ`` (``G`` the row's summed
-gradient of the gathered log-probs) and adds the ``[..., k]`` gradients at their ids. So every one
+gradient of the gathered log-probs), then the complete value at the k ids. So every one
 of the k entries and the student's full softmax get their exact gradient, without a ``[N, V]``
 temporary and without a clamp. ``mask``, ``weights``, ``num_items``, ``reduction``,
 ``return_stats`` and ``temperature`` follow the conventions of :mod:`opd_ext.objective`.
@@ -23,8 +23,10 @@ from opd_ext.distributed import from_student_dtensor, vocab_parallel_topk_kl_los
 from opd_ext.objective import (
     STUDENT_TOPK_DIVERGENCES,
     TOPK_DIVERGENCES,
+    logprob_gradient_at_ids,
     loss_scale,
     support_at_valid_positions,
+    support_slots,
     topk_kl_objective,
 )
 
@@ -32,18 +34,13 @@ from opd_ext.objective import (
 class StudentLogprobsAt(torch.autograd.Function):
     """``log softmax(s / τ)`` at the support's ids ``[..., k]`` (float64), from one ``student_stats``
     pass. The backward ``(scatter(g) - G·p) / τ`` (``G = Σ_k g_k``) is written by
-    ``policy_gradient_backward`` (``-G·p/τ`` over the row, one pass) and then, at the k ids, overwritten
-    with the whole value computed in float64: adding ``g`` to an already rounded bfloat16 ``-G·p``
-    would round twice where the two nearly cancel. Slots outside the support point at the row's first
-    support id (whose value they then repeat), so every written id gets one value."""
+    ``policy_gradient_backward`` (``-G·p/τ`` over the row, one pass) and then overwritten at the k ids
+    with the whole value in float64 (:func:`opd_ext.objective.logprob_gradient_at_ids`)."""
 
     @staticmethod
     def forward(ctx, student_logits, ids, support, temperature):
         logits = student_logits.detach()
-        k = ids.shape[-1]
-        first = support.to(torch.uint8).argmax(-1, keepdim=True)
-        source = torch.where(support, torch.arange(k, device=ids.device), first)
-        filled = torch.where(support.any(-1, keepdim=True), ids.gather(-1, source), 0)
+        source, filled = support_slots(ids, support)
         no_token = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
         _, lse = ops.student_stats(logits, no_token, temperature)
         logprobs = logits.gather(-1, filled).double() / temperature - lse.double().unsqueeze(-1)
@@ -54,13 +51,9 @@ class StudentLogprobsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs):
         student_logits, filled, source, support, lse, logprobs = ctx.saved_tensors
-        g = torch.where(support, grad_logprobs, 0.0)
-        row = g.sum(-1, keepdim=True)
+        row, at_ids = logprob_gradient_at_ids(grad_logprobs, support, source, logprobs, ctx.temperature)
         outside = torch.full(lse.shape, -1, dtype=torch.int64, device=lse.device)  # no one-hot term
-        grad = ops.policy_gradient_backward(
-            row.squeeze(-1).float(), student_logits.detach(), outside, lse, ctx.temperature
-        )
-        at_ids = (g.gather(-1, source) - row * logprobs.exp()) / ctx.temperature
+        grad = ops.policy_gradient_backward(row.float(), student_logits.detach(), outside, lse, ctx.temperature)
         grad.scatter_(-1, filled, at_ids.to(grad.dtype))
         return grad, None, None, None
 

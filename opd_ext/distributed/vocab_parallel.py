@@ -25,9 +25,11 @@ from opd_ext.objective import (
     TokenStats,
     TokenStatsWithForwardKL,
     check_vopd_options,
+    logprob_gradient_at_ids,
     loss_scale,
     policy_gradient_loss,
     reverse_kl_objective,
+    support_slots,
     teacher_support,
     topk_kl_objective,
     vopd_baseline_kl,
@@ -169,12 +171,16 @@ def _global_topk(values: torch.Tensor, ids: torch.Tensor, k: int):
     return values.gather(-1, order), ids.gather(-1, order), order
 
 
+def _check_member(group) -> None:
+    if dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
+        raise ValueError("this rank is not a member of `group`")
+
+
 def _check_vocab_parallel(student_logits, teacher_logits, group):
     # A shard may be empty (torch.chunk-style layouts): every rank takes the same path through the
     # collectives, so no rank raises alone and leaves the others waiting.
     check_logit_pair(student_logits, teacher_logits, shard=True)
-    if dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
-        raise ValueError("this rank is not a member of `group`")
+    _check_member(group)
 
 
 class _Merged(NamedTuple):
@@ -432,9 +438,7 @@ class _VocabParallelLogprobsAt(torch.autograd.Function):
     def forward(ctx, student_logits, ids, support, temperature, group, shard):
         logits = student_logits.detach()
         lead, k = logits.shape[:-1], ids.shape[-1]
-        first = support.to(torch.uint8).argmax(-1, keepdim=True)
-        source = torch.where(support, torch.arange(k, device=ids.device), first)
-        filled = torch.where(support.any(-1, keepdim=True), ids.gather(-1, source), 0)
+        source, filled = support_slots(ids, support)
         local, owned = _local_ids(filled, shard)
         neg_inf = torch.tensor(float("-inf"), device=logits.device)
         if shard.size > 0:
@@ -455,15 +459,12 @@ class _VocabParallelLogprobsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs):
         student_logits, local, owned, source, support, lse, logprobs = ctx.saved_tensors
-        g = torch.where(support, grad_logprobs, 0.0)
-        row = g.sum(-1, keepdim=True)
         if ctx.shard.size == 0:
             return torch.zeros_like(student_logits), None, None, None, None, None
+        row, at_ids = logprob_gradient_at_ids(grad_logprobs, support, source, logprobs, ctx.temperature)
         outside = torch.full(lse.shape, -1, dtype=torch.int64, device=lse.device)
-        grad = ops.policy_gradient_backward(
-            row.squeeze(-1).float(), student_logits.detach(), outside, lse, ctx.temperature
-        )
-        at_ids = ((g.gather(-1, source) - row * logprobs.exp()) / ctx.temperature).to(grad.dtype)
+        grad = ops.policy_gradient_backward(row.float(), student_logits.detach(), outside, lse, ctx.temperature)
+        at_ids = at_ids.to(grad.dtype)
         flat = grad.view(-1, grad.shape[-1])
         k = local.shape[-1]
         rows = torch.arange(flat.shape[0], device=grad.device).unsqueeze(-1).expand(-1, k)
@@ -499,8 +500,7 @@ def vocab_parallel_topk_kl_loss(
     Other arguments, result and errors as in :func:`opd_ext.topk_kl_loss`.
     """
     check_logits("student_logits", student_logits, shard=True)
-    if dist.is_initialized() and group is not None and dist.get_rank(group) < 0:
-        raise ValueError("this rank is not a member of `group`")
+    _check_member(group)
     shard = vocab_shard(student_logits.shape[-1], group, vocab_start, vocab, student_logits.device)
     temperature = check_temperature(temperature)
     check_choice("divergence", divergence, TOPK_DIVERGENCES)
